@@ -1,0 +1,2 @@
+//! The `pingme` binary.
+fn main() {}

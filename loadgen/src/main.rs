@@ -1,0 +1,2 @@
+//! The `pingme-loadgen` binary.
+fn main() {}

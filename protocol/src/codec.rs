@@ -1,0 +1,143 @@
+//! `tokio-util` codec over the framing in [`crate::frame`], for transports
+//! that are byte streams (TCP, TLS, a QUIC stream).
+
+use std::marker::PhantomData;
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::frame::{
+    DEFAULT_MAX_FRAME_SIZE, FrameError, decode_message, encode_frame_into, split_frame,
+};
+use crate::{ClientFrame, MAX_DOWNSTREAM_FRAME_SIZE, ServerFrame};
+
+/// A frame that is already encoded (prefix included), typically one deliver
+/// frame shared by many connections. Encoding it only copies it into the
+/// write buffer; transports that can write `Bytes` directly skip even that.
+#[derive(Debug, Clone)]
+pub struct EncodedFrame(pub Bytes);
+
+/// Decodes frames of type `In` and encodes any protobuf message as a frame.
+#[derive(Debug)]
+pub struct FrameCodec<In> {
+    max_frame_size: usize,
+    _in: PhantomData<fn() -> In>,
+}
+
+/// What a server uses: decodes client frames (limit 64 KiB by default).
+pub type ServerCodec = FrameCodec<ClientFrame>;
+/// What a client uses: decodes server frames (up to
+/// [`MAX_DOWNSTREAM_FRAME_SIZE`]).
+pub type ClientCodec = FrameCodec<ServerFrame>;
+
+impl<In> FrameCodec<In> {
+    /// A codec refusing incoming frames larger than `max_frame_size`.
+    pub fn new(max_frame_size: usize) -> Self {
+        Self {
+            max_frame_size,
+            _in: PhantomData,
+        }
+    }
+
+    /// The incoming frame limit.
+    pub fn max_frame_size(&self) -> usize {
+        self.max_frame_size
+    }
+}
+
+impl Default for ServerCodec {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_FRAME_SIZE)
+    }
+}
+
+impl Default for ClientCodec {
+    fn default() -> Self {
+        Self::new(MAX_DOWNSTREAM_FRAME_SIZE)
+    }
+}
+
+impl<In: Message + Default> Decoder for FrameCodec<In> {
+    type Item = In;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
+        match split_frame(src, self.max_frame_size)? {
+            Some(payload) => decode_message(payload).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<In, Out: Message> Encoder<Out> for FrameCodec<In> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
+        encode_frame_into(&item, dst);
+        Ok(())
+    }
+}
+
+impl<In> Encoder<EncodedFrame> for FrameCodec<In> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: EncodedFrame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        dst.extend_from_slice(&item.0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode_frame;
+    use crate::v1::{Ping, client_frame};
+
+    #[test]
+    fn codec_round_trips_a_stream_of_frames() {
+        let mut codec = ServerCodec::default();
+        let mut wire = BytesMut::new();
+        for id in 1..=3u64 {
+            let frame = ClientFrame {
+                request_id: id,
+                body: Some(client_frame::Body::Ping(Ping { client_time_ms: 5 })),
+            };
+            codec.encode(frame, &mut wire).unwrap();
+        }
+        codec
+            .encode(
+                EncodedFrame(encode_frame(&ClientFrame {
+                    request_id: 4,
+                    body: None,
+                })),
+                &mut wire,
+            )
+            .unwrap();
+        let ids: Vec<u64> = std::iter::from_fn(|| codec.decode(&mut wire).unwrap())
+            .map(|f| f.request_id)
+            .collect();
+        assert_eq!(ids, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn codec_enforces_its_limit() {
+        let mut codec = ServerCodec::new(8);
+        let mut wire = BytesMut::new();
+        codec
+            .encode(
+                ClientFrame {
+                    request_id: u64::MAX,
+                    body: Some(client_frame::Body::Ping(Ping {
+                        client_time_ms: i64::MAX,
+                    })),
+                },
+                &mut wire,
+            )
+            .unwrap();
+        assert!(matches!(
+            codec.decode(&mut wire),
+            Err(FrameError::TooLarge { max: 8, .. })
+        ));
+    }
+}
