@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Starts the services the test suite talks to when they are not running
+# already (machines of this kind start MariaDB and Redis before CI; a plain
+# machine gets them from Debian's packages). Called by .ci/run.
+set -euo pipefail
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if ! port_open 3306; then
+    echo "MariaDB not running: installing and starting it"
+    command -v mariadbd >/dev/null || { apt-get update -qq && apt-get install -y -qq mariadb-server >/dev/null; }
+    mkdir -p /run/mysqld && chown mysql /run/mysqld
+    (mariadbd --user=mysql --bind-address=127.0.0.1 --port=3306 >/tmp/mariadb.log 2>&1 &)
+    for _ in $(seq 50); do port_open 3306 && break; sleep 0.2; done
+fi
+if ! port_open 6379; then
+    echo "Redis not running: installing and starting it"
+    command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no
+    for _ in $(seq 50); do port_open 6379 && break; sleep 0.2; done
+fi
+port_open 3306 && echo "MariaDB up on 127.0.0.1:3306"
+port_open 6379 && echo "Redis up on 127.0.0.1:6379"
