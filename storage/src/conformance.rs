@@ -1,1 +1,858 @@
-//! The conformance suite (to be written).
+//! The conformance suite: the behaviour every [`Store`] backend must show,
+//! as async functions generic over the store. `tests/conformance.rs` runs
+//! it against the embedded store; the MySQL and ScyllaDB backends run the
+//! same functions (see `docs/storage.md`).
+//!
+//! The checks never assume an empty database: names are unique per run,
+//! ids are compared relative to each other, and counts relative to their
+//! value before the check, so the suite can run against a shared server.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::{
+    ConversationId, DeadLetter, GroupId, MAX_BODY_BYTES, MAX_PAGE, Member, NewMessage, Role, Seq,
+    Store, StoreError, StoreResult, UserId,
+};
+
+/// A user id no backend will have assigned.
+const UNKNOWN_USER: UserId = u64::MAX - 7;
+/// A group id no backend will have assigned.
+const UNKNOWN_GROUP: GroupId = u64::MAX - 7;
+
+/// Runs every check, each against a fresh store from `make`.
+pub async fn run_all<S: Store + 'static>(make: impl Fn() -> S) {
+    users_and_devices(&Arc::new(make())).await;
+    groups_and_membership(&Arc::new(make())).await;
+    idempotency(&Arc::new(make())).await;
+    concurrent_duplicates(&Arc::new(make())).await;
+    dense_seqs_under_concurrency(&Arc::new(make()), 8, 16, 40).await;
+    message_paging(&Arc::new(make())).await;
+    latest_seqs(&Arc::new(make())).await;
+    huge_group_member_paging(&Arc::new(make()), 10_000).await;
+    user_conversation_paging(&Arc::new(make())).await;
+    watermarks_only_move_forward(&Arc::new(make())).await;
+    dead_letters(&Arc::new(make())).await;
+    bad_input_gets_typed_errors(&Arc::new(make())).await;
+}
+
+/// A name unique to this run, so checks can share a database.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn new_user<S: Store>(store: &S, prefix: &str) -> UserId {
+    store
+        .create_user(&unique(prefix), "$argon2id$fake", 1_000)
+        .await
+        .expect("create user")
+        .id
+}
+
+async fn new_users<S: Store>(store: &S, count: usize) -> Vec<UserId> {
+    let mut users = Vec::with_capacity(count);
+    for _ in 0..count {
+        users.push(new_user(store, "u").await);
+    }
+    users
+}
+
+/// A message with a fresh msg_id and a 100-byte body.
+pub fn message(conversation: ConversationId, sender: UserId, client_msg_id: &str) -> NewMessage {
+    NewMessage {
+        conversation,
+        sender,
+        sender_device: "phone".into(),
+        client_msg_id: client_msg_id.into(),
+        msg_id: uuid::Uuid::now_v7().to_string(),
+        content_type: 1,
+        body: Bytes::from(vec![b'x'; 100]),
+        server_time_ms: 1_700_000_000_000,
+    }
+}
+
+/// Appends one message and returns (seq, duplicate, msg_id).
+async fn append_one<S: Store>(store: &S, message: NewMessage) -> StoreResult<(Seq, bool, String)> {
+    let mut out = store.append(vec![message]).await?;
+    let appended = out.pop().expect("one answer per message")?;
+    Ok((
+        appended.message.seq,
+        appended.duplicate,
+        appended.message.msg_id,
+    ))
+}
+
+fn is_not_found<T: std::fmt::Debug>(result: &StoreResult<T>) -> bool {
+    matches!(result, Err(StoreError::NotFound(_)))
+}
+
+fn is_invalid<T: std::fmt::Debug>(result: &StoreResult<T>) -> bool {
+    matches!(result, Err(StoreError::Invalid(_)))
+}
+
+/// Users: unique names, lookups, devices and token generations.
+pub async fn users_and_devices<S: Store>(store: &Arc<S>) {
+    let name = unique("alice");
+    let alice = store.create_user(&name, "hash-a", 42).await.unwrap();
+    assert_ne!(alice.id, 0);
+    assert_eq!(
+        (
+            alice.username.as_str(),
+            alice.password_hash.as_str(),
+            alice.created_ms
+        ),
+        (name.as_str(), "hash-a", 42)
+    );
+    let bob = new_user(&**store, "bob").await;
+    assert!(bob > alice.id, "ids ascend in registration order");
+
+    let taken = store.create_user(&name, "other", 43).await;
+    assert!(
+        matches!(taken, Err(StoreError::Conflict(_))),
+        "duplicate username: {taken:?}"
+    );
+    assert_eq!(
+        store.user_by_name(&name).await.unwrap(),
+        Some(alice.clone())
+    );
+    assert_eq!(
+        store.user_by_id(alice.id).await.unwrap(),
+        Some(alice.clone())
+    );
+    assert_eq!(store.user_by_name(&unique("nobody")).await.unwrap(), None);
+    assert_eq!(store.user_by_id(UNKNOWN_USER).await.unwrap(), None);
+
+    assert_eq!(store.device(alice.id, "laptop").await.unwrap(), None);
+    let first = store.touch_device(alice.id, "laptop", 100).await.unwrap();
+    assert_eq!((first.user, first.device_id.as_str()), (alice.id, "laptop"));
+    assert_eq!(first.last_login_ms, 100);
+    let bumped = store
+        .bump_token_generation(alice.id, "laptop")
+        .await
+        .unwrap();
+    assert_eq!(bumped, first.token_generation + 1, "logout bumps by one");
+    let again = store.touch_device(alice.id, "laptop", 200).await.unwrap();
+    assert_eq!(again.token_generation, bumped, "login keeps the generation");
+    assert_eq!(again.last_login_ms, 200);
+    assert_eq!(store.device(alice.id, "laptop").await.unwrap(), Some(again));
+    // Devices are per user and per device id.
+    let phone = store.touch_device(alice.id, "phone", 300).await.unwrap();
+    assert_eq!(phone.token_generation, first.token_generation);
+    assert_eq!(store.device(bob, "laptop").await.unwrap(), None);
+
+    assert!(is_not_found(
+        &store.bump_token_generation(alice.id, "never-seen").await
+    ));
+    assert!(is_not_found(
+        &store.touch_device(UNKNOWN_USER, "laptop", 1).await
+    ));
+}
+
+/// Groups: creation, roles, adds, removes, membership of groups and DMs.
+pub async fn groups_and_membership<S: Store>(store: &Arc<S>) {
+    let users = new_users(&**store, 4).await;
+    let (owner, a, b, c) = (users[0], users[1], users[2], users[3]);
+    let group = store
+        .create_group(owner, "friends", &[a, owner, a], 7)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            group.name.as_str(),
+            group.owner,
+            group.member_count,
+            group.created_ms
+        ),
+        ("friends", owner, 2, 7),
+        "owner added once, duplicates ignored"
+    );
+    let second = store.create_group(a, "other", &[], 8).await.unwrap();
+    assert!(second.id > group.id, "group ids ascend");
+    assert_eq!(store.group(group.id).await.unwrap(), Some(group.clone()));
+    assert_eq!(store.group(UNKNOWN_GROUP).await.unwrap(), None);
+
+    assert_eq!(
+        store.member_role(group.id, owner).await.unwrap(),
+        Some(Role::Owner)
+    );
+    assert_eq!(
+        store.member_role(group.id, a).await.unwrap(),
+        Some(Role::Member)
+    );
+    assert_eq!(store.member_role(group.id, b).await.unwrap(), None);
+
+    let added = store
+        .add_members(
+            group.id,
+            &[
+                Member {
+                    user: a,
+                    role: Role::Admin,
+                },
+                Member {
+                    user: b,
+                    role: Role::Admin,
+                },
+                Member {
+                    user: c,
+                    role: Role::Member,
+                },
+                Member {
+                    user: c,
+                    role: Role::Member,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(added, 2, "only b and c are new");
+    assert_eq!(
+        store.member_role(group.id, a).await.unwrap(),
+        Some(Role::Member),
+        "existing members keep their role"
+    );
+    assert_eq!(
+        store.member_role(group.id, b).await.unwrap(),
+        Some(Role::Admin)
+    );
+    assert_eq!(
+        store.group(group.id).await.unwrap().unwrap().member_count,
+        4
+    );
+
+    let conversation = ConversationId::Group(group.id);
+    assert!(store.is_member(conversation, c).await.unwrap());
+    assert!(store.remove_member(group.id, c).await.unwrap());
+    assert!(!store.remove_member(group.id, c).await.unwrap());
+    assert!(!store.is_member(conversation, c).await.unwrap());
+    assert_eq!(
+        store.group(group.id).await.unwrap().unwrap().member_count,
+        3
+    );
+    let removed_sends = append_one(&**store, message(conversation, c, &unique("c"))).await;
+    assert!(
+        matches!(removed_sends, Err(StoreError::NotMember { user, .. }) if user == c),
+        "{removed_sends:?}"
+    );
+    let page = store.user_conversations(c, None, 100).await.unwrap();
+    assert!(
+        !page.contains(&conversation),
+        "removed member no longer lists it"
+    );
+
+    let dm = ConversationId::direct(a, b).unwrap();
+    assert!(store.is_member(dm, a).await.unwrap());
+    assert!(store.is_member(dm, b).await.unwrap());
+    assert!(!store.is_member(dm, c).await.unwrap());
+
+    let with_unknown = store.create_group(owner, "x", &[UNKNOWN_USER], 9).await;
+    assert!(is_not_found(&with_unknown), "{with_unknown:?}");
+    let add_unknown = store
+        .add_members(
+            group.id,
+            &[Member {
+                user: UNKNOWN_USER,
+                role: Role::Member,
+            }],
+        )
+        .await;
+    assert!(is_not_found(&add_unknown), "{add_unknown:?}");
+    let add_to_unknown = store
+        .add_members(
+            UNKNOWN_GROUP,
+            &[Member {
+                user: a,
+                role: Role::Member,
+            }],
+        )
+        .await;
+    assert!(is_not_found(&add_to_unknown), "{add_to_unknown:?}");
+}
+
+/// A repeat of (sender, client_msg_id) returns the first message, marked
+/// duplicate, and stores nothing; also for repeats inside one batch.
+pub async fn idempotency<S: Store>(store: &Arc<S>) {
+    let users = new_users(&**store, 2).await;
+    let dm = ConversationId::direct(users[0], users[1]).unwrap();
+    let key = unique("k");
+    let first = message(dm, users[0], &key);
+    let (seq, duplicate, msg_id) = append_one(&**store, first.clone()).await.unwrap();
+    assert_eq!((seq, duplicate), (1, false));
+    assert_eq!(msg_id, first.msg_id);
+
+    // A retry carries a new msg_id (the router mints one per attempt): the
+    // answer is still the first message.
+    let retry = message(dm, users[0], &key);
+    let (seq2, duplicate2, msg_id2) = append_one(&**store, retry).await.unwrap();
+    assert_eq!(
+        (seq2, duplicate2, msg_id2.as_str()),
+        (1, true, msg_id.as_str())
+    );
+    assert_eq!(store.latest_seqs(&[dm]).await.unwrap(), [1]);
+    assert_eq!(store.messages(dm, 0, 0, 100).await.unwrap().len(), 1);
+
+    // The same client_msg_id from another sender is another message.
+    let (other_seq, other_dup, _) = append_one(&**store, message(dm, users[1], &key))
+        .await
+        .unwrap();
+    assert_eq!((other_seq, other_dup), (2, false));
+
+    // Repeats inside one batch: stored once, answered in order.
+    let (k1, k2) = (unique("b1"), unique("b2"));
+    let batch = vec![
+        message(dm, users[0], &k1),
+        message(dm, users[0], &k1),
+        message(dm, users[0], &k2),
+        message(dm, users[0], &key),
+        message(dm, users[0], &k2),
+    ];
+    let answers: Vec<_> = store
+        .append(batch.clone())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.unwrap())
+        .collect();
+    let shape: Vec<(Seq, bool)> = answers
+        .iter()
+        .map(|a| (a.message.seq, a.duplicate))
+        .collect();
+    assert_eq!(
+        shape,
+        [(3, false), (3, true), (4, false), (1, true), (4, true)]
+    );
+    assert_eq!(answers[1].message.msg_id, batch[0].msg_id);
+    assert_eq!(answers[4].message.msg_id, batch[2].msg_id);
+    let stored = store.messages(dm, 0, 0, 100).await.unwrap();
+    let keys: Vec<&str> = stored.iter().map(|m| m.client_msg_id.as_str()).collect();
+    assert_eq!(keys, [key.as_str(), key.as_str(), k1.as_str(), k2.as_str()]);
+    assert_eq!(stored[0].body, first.body);
+    assert_eq!(
+        (stored[0].sender, stored[1].sender),
+        (users[0], users[1]),
+        "the other sender's message with the same key is its own"
+    );
+}
+
+/// The same key sent concurrently from many tasks is stored exactly once.
+pub async fn concurrent_duplicates<S: Store + 'static>(store: &Arc<S>) {
+    let users = new_users(&**store, 2).await;
+    let dm = ConversationId::direct(users[0], users[1]).unwrap();
+    let key = unique("race");
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (store, message) = (store.clone(), message(dm, users[0], &key));
+            tokio::spawn(async move { append_one(&*store, message).await.unwrap() })
+        })
+        .collect();
+    let mut fresh = 0;
+    let mut msg_ids = HashSet::new();
+    for task in tasks {
+        let (seq, duplicate, msg_id) = task.await.unwrap();
+        assert_eq!(seq, 1);
+        fresh += usize::from(!duplicate);
+        msg_ids.insert(msg_id);
+    }
+    assert_eq!(fresh, 1, "exactly one append stores the message");
+    assert_eq!(msg_ids.len(), 1, "every answer names the stored message");
+    assert_eq!(store.messages(dm, 0, 0, 100).await.unwrap().len(), 1);
+}
+
+/// Many tasks append to many conversations at once: every conversation's
+/// seqs are exactly 1..=n, each task's messages keep their order, and every
+/// message reads back once.
+pub async fn dense_seqs_under_concurrency<S: Store + 'static>(
+    store: &Arc<S>,
+    conversations: usize,
+    tasks: usize,
+    messages_per_task: usize,
+) {
+    let users = new_users(&**store, tasks).await;
+    let mut groups = Vec::with_capacity(conversations);
+    for _ in 0..conversations {
+        let group = store
+            .create_group(users[0], "busy", &users, 0)
+            .await
+            .unwrap();
+        groups.push(ConversationId::Group(group.id));
+    }
+    let groups = Arc::new(groups);
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (store, groups, sender) = (store.clone(), groups.clone(), users[t]);
+            tokio::spawn(async move {
+                let mut acked = Vec::with_capacity(messages_per_task);
+                for i in 0..messages_per_task {
+                    let conversation = groups[(t + i) % groups.len()];
+                    let key = format!("t{t}-m{i}");
+                    // Alternate single appends and small batches.
+                    let batch = if i % 3 == 0 {
+                        vec![message(conversation, sender, &key)]
+                    } else {
+                        vec![
+                            message(conversation, sender, &key),
+                            message(conversation, sender, &key),
+                        ]
+                    };
+                    let answers = store.append(batch).await.unwrap();
+                    let first = answers[0].as_ref().unwrap();
+                    assert!(!first.duplicate);
+                    if let Some(repeat) = answers.get(1) {
+                        let repeat = repeat.as_ref().unwrap();
+                        assert!(repeat.duplicate);
+                        assert_eq!(repeat.message.seq, first.message.seq);
+                    }
+                    acked.push((conversation, first.message.seq, key));
+                }
+                acked
+            })
+        })
+        .collect();
+
+    let mut by_conversation: BTreeMap<ConversationId, Vec<(Seq, String)>> = BTreeMap::new();
+    for handle in handles {
+        let acked = handle.await.unwrap();
+        // One task's messages to one conversation get ascending seqs.
+        let mut last: BTreeMap<ConversationId, Seq> = BTreeMap::new();
+        for (conversation, seq, key) in acked {
+            let previous = last.insert(conversation, seq).unwrap_or(0);
+            assert!(seq > previous, "a task's messages keep their order");
+            by_conversation
+                .entry(conversation)
+                .or_default()
+                .push((seq, key));
+        }
+    }
+    let total: usize = by_conversation.values().map(Vec::len).sum();
+    assert_eq!(total, tasks * messages_per_task);
+    for conversation in groups.iter() {
+        let mut acked = by_conversation.remove(conversation).unwrap_or_default();
+        acked.sort();
+        let n = acked.len() as Seq;
+        let seqs: Vec<Seq> = acked.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=n).collect::<Vec<_>>(),
+            "dense seqs in {conversation}"
+        );
+        assert_eq!(store.latest_seqs(&[*conversation]).await.unwrap(), [n]);
+        let mut stored = Vec::new();
+        while (stored.len() as Seq) < n {
+            let after = stored.len() as Seq;
+            let page = store.messages(*conversation, after, 0, 100).await.unwrap();
+            assert!(!page.is_empty());
+            stored.extend(page);
+        }
+        for (message, (seq, key)) in stored.iter().zip(&acked) {
+            assert_eq!((message.seq, &message.client_msg_id), (*seq, key));
+            assert_eq!(message.conversation, *conversation);
+        }
+    }
+}
+
+/// `messages` honours after/until/limit, limit 0, the end, and MAX_PAGE.
+pub async fn message_paging<S: Store>(store: &Arc<S>) {
+    let users = new_users(&**store, 2).await;
+    let dm = ConversationId::direct(users[0], users[1]).unwrap();
+    let total = MAX_PAGE as Seq + 10;
+    let mut batch = Vec::new();
+    for i in 1..=total {
+        batch.push(message(dm, users[(i % 2) as usize], &format!("p{i}")));
+    }
+    for chunk in batch.chunks(250) {
+        for answer in store.append(chunk.to_vec()).await.unwrap() {
+            assert!(!answer.unwrap().duplicate);
+        }
+    }
+    let seqs = |page: Vec<crate::StoredMessage>| page.iter().map(|m| m.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(store.messages(dm, 0, 0, 3).await.unwrap()), [1, 2, 3]);
+    assert_eq!(
+        seqs(store.messages(dm, 5, 8, 100).await.unwrap()),
+        [6, 7, 8]
+    );
+    assert_eq!(seqs(store.messages(dm, 5, 8, 2).await.unwrap()), [6, 7]);
+    assert_eq!(seqs(store.messages(dm, 5, 6, 100).await.unwrap()), [6]);
+    assert!(
+        store.messages(dm, 5, 5, 100).await.unwrap().is_empty(),
+        "empty range"
+    );
+    assert!(
+        store.messages(dm, 8, 5, 100).await.unwrap().is_empty(),
+        "until below after"
+    );
+    assert!(
+        store.messages(dm, 0, 0, 0).await.unwrap().is_empty(),
+        "limit 0"
+    );
+    assert_eq!(
+        seqs(store.messages(dm, total - 2, 0, 100).await.unwrap()),
+        [total - 1, total]
+    );
+    assert!(
+        store.messages(dm, total, 0, 100).await.unwrap().is_empty(),
+        "at the end"
+    );
+    assert!(
+        store
+            .messages(dm, total + 50, 0, 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "beyond"
+    );
+    assert!(
+        store
+            .messages(dm, u64::MAX, 0, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        seqs(
+            store
+                .messages(dm, total - 1, total + 100, 100)
+                .await
+                .unwrap()
+        ),
+        [total],
+        "until beyond the end"
+    );
+    let capped = store.messages(dm, 0, 0, MAX_PAGE + 5).await.unwrap();
+    assert_eq!(
+        seqs(capped),
+        (1..=MAX_PAGE as Seq).collect::<Vec<_>>(),
+        "capped at MAX_PAGE"
+    );
+    let stored = store.messages(dm, 41, 42, 1).await.unwrap();
+    assert_eq!(stored[0].client_msg_id, "p42");
+    assert_eq!(stored[0].sender, users[0]);
+    assert_eq!(stored[0].body.len(), 100);
+}
+
+/// `latest_seqs` answers in the order asked, 0 for silent conversations.
+pub async fn latest_seqs<S: Store>(store: &Arc<S>) {
+    let users = new_users(&**store, 3).await;
+    let ab = ConversationId::direct(users[0], users[1]).unwrap();
+    let bc = ConversationId::direct(users[1], users[2]).unwrap();
+    let group = ConversationId::Group(
+        store
+            .create_group(users[0], "g", &users, 0)
+            .await
+            .unwrap()
+            .id,
+    );
+    for i in 0..3 {
+        append_one(&**store, message(ab, users[0], &unique(&format!("ab{i}"))))
+            .await
+            .unwrap();
+    }
+    append_one(&**store, message(group, users[2], &unique("g")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.latest_seqs(&[group, bc, ab, group]).await.unwrap(),
+        [1, 0, 3, 1]
+    );
+    assert_eq!(
+        store
+            .latest_seqs(&[ConversationId::Group(UNKNOWN_GROUP)])
+            .await
+            .unwrap(),
+        [0]
+    );
+    assert!(store.latest_seqs(&[]).await.unwrap().is_empty());
+}
+
+/// A huge group: `members` users added in pages of 1000 read back in pages,
+/// all present once, ascending; a message is stored once, not per member.
+pub async fn huge_group_member_paging<S: Store>(store: &Arc<S>, members: usize) {
+    let owner = new_user(&**store, "owner").await;
+    let users = new_users(&**store, members).await;
+    let group = store.create_group(owner, "huge", &[], 0).await.unwrap();
+    for page in users.chunks(1000) {
+        let page: Vec<Member> = page
+            .iter()
+            .map(|&user| Member {
+                user,
+                role: Role::Member,
+            })
+            .collect();
+        assert_eq!(
+            store.add_members(group.id, &page).await.unwrap(),
+            page.len() as u64
+        );
+    }
+    let record = store.group(group.id).await.unwrap().unwrap();
+    assert_eq!(record.member_count, members as u64 + 1);
+
+    let mut read = Vec::with_capacity(members + 1);
+    let mut after = 0;
+    loop {
+        let page = store.members_page(group.id, after, 1000).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 1000);
+        after = page.last().unwrap().user;
+        read.extend(page);
+    }
+    let mut expected: Vec<UserId> = users.clone();
+    expected.push(owner);
+    expected.sort();
+    let ids: Vec<UserId> = read.iter().map(|m| m.user).collect();
+    assert_eq!(ids, expected, "every member once, ascending");
+    let owner_role = read.iter().find(|m| m.user == owner).unwrap().role;
+    assert_eq!(owner_role, Role::Owner);
+    let capped = store.members_page(group.id, 0, MAX_PAGE * 5).await.unwrap();
+    assert_eq!(capped.len(), MAX_PAGE.min(members + 1));
+    assert!(store.members_page(group.id, 0, 0).await.unwrap().is_empty());
+    assert!(
+        store
+            .members_page(group.id, u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let conversation = ConversationId::Group(group.id);
+    let (seq, _, _) = append_one(
+        &**store,
+        message(conversation, users[members / 2], &unique("h")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(seq, 1);
+    assert_eq!(
+        store.messages(conversation, 0, 0, 10).await.unwrap().len(),
+        1
+    );
+}
+
+/// `user_conversations` lists groups joined and DMs with a message, once
+/// each, in id order, page by page.
+pub async fn user_conversation_paging<S: Store>(store: &Arc<S>) {
+    let me = new_user(&**store, "me").await;
+    let peers = new_users(&**store, 12).await;
+    let mut expected = BTreeSet::new();
+    for i in 0..25 {
+        let group = store
+            .create_group(peers[i % 12], "g", &[me], 0)
+            .await
+            .unwrap();
+        expected.insert(ConversationId::Group(group.id));
+    }
+    // A group I left and one I was never in are not listed.
+    let left = store.create_group(me, "left", &[], 0).await.unwrap();
+    store.remove_member(left.id, me).await.unwrap();
+    store
+        .create_group(peers[0], "not mine", &[], 0)
+        .await
+        .unwrap();
+    // DMs appear with their first message, for both users.
+    for (i, &peer) in peers.iter().enumerate().take(10) {
+        let dm = ConversationId::direct(me, peer).unwrap();
+        let sender = if i % 2 == 0 { me } else { peer };
+        append_one(&**store, message(dm, sender, &unique("dm")))
+            .await
+            .unwrap();
+        append_one(&**store, message(dm, sender, &unique("dm2")))
+            .await
+            .unwrap();
+        expected.insert(dm);
+        assert!(
+            store
+                .user_conversations(peer, None, MAX_PAGE)
+                .await
+                .unwrap()
+                .contains(&dm)
+        );
+    }
+    let silent = ConversationId::direct(me, peers[11]).unwrap();
+    assert!(!expected.contains(&silent));
+
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.user_conversations(me, after, 7).await.unwrap();
+        assert!(page.len() <= 7);
+        match page.last() {
+            None => break,
+            Some(last) => after = Some(*last),
+        }
+        listed.extend(page);
+    }
+    assert_eq!(
+        listed,
+        expected.into_iter().collect::<Vec<_>>(),
+        "once each, ascending"
+    );
+    assert!(
+        store
+            .user_conversations(me, None, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Delivered (per device) and read (per user) watermarks never go back.
+pub async fn watermarks_only_move_forward<S: Store>(store: &Arc<S>) {
+    let users = new_users(&**store, 2).await;
+    let (me, peer) = (users[0], users[1]);
+    let dm = ConversationId::direct(me, peer).unwrap();
+    let group = ConversationId::Group(store.create_group(me, "g", &[peer], 0).await.unwrap().id);
+    let marks = |device: &'static str| {
+        let store = store.clone();
+        async move { store.watermarks(me, device, &[dm, group]).await.unwrap() }
+    };
+    assert_eq!(
+        marks("phone").await,
+        [Default::default(), Default::default()]
+    );
+
+    store.set_delivered(me, "phone", dm, 5).await.unwrap();
+    store.set_delivered(me, "phone", dm, 3).await.unwrap();
+    store.set_delivered(me, "laptop", dm, 2).await.unwrap();
+    store.set_read(me, dm, 4).await.unwrap();
+    store.set_read(me, dm, 1).await.unwrap();
+    store.set_delivered(me, "phone", group, 9).await.unwrap();
+    store.set_delivered(me, "phone", group, 10).await.unwrap();
+
+    let phone = marks("phone").await;
+    assert_eq!((phone[0].delivered, phone[0].read), (5, 4));
+    assert_eq!((phone[1].delivered, phone[1].read), (10, 0));
+    let laptop = marks("laptop").await;
+    assert_eq!(
+        (laptop[0].delivered, laptop[0].read),
+        (2, 4),
+        "read is per user"
+    );
+    let peer_marks = store.watermarks(peer, "phone", &[dm]).await.unwrap();
+    assert_eq!(peer_marks, [Default::default()], "watermarks are per user");
+}
+
+/// Dead letters: ascending ids, paging, removal, count.
+pub async fn dead_letters<S: Store>(store: &Arc<S>) {
+    let before = store.dead_letter_count().await.unwrap();
+    let letter = |n: u32| DeadLetter {
+        id: 0,
+        kind: "push".into(),
+        payload: vec![n as u8; 3],
+        code: 50006,
+        error: format!("attempt {n} failed"),
+        attempts: n,
+        created_ms: 77,
+    };
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        ids.push(store.put_dead_letter(letter(n)).await.unwrap());
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend: {ids:?}");
+    assert_eq!(store.dead_letter_count().await.unwrap(), before + 3);
+
+    let page = store.dead_letters(ids[0] - 1, 10).await.unwrap();
+    assert_eq!(page.len(), 3);
+    assert_eq!(
+        page[1],
+        DeadLetter {
+            id: ids[1],
+            ..letter(2)
+        }
+    );
+    let after_first = store.dead_letters(ids[0], 1).await.unwrap();
+    assert_eq!(
+        after_first.iter().map(|l| l.id).collect::<Vec<_>>(),
+        [ids[1]]
+    );
+
+    assert!(store.remove_dead_letter(ids[1]).await.unwrap());
+    assert!(!store.remove_dead_letter(ids[1]).await.unwrap());
+    assert_eq!(store.dead_letter_count().await.unwrap(), before + 2);
+    let rest: Vec<u64> = store
+        .dead_letters(ids[0] - 1, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(rest, [ids[0], ids[2]]);
+    let next = store.put_dead_letter(letter(4)).await.unwrap();
+    assert!(next > ids[2], "ids are never reused");
+}
+
+/// Bad input is answered with typed errors, per message, without touching
+/// the good messages of the same batch.
+pub async fn bad_input_gets_typed_errors<S: Store>(store: &Arc<S>) {
+    let users = new_users(&**store, 3).await;
+    let (me, peer, stranger) = (users[0], users[1], users[2]);
+    let dm = ConversationId::direct(me, peer).unwrap();
+    let group = ConversationId::Group(store.create_group(me, "g", &[peer], 0).await.unwrap().id);
+    let unknown_group = ConversationId::Group(UNKNOWN_GROUP);
+    let unknown_dm = ConversationId::direct(me, UNKNOWN_USER).unwrap();
+
+    let mut oversize = message(group, me, &unique("big"));
+    oversize.body = Bytes::from(vec![0u8; MAX_BODY_BYTES + 1]);
+    let mut at_limit = message(group, me, &unique("limit"));
+    at_limit.body = Bytes::from(vec![0u8; MAX_BODY_BYTES]);
+    let batch = vec![
+        message(unknown_group, me, &unique("a")),
+        message(unknown_dm, me, &unique("b")),
+        message(group, stranger, &unique("c")),
+        message(dm, stranger, &unique("d")),
+        oversize,
+        message(group, me, ""),
+        message(group, me, &unique("ok")),
+        at_limit,
+    ];
+    let answers = store.append(batch).await.unwrap();
+    assert_eq!(answers.len(), 8);
+    assert!(is_not_found(&answers[0]), "unknown group: {:?}", answers[0]);
+    assert!(
+        is_not_found(&answers[1]),
+        "unknown user in DM: {:?}",
+        answers[1]
+    );
+    assert!(
+        matches!(&answers[2], Err(StoreError::NotMember { user, conversation })
+            if *user == stranger && *conversation == group.to_string()),
+        "{:?}",
+        answers[2]
+    );
+    assert!(
+        matches!(answers[3], Err(StoreError::NotMember { .. })),
+        "{:?}",
+        answers[3]
+    );
+    assert!(is_invalid(&answers[4]), "oversize body: {:?}", answers[4]);
+    assert!(
+        is_invalid(&answers[5]),
+        "empty client_msg_id: {:?}",
+        answers[5]
+    );
+    assert_eq!(
+        answers[6].as_ref().unwrap().message.seq,
+        1,
+        "good message stored"
+    );
+    assert_eq!(
+        answers[7].as_ref().unwrap().message.seq,
+        2,
+        "a body at the limit is fine"
+    );
+    assert_eq!(store.latest_seqs(&[group, dm]).await.unwrap(), [2, 0]);
+
+    assert!(is_not_found(&store.messages(unknown_group, 0, 0, 10).await));
+    assert!(is_not_found(&store.is_member(unknown_group, me).await));
+    assert!(is_not_found(
+        &store.members_page(UNKNOWN_GROUP, 0, 10).await
+    ));
+    assert!(store.append(vec![]).await.unwrap().is_empty());
+    let name = unique("dup");
+    store.create_user(&name, "h", 0).await.unwrap();
+    assert!(matches!(
+        store.create_user(&name, "h", 0).await,
+        Err(StoreError::Conflict(_))
+    ));
+}
