@@ -398,7 +398,7 @@ proptest! {
         let mut chunked = ServerCodec::new(max);
         let (chunked_frames, chunked_error) = feed(&mut chunked, &chunks(&bytes, &cuts));
         let mut whole = ServerCodec::new(max);
-        let (whole_frames, whole_error) = feed(&mut whole, &[bytes.clone()]);
+        let (whole_frames, whole_error) = feed(&mut whole, std::slice::from_ref(&bytes));
         prop_assert_eq!(chunked_frames, whole_frames);
         prop_assert_eq!(
             chunked_error.map(|e| e.code()),
