@@ -721,8 +721,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    parse_duration(&text).map_err(serde::de::Error::custom)
+    // A visitor (not `String::deserialize` then parse) so the error is
+    // raised while the deserializer still knows the field's path.
+    struct DurationText;
+    impl serde::de::Visitor<'_> for DurationText {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration such as 100ms, 10s, 5m, 1h or 30d")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            parse_duration(text).map_err(E::custom)
+        }
+    }
+    deserializer.deserialize_str(DurationText)
 }
 
 #[cfg(test)]
