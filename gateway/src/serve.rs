@@ -121,7 +121,12 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             let dir = &config.storage.data_dir;
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating storage.data_dir {}", dir.display()))?;
-            anyhow::bail!("embedded store not merged yet ({})", dir.display())
+            let store = pingme_storage::embedded::EmbeddedStore::open(
+                dir,
+                pingme_storage::embedded::Durability::Sync,
+            )
+            .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
+            Ok(Arc::new(store))
         }
         other => anyhow::bail!("storage.backend {other:?} is not available in this build yet"),
     }

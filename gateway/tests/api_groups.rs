@@ -43,7 +43,9 @@ async fn create_a_group_and_read_it_as_members_only() {
     let gid = created.body["group_id"].as_u64().unwrap();
     assert_eq!(created.body["conversation_id"], format!("g:{gid}"));
 
-    let seen = api.get(&format!("/v1/groups/{gid}"), Some(&bob_token)).await;
+    let seen = api
+        .get(&format!("/v1/groups/{gid}"), Some(&bob_token))
+        .await;
     assert_eq!((seen.status, &seen.body["name"]), (200, &json!("team")));
     api.get(&format!("/v1/groups/{gid}"), Some(&eve_token))
         .await
@@ -63,7 +65,12 @@ async fn create_a_group_and_read_it_as_members_only() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["user_id"].as_u64().unwrap(), m["role"].as_str().unwrap().to_string()))
+        .map(|m| {
+            (
+                m["user_id"].as_u64().unwrap(),
+                m["role"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert_eq!(roles, vec![(owner, "owner".into()), (bob, "member".into())]);
     api.get(&format!("/v1/groups/{gid}/members"), Some(&eve_token))
@@ -116,16 +123,24 @@ async fn owners_and_admins_manage_members_and_plain_members_cannot() {
     let members_path = format!("/v1/groups/{gid}/members");
 
     // A plain member can neither add nor remove.
-    api.post(&members_path, Some(&member_token), json!({"user_ids": [other]}))
-        .await
-        .assert_error(403, FORBIDDEN);
+    api.post(
+        &members_path,
+        Some(&member_token),
+        json!({"user_ids": [other]}),
+    )
+    .await
+    .assert_error(403, FORBIDDEN);
     api.delete(&format!("{members_path}/{owner}"), Some(&member_token))
         .await
         .assert_error(403, FORBIDDEN);
     // A non-member neither.
-    api.post(&members_path, Some(&other_token), json!({"user_ids": [other]}))
-        .await
-        .assert_error(403, FORBIDDEN);
+    api.post(
+        &members_path,
+        Some(&other_token),
+        json!({"user_ids": [other]}),
+    )
+    .await
+    .assert_error(403, FORBIDDEN);
 
     // The owner makes an admin.
     let added = api
@@ -141,7 +156,11 @@ async fn owners_and_admins_manage_members_and_plain_members_cannot() {
 
     // The admin adds members but not admins, and cannot remove the owner.
     let added = api
-        .post(&members_path, Some(&admin_token), json!({"user_ids": extra}))
+        .post(
+            &members_path,
+            Some(&admin_token),
+            json!({"user_ids": extra}),
+        )
         .await;
     assert_eq!((added.status, added.body["added"].as_u64()), (200, Some(3)));
     api.post(
@@ -168,13 +187,21 @@ async fn owners_and_admins_manage_members_and_plain_members_cannot() {
     )
     .await
     .assert_error(400, INVALID_ARGUMENT);
-    api.post(&members_path, Some(&owner_token), json!({"user_ids": [987654321]}))
-        .await
-        .assert_error(404, NOT_FOUND);
+    api.post(
+        &members_path,
+        Some(&owner_token),
+        json!({"user_ids": [987654321]}),
+    )
+    .await
+    .assert_error(404, NOT_FOUND);
 
     // Adding someone twice adds nothing.
     let again = api
-        .post(&members_path, Some(&owner_token), json!({"user_ids": [member]}))
+        .post(
+            &members_path,
+            Some(&owner_token),
+            json!({"user_ids": [member]}),
+        )
         .await;
     assert_eq!(again.body["added"], 0);
 
@@ -210,20 +237,32 @@ async fn owners_and_admins_manage_members_and_plain_members_cannot() {
 
     // Leaving: members can, the owner cannot.
     assert_eq!(
-        api.post(&format!("/v1/groups/{gid}/leave"), Some(&admin2_token), json!({}))
-            .await
-            .status,
+        api.post(
+            &format!("/v1/groups/{gid}/leave"),
+            Some(&admin2_token),
+            json!({})
+        )
+        .await
+        .status,
         204
     );
     api.get(&members_path, Some(&admin2_token))
         .await
         .assert_error(403, FORBIDDEN);
-    api.post(&format!("/v1/groups/{gid}/leave"), Some(&owner_token), json!({}))
-        .await
-        .assert_error(409, CONFLICT);
-    api.post(&format!("/v1/groups/{gid}/leave"), Some(&other_token), json!({}))
-        .await
-        .assert_error(403, FORBIDDEN);
+    api.post(
+        &format!("/v1/groups/{gid}/leave"),
+        Some(&owner_token),
+        json!({}),
+    )
+    .await
+    .assert_error(409, CONFLICT);
+    api.post(
+        &format!("/v1/groups/{gid}/leave"),
+        Some(&other_token),
+        json!({}),
+    )
+    .await
+    .assert_error(403, FORBIDDEN);
 }
 
 #[tokio::test]
@@ -250,11 +289,14 @@ async fn bulk_adds_take_ten_thousand_ids_and_members_page_through_them() {
         .await
         .assert_error(400, INVALID_ARGUMENT);
 
-    let mut seen = Vec::new();
+    let mut seen: Vec<u64> = Vec::new();
     let mut after = 0;
     loop {
         let page = api
-            .get(&format!("{path}?after={after}&limit=1000"), Some(&owner_token))
+            .get(
+                &format!("{path}?after={after}&limit=1000"),
+                Some(&owner_token),
+            )
             .await;
         assert_eq!(page.status, 200, "{page:?}");
         let page_ids = ids(&page.body);
@@ -293,7 +335,11 @@ async fn a_group_grows_to_a_hundred_thousand_members() {
     let started = std::time::Instant::now();
     for chunk in users.chunks(10_000) {
         let a = api
-            .post(&format!("/v1/groups/{gid}/members"), Some(&token), json!({"user_ids": chunk}))
+            .post(
+                &format!("/v1/groups/{gid}/members"),
+                Some(&token),
+                json!({"user_ids": chunk}),
+            )
             .await;
         assert_eq!(a.status, 200, "{a:?}");
     }
@@ -375,9 +421,12 @@ async fn history_reads_seq_pages_for_members_only() {
             .assert_error(400, INVALID_ARGUMENT);
     }
     for bad_id in ["g:0", "dm:2:1", "x:1", "g:abc"] {
-        api.get(&format!("/v1/conversations/{bad_id}/messages"), Some(&bob_token))
-            .await
-            .assert_error(400, INVALID_ARGUMENT);
+        api.get(
+            &format!("/v1/conversations/{bad_id}/messages"),
+            Some(&bob_token),
+        )
+        .await
+        .assert_error(400, INVALID_ARGUMENT);
     }
     api.get(&path, None).await.assert_error(401, 10001);
 
@@ -430,10 +479,7 @@ async fn conversations_list_last_seq_and_unread() {
         })
         .collect();
     rows.sort();
-    let mut expected = vec![
-        (dm.to_string(), 2, 0, 2),
-        (group.to_string(), 4, 3, 1),
-    ];
+    let mut expected = vec![(dm.to_string(), 2, 0, 2), (group.to_string(), 4, 3, 1)];
     expected.sort();
     assert_eq!(rows, expected);
     assert!(list.body.get("next_after").is_none());
@@ -444,7 +490,10 @@ async fn conversations_list_last_seq_and_unread() {
         .await;
     let after = first.body["next_after"].as_str().unwrap().to_string();
     let second = api
-        .get(&format!("/v1/conversations?limit=1&after={after}"), Some(&alice_token))
+        .get(
+            &format!("/v1/conversations?limit=1&after={after}"),
+            Some(&alice_token),
+        )
         .await;
     assert_eq!(second.body["conversations"].as_array().unwrap().len(), 1);
     assert_ne!(

@@ -92,7 +92,7 @@ pub async fn start() -> TestApi {
 pub async fn start_with(config: AuthConfig) -> TestApi {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(dir.path(), Durability::default()).unwrap());
+        Arc::new(EmbeddedStore::open(dir.path(), Durability::Sync).unwrap());
     let auth = Arc::new(JwtAuthenticator::new(
         config.jwt_secret.as_bytes(),
         config.access_token_ttl,
@@ -132,7 +132,9 @@ pub struct Answer {
 impl Answer {
     /// The `code` of an error body.
     pub fn code(&self) -> u64 {
-        self.body["code"].as_u64().unwrap_or_else(|| panic!("no code in {self:?}"))
+        self.body["code"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no code in {self:?}"))
     }
 
     /// Asserts an error with `status` and `code`.
@@ -156,7 +158,10 @@ impl TestApi {
         Answer { status, body }
     }
 
-    fn with_token(request: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
+    fn with_token(
+        request: reqwest::RequestBuilder,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
         match token {
             Some(token) => request.bearer_auth(token),
             None => request,
