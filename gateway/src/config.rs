@@ -52,13 +52,15 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The process: where the HTTP API listens, which mode it runs in.
     pub app: AppConfig,
-    /// Logging.
-    pub log: LogConfig,
+    /// Log line format: `text` (human) or `json` (one object per line).
+    pub log_format: LogFormat,
+    /// A tracing filter (`info`, `pingme_gateway=debug,info`); `RUST_LOG` wins if set.
+    pub log_level: String,
     /// Client listeners other than the HTTP API, and the metrics port.
     pub listeners: ListenersConfig,
     /// Connection shards: 0 means one per core.
@@ -104,16 +106,6 @@ pub enum AppEnv {
     Development,
     /// Strict: every secret must be given.
     Production,
-}
-
-/// Logging.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// `text` (human) or `json` (one object per line).
-    pub format: LogFormat,
-    /// A tracing filter (`info`, `pingme_gateway=debug,info`); `RUST_LOG` wins if set.
-    pub level: String,
 }
 
 /// Log line format.
@@ -295,6 +287,26 @@ pub struct PushConfig {
     pub webhook_url: String,
 }
 
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            app: AppConfig::default(),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            listeners: ListenersConfig::default(),
+            shards: 0,
+            session: SessionConfig::default(),
+            auth: AuthConfig::default(),
+            storage: StorageConfig::default(),
+            database: DatabaseConfig::default(),
+            redis: RedisConfig::default(),
+            kafka: KafkaConfig::default(),
+            task: TaskConfig::default(),
+            push: PushConfig::default(),
+        }
+    }
+}
+
 impl Default for AppConfig {
     fn default() -> Self {
         AppConfig {
@@ -302,15 +314,6 @@ impl Default for AppConfig {
             port: 8080,
             env: AppEnv::Development,
             gateway_id: "gw-1".into(),
-        }
-    }
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".into(),
         }
     }
 }

@@ -14,7 +14,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::LogFormat;
 
 /// HTTP requests by matched route and status (`route`, `status` labels).
 pub const HTTP_REQUESTS: &str = "pingme_http_requests_total";
@@ -94,17 +94,18 @@ pub async fn version() -> axum::Json<VersionInfo> {
     axum::Json(version_info())
 }
 
-/// Installs the global tracing subscriber (text or JSON lines); `RUST_LOG`
-/// overrides `log.level`. A second call is a no-op (tests start many servers).
-pub fn init_logging(config: &LogConfig) {
+/// Installs the global tracing subscriber (text or JSON lines) with the
+/// filter `level`; `RUST_LOG` overrides it. A second call is a no-op
+/// (tests start many servers).
+pub fn init_logging(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.level))
+        .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _already_set = match config.format {
+    let _already_set = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };

@@ -56,7 +56,8 @@ fn the_example_file_lists_every_section() {
         sections,
         [
             "app",
-            "log",
+            "log_format",
+            "log_level",
             "listeners",
             "shards",
             "session",
@@ -127,13 +128,13 @@ fn a_file_sets_fields_and_keeps_defaults_elsewhere() {
     let path = dir.path().join("pingme.yaml");
     std::fs::write(
         &path,
-        "app:\n  port: 9999\n  env: production\nlog:\n  format: json\nauth:\n  jwt_secret: 0123456789abcdef0123\n  access_token_ttl: 5m\ntask:\n  retry_initial_backoff: 250ms\n  fanout_batch_size: 200\nshards: 3\n",
+        "app:\n  port: 9999\n  env: production\nlog_format: json\nauth:\n  jwt_secret: 0123456789abcdef0123\n  access_token_ttl: 5m\ntask:\n  retry_initial_backoff: 250ms\n  fanout_batch_size: 200\nshards: 3\n",
     )
     .unwrap();
     let c = Config::load_with_env(Some(&path), no_env).unwrap();
     assert_eq!(c.app.port, 9999);
     assert_eq!(c.app.env, AppEnv::Production);
-    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(c.log_format, LogFormat::Json);
     assert_eq!(c.auth.access_token_ttl, Duration::from_secs(300));
     assert_eq!(c.task.retry_initial_backoff, Duration::from_millis(250));
     assert_eq!(c.task.fanout_batch_size, 200);
@@ -255,7 +256,7 @@ fn invalid_values_name_their_field() {
         ("storage:\n  backend: postgres\n", "storage.backend"),
         ("storage:\n  backend: scylla\n", "storage.scylla_nodes"),
         ("listeners:\n  tcp: not-an-address\n", "listeners.tcp"),
-        ("log:\n  format: xml\n", "log.format"),
+        ("log_format: xml\n", "log_format"),
         ("push:\n  webhook_url: ftp://x\n", "push.webhook_url"),
         ("shards: 5000\n", "shards"),
     ];

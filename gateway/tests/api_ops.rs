@@ -195,7 +195,7 @@ async fn the_binary_serves_keeps_data_and_stops_on_sigterm() {
     std::fs::write(
         &config,
         format!(
-            "log:\n  format: json\nlisteners:\n  metrics: 127.0.0.1:{}\n",
+            "log_format: json\nlisteners:\n  metrics: 127.0.0.1:{}\n",
             free_port()
         ),
     )
