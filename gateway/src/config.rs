@@ -188,6 +188,10 @@ pub struct StorageConfig {
     pub backend: StorageBackend,
     /// Directory of the embedded store.
     pub data_dir: PathBuf,
+    /// When the embedded store acknowledges a write: `sync` (fsynced, the
+    /// only safe choice) or `unsafe_no_sync_for_benchmarks` (survives a
+    /// process crash, not a power loss).
+    pub durability: StorageDurability,
     /// ScyllaDB contact points (`host:port`), for the `scylla` backend.
     pub scylla_nodes: Vec<String>,
 }
@@ -202,6 +206,16 @@ pub enum StorageBackend {
     Mysql,
     /// ScyllaDB through `scylla_nodes`.
     Scylla,
+}
+
+/// When the embedded store acknowledges a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageDurability {
+    /// After fsync.
+    Sync,
+    /// After the write reaches the OS; benchmarks only.
+    UnsafeNoSyncForBenchmarks,
 }
 
 /// The SQL database.
@@ -362,6 +376,7 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: StorageBackend::Embedded,
             data_dir: PathBuf::from("./data"),
+            durability: StorageDurability::Sync,
             scylla_nodes: Vec::new(),
         }
     }

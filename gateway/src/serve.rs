@@ -11,10 +11,11 @@ use anyhow::Context;
 use bytes::Bytes;
 use pingme_router::port::{ConnRef, Outbox, UserId};
 use pingme_storage::Store;
+use pingme_storage::embedded::{Durability, EmbeddedStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::jwt::JwtAuthenticator;
-use crate::config::{Config, StorageBackend};
+use crate::config::{Config, StorageBackend, StorageDurability};
 use crate::http::{self, ApiState};
 use crate::ops::{self, Readiness};
 
@@ -121,11 +122,15 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             let dir = &config.storage.data_dir;
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating storage.data_dir {}", dir.display()))?;
-            let store = pingme_storage::embedded::EmbeddedStore::open(
-                dir,
-                pingme_storage::embedded::Durability::Sync,
-            )
-            .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
+            let durability = match config.storage.durability {
+                StorageDurability::Sync => Durability::Sync,
+                StorageDurability::UnsafeNoSyncForBenchmarks => {
+                    tracing::warn!("storage.durability: writes are not fsynced (benchmarks only)");
+                    Durability::UnsafeNoSyncForBenchmarks
+                }
+            };
+            let store = EmbeddedStore::open(dir, durability)
+                .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
             Ok(Arc::new(store))
         }
         other => anyhow::bail!("storage.backend {other:?} is not available in this build yet"),

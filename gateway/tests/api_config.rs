@@ -102,6 +102,47 @@ fn the_example_file_lists_every_section() {
     }
 }
 
+/// Every field the schema knows appears in the example: for each section,
+/// the parser's own list of accepted fields (from its unknown-field error)
+/// equals the keys the example spells out.
+#[test]
+fn the_example_file_spells_out_every_field() {
+    let text = std::fs::read_to_string(example_path()).unwrap();
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let keys = |value: &serde_yaml_ng::Value| -> Vec<String> {
+        value
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect()
+    };
+    let accepted = |yaml: &str| -> Vec<String> {
+        let message = Config::parse_yaml(yaml).unwrap_err().to_string();
+        // "... unknown field `x`, expected `a` or `b`" / "expected one of `a`, `b`, ..."
+        let list = message
+            .split(", expected ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{message}"));
+        list.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(accepted("no_such_field: 1\n"), keys(&doc), "top level");
+    for (section, value) in doc.as_mapping().unwrap() {
+        if value.is_mapping() {
+            let section = section.as_str().unwrap();
+            assert_eq!(
+                accepted(&format!("{section}:\n  no_such_field: 1\n")),
+                keys(value),
+                "section {section}"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_seed_defaults_hold() {
     let c = Config::default();
