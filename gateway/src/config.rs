@@ -178,6 +178,11 @@ pub struct AuthConfig {
     /// The window the failure counts above apply to.
     #[serde(deserialize_with = "duration")]
     pub login_failure_window: Duration,
+    /// argon2id memory cost of new password hashes, KiB (8..=1048576).
+    /// Lower it only for load tests that register many users.
+    pub password_hash_memory_kib: u32,
+    /// argon2id passes of new password hashes (1..=16).
+    pub password_hash_iterations: u32,
 }
 
 /// The store.
@@ -367,6 +372,8 @@ impl Default for AuthConfig {
             max_login_failures_per_user: 5,
             max_login_failures_per_ip: 50,
             login_failure_window: Duration::from_secs(60),
+            password_hash_memory_kib: crate::auth::password::DEFAULT_MEMORY_KIB,
+            password_hash_iterations: crate::auth::password::DEFAULT_ITERATIONS,
         }
     }
 }
@@ -634,6 +641,16 @@ impl Config {
             !a.login_failure_window.is_zero(),
             "auth.login_failure_window",
             "must be positive",
+        )?;
+        check(
+            (8..=1024 * 1024).contains(&a.password_hash_memory_kib),
+            "auth.password_hash_memory_kib",
+            "must be between 8 and 1048576",
+        )?;
+        check(
+            (1..=16).contains(&a.password_hash_iterations),
+            "auth.password_hash_iterations",
+            "must be between 1 and 16",
         )?;
         check(
             !self.storage.data_dir.as_os_str().is_empty(),

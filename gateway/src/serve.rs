@@ -71,7 +71,8 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
 
     // 5. HTTP API (+ WebSocket and dead-letter admin routes, merged by the
     //    integrator: `.merge(ws_routes).nest(http::ADMIN_PREFIX, admin_routes)`).
-    let state = ApiState::new(auth.clone(), outbox, &config.auth, readiness.clone());
+    let state = ApiState::new(auth.clone(), outbox, &config.auth, readiness.clone())
+        .context("auth.password_hash_memory_kib / auth.password_hash_iterations")?;
     let app = http::router(state);
     let http_listener = tokio::net::TcpListener::bind(config.http_bind())
         .await

@@ -68,10 +68,15 @@ pub(super) async fn register(
         ));
     }
     check_password_len(&req.password).inspect_err(|_| count_registration("invalid"))?;
-    let hash = password::hash(req.password).await.map_err(|e| {
-        count_registration("error");
-        ApiError::new(ErrorCode::Internal, e.to_string())
-    })?;
+    let hash = state
+        .inner
+        .passwords
+        .hash(req.password)
+        .await
+        .map_err(|e| {
+            count_registration("error");
+            ApiError::new(ErrorCode::Internal, e.to_string())
+        })?;
     match state
         .store()
         .create_user(&req.username, &hash, now_ms())
@@ -142,7 +147,7 @@ pub(super) async fn login(
         .await
         .inspect_err(|_| count_login("error"))?;
     let hash = user.as_ref().map(|u| u.password_hash.clone());
-    let user = match (password::verify(req.password, hash).await, user) {
+    let user = match (state.inner.passwords.verify(req.password, hash).await, user) {
         (true, Some(user)) => user,
         _ => {
             throttle.failed(&req.username, ip, now_instant());

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::{ApiError, ApiResult, http_status};
 
 use crate::auth::jwt::JwtAuthenticator;
+use crate::auth::password::{HashError, PasswordHasher};
 use crate::auth::{Authenticator, Claims};
 use crate::config::AuthConfig;
 use crate::ops::{self, Readiness};
@@ -52,6 +53,7 @@ struct Inner {
     auth: Arc<JwtAuthenticator>,
     outbox: Arc<dyn Outbox>,
     throttle: LoginThrottle,
+    passwords: PasswordHasher,
     readiness: Readiness,
 }
 
@@ -64,23 +66,29 @@ impl std::fmt::Debug for ApiState {
 impl ApiState {
     /// The API's state: tokens and store through `auth` (its store is the
     /// API's store), `outbox` to disconnect devices on logout, login
-    /// throttling limits from `config`, and the readiness flag `/health`
-    /// reports.
+    /// throttling limits and password hashing cost from `config`, and the
+    /// readiness flag `/health` reports. Fails only if the hashing cost is
+    /// invalid (config validation prevents that).
     pub fn new(
         auth: Arc<JwtAuthenticator>,
         outbox: Arc<dyn Outbox>,
         config: &AuthConfig,
         readiness: Readiness,
-    ) -> ApiState {
-        ApiState {
+    ) -> Result<ApiState, HashError> {
+        let passwords = PasswordHasher::new(
+            config.password_hash_memory_kib,
+            config.password_hash_iterations,
+        )?;
+        Ok(ApiState {
             inner: Arc::new(Inner {
                 store: auth.store().clone(),
                 auth,
                 outbox,
                 throttle: LoginThrottle::new(config),
+                passwords,
                 readiness,
             }),
-        }
+        })
     }
 
     fn store(&self) -> &dyn Store {

@@ -79,6 +79,9 @@ pub fn test_auth_config() -> AuthConfig {
         jwt_secret: String::from_utf8(SECRET.to_vec()).unwrap(),
         max_login_failures_per_user: 3,
         max_login_failures_per_ip: 8,
+        // Cheap hashes keep the tests fast; the cost is covered by a unit test.
+        password_hash_memory_kib: 256,
+        password_hash_iterations: 1,
         ..AuthConfig::default()
     }
 }
@@ -101,7 +104,7 @@ pub async fn start_with(config: AuthConfig) -> TestApi {
     ));
     let outbox = Arc::new(RecordingOutbox::default());
     let readiness = Readiness::new();
-    let state = ApiState::new(auth.clone(), outbox.clone(), &config, readiness.clone());
+    let state = ApiState::new(auth.clone(), outbox.clone(), &config, readiness.clone()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
