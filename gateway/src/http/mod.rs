@@ -134,13 +134,22 @@ pub fn router(state: ApiState) -> Router {
         .layer(middleware::from_fn(count_requests))
 }
 
-/// Counts every request by matched route and status.
+/// Counts every request by matched route and status, and logs it at debug.
 async fn count_requests(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let response = next.run(request).await;
+    tracing::debug!(
+        %method,
+        route = %route,
+        status = response.status().as_u16(),
+        micros = started.elapsed().as_micros() as u64,
+        "http request"
+    );
     metrics::counter!(
         ops::HTTP_REQUESTS,
         "route" => route,
