@@ -411,3 +411,23 @@ async fn unknown_routes_are_json_not_found() {
         .await
         .assert_error(404, 20008);
 }
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_before_parsing() {
+    let api = start().await;
+    let huge = format!(
+        "{{\"username\": \"big\", \"password\": \"{}\"}}",
+        "x".repeat(2 * 1024 * 1024)
+    );
+    let response = api
+        .client
+        .post(format!("{}/v1/auth/register", api.base))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], 20007);
+}

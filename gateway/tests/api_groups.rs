@@ -507,3 +507,42 @@ async fn conversations_list_last_seq_and_unread() {
             .assert_error(400, INVALID_ARGUMENT);
     }
 }
+
+/// Prints the rate of authenticated history reads (token check + membership
+/// + one page of 50) with 32 concurrent clients for 3 s. A measurement, not
+/// an assertion: `cargo test -p pingme-gateway --test api_groups -- --ignored --nocapture history_read_rate`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn history_read_rate() {
+    let api = std::sync::Arc::new(start().await);
+    let (alice, token) = api.user("reader").await;
+    let gid = api
+        .post("/v1/groups", Some(&token), json!({"name": "bench"}))
+        .await
+        .body["group_id"]
+        .as_u64()
+        .unwrap();
+    append(&api, ConversationId::Group(gid), alice, 200).await;
+    let path = format!("/v1/conversations/g:{gid}/messages?after=100&limit=50");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (api, token, path) = (api.clone(), token.clone(), path.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while std::time::Instant::now() < deadline {
+                assert_eq!(api.get(&path, Some(&token)).await.status, 200);
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    println!(
+        "history reads: {total} in 3 s = {:.0}/s (32 clients, 50 messages a page)",
+        total as f64 / 3.0
+    );
+}
