@@ -4,3 +4,7 @@
 //! `pingme` binary's wiring.
 
 pub mod auth;
+pub mod config;
+pub mod http;
+pub mod ops;
+pub mod serve;

@@ -1,2 +1,81 @@
-//! The `pingme` binary.
-fn main() {}
+//! The `pingme` binary: parses the command line, loads the configuration
+//! (exit code 64 when it is invalid) and hands over to
+//! [`pingme_gateway::serve::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pingme_gateway::config::{Config, EXIT_CONFIG};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// pingme: an instant-messaging backend.
+#[derive(Parser)]
+#[command(name = "pingme", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the server (single node with the embedded store unless configured otherwise).
+    Serve {
+        /// YAML configuration file; without one, the defaults (plus environment overrides).
+        #[arg(long, env = "APP_CONF")]
+        config: Option<PathBuf>,
+        /// Directory of the embedded store (overrides storage.data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Prints version, git commit and build time.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            let v = pingme_gateway::ops::version_info();
+            println!(
+                "pingme {} (commit {}, built {})",
+                v.version, v.git_commit, v.build_time
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config, data_dir } => {
+            let mut config = match Config::load(config.as_deref()) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("pingme: invalid configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            };
+            if let Some(dir) = data_dir {
+                config.storage.data_dir = dir;
+            }
+            if let Err(e) = rustls::crypto::ring::default_provider().install_default() {
+                eprintln!("pingme: a TLS crypto provider was already installed: {e:?}");
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("pingme: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(pingme_gateway::serve::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pingme: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -2,6 +2,9 @@
 //! and the HTTP API both go through [`Authenticator`]; the JWT
 //! implementation lives beside this trait.
 
+pub mod jwt;
+pub mod password;
+
 use async_trait::async_trait;
 use pingme_protocol::ErrorCode;
 

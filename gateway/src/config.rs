@@ -1,0 +1,801 @@
+//! The `pingme` configuration: one typed tree read from a YAML file (every
+//! field optional, defaults below), then the environment overrides named by
+//! the seeds (`APP_HOST`, `APP_PORT`, `APP_ENV`, `DB_*`, `REDIS_*`,
+//! `KAFKA_BROKERS`, `JWT_SECRET`), then validation. Every error names the
+//! field it is about; the binary exits with code 64 on any of them.
+//!
+//! `config/pingme.example.yaml` lists every field with its default; a test
+//! keeps the two in step.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Exit code of the binary for an invalid configuration (EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Why a configuration was refused. Each variant names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The YAML did not match the schema (unknown field, wrong type).
+    #[error("{0}")]
+    Parse(String),
+    /// An environment variable holds a value its field cannot take.
+    #[error("{field} (from env {var}): {reason}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// The field it overrides.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A field's value is out of its allowed range.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field, as a dotted path.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The process: where the HTTP API listens, which mode it runs in.
+    pub app: AppConfig,
+    /// Log line format: `text` (human) or `json` (one object per line).
+    pub log_format: LogFormat,
+    /// A tracing filter (`info`, `pingme_gateway=debug,info`); `RUST_LOG` wins if set.
+    pub log_level: String,
+    /// Client listeners other than the HTTP API, and the metrics port.
+    pub listeners: ListenersConfig,
+    /// Connection shards: 0 means one per core.
+    pub shards: usize,
+    /// Limits of one client session.
+    pub session: SessionConfig,
+    /// Tokens, passwords and login throttling.
+    pub auth: AuthConfig,
+    /// Where messages and accounts are kept.
+    pub storage: StorageConfig,
+    /// The SQL database (used by the `mysql` storage backend).
+    pub database: DatabaseConfig,
+    /// Redis (presence in cluster mode).
+    pub redis: RedisConfig,
+    /// Kafka (cluster mode).
+    pub kafka: KafkaConfig,
+    /// The background task settings (fanout, persistence, push, retry).
+    pub task: TaskConfig,
+    /// Offline push notifications.
+    pub push: PushConfig,
+}
+
+/// The process and the HTTP API listener.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// Host the HTTP API (and WebSocket at `/v1/ws`) listens on. Env `APP_HOST`.
+    pub host: String,
+    /// Port of the HTTP API. Env `APP_PORT`.
+    pub port: u16,
+    /// `development` or `production`. Env `APP_ENV`. Production refuses to
+    /// start without `auth.jwt_secret`.
+    pub env: AppEnv,
+    /// This gateway's id in a cluster (names its downstream topic).
+    pub gateway_id: String,
+}
+
+/// The mode the process runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppEnv {
+    /// Lenient: a missing JWT secret is generated (tokens die with the process).
+    Development,
+    /// Strict: every secret must be given.
+    Production,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Listener addresses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenersConfig {
+    /// Plain TCP binary protocol.
+    pub tcp: SocketAddr,
+    /// TCP + TLS binary protocol.
+    pub tls: SocketAddr,
+    /// QUIC (UDP) binary protocol.
+    pub quic: SocketAddr,
+    /// Prometheus `/metrics` and `/health`.
+    pub metrics: SocketAddr,
+    /// PEM certificate chain for TLS and QUIC; empty: a self-signed
+    /// certificate is generated (development only).
+    pub tls_cert: String,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: String,
+}
+
+/// Limits of one client session.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Largest client frame in bytes (length prefix excluded).
+    pub max_frame_size: usize,
+    /// A connection must authenticate within this time.
+    #[serde(deserialize_with = "duration")]
+    pub auth_timeout: Duration,
+    /// A connection with no frame for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// The heartbeat interval suggested to clients.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Sustained messages per second one session may send.
+    pub messages_per_second: u32,
+    /// Bytes queued to a slow reader before it is disconnected.
+    pub max_queued_bytes: usize,
+}
+
+/// Tokens, passwords and login throttling.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret for JWTs. Env `JWT_SECRET`. Empty: production refuses
+    /// to start; development generates one and warns.
+    pub jwt_secret: String,
+    /// Lifetime of an access token.
+    #[serde(deserialize_with = "duration")]
+    pub access_token_ttl: Duration,
+    /// Lifetime of a refresh token.
+    #[serde(deserialize_with = "duration")]
+    pub refresh_token_ttl: Duration,
+    /// Failed logins allowed per username within `login_failure_window`.
+    pub max_login_failures_per_user: u32,
+    /// Failed logins allowed per client IP within `login_failure_window`.
+    pub max_login_failures_per_ip: u32,
+    /// The window the failure counts above apply to.
+    #[serde(deserialize_with = "duration")]
+    pub login_failure_window: Duration,
+    /// argon2id memory cost of new password hashes, KiB (8..=1048576).
+    /// Lower it only for load tests that register many users.
+    pub password_hash_memory_kib: u32,
+    /// argon2id passes of new password hashes (1..=16).
+    pub password_hash_iterations: u32,
+}
+
+/// The store.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `embedded` (single node), `mysql` or `scylla`.
+    pub backend: StorageBackend,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// When the embedded store acknowledges a write: `sync` (fsynced, the
+    /// only safe choice) or `unsafe_no_sync_for_benchmarks` (survives a
+    /// process crash, not a power loss).
+    pub durability: StorageDurability,
+    /// ScyllaDB contact points (`host:port`), for the `scylla` backend.
+    pub scylla_nodes: Vec<String>,
+}
+
+/// Which store implementation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageBackend {
+    /// In-process, crash-safe, under `data_dir`.
+    Embedded,
+    /// MySQL / MariaDB through the `database` section.
+    Mysql,
+    /// ScyllaDB through `scylla_nodes`.
+    Scylla,
+}
+
+/// When the embedded store acknowledges a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageDurability {
+    /// After fsync.
+    Sync,
+    /// After the write reaches the OS; benchmarks only.
+    UnsafeNoSyncForBenchmarks,
+}
+
+/// The SQL database.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Env `DB_HOST`.
+    pub host: String,
+    /// Env `DB_PORT`.
+    pub port: u16,
+    /// Env `DB_USERNAME`.
+    pub username: String,
+    /// Env `DB_PASSWORD`.
+    pub password: String,
+    /// Database name. Env `DB_NAME`.
+    pub name: String,
+}
+
+/// Redis.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Env `REDIS_HOST`.
+    pub host: String,
+    /// Env `REDIS_PORT`.
+    pub port: u16,
+}
+
+/// Kafka.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list; empty: single-node mode with the
+    /// in-process bus. Env `KAFKA_BROKERS`.
+    pub brokers: String,
+    /// Prefix of each gateway's downstream topic (`{prefix}{gateway_id}`).
+    pub downstream_topic_prefix: String,
+    /// Topic of push notifications.
+    pub push_topic: String,
+    /// Dead-letter topic.
+    pub dlq_topic: String,
+}
+
+/// The background task settings, named as in the im-task seed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskConfig {
+    /// Topic of large-group fanout tasks.
+    pub task_topic: String,
+    /// Topic the persistence consumers read.
+    pub persistence_topic: String,
+    /// Consumer group of the fanout task consumers.
+    pub consumer_group: String,
+    /// Consumer group of the persistence consumers.
+    pub persistence_group: String,
+    /// Groups with more members than this fan out through the task topic.
+    pub large_group_threshold: u64,
+    /// Members read per page when fanning out.
+    pub fanout_batch_size: usize,
+    /// Whether offline members get push notifications.
+    pub push_notification_enabled: bool,
+    /// Delivery attempts per message before it is given up.
+    pub message_retry_attempts: u32,
+    /// Attempts of a failing task before it goes to the dead-letter queue.
+    pub retry_max_attempts: u32,
+    /// First retry delay.
+    #[serde(deserialize_with = "duration")]
+    pub retry_initial_backoff: Duration,
+    /// Largest retry delay.
+    #[serde(deserialize_with = "duration")]
+    pub retry_max_backoff: Duration,
+    /// Each retry delay is the previous one times this.
+    pub retry_multiplier: f64,
+    /// Whether exhausted work goes to the dead-letter queue (else it is dropped and logged).
+    pub enable_dlq: bool,
+}
+
+/// Offline push notifications.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Webhook receiving push notifications as JSON; empty: push disabled.
+    pub webhook_url: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            app: AppConfig::default(),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            listeners: ListenersConfig::default(),
+            shards: 0,
+            session: SessionConfig::default(),
+            auth: AuthConfig::default(),
+            storage: StorageConfig::default(),
+            database: DatabaseConfig::default(),
+            redis: RedisConfig::default(),
+            kafka: KafkaConfig::default(),
+            task: TaskConfig::default(),
+            push: PushConfig::default(),
+        }
+    }
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            env: AppEnv::Development,
+            gateway_id: "gw-1".into(),
+        }
+    }
+}
+
+impl Default for ListenersConfig {
+    fn default() -> Self {
+        ListenersConfig {
+            tcp: ([127, 0, 0, 1], 7000).into(),
+            tls: ([127, 0, 0, 1], 7443).into(),
+            quic: ([127, 0, 0, 1], 7443).into(),
+            metrics: ([127, 0, 0, 1], 9093).into(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_frame_size: 64 * 1024,
+            auth_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            heartbeat_interval: Duration::from_secs(30),
+            messages_per_second: 50,
+            max_queued_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: String::new(),
+            access_token_ttl: Duration::from_secs(15 * 60),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            max_login_failures_per_user: 5,
+            max_login_failures_per_ip: 50,
+            login_failure_window: Duration::from_secs(60),
+            password_hash_memory_kib: crate::auth::password::DEFAULT_MEMORY_KIB,
+            password_hash_iterations: crate::auth::password::DEFAULT_ITERATIONS,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: StorageBackend::Embedded,
+            data_dir: PathBuf::from("./data"),
+            durability: StorageDurability::Sync,
+            scylla_nodes: Vec::new(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            host: "127.0.0.1".into(),
+            port: 3306,
+            username: "root".into(),
+            password: String::new(),
+            name: "pingme".into(),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            host: "127.0.0.1".into(),
+            port: 6379,
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            downstream_topic_prefix: "downstream-topic-".into(),
+            push_topic: "im-push".into(),
+            dlq_topic: "im-dlq".into(),
+        }
+    }
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        TaskConfig {
+            task_topic: "im-task".into(),
+            persistence_topic: "im-persistence".into(),
+            consumer_group: "im-task-group".into(),
+            persistence_group: "im-persistence-group".into(),
+            large_group_threshold: 500,
+            fanout_batch_size: 1000,
+            push_notification_enabled: true,
+            message_retry_attempts: 3,
+            retry_max_attempts: 3,
+            retry_initial_backoff: Duration::from_millis(100),
+            retry_max_backoff: Duration::from_secs(10),
+            retry_multiplier: 2.0,
+            enable_dlq: true,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (or starts from the defaults when `None`), applies the
+    /// process environment, validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with the environment given as a lookup, so tests
+    /// can fake it without touching the process environment.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Config::parse_yaml(&text)?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML text (no environment, no validation). An empty document
+    /// is the defaults.
+    pub fn parse_yaml(text: &str) -> Result<Config, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Applies the seed's environment overrides.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parsed<T: std::str::FromStr>(
+            var: &'static str,
+            field: &'static str,
+            value: &str,
+        ) -> Result<T, ConfigError>
+        where
+            T::Err: fmt::Display,
+        {
+            value.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+                var,
+                field,
+                reason: format!("{value:?}: {e}"),
+            })
+        }
+        if let Some(v) = env("APP_HOST") {
+            self.app.host = v;
+        }
+        if let Some(v) = env("APP_PORT") {
+            self.app.port = parsed("APP_PORT", "app.port", &v)?;
+        }
+        if let Some(v) = env("APP_ENV") {
+            self.app.env = match v.trim() {
+                "development" | "dev" => AppEnv::Development,
+                "production" | "prod" => AppEnv::Production,
+                other => {
+                    return Err(ConfigError::Env {
+                        var: "APP_ENV",
+                        field: "app.env",
+                        reason: format!("{other:?}: expected development or production"),
+                    });
+                }
+            };
+        }
+        if let Some(v) = env("DB_HOST") {
+            self.database.host = v;
+        }
+        if let Some(v) = env("DB_PORT") {
+            self.database.port = parsed("DB_PORT", "database.port", &v)?;
+        }
+        if let Some(v) = env("DB_USERNAME") {
+            self.database.username = v;
+        }
+        if let Some(v) = env("DB_PASSWORD") {
+            self.database.password = v;
+        }
+        if let Some(v) = env("DB_NAME") {
+            self.database.name = v;
+        }
+        if let Some(v) = env("REDIS_HOST") {
+            self.redis.host = v;
+        }
+        if let Some(v) = env("REDIS_PORT") {
+            self.redis.port = parsed("REDIS_PORT", "redis.port", &v)?;
+        }
+        if let Some(v) = env("KAFKA_BROKERS") {
+            self.kafka.brokers = v;
+        }
+        if let Some(v) = env("JWT_SECRET") {
+            self.auth.jwt_secret = v;
+        }
+        Ok(())
+    }
+
+    /// Checks ranges and cross-field rules; the error names the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn check(ok: bool, field: &'static str, reason: &str) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    field,
+                    reason: reason.to_string(),
+                })
+            }
+        }
+        check(
+            !self.app.host.trim().is_empty(),
+            "app.host",
+            "must not be empty",
+        )?;
+        check(
+            !self.app.gateway_id.is_empty()
+                && self
+                    .app
+                    .gateway_id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'),
+            "app.gateway_id",
+            "must be non-empty [A-Za-z0-9._-]",
+        )?;
+        check(
+            self.shards <= 1024,
+            "shards",
+            "must be at most 1024 (0 = one per core)",
+        )?;
+        let s = &self.session;
+        check(
+            (1024..=pingme_protocol::MAX_DOWNSTREAM_FRAME_SIZE).contains(&s.max_frame_size),
+            "session.max_frame_size",
+            "must be between 1 KiB and 4 MiB",
+        )?;
+        check(
+            !s.auth_timeout.is_zero(),
+            "session.auth_timeout",
+            "must be positive",
+        )?;
+        check(
+            !s.heartbeat_interval.is_zero(),
+            "session.heartbeat_interval",
+            "must be positive",
+        )?;
+        check(
+            s.idle_timeout > s.heartbeat_interval,
+            "session.idle_timeout",
+            "must be longer than session.heartbeat_interval",
+        )?;
+        check(
+            s.messages_per_second > 0,
+            "session.messages_per_second",
+            "must be positive",
+        )?;
+        check(
+            s.max_queued_bytes >= s.max_frame_size,
+            "session.max_queued_bytes",
+            "must be at least session.max_frame_size",
+        )?;
+        let a = &self.auth;
+        check(
+            self.app.env == AppEnv::Development || !a.jwt_secret.is_empty(),
+            "auth.jwt_secret",
+            "is required in production (set JWT_SECRET)",
+        )?;
+        check(
+            a.jwt_secret.is_empty() || a.jwt_secret.len() >= 16,
+            "auth.jwt_secret",
+            "must be at least 16 bytes",
+        )?;
+        check(
+            a.access_token_ttl >= Duration::from_secs(1),
+            "auth.access_token_ttl",
+            "must be at least 1s",
+        )?;
+        check(
+            a.refresh_token_ttl >= a.access_token_ttl,
+            "auth.refresh_token_ttl",
+            "must be at least auth.access_token_ttl",
+        )?;
+        check(
+            a.max_login_failures_per_user > 0,
+            "auth.max_login_failures_per_user",
+            "must be positive",
+        )?;
+        check(
+            a.max_login_failures_per_ip > 0,
+            "auth.max_login_failures_per_ip",
+            "must be positive",
+        )?;
+        check(
+            !a.login_failure_window.is_zero(),
+            "auth.login_failure_window",
+            "must be positive",
+        )?;
+        check(
+            (8..=1024 * 1024).contains(&a.password_hash_memory_kib),
+            "auth.password_hash_memory_kib",
+            "must be between 8 and 1048576",
+        )?;
+        check(
+            (1..=16).contains(&a.password_hash_iterations),
+            "auth.password_hash_iterations",
+            "must be between 1 and 16",
+        )?;
+        check(
+            !self.storage.data_dir.as_os_str().is_empty(),
+            "storage.data_dir",
+            "must not be empty",
+        )?;
+        check(
+            self.storage.backend != StorageBackend::Scylla || !self.storage.scylla_nodes.is_empty(),
+            "storage.scylla_nodes",
+            "must list at least one node for the scylla backend",
+        )?;
+        let t = &self.task;
+        check(
+            t.large_group_threshold > 0,
+            "task.large_group_threshold",
+            "must be positive",
+        )?;
+        check(
+            (1..=pingme_storage::MAX_PAGE).contains(&t.fanout_batch_size),
+            "task.fanout_batch_size",
+            "must be between 1 and 1000",
+        )?;
+        check(
+            t.message_retry_attempts > 0,
+            "task.message_retry_attempts",
+            "must be positive",
+        )?;
+        check(
+            t.retry_max_attempts > 0,
+            "task.retry_max_attempts",
+            "must be positive",
+        )?;
+        check(
+            !t.retry_initial_backoff.is_zero(),
+            "task.retry_initial_backoff",
+            "must be positive",
+        )?;
+        check(
+            t.retry_max_backoff >= t.retry_initial_backoff,
+            "task.retry_max_backoff",
+            "must be at least task.retry_initial_backoff",
+        )?;
+        check(
+            t.retry_multiplier.is_finite() && t.retry_multiplier >= 1.0,
+            "task.retry_multiplier",
+            "must be a number >= 1.0",
+        )?;
+        let url = &self.push.webhook_url;
+        check(
+            url.is_empty() || url.starts_with("http://") || url.starts_with("https://"),
+            "push.webhook_url",
+            "must be empty or an http(s) URL",
+        )?;
+        Ok(())
+    }
+
+    /// Number of connection shards to run: `shards`, or one per core.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// `host:port` of the HTTP API, for binding.
+    pub fn http_bind(&self) -> String {
+        if self.app.host.contains(':') && !self.app.host.starts_with('[') {
+            format!("[{}]:{}", self.app.host, self.app.port)
+        } else {
+            format!("{}:{}", self.app.host, self.app.port)
+        }
+    }
+
+    /// True in production mode.
+    pub fn is_production(&self) -> bool {
+        self.app.env == AppEnv::Production
+    }
+}
+
+/// Parses a duration written as `<number><unit>` with unit `ms`, `s`, `m`,
+/// `h` or `d` (`100ms`, `10s`, `30d`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} needs a unit (ms, s, m, h, d)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not <number><unit>"))?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    n.checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    // A visitor (not `String::deserialize` then parse) so the error is
+    // raised while the deserializer still knows the field's path.
+    struct DurationText;
+    impl serde::de::Visitor<'_> for DurationText {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration such as 100ms, 10s, 5m, 1h or 30d")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            parse_duration(text).map_err(E::custom)
+        }
+    }
+    deserializer.deserialize_str(DurationText)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        for bad in [
+            "",
+            "10",
+            "ms",
+            "1.5s",
+            "-1s",
+            "10 parsecs",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad} must be rejected");
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,204 @@
+//! Operations: structured logging, the Prometheus recorder and its
+//! `/metrics` + `/health` endpoint (port 9093 by default), the readiness
+//! flag behind every `/health`, and the build's version information.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::LogFormat;
+
+/// HTTP requests by matched route and status (`route`, `status` labels).
+pub const HTTP_REQUESTS: &str = "pingme_http_requests_total";
+/// Login attempts by outcome (`result`: ok, bad_credentials, rate_limited, error).
+pub const LOGINS: &str = "pingme_logins_total";
+/// Registrations by outcome (`result`: ok, taken, invalid, error).
+pub const REGISTRATIONS: &str = "pingme_registrations_total";
+/// Resident set size of the process, refreshed on every scrape.
+pub const RESIDENT_MEMORY: &str = "pingme_process_resident_memory_bytes";
+
+/// The crate version, git commit and build time of this binary.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// Cargo package version.
+    pub version: &'static str,
+    /// `git rev-parse HEAD` at build time (or `unknown`).
+    pub git_commit: &'static str,
+    /// Build time, RFC 3339 UTC.
+    pub build_time: &'static str,
+}
+
+/// This build's version information.
+pub fn version_info() -> VersionInfo {
+    VersionInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        git_commit: env!("PINGME_GIT_COMMIT"),
+        build_time: env!("PINGME_BUILD_TIME"),
+    }
+}
+
+/// "Ready to serve": set by the integrator once the store is open and every
+/// listener is up, cleared when shutdown begins. Every `/health` answers
+/// 200 only while it is set.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// A flag that starts not ready.
+    pub fn new() -> Readiness {
+        Readiness::default()
+    }
+
+    /// Sets or clears readiness.
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+
+    /// Whether the process is ready.
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Serialize)]
+struct HealthBody {
+    status: &'static str,
+}
+
+/// The `/health` handler: 200 `{"status":"ok"}` when ready, else 503
+/// `{"status":"starting"}`.
+pub async fn health(State(readiness): State<Readiness>) -> Response {
+    if readiness.is_ready() {
+        (StatusCode::OK, axum::Json(HealthBody { status: "ok" })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(HealthBody {
+                status: "unavailable",
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// The `/version` handler.
+pub async fn version() -> axum::Json<VersionInfo> {
+    axum::Json(version_info())
+}
+
+/// Installs the global tracing subscriber (text or JSON lines) with the
+/// filter `level`; `RUST_LOG` overrides it. A second call is a no-op
+/// (tests start many servers).
+pub fn init_logging(format: LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _already_set = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The process-wide Prometheus recorder, installed on first use, with the
+/// API's metrics described. Later calls return the same handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap_or_else(|_| {
+                    // Another recorder is installed (not ours): keep a
+                    // detached one so /metrics still answers.
+                    PrometheusBuilder::new().build_recorder().handle()
+                });
+            describe_metrics();
+            handle
+        })
+        .clone()
+}
+
+fn describe_metrics() {
+    metrics::describe_counter!(HTTP_REQUESTS, "HTTP API requests by route and status");
+    metrics::describe_counter!(LOGINS, "Login attempts by result");
+    metrics::describe_counter!(REGISTRATIONS, "Registrations by result");
+    metrics::describe_gauge!(
+        RESIDENT_MEMORY,
+        metrics::Unit::Bytes,
+        "Resident set size of the process"
+    );
+}
+
+/// Resident set size in bytes from `/proc/self/statm` (Linux), or `None`.
+pub fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+#[allow(unsafe_code)]
+fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the running system; no memory is touched.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as u64 } else { 4096 }
+}
+
+/// Renders the Prometheus text exposition, refreshing process gauges first.
+pub fn render_metrics(handle: &PrometheusHandle) -> String {
+    if let Some(rss) = resident_memory_bytes() {
+        metrics::gauge!(RESIDENT_MEMORY).set(rss as f64);
+    }
+    handle.render()
+}
+
+#[derive(Clone)]
+struct OpsState {
+    handle: PrometheusHandle,
+    readiness: Readiness,
+}
+
+/// The metrics port's app: `GET /metrics` and `GET /health`.
+pub fn ops_router(readiness: Readiness) -> Router {
+    let state = OpsState {
+        handle: metrics_handle(),
+        readiness,
+    };
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<OpsState>| async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    render_metrics(&s.handle),
+                )
+            }),
+        )
+        .route(
+            "/health",
+            get(|State(s): State<OpsState>| health(State(s.readiness))),
+        )
+        .with_state(state)
+}
+
+/// Serves the ops app on `listener` until `shutdown` is cancelled.
+pub async fn serve_ops(
+    listener: tokio::net::TcpListener,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, ops_router(readiness))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}

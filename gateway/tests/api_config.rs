@@ -1,0 +1,354 @@
+//! Configuration: the example file is exactly the defaults, files and
+//! environment overrides land in the right fields, and every invalid value
+//! is refused with an error naming its field (the binary exits with 64).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pingme_gateway::config::{AppEnv, Config, ConfigError, LogFormat, StorageBackend};
+
+fn example_path() -> &'static Path {
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/pingme.example.yaml"
+    ))
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn fake_env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |name| map.get(name).cloned()
+}
+
+/// The error message of a YAML document (after validation).
+fn error_of(yaml: &str) -> String {
+    let err = Config::parse_yaml(yaml)
+        .and_then(|c| c.validate().map(|_| c))
+        .expect_err("must be refused");
+    err.to_string()
+}
+
+#[test]
+fn the_example_file_parses_to_exactly_the_defaults() {
+    let config = Config::load_with_env(Some(example_path()), no_env).unwrap();
+    assert_eq!(config, Config::default());
+}
+
+#[test]
+fn the_example_file_lists_every_section() {
+    let text = std::fs::read_to_string(example_path()).unwrap();
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let sections: Vec<&str> = doc
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sections,
+        [
+            "app",
+            "log_format",
+            "log_level",
+            "listeners",
+            "shards",
+            "session",
+            "auth",
+            "storage",
+            "database",
+            "redis",
+            "kafka",
+            "task",
+            "push"
+        ]
+    );
+    // Every field of a section is spelled out: removing any one of them
+    // still parses (all optional), and the file names the seeds' settings.
+    for name in [
+        "task_topic",
+        "persistence_topic",
+        "consumer_group",
+        "persistence_group",
+        "large_group_threshold",
+        "fanout_batch_size",
+        "push_notification_enabled",
+        "message_retry_attempts",
+        "retry_max_attempts",
+        "retry_initial_backoff",
+        "retry_max_backoff",
+        "retry_multiplier",
+        "enable_dlq",
+        "max_frame_size",
+        "auth_timeout",
+        "idle_timeout",
+        "heartbeat_interval",
+        "messages_per_second",
+        "max_queued_bytes",
+        "webhook_url",
+        "data_dir",
+    ] {
+        assert!(
+            text.contains(&format!("  {name}: ")),
+            "{name} missing from the example"
+        );
+    }
+}
+
+/// Every field the schema knows appears in the example: for each section,
+/// the parser's own list of accepted fields (from its unknown-field error)
+/// equals the keys the example spells out.
+#[test]
+fn the_example_file_spells_out_every_field() {
+    let text = std::fs::read_to_string(example_path()).unwrap();
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let keys = |value: &serde_yaml_ng::Value| -> Vec<String> {
+        value
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect()
+    };
+    let accepted = |yaml: &str| -> Vec<String> {
+        let message = Config::parse_yaml(yaml).unwrap_err().to_string();
+        // "... unknown field `x`, expected `a` or `b`" / "expected one of `a`, `b`, ..."
+        let list = message
+            .split(", expected ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{message}"));
+        list.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(accepted("no_such_field: 1\n"), keys(&doc), "top level");
+    for (section, value) in doc.as_mapping().unwrap() {
+        if value.is_mapping() {
+            let section = section.as_str().unwrap();
+            assert_eq!(
+                accepted(&format!("{section}:\n  no_such_field: 1\n")),
+                keys(value),
+                "section {section}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_seed_defaults_hold() {
+    let c = Config::default();
+    assert_eq!(c.task.retry_max_attempts, 3);
+    assert_eq!(c.task.retry_initial_backoff, Duration::from_millis(100));
+    assert_eq!(c.task.retry_max_backoff, Duration::from_secs(10));
+    assert_eq!(c.task.retry_multiplier, 2.0);
+    assert!(c.task.enable_dlq);
+    assert_eq!(c.session.max_frame_size, 64 * 1024);
+    assert_eq!(c.listeners.tcp.to_string(), "127.0.0.1:7000");
+    assert_eq!(c.listeners.tls.to_string(), "127.0.0.1:7443");
+    assert_eq!(c.listeners.quic.to_string(), "127.0.0.1:7443");
+    assert_eq!(c.listeners.metrics.to_string(), "127.0.0.1:9093");
+    assert_eq!(c.http_bind(), "127.0.0.1:8080");
+    assert_eq!(c.storage.backend, StorageBackend::Embedded);
+    assert_eq!(c.storage.data_dir, Path::new("./data"));
+    assert!(c.push.webhook_url.is_empty());
+    assert!(c.shard_count() >= 1);
+}
+
+#[test]
+fn a_file_sets_fields_and_keeps_defaults_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pingme.yaml");
+    std::fs::write(
+        &path,
+        "app:\n  port: 9999\n  env: production\nlog_format: json\nauth:\n  jwt_secret: 0123456789abcdef0123\n  access_token_ttl: 5m\ntask:\n  retry_initial_backoff: 250ms\n  fanout_batch_size: 200\nshards: 3\n",
+    )
+    .unwrap();
+    let c = Config::load_with_env(Some(&path), no_env).unwrap();
+    assert_eq!(c.app.port, 9999);
+    assert_eq!(c.app.env, AppEnv::Production);
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.auth.access_token_ttl, Duration::from_secs(300));
+    assert_eq!(c.task.retry_initial_backoff, Duration::from_millis(250));
+    assert_eq!(c.task.fanout_batch_size, 200);
+    assert_eq!(c.shard_count(), 3);
+    assert_eq!(c.app.host, "127.0.0.1", "untouched fields keep defaults");
+    assert_eq!(c.session, Config::default().session);
+}
+
+#[test]
+fn environment_overrides_win_over_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pingme.yaml");
+    std::fs::write(&path, "app:\n  port: 9999\ndatabase:\n  name: fromfile\n").unwrap();
+    let env = fake_env(&[
+        ("APP_HOST", "0.0.0.0"),
+        ("APP_PORT", "8181"),
+        ("APP_ENV", "production"),
+        ("DB_HOST", "db.internal"),
+        ("DB_PORT", "3307"),
+        ("DB_USERNAME", "pingme"),
+        ("DB_PASSWORD", "s3cret"),
+        ("DB_NAME", "im"),
+        ("REDIS_HOST", "redis.internal"),
+        ("REDIS_PORT", "6380"),
+        ("KAFKA_BROKERS", "k1:9092,k2:9092"),
+        ("JWT_SECRET", "a-very-long-test-secret"),
+    ]);
+    let c = Config::load_with_env(Some(&path), env).unwrap();
+    assert_eq!(c.app.host, "0.0.0.0");
+    assert_eq!(c.app.port, 8181);
+    assert_eq!(c.http_bind(), "0.0.0.0:8181");
+    assert_eq!(c.app.env, AppEnv::Production);
+    assert_eq!(c.database.host, "db.internal");
+    assert_eq!(c.database.port, 3307);
+    assert_eq!(c.database.username, "pingme");
+    assert_eq!(c.database.password, "s3cret");
+    assert_eq!(c.database.name, "im");
+    assert_eq!(c.redis.host, "redis.internal");
+    assert_eq!(c.redis.port, 6380);
+    assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
+    assert_eq!(c.auth.jwt_secret, "a-very-long-test-secret");
+}
+
+/// Tests that touch the real process environment (setting it, or spawning
+/// processes that copy it) hold this lock, so none sees another's variables.
+static ENV_LOCK: Mutex<()> = Mutex::new(());
+
+#[test]
+#[allow(unsafe_code)]
+fn the_process_environment_is_read() {
+    let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: every test of this binary that reads or writes the process
+    // environment holds ENV_LOCK; the others use a fake lookup.
+    unsafe { std::env::set_var("APP_PORT", "8282") };
+    let result = Config::load(None);
+    unsafe { std::env::remove_var("APP_PORT") };
+    assert_eq!(result.unwrap().app.port, 8282);
+}
+
+#[test]
+fn bad_env_values_name_the_variable_and_the_field() {
+    let err = Config::load_with_env(None, fake_env(&[("APP_PORT", "eighty")])).unwrap_err();
+    assert!(matches!(
+        err,
+        ConfigError::Env {
+            var: "APP_PORT",
+            field: "app.port",
+            ..
+        }
+    ));
+    assert!(err.to_string().contains("app.port") && err.to_string().contains("APP_PORT"));
+    let err = Config::load_with_env(None, fake_env(&[("APP_ENV", "staging")])).unwrap_err();
+    assert!(err.to_string().contains("app.env"), "{err}");
+    let err = Config::load_with_env(None, fake_env(&[("REDIS_PORT", "70000")])).unwrap_err();
+    assert!(err.to_string().contains("redis.port"), "{err}");
+}
+
+#[test]
+fn production_without_a_secret_is_refused() {
+    let err = Config::load_with_env(None, fake_env(&[("APP_ENV", "production")])).unwrap_err();
+    assert!(err.to_string().contains("auth.jwt_secret"), "{err}");
+    // A secret makes it valid; development needs none.
+    Config::load_with_env(
+        None,
+        fake_env(&[
+            ("APP_ENV", "production"),
+            ("JWT_SECRET", "0123456789abcdef"),
+        ]),
+    )
+    .unwrap();
+    Config::load_with_env(None, no_env).unwrap();
+}
+
+#[test]
+fn invalid_values_name_their_field() {
+    let cases = [
+        ("app:\n  prot: 1\n", "prot"),
+        ("nonsense: 1\n", "nonsense"),
+        ("app:\n  port: high\n", "app.port"),
+        ("session:\n  max_frame_size: 10\n", "session.max_frame_size"),
+        ("session:\n  auth_timeout: 10\n", "session.auth_timeout"),
+        ("session:\n  idle_timeout: 5s\n", "session.idle_timeout"),
+        (
+            "session:\n  messages_per_second: 0\n",
+            "session.messages_per_second",
+        ),
+        ("auth:\n  jwt_secret: short\n", "auth.jwt_secret"),
+        ("auth:\n  refresh_token_ttl: 1m\n", "auth.refresh_token_ttl"),
+        ("task:\n  retry_multiplier: 0.5\n", "task.retry_multiplier"),
+        (
+            "task:\n  retry_max_backoff: 10ms\n",
+            "task.retry_max_backoff",
+        ),
+        ("task:\n  fanout_batch_size: 0\n", "task.fanout_batch_size"),
+        (
+            "task:\n  retry_initial_backoff: soon\n",
+            "task.retry_initial_backoff",
+        ),
+        ("storage:\n  backend: postgres\n", "storage.backend"),
+        ("storage:\n  backend: scylla\n", "storage.scylla_nodes"),
+        ("listeners:\n  tcp: not-an-address\n", "listeners.tcp"),
+        ("log_format: xml\n", "log_format"),
+        ("push:\n  webhook_url: ftp://x\n", "push.webhook_url"),
+        ("shards: 5000\n", "shards"),
+    ];
+    for (yaml, field) in cases {
+        let message = error_of(yaml);
+        assert!(
+            message.contains(field),
+            "error for {yaml:?} must name {field}: {message}"
+        );
+    }
+}
+
+#[test]
+fn the_binary_exits_64_naming_the_bad_field() {
+    let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "session:\n  max_frame_size: 12\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingme"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("APP_CONF")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("session.max_frame_size"),
+        "stderr: {stderr}"
+    );
+
+    // A bad environment override is refused the same way.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingme"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .env("APP_PORT", "not-a-port")
+        .env_remove("APP_CONF")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("app.port") && stderr.contains("APP_PORT"),
+        "stderr: {stderr}"
+    );
+
+    // APP_CONF names the file when --config is absent.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingme"))
+        .arg("serve")
+        .env("APP_CONF", &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}

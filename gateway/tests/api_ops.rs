@@ -1,0 +1,281 @@
+//! Operations: `/health` follows the readiness flag, `/version` reports the
+//! build, `/metrics` shows counters moving and process memory, and the real
+//! `pingme serve` binary starts, serves, keeps data across a restart and
+//! stops cleanly on SIGTERM.
+
+mod api_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api_support::start;
+use pingme_gateway::ops::{self, Readiness};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn health_follows_readiness_and_version_reports_the_build() {
+    let api = start().await;
+    let health = api.get("/health", None).await;
+    assert_eq!((health.status, &health.body["status"]), (200, &json!("ok")));
+    api.readiness.set(false);
+    assert_eq!(api.get("/health", None).await.status, 503);
+
+    let version = api.get("/version", None).await;
+    assert_eq!(version.status, 200);
+    assert_eq!(version.body["version"], env!("CARGO_PKG_VERSION"));
+    let commit = version.body["git_commit"].as_str().unwrap();
+    assert!(commit == "unknown" || commit.len() == 40, "{commit}");
+    let built = version.body["build_time"].as_str().unwrap();
+    assert!(built.len() == 20 && built.ends_with('Z'), "{built}");
+}
+
+/// The value of the first sample line starting with `series`, or 0.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_show_counters_moving_and_process_memory() {
+    let api = start().await;
+    let readiness = Readiness::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops_base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(ops::serve_ops(
+        listener,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+
+    assert_eq!(
+        api.client
+            .get(format!("{ops_base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    readiness.set(true);
+    assert_eq!(
+        api.client
+            .get(format!("{ops_base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let scrape = || async {
+        api.client
+            .get(format!("{ops_base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let registrations = r#"pingme_registrations_total{result="ok"}"#;
+    let requests = r#"pingme_http_requests_total{route="/v1/auth/register",status="201"}"#;
+    let logins = r#"pingme_logins_total{result="bad_credentials"}"#;
+    let before = scrape().await;
+    api.register("metered").await;
+    api.post(
+        "/v1/auth/login",
+        None,
+        json!({"username": "metered", "password": "wrong-password", "device_id": "d"}),
+    )
+    .await
+    .assert_error(401, 10006);
+    let after = scrape().await;
+    assert_eq!(
+        sample(&after, registrations),
+        sample(&before, registrations) + 1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, requests),
+        sample(&before, requests) + 1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, logins),
+        sample(&before, logins) + 1.0,
+        "{after}"
+    );
+    assert!(after.contains("# HELP pingme_registrations_total"));
+    assert!(
+        sample(&after, "pingme_process_resident_memory_bytes") > 1_000_000.0,
+        "{after}"
+    );
+    shutdown.cancel();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    api: String,
+    ops: String,
+}
+
+impl Server {
+    fn start(data_dir: &std::path::Path, config: &std::path::Path, api_port: u16) -> Server {
+        let child = Command::new(env!("CARGO_BIN_EXE_pingme"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("APP_PORT", api_port.to_string())
+            .env("JWT_SECRET", "binary-test-secret-0123456789")
+            .env_remove("APP_CONF")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let text = std::fs::read_to_string(config).unwrap();
+        let ops_port = text.trim().rsplit(':').next().unwrap().to_string();
+        Server {
+            child,
+            api: format!("http://127.0.0.1:{api_port}"),
+            ops: format!("http://127.0.0.1:{ops_port}"),
+        }
+    }
+
+    async fn wait_ready(&self, client: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("{}/health", self.api)).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit code and stderr.
+    fn terminate(mut self) -> (Option<i32>, String) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let stderr = self.child.stderr.take().unwrap();
+        let lines: Vec<String> = BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect();
+        let code = self.child.wait().unwrap().code();
+        (code, lines.join("\n"))
+    }
+}
+
+#[tokio::test]
+async fn the_binary_serves_keeps_data_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("pingme.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "log_format: json\nlisteners:\n  metrics: 127.0.0.1:{}\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+
+    let server = Server::start(&data, &config, free_port());
+    server.wait_ready(&client).await;
+    let ops_health = client
+        .get(format!("{}/health", server.ops))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ops_health.status(), 200);
+    let metrics = client
+        .get(format!("{}/metrics", server.ops))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pingme_process_resident_memory_bytes"),
+        "{metrics}"
+    );
+    let registered = client
+        .post(format!("{}/v1/auth/register", server.api))
+        .json(&json!({"username": "durable", "password": "password-durable"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let (code, stderr) = server.terminate();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    // JSON logs, one object per line.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with('{') && l.contains("pingme ready")),
+        "stderr: {stderr}"
+    );
+
+    // Same data directory: the account survived the restart.
+    let server = Server::start(&data, &config, free_port());
+    server.wait_ready(&client).await;
+    let login = client
+        .post(format!("{}/v1/auth/login", server.api))
+        .json(&json!({"username": "durable", "password": "password-durable", "device_id": "d"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let (code, stderr) = server.terminate();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+}
+
+#[test]
+fn pingme_version_prints_the_build() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pingme"))
+        .arg("version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("pingme {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn production_without_a_secret_refuses_to_start() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pingme"))
+        .arg("serve")
+        .env("APP_ENV", "production")
+        .env_remove("JWT_SECRET")
+        .env_remove("APP_CONF")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth.jwt_secret"));
+}
