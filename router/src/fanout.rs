@@ -8,13 +8,14 @@
 
 use std::sync::Arc;
 
+use pingme_protocol::ErrorCode;
 use pingme_storage::{ConversationId, GroupId, MAX_PAGE, StoreResult, UserId};
 
 use crate::pipeline::Pipeline;
 use crate::records::{FanoutTask, PushEvent, Record};
 use crate::retry::RetryPolicy;
 use crate::telemetry;
-use crate::transport::{Subscription, Topic, conversation_key};
+use crate::transport::{Subscription, Topic, TransportError, conversation_key};
 
 /// Every member of a group (small groups only: one or a few pages).
 pub(crate) async fn all_members(ctx: &Pipeline, group: GroupId) -> StoreResult<Vec<UserId>> {
@@ -63,10 +64,21 @@ pub(crate) async fn deliver_page(
         recipients,
         preview: preview.clone(),
     };
-    ctx.transport
-        .publish(&Topic::Push, key, Record::Push(event))
-        .await
-        .map_err(|e| e.to_string())
+    // Push is a courtesy (offline members sync anyway): a push queue that is
+    // full because the provider is slow or down drops the notification
+    // rather than holding up deliveries and, behind them, new sends.
+    match ctx
+        .transport
+        .try_publish(&Topic::Push, key, Record::Push(event))
+    {
+        Ok(()) => Ok(()),
+        Err(TransportError::Full(topic)) => {
+            telemetry::failed(ErrorCode::KafkaProducerError, 1);
+            tracing::warn!(topic, "push queue full; notification dropped");
+            Ok(())
+        }
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// Runs a task to the end, page by page from its cursor. On failure returns

@@ -56,7 +56,9 @@ impl PushProvider for WebhookPush {
     }
 }
 
-/// One push worker: sends the events of its partition until closed.
+/// One push worker: sends the events of its partition until closed. The
+/// events of one batch are sent concurrently (order does not matter for
+/// notifications), so one slow call does not serialise the rest.
 pub(crate) async fn run(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
     loop {
         let records = subscription.next_batch(64).await;
@@ -65,27 +67,32 @@ pub(crate) async fn run(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscripti
         }
         metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "push")
             .set(ctx.transport.depth(&Topic::Push) as f64);
+        let mut calls = tokio::task::JoinSet::new();
         for record in records {
             let Record::Push(event) = record else {
                 tracing::warn!("unexpected record on the push topic");
                 continue;
             };
-            let Some(provider) = ctx.push.clone() else {
-                continue;
-            };
-            match ctx.retry.run("push", || provider.notify(&event)).await {
-                Ok(()) => {
-                    metrics::counter!(telemetry::PUSHED).increment(event.recipients.len() as u64)
-                }
-                Err((error, attempts)) => {
-                    let key = crate::transport::text_key(&event.conversation_id);
-                    ctx.dead_letter("push", key, &Record::Push(event), error, attempts)
-                        .await;
-                }
-            }
+            calls.spawn(notify(ctx.clone(), event));
         }
+        calls.join_all().await;
         if let Err(error) = subscription.commit().await {
             tracing::warn!(%error, "commit of the push topic failed");
+        }
+    }
+}
+
+/// Sends one event with retries; dead-letters it when they run out.
+async fn notify(ctx: Arc<Pipeline>, event: PushEvent) {
+    let Some(provider) = ctx.push.clone() else {
+        return;
+    };
+    match ctx.retry.run("push", || provider.notify(&event)).await {
+        Ok(()) => metrics::counter!(telemetry::PUSHED).increment(event.recipients.len() as u64),
+        Err((error, attempts)) => {
+            let key = crate::transport::text_key(&event.conversation_id);
+            ctx.dead_letter("push", key, &Record::Push(event), error, attempts)
+                .await;
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::pipeline::{Pipeline, now_ms};
 use crate::records::{DownstreamTarget, Record};
 use crate::retry::RetryPolicy;
 use crate::telemetry;
-use crate::transport::Subscription;
+use crate::transport::{Subscription, Topic};
 
 /// Applies downstream envelopes to this gateway's connections.
 pub(crate) async fn run_downstream(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
@@ -22,6 +22,10 @@ pub(crate) async fn run_downstream(ctx: Arc<Pipeline>, mut subscription: Box<dyn
         if records.is_empty() {
             break;
         }
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "downstream").set(
+            ctx.transport
+                .depth(&Topic::Downstream(ctx.config.gateway_id.clone())) as f64,
+        );
         for record in records {
             let Record::Downstream(envelope) = record else {
                 tracing::warn!("unexpected record on the downstream topic");
