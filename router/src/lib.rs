@@ -7,5 +7,45 @@
 //! router reaches connections through [`port::Outbox`]. Neither side knows
 //! how the other is built, so the gateway's tests can use a double of the
 //! router and the router's tests a double of the gateway.
+//!
+//! Inside, the router is one pipeline of stages that only talk through a
+//! [`Transport`] (`docs/router.md` draws it): ingress checks ->
+//! accepted topic -> conversation workers (seq, durable append, ack,
+//! small-conversation delivery) -> fanout topic -> fanout workers (large
+//! groups) -> push topic -> push workers; downstream topics carry frames to
+//! each gateway's connections and the dead-letter topic carries what
+//! exhausted its retries. [`Router::start`] runs it over tokio channels;
+//! [`Router::start_with`] over any transport (Kafka in cluster mode).
 
+mod config;
+mod directory;
+mod fanout;
+mod pipeline;
 pub mod port;
+mod presence;
+mod push;
+mod records;
+mod requests;
+mod retry;
+mod router;
+mod sequencer;
+mod stages;
+pub mod telemetry;
+mod transport;
+mod wire;
+
+pub use config::RouterConfig;
+pub use directory::{Directory, LocalDirectory, Located};
+pub use presence::{Presence, PresenceMap};
+pub use push::{PushProvider, WebhookPush};
+pub use records::{
+    AcceptedSend, ConnAddress, DeadLetterRecord, DownstreamEnvelope, DownstreamTarget, FanoutTask,
+    Origin, PushEvent, PushPreview, Record,
+};
+pub use retry::RetryPolicy;
+pub use router::Router;
+pub use stages::ReplayError;
+pub use transport::{
+    InProcessTransport, Subscription, Topic, Transport, TransportError, conversation_key, text_key,
+};
+pub use wire::push_preview;

@@ -1,0 +1,120 @@
+//! The router's settings: one plain struct with defaults that suit a single
+//! node. The binary fills it from its YAML/env config; tests build it
+//! directly.
+
+use std::time::Duration;
+
+/// Everything the router can be tuned with. `RouterConfig::default()` is a
+/// working single-node setup (push disabled).
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// This gateway's id: names its downstream topic (`downstream-topic-{id}`).
+    pub gateway_id: String,
+    /// Conversation workers (sequencers): partitions of the accepted topic.
+    /// Every conversation is owned by exactly one of them.
+    pub workers: usize,
+    /// Fanout workers: partitions of the fanout task topic.
+    pub fanout_workers: usize,
+    /// Push workers: partitions of the push topic.
+    pub push_workers: usize,
+    /// Records each in-process topic partition holds before publishers wait
+    /// (internal stages) or sends are refused with `OVERLOADED` (ingress).
+    pub queue_capacity: usize,
+    /// Most sends one worker appends in one store call.
+    pub max_append_batch: usize,
+    /// Groups with more members than this are delivered by fanout tasks,
+    /// off the conversation worker. Read receipts and typing events are not
+    /// relayed in such groups.
+    pub large_group_threshold: u64,
+    /// Members read and delivered per fanout step.
+    pub fanout_batch_size: usize,
+    /// Send offline-push events to the push provider.
+    pub push_notification_enabled: bool,
+    /// The push provider: an HTTP webhook receiving one JSON POST per event.
+    /// Push stays off without it.
+    pub push_webhook_url: Option<String>,
+    /// Timeout of one webhook call.
+    pub push_timeout: Duration,
+    /// Tries of a push or fanout step before it becomes a dead letter
+    /// (also the tries of a store append before the sender gets an error).
+    pub message_retry_attempts: u32,
+    /// Wait before the second try.
+    pub retry_initial_backoff: Duration,
+    /// Longest wait between two tries.
+    pub retry_max_backoff: Duration,
+    /// Growth of the wait from one try to the next.
+    pub retry_multiplier: f64,
+    /// Keep work that exhausted its retries as dead letters (otherwise it
+    /// is logged and dropped).
+    pub enable_dlq: bool,
+    /// Largest message body accepted (the store's own limit still applies).
+    pub max_body_bytes: usize,
+    /// Longest `client_msg_id` accepted.
+    pub max_client_msg_id_len: usize,
+    /// Most conversations in one `SyncResponse` (also the default).
+    pub sync_page_max: usize,
+    /// Most messages in one `MessagePage` (also the default); pages also
+    /// stay under `pingme_protocol::MAX_DOWNSTREAM_FRAME_SIZE`.
+    pub fetch_page_max: usize,
+    /// Typing frames accepted per connection per second; more get
+    /// `RATE_LIMITED`.
+    pub typing_max_per_second: u32,
+    /// Most user ids in one `PresenceQuery`.
+    pub presence_query_max: usize,
+    /// Requests (sync, fetch, acks, receipts, typing, presence) processed
+    /// at once; more get `OVERLOADED`.
+    pub max_inflight_requests: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            gateway_id: "local".to_string(),
+            workers: 4,
+            fanout_workers: 2,
+            push_workers: 1,
+            queue_capacity: 8192,
+            max_append_batch: 256,
+            large_group_threshold: 500,
+            fanout_batch_size: 500,
+            push_notification_enabled: false,
+            push_webhook_url: None,
+            push_timeout: Duration::from_secs(5),
+            message_retry_attempts: 3,
+            retry_initial_backoff: Duration::from_millis(100),
+            retry_max_backoff: Duration::from_secs(10),
+            retry_multiplier: 2.0,
+            enable_dlq: true,
+            max_body_bytes: pingme_storage::MAX_BODY_BYTES,
+            max_client_msg_id_len: 128,
+            sync_page_max: 500,
+            fetch_page_max: 200,
+            typing_max_per_second: 5,
+            presence_query_max: 500,
+            max_inflight_requests: 4096,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// The same settings with every count at least 1, so a zero in a config
+    /// file cannot stall the pipeline.
+    pub(crate) fn normalised(mut self) -> Self {
+        self.workers = self.workers.max(1);
+        self.fanout_workers = self.fanout_workers.max(1);
+        self.push_workers = self.push_workers.max(1);
+        self.queue_capacity = self.queue_capacity.max(1);
+        self.max_append_batch = self.max_append_batch.max(1);
+        self.fanout_batch_size = self.fanout_batch_size.clamp(1, pingme_storage::MAX_PAGE);
+        self.message_retry_attempts = self.message_retry_attempts.max(1);
+        self.sync_page_max = self.sync_page_max.clamp(1, pingme_storage::MAX_PAGE);
+        // One below the store cap: fetch reads one extra message to know `has_more`.
+        self.fetch_page_max = self.fetch_page_max.clamp(1, pingme_storage::MAX_PAGE - 1);
+        self.max_body_bytes = self.max_body_bytes.min(pingme_storage::MAX_BODY_BYTES);
+        self.max_inflight_requests = self.max_inflight_requests.max(1);
+        if !self.retry_multiplier.is_finite() || self.retry_multiplier < 1.0 {
+            self.retry_multiplier = 1.0;
+        }
+        self
+    }
+}

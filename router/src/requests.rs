@@ -1,0 +1,324 @@
+//! Requests answered on the node that received them: delivery acks, read
+//! markers (with receipts), typing, sync and fetch. Each one that names a
+//! conversation is checked for membership first; a non-member gets
+//! `FORBIDDEN` and nothing else. Receipts and typing reach the other
+//! members' connected devices only, and are not relayed in groups above
+//! the large-group threshold.
+
+use bytes::Bytes;
+use pingme_protocol::v1::{self, client_frame, server_frame};
+use pingme_protocol::{ErrorCode, MAX_DOWNSTREAM_FRAME_SIZE};
+use pingme_storage::{ConversationId, Seq, StoreError, UserId};
+use prost::Message as _;
+
+use crate::fanout::all_members;
+use crate::pipeline::Pipeline;
+use crate::port::SessionInfo;
+use crate::transport::conversation_key;
+use crate::wire::{error_frame, frame, store_error_code, wire_message};
+
+/// Store pages one `SyncRequest` may scan looking for conversations with
+/// news, so a user with thousands of quiet conversations cannot make one
+/// request unbounded (the answer then has `has_more` and a cursor).
+const SYNC_SCAN_PAGES: usize = 4;
+/// Room kept in a `MessagePage` frame for everything but the messages.
+const PAGE_OVERHEAD: usize = 1024;
+
+/// A request's failure, as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RequestError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RequestError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for RequestError {
+    fn from(error: StoreError) -> Self {
+        Self::new(store_error_code(&error), error.to_string())
+    }
+}
+
+/// Handles one request and answers its connection.
+pub(crate) async fn handle(
+    ctx: &Pipeline,
+    session: &SessionInfo,
+    request_id: u64,
+    body: client_frame::Body,
+) {
+    let answer = match body {
+        client_frame::Body::DeliveryAck(ack) => {
+            delivery_ack(ctx, session, ack).await.map(|()| None)
+        }
+        client_frame::Body::ReadMarker(marker) => {
+            read_marker(ctx, session, marker).await.map(|()| None)
+        }
+        client_frame::Body::Typing(typing) => {
+            typing_event(ctx, session, typing).await.map(|()| None)
+        }
+        client_frame::Body::Sync(request) => sync(ctx, session, request).await.map(Some),
+        client_frame::Body::Fetch(request) => fetch(ctx, session, request).await.map(Some),
+        _ => Err(RequestError::new(
+            ErrorCode::UnexpectedMessage,
+            "not a request the router answers",
+        )),
+    };
+    let reply = match answer {
+        Ok(None) => return,
+        Ok(Some(body)) => frame(request_id, body),
+        Err(error) => {
+            crate::telemetry::failed(error.code, 1);
+            error_frame(request_id, error.code, error.message, "")
+        }
+    };
+    ctx.outbox.to_connection(session.conn, reply);
+}
+
+/// Parses a conversation id and checks that `user` belongs to it.
+pub(crate) async fn member_conversation(
+    ctx: &Pipeline,
+    conversation_id: &str,
+    user: UserId,
+) -> Result<ConversationId, RequestError> {
+    let conversation: ConversationId =
+        conversation_id
+            .parse()
+            .map_err(|e: pingme_storage::InvalidConversationId| {
+                RequestError::new(ErrorCode::InvalidArgument, e.to_string())
+            })?;
+    let forbidden = || {
+        RequestError::new(
+            ErrorCode::Forbidden,
+            format!("not a member of {conversation}"),
+        )
+    };
+    if matches!(conversation, ConversationId::Direct { .. }) && !conversation.is_direct_party(user)
+    {
+        return Err(forbidden());
+    }
+    match ctx.store.is_member(conversation, user).await {
+        Ok(true) => Ok(conversation),
+        Ok(false) | Err(StoreError::NotFound(_)) | Err(StoreError::NotMember { .. }) => {
+            Err(forbidden())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A client-given seq, never beyond the conversation's latest (a watermark
+/// ahead of the timeline would hide future messages from sync).
+async fn clamp_seq(
+    ctx: &Pipeline,
+    conversation: ConversationId,
+    seq: Seq,
+) -> Result<Seq, RequestError> {
+    let latest = ctx.store.latest_seqs(&[conversation]).await?;
+    Ok(seq.min(latest.first().copied().unwrap_or(0)))
+}
+
+/// The other members of a conversation that get receipts and typing, or
+/// `None` for groups above the large-group threshold.
+async fn others(
+    ctx: &Pipeline,
+    conversation: ConversationId,
+    user: UserId,
+) -> Result<Option<Vec<UserId>>, RequestError> {
+    let members = match conversation {
+        ConversationId::Direct { low, high } => vec![low, high],
+        ConversationId::Group(group) => {
+            let record = ctx.store.group(group).await?;
+            match record {
+                Some(record) if record.member_count <= ctx.config.large_group_threshold => {
+                    all_members(ctx, group).await?
+                }
+                _ => return Ok(None),
+            }
+        }
+    };
+    Ok(Some(members.into_iter().filter(|m| *m != user).collect()))
+}
+
+async fn relay(
+    ctx: &Pipeline,
+    conversation: ConversationId,
+    users: &[UserId],
+    frame: Bytes,
+) -> Result<(), RequestError> {
+    ctx.to_users(
+        users,
+        &frame,
+        None,
+        conversation_key(&conversation),
+        false,
+        false,
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| RequestError::new(ErrorCode::Internal, e))
+}
+
+async fn delivery_ack(
+    ctx: &Pipeline,
+    session: &SessionInfo,
+    ack: v1::DeliveryAck,
+) -> Result<(), RequestError> {
+    let conversation = member_conversation(ctx, &ack.conversation_id, session.user).await?;
+    let seq = clamp_seq(ctx, conversation, ack.seq).await?;
+    ctx.store
+        .set_delivered(session.user, &session.device, conversation, seq)
+        .await?;
+    Ok(())
+}
+
+async fn read_marker(
+    ctx: &Pipeline,
+    session: &SessionInfo,
+    marker: v1::ReadMarker,
+) -> Result<(), RequestError> {
+    let conversation = member_conversation(ctx, &marker.conversation_id, session.user).await?;
+    let seq = clamp_seq(ctx, conversation, marker.seq).await?;
+    ctx.store.set_read(session.user, conversation, seq).await?;
+    let Some(others) = others(ctx, conversation, session.user).await? else {
+        return Ok(());
+    };
+    let receipt = frame(
+        0,
+        server_frame::Body::ReadReceipt(v1::ReadReceipt {
+            conversation_id: conversation.to_string(),
+            user_id: session.user,
+            seq,
+        }),
+    );
+    relay(ctx, conversation, &others, receipt).await
+}
+
+async fn typing_event(
+    ctx: &Pipeline,
+    session: &SessionInfo,
+    typing: v1::Typing,
+) -> Result<(), RequestError> {
+    let conversation = member_conversation(ctx, &typing.conversation_id, session.user).await?;
+    let Some(others) = others(ctx, conversation, session.user).await? else {
+        return Ok(());
+    };
+    let event = frame(
+        0,
+        server_frame::Body::Typing(v1::TypingEvent {
+            conversation_id: conversation.to_string(),
+            user_id: session.user,
+            active: typing.active,
+        }),
+    );
+    relay(ctx, conversation, &others, event).await
+}
+
+async fn sync(
+    ctx: &Pipeline,
+    session: &SessionInfo,
+    request: v1::SyncRequest,
+) -> Result<server_frame::Body, RequestError> {
+    let limit = match request.limit as usize {
+        0 => ctx.config.sync_page_max,
+        asked => asked.min(ctx.config.sync_page_max),
+    };
+    let mut cursor = if request.after_conversation_id.is_empty() {
+        None
+    } else {
+        Some(
+            request
+                .after_conversation_id
+                .parse::<ConversationId>()
+                .map_err(|e| RequestError::new(ErrorCode::InvalidArgument, e.to_string()))?,
+        )
+    };
+    let mut states = Vec::new();
+    let mut has_more = true;
+    let mut scanned = 0;
+    while states.len() < limit && has_more && scanned < SYNC_SCAN_PAGES {
+        scanned += 1;
+        let page = ctx
+            .store
+            .user_conversations(session.user, cursor, limit)
+            .await?;
+        has_more = page.len() >= limit;
+        if page.is_empty() {
+            break;
+        }
+        let latest = ctx.store.latest_seqs(&page).await?;
+        let marks = ctx
+            .store
+            .watermarks(session.user, &session.device, &page)
+            .await?;
+        for (i, conversation) in page.iter().enumerate() {
+            cursor = Some(*conversation);
+            let latest = latest.get(i).copied().unwrap_or(0);
+            let marks = marks.get(i).copied().unwrap_or_default();
+            if latest > marks.delivered {
+                states.push(v1::ConversationState {
+                    conversation_id: conversation.to_string(),
+                    latest_seq: latest,
+                    delivered_seq: marks.delivered,
+                    read_seq: marks.read,
+                });
+            }
+            if states.len() == limit {
+                has_more |= i + 1 < page.len();
+                break;
+            }
+        }
+    }
+    Ok(server_frame::Body::Sync(v1::SyncResponse {
+        conversations: states,
+        has_more,
+        next_after_conversation_id: cursor.map(|c| c.to_string()).unwrap_or_default(),
+    }))
+}
+
+async fn fetch(
+    ctx: &Pipeline,
+    session: &SessionInfo,
+    request: v1::FetchMessages,
+) -> Result<server_frame::Body, RequestError> {
+    let conversation = member_conversation(ctx, &request.conversation_id, session.user).await?;
+    let limit = match request.limit as usize {
+        0 => ctx.config.fetch_page_max,
+        asked => asked.min(ctx.config.fetch_page_max),
+    };
+    // One more than the page, to know whether more remain.
+    let stored = ctx
+        .store
+        .messages(
+            conversation,
+            request.after_seq,
+            request.until_seq,
+            limit + 1,
+        )
+        .await?;
+    let mut has_more = stored.len() > limit;
+    let budget = MAX_DOWNSTREAM_FRAME_SIZE - PAGE_OVERHEAD;
+    let mut used = 0;
+    let mut messages = Vec::new();
+    for message in stored.iter().take(limit) {
+        let wire = wire_message(message);
+        // Field tag, length varint, message.
+        let size = wire.encoded_len() + 1 + prost::length_delimiter_len(wire.encoded_len());
+        if used + size > budget && !messages.is_empty() {
+            has_more = true;
+            break;
+        }
+        used += size;
+        messages.push(wire);
+    }
+    Ok(server_frame::Body::Page(v1::MessagePage {
+        conversation_id: conversation.to_string(),
+        messages,
+        has_more,
+    }))
+}

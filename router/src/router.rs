@@ -1,0 +1,412 @@
+//! [`Router`]: starts the pipeline's stages over a transport, implements
+//! [`Dispatch`] for the gateway (stateless checks at ingress, everything
+//! slow on the router's own tasks), shuts down by draining stage after
+//! stage, and offers the dead-letter admin functions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use pingme_protocol::ErrorCode;
+use pingme_protocol::v1::{self, client_frame, server_frame};
+use pingme_storage::{ConversationId, DeadLetter, Store, StoreError};
+use tokio::runtime::Handle;
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::RouterConfig;
+use crate::directory::{Directory, LocalDirectory};
+use crate::pipeline::{Pipeline, now_ms};
+use crate::port::{ConnRef, Dispatch, Outbox, SessionInfo};
+use crate::presence::PresenceMap;
+use crate::push::{PushProvider, WebhookPush};
+use crate::records::{AcceptedSend, Origin, Record};
+use crate::retry::RetryPolicy;
+use crate::stages::ReplayError;
+use crate::transport::{InProcessTransport, Topic, Transport, TransportError, conversation_key};
+use crate::wire::{content_type_is_valid, error_frame, frame};
+use crate::{fanout, push, requests, sequencer, stages};
+
+/// The consumers of one topic, closed and drained together at shutdown.
+struct Stage {
+    topic: Topic,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// A connection's typing budget: a one-second window and its count.
+#[derive(Clone, Copy)]
+struct TypingWindow {
+    started: Instant,
+    count: u32,
+}
+
+/// The message pipeline of one node. Cheap to share (`Arc<Router>`); the
+/// gateway holds it as `Arc<dyn Dispatch>`.
+pub struct Router {
+    ctx: Arc<Pipeline>,
+    presence: PresenceMap,
+    typing: DashMap<ConnRef, TypingWindow>,
+    accepting: AtomicBool,
+    requests: Arc<Semaphore>,
+    runtime: Handle,
+    stages: Mutex<Vec<Stage>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("gateway_id", &self.ctx.config.gateway_id)
+            .field("accepting", &self.accepting.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// Starts the single-node pipeline (in-process transport, this
+    /// gateway's outbox as the directory). Must be called inside a tokio
+    /// runtime; the stages run on it.
+    pub fn start(
+        store: Arc<dyn Store>,
+        outbox: Arc<dyn Outbox>,
+        config: RouterConfig,
+    ) -> Arc<Router> {
+        let config = config.normalised();
+        let transport = Arc::new(InProcessTransport::new(config.queue_capacity));
+        let directory = Arc::new(LocalDirectory::new(
+            config.gateway_id.clone(),
+            outbox.clone(),
+        ));
+        Self::start_with(store, outbox, config, transport, directory)
+            .expect("the in-process transport declares every topic it is asked for")
+    }
+
+    /// Starts the pipeline over any transport and directory (cluster mode:
+    /// Kafka and Redis). Every stage of this node joins its topic's
+    /// consumers; this gateway consumes its own downstream topic.
+    pub fn start_with(
+        store: Arc<dyn Store>,
+        outbox: Arc<dyn Outbox>,
+        config: RouterConfig,
+        transport: Arc<dyn Transport>,
+        directory: Arc<dyn Directory>,
+    ) -> Result<Arc<Router>, TransportError> {
+        let config = config.normalised();
+        let push = push_provider(&config);
+        let downstream = Topic::Downstream(config.gateway_id.clone());
+        let layout = [
+            (Topic::Accepted, config.workers),
+            (Topic::Fanout, config.fanout_workers),
+            (Topic::Push, config.push_workers),
+            (Topic::DeadLetter, 1),
+            (downstream.clone(), config.workers),
+        ];
+        for (topic, partitions) in &layout {
+            transport.declare(topic, *partitions)?;
+        }
+        let ctx = Arc::new(Pipeline {
+            store,
+            transport: transport.clone(),
+            directory,
+            outbox,
+            push,
+            retry: RetryPolicy::from_config(&config),
+            config,
+        });
+        // Shutdown order: upstream stages first, so each stage drains into
+        // a downstream one that is still running; answers go out last.
+        let mut stages = Vec::new();
+        for (topic, _) in layout {
+            let mut tasks = Vec::new();
+            for member in 0..transport.partitions(&topic) {
+                let subscription = transport.subscribe(&topic, member)?;
+                let ctx = ctx.clone();
+                tasks.push(match &topic {
+                    Topic::Accepted => tokio::spawn(sequencer::run(ctx, subscription)),
+                    Topic::Fanout => tokio::spawn(fanout::run(ctx, subscription)),
+                    Topic::Push => tokio::spawn(push::run(ctx, subscription)),
+                    Topic::DeadLetter => tokio::spawn(stages::run_dead_letters(ctx, subscription)),
+                    Topic::Downstream(_) => tokio::spawn(stages::run_downstream(ctx, subscription)),
+                });
+            }
+            stages.push(Stage { topic, tasks });
+        }
+        let max_requests = ctx.config.max_inflight_requests;
+        Ok(Arc::new(Router {
+            ctx,
+            presence: PresenceMap::default(),
+            typing: DashMap::new(),
+            accepting: AtomicBool::new(true),
+            requests: Arc::new(Semaphore::new(max_requests)),
+            runtime: Handle::current(),
+            stages: Mutex::new(stages),
+        }))
+    }
+
+    /// Stops taking work (new sends get `SHUTTING_DOWN`), waits for
+    /// requests in flight, then closes and drains every stage in pipeline
+    /// order: every accepted send is stored and answered, every delivery,
+    /// push and dead letter it caused is handed on. Idempotent.
+    pub async fn shutdown(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+        let permits = self.ctx.config.max_inflight_requests as u32;
+        let _requests_done = self.requests.acquire_many(permits).await;
+        let stages = std::mem::take(&mut *self.stages.lock().await);
+        for stage in stages {
+            self.ctx.transport.close(&stage.topic);
+            for task in stage.tasks {
+                if let Err(error) = task.await {
+                    tracing::error!(%error, topic = stage.topic.name(), "stage task failed");
+                }
+            }
+        }
+    }
+
+    /// Dead letters with id greater than `after`, oldest first, at most
+    /// `limit`.
+    pub async fn dead_letters(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.ctx.store.dead_letters(after, limit).await
+    }
+
+    /// How many dead letters are stored.
+    pub async fn dead_letter_count(&self) -> Result<u64, StoreError> {
+        self.ctx.store.dead_letter_count().await
+    }
+
+    /// Runs a dead letter's work once more and removes it on success.
+    pub async fn replay_dead_letter(&self, id: u64) -> Result<(), ReplayError> {
+        stages::replay(&self.ctx, id).await
+    }
+
+    /// Whether `user` is connected here and when they were last seen.
+    pub fn presence(&self, user: u64) -> (bool, i64) {
+        self.presence.get(user, now_ms())
+    }
+
+    /// The settings in effect (after normalisation).
+    pub fn config(&self) -> &RouterConfig {
+        &self.ctx.config
+    }
+
+    fn answer(&self, session: &SessionInfo, frame: bytes::Bytes) {
+        self.ctx.outbox.to_connection(session.conn, frame);
+    }
+
+    fn refuse(
+        &self,
+        session: &SessionInfo,
+        request_id: u64,
+        code: ErrorCode,
+        message: &str,
+        client_msg_id: &str,
+    ) {
+        crate::telemetry::failed(code, 1);
+        self.answer(
+            session,
+            error_frame(request_id, code, message, client_msg_id),
+        );
+    }
+
+    /// The stateless checks of a send, then onto its conversation's worker.
+    fn accept_send(&self, session: &SessionInfo, request_id: u64, send: v1::SendMessage) {
+        let refuse = |code, message: &str| {
+            self.refuse(session, request_id, code, message, &send.client_msg_id)
+        };
+        if !self.accepting.load(Ordering::Relaxed) {
+            return refuse(ErrorCode::ShuttingDown, "the server is shutting down");
+        }
+        let config = &self.ctx.config;
+        if send.client_msg_id.is_empty() || send.client_msg_id.len() > config.max_client_msg_id_len
+        {
+            return refuse(
+                ErrorCode::InvalidArgument,
+                "client_msg_id must be 1 to 128 bytes",
+            );
+        }
+        let Ok(conversation) = send.conversation_id.parse::<ConversationId>() else {
+            return refuse(
+                ErrorCode::InvalidArgument,
+                "conversation_id must be dm:{a}:{b} or g:{id}",
+            );
+        };
+        if matches!(conversation, ConversationId::Direct { .. })
+            && !conversation.is_direct_party(session.user)
+        {
+            return refuse(ErrorCode::Forbidden, "not a member of this conversation");
+        }
+        if !content_type_is_valid(send.content_type) {
+            return refuse(ErrorCode::InvalidArgument, "content_type must be set");
+        }
+        if send.body.len() > config.max_body_bytes {
+            return refuse(
+                ErrorCode::BodyTooLarge,
+                "the body exceeds the maximum body size",
+            );
+        }
+        let record = Record::Accepted(AcceptedSend {
+            origin: Origin {
+                gateway: config.gateway_id.clone(),
+                conn: session.conn.into(),
+                request_id,
+            },
+            sender: session.user,
+            sender_device: session.device.to_string(),
+            client_msg_id: send.client_msg_id.clone(),
+            conversation,
+            content_type: send.content_type,
+            body: send.body,
+        });
+        if let Err(error) = self.ctx.transport.try_publish(
+            &Topic::Accepted,
+            conversation_key(&conversation),
+            record,
+        ) {
+            refuse(error.code(), &error.to_string());
+        }
+    }
+
+    /// Whether this connection may send one more typing frame now.
+    fn typing_allowed(&self, conn: ConnRef) -> bool {
+        let now = Instant::now();
+        let mut window = self.typing.entry(conn).or_insert(TypingWindow {
+            started: now,
+            count: 0,
+        });
+        if now.duration_since(window.started) >= Duration::from_secs(1) {
+            *window = TypingWindow {
+                started: now,
+                count: 0,
+            };
+        }
+        window.count += 1;
+        window.count <= self.ctx.config.typing_max_per_second
+    }
+
+    fn presence_list(&self, session: &SessionInfo, request_id: u64, query: v1::PresenceQuery) {
+        if query.user_ids.len() > self.ctx.config.presence_query_max {
+            return self.refuse(
+                session,
+                request_id,
+                ErrorCode::InvalidArgument,
+                "too many user ids in one presence query",
+                "",
+            );
+        }
+        let now = now_ms();
+        let users = query
+            .user_ids
+            .iter()
+            .map(|user| {
+                let (online, last_seen_ms) = self.presence.get(*user, now);
+                v1::PresenceEvent {
+                    user_id: *user,
+                    online,
+                    last_seen_ms,
+                }
+            })
+            .collect();
+        self.answer(
+            session,
+            frame(
+                request_id,
+                server_frame::Body::PresenceList(v1::PresenceList { users }),
+            ),
+        );
+    }
+
+    /// Runs a request on the router's runtime, bounded by the in-flight limit.
+    fn spawn_request(&self, session: &SessionInfo, request_id: u64, body: client_frame::Body) {
+        if !self.accepting.load(Ordering::Relaxed) {
+            return self.refuse(
+                session,
+                request_id,
+                ErrorCode::ShuttingDown,
+                "the server is shutting down",
+                "",
+            );
+        }
+        let Ok(permit) = self.requests.clone().try_acquire_owned() else {
+            return self.refuse(
+                session,
+                request_id,
+                ErrorCode::Overloaded,
+                "too many requests in flight",
+                "",
+            );
+        };
+        let ctx = self.ctx.clone();
+        let session = session.clone();
+        self.runtime.spawn(async move {
+            requests::handle(&ctx, &session, request_id, body).await;
+            drop(permit);
+        });
+    }
+}
+
+impl Dispatch for Router {
+    fn connected(&self, session: &SessionInfo) {
+        self.presence.connected(session.user, now_ms());
+    }
+
+    fn disconnected(&self, session: &SessionInfo) {
+        self.presence.disconnected(session.user, now_ms());
+        self.typing.remove(&session.conn);
+    }
+
+    fn frame(&self, session: &SessionInfo, request_id: u64, body: client_frame::Body) {
+        match body {
+            client_frame::Body::Send(send) => self.accept_send(session, request_id, send),
+            client_frame::Body::PresenceQuery(query) => {
+                self.presence_list(session, request_id, query)
+            }
+            client_frame::Body::Typing(typing) => {
+                if self.typing_allowed(session.conn) {
+                    self.spawn_request(session, request_id, client_frame::Body::Typing(typing));
+                } else {
+                    self.refuse(
+                        session,
+                        request_id,
+                        ErrorCode::RateLimited,
+                        "too many typing events",
+                        "",
+                    );
+                }
+            }
+            body @ (client_frame::Body::DeliveryAck(_)
+            | client_frame::Body::ReadMarker(_)
+            | client_frame::Body::Sync(_)
+            | client_frame::Body::Fetch(_)) => self.spawn_request(session, request_id, body),
+            client_frame::Body::Hello(_)
+            | client_frame::Body::Authenticate(_)
+            | client_frame::Body::Ping(_) => self.refuse(
+                session,
+                request_id,
+                ErrorCode::UnexpectedMessage,
+                "handled by the gateway, not the router",
+                "",
+            ),
+        }
+    }
+}
+
+/// The push provider the config asks for, if any.
+fn push_provider(config: &RouterConfig) -> Option<Arc<dyn PushProvider>> {
+    if !config.push_notification_enabled {
+        return None;
+    }
+    let Some(url) = config.push_webhook_url.clone() else {
+        tracing::warn!("push_notification_enabled without push_webhook_url: push stays off");
+        return None;
+    };
+    match WebhookPush::new(url, config.push_timeout) {
+        Ok(webhook) => Some(Arc::new(webhook)),
+        Err(error) => {
+            tracing::error!(%error, "push webhook client could not be built: push stays off");
+            None
+        }
+    }
+}

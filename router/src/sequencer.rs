@@ -1,0 +1,242 @@
+//! The conversation workers. Each owns the conversations hashed to its
+//! partition of the accepted topic: it drains what is queued, appends it in
+//! one store call (dense seqs, idempotency, durability; the store
+//! group-commits across workers), answers every sender, then plans
+//! delivery in seq order: direct conversations and small groups right here,
+//! large groups as fanout tasks so their size never holds this worker up.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use pingme_protocol::ErrorCode;
+use pingme_storage::{Appended, ConversationId, GroupId, NewMessage, StoreError, UserId};
+
+use crate::fanout::{all_members, deliver_page};
+use crate::pipeline::{Pipeline, now_ms};
+use crate::records::{AcceptedSend, FanoutTask, PushPreview, Record};
+use crate::telemetry;
+use crate::transport::{Subscription, Topic, conversation_key};
+use crate::wire::{ack_frame, deliver_frame, error_frame, push_preview, store_error_code};
+
+/// How one group is delivered, decided once per batch.
+enum GroupPlan {
+    /// Up to the threshold: every member, delivered by this worker.
+    Small(Arc<Vec<UserId>>),
+    /// Above it: a fanout task.
+    Large,
+}
+
+/// One conversation worker: runs until its partition is closed and drained.
+pub(crate) async fn run(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
+    // Groups that once took the fanout path keep it, so a group shrinking
+    // below the threshold cannot overtake deliveries still queued as tasks.
+    let mut large_groups = HashSet::new();
+    loop {
+        let records = subscription.next_batch(ctx.config.max_append_batch).await;
+        if records.is_empty() {
+            break;
+        }
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "accepted")
+            .set(ctx.transport.depth(&Topic::Accepted) as f64);
+        let sends: Vec<AcceptedSend> = records
+            .into_iter()
+            .filter_map(|record| match record {
+                Record::Accepted(send) => Some(send),
+                other => {
+                    tracing::warn!(?other, "unexpected record on the accepted topic");
+                    None
+                }
+            })
+            .collect();
+        process_batch(&ctx, sends, &mut large_groups).await;
+        if let Err(error) = subscription.commit().await {
+            tracing::warn!(%error, "commit of the accepted topic failed");
+        }
+    }
+}
+
+async fn process_batch(
+    ctx: &Pipeline,
+    sends: Vec<AcceptedSend>,
+    large_groups: &mut HashSet<GroupId>,
+) {
+    if sends.is_empty() {
+        return;
+    }
+    let now = now_ms();
+    let batch: Vec<NewMessage> = sends
+        .iter()
+        .map(|send| NewMessage {
+            conversation: send.conversation,
+            sender: send.sender,
+            sender_device: send.sender_device.clone(),
+            client_msg_id: send.client_msg_id.clone(),
+            msg_id: uuid::Uuid::now_v7().to_string(),
+            content_type: send.content_type,
+            body: send.body.clone(),
+            server_time_ms: now,
+        })
+        .collect();
+    let started = Instant::now();
+    // Retrying the same batch (same msg_ids) is exact: the store de-duplicates.
+    let outcome = ctx
+        .retry
+        .run("append", || async {
+            match ctx.store.append(batch.clone()).await {
+                Ok(results) => Ok(Ok(results)),
+                Err(error @ StoreError::Unavailable(_)) => Err(error),
+                Err(error) => Ok(Err(error)),
+            }
+        })
+        .await
+        .unwrap_or_else(|(error, _)| Err(error));
+    metrics::histogram!(telemetry::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(telemetry::APPEND_BATCH).record(sends.len() as f64);
+
+    let results = match outcome {
+        Ok(results) => results,
+        Err(error) => {
+            let code = store_error_code(&error);
+            tracing::warn!(%error, batch = sends.len(), "append failed; senders told to retry");
+            telemetry::failed(code, sends.len() as u64);
+            for send in &sends {
+                let frame = error_frame(
+                    send.origin.request_id,
+                    code,
+                    error.to_string(),
+                    &send.client_msg_id,
+                );
+                ctx.reply(&send.origin, conversation_key(&send.conversation), frame)
+                    .await;
+            }
+            return;
+        }
+    };
+
+    // Answers first (they are what the senders wait for), then deliveries.
+    let mut stored = Vec::new();
+    let mut results = results.into_iter();
+    for send in sends {
+        let key = conversation_key(&send.conversation);
+        let result = results
+            .next()
+            .unwrap_or_else(|| Err(StoreError::Corrupt("append returned fewer results".into())));
+        match result {
+            Ok(Appended { message, duplicate }) => {
+                let frame = ack_frame(send.origin.request_id, &message);
+                ctx.reply(&send.origin, key, frame).await;
+                if duplicate {
+                    metrics::counter!(telemetry::DUPLICATES).increment(1);
+                } else {
+                    metrics::counter!(telemetry::ACCEPTED).increment(1);
+                    stored.push((send, message));
+                }
+            }
+            Err(error) => {
+                let code = store_error_code(&error);
+                telemetry::failed(code, 1);
+                let frame = error_frame(
+                    send.origin.request_id,
+                    code,
+                    error.to_string(),
+                    &send.client_msg_id,
+                );
+                ctx.reply(&send.origin, key, frame).await;
+            }
+        }
+    }
+
+    let mut plans: HashMap<GroupId, GroupPlan> = HashMap::new();
+    for (send, message) in stored {
+        let task = FanoutTask {
+            conversation: message.conversation,
+            seq: message.seq,
+            sender: message.sender,
+            skip: Some((send.origin.gateway.clone(), send.origin.conn)),
+            frame: deliver_frame(&message),
+            push: ctx.push.as_ref().map(|_| PushPreview {
+                msg_id: message.msg_id.clone(),
+                content_type: message.content_type,
+                preview: push_preview(message.content_type, &message.body),
+            }),
+            after: 0,
+        };
+        deliver(ctx, task, &mut plans, large_groups).await;
+    }
+}
+
+/// Delivers one stored message, or queues its fanout task.
+async fn deliver(
+    ctx: &Pipeline,
+    task: FanoutTask,
+    plans: &mut HashMap<GroupId, GroupPlan>,
+    large_groups: &mut HashSet<GroupId>,
+) {
+    let key = conversation_key(&task.conversation);
+    let members = match task.conversation {
+        ConversationId::Direct { low, high } => Arc::new(vec![low, high]),
+        ConversationId::Group(group) => {
+            let plan = match plans.entry(group) {
+                Entry::Occupied(known) => known.into_mut(),
+                Entry::Vacant(unknown) => match plan_group(ctx, group, large_groups).await {
+                    Ok(plan) => unknown.insert(plan),
+                    Err((error, attempts)) => {
+                        ctx.dead_letter("fanout", key, &Record::Fanout(task), error, attempts)
+                            .await;
+                        return;
+                    }
+                },
+            };
+            match plan {
+                GroupPlan::Small(members) => members.clone(),
+                GroupPlan::Large => {
+                    large_groups.insert(group);
+                    if let Err(error) = ctx
+                        .transport
+                        .publish(&Topic::Fanout, key, Record::Fanout(task))
+                        .await
+                    {
+                        telemetry::failed(ErrorCode::KafkaProducerError, 1);
+                        tracing::error!(%error, "fanout task not queued; members will sync");
+                    }
+                    return;
+                }
+            }
+        }
+    };
+    if let Err((error, attempts)) = ctx
+        .retry
+        .run("deliver", || deliver_page(ctx, &task, &members))
+        .await
+    {
+        ctx.dead_letter("fanout", key, &Record::Fanout(task), error, attempts)
+            .await;
+    }
+}
+
+async fn plan_group(
+    ctx: &Pipeline,
+    group: GroupId,
+    large_groups: &HashSet<GroupId>,
+) -> Result<GroupPlan, (String, u32)> {
+    if large_groups.contains(&group) {
+        return Ok(GroupPlan::Large);
+    }
+    ctx.retry
+        .run("plan", || async {
+            let record = ctx
+                .store
+                .group(group)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("group {group} vanished"))?;
+            if record.member_count > ctx.config.large_group_threshold {
+                return Ok(GroupPlan::Large);
+            }
+            let members = all_members(ctx, group).await.map_err(|e| e.to_string())?;
+            Ok(GroupPlan::Small(Arc::new(members)))
+        })
+        .await
+}

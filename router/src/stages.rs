@@ -1,0 +1,169 @@
+//! The two ends of the pipeline that touch the outside: the consumer of
+//! this gateway's downstream topic (frames onto connections through the
+//! [`Outbox`](crate::port::Outbox)) and the dead-letter consumer (into the
+//! [`DeadLetterStore`](pingme_storage::DeadLetterStore)), plus replay.
+
+use std::sync::Arc;
+
+use pingme_protocol::ErrorCode;
+use pingme_storage::{DeadLetter, StoreError};
+
+use crate::fanout::run_fanout;
+use crate::pipeline::{Pipeline, now_ms};
+use crate::records::{DownstreamTarget, Record};
+use crate::retry::RetryPolicy;
+use crate::telemetry;
+use crate::transport::{Subscription, Topic};
+
+/// Applies downstream envelopes to this gateway's connections.
+pub(crate) async fn run_downstream(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
+    loop {
+        let records = subscription.next_batch(256).await;
+        if records.is_empty() {
+            break;
+        }
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "downstream").set(
+            ctx.transport
+                .depth(&Topic::Downstream(ctx.config.gateway_id.clone())) as f64,
+        );
+        for record in records {
+            let Record::Downstream(envelope) = record else {
+                tracing::warn!("unexpected record on the downstream topic");
+                continue;
+            };
+            match envelope.target {
+                DownstreamTarget::Connection(conn) => {
+                    ctx.outbox.to_connection(conn.into(), envelope.frame);
+                }
+                DownstreamTarget::Users { users, skip } => {
+                    let reached =
+                        ctx.outbox
+                            .to_users(&users, &envelope.frame, skip.map(Into::into));
+                    if envelope.is_delivery {
+                        metrics::counter!(telemetry::DELIVERED).increment(reached as u64);
+                    }
+                }
+            }
+        }
+        if let Err(error) = subscription.commit().await {
+            tracing::warn!(%error, "commit of the downstream topic failed");
+        }
+    }
+}
+
+/// Keeps dead letters in the store, where operators list and replay them.
+pub(crate) async fn run_dead_letters(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
+    loop {
+        let records = subscription.next_batch(64).await;
+        if records.is_empty() {
+            break;
+        }
+        for record in records {
+            let Record::DeadLetter(letter) = record else {
+                tracing::warn!("unexpected record on the dead-letter topic");
+                continue;
+            };
+            let letter = DeadLetter {
+                id: 0,
+                kind: letter.kind,
+                payload: letter.payload,
+                code: letter.code,
+                error: letter.error,
+                attempts: letter.attempts,
+                created_ms: now_ms(),
+            };
+            let stored = ctx
+                .retry
+                .run("dlq", || ctx.store.put_dead_letter(letter.clone()))
+                .await;
+            if let Err((error, _)) = stored {
+                telemetry::failed(ErrorCode::KafkaDlqSendFailed, 1);
+                tracing::error!(%error, code = ErrorCode::KafkaDlqSendFailed.code(),
+                    kind = letter.kind, "dead letter could not be stored");
+            }
+        }
+        update_dlq_gauge(&ctx).await;
+        if let Err(error) = subscription.commit().await {
+            tracing::warn!(%error, "commit of the dead-letter topic failed");
+        }
+    }
+}
+
+async fn update_dlq_gauge(ctx: &Pipeline) {
+    if let Ok(count) = ctx.store.dead_letter_count().await {
+        metrics::gauge!(telemetry::DLQ_SIZE).set(count as f64);
+    }
+}
+
+/// Why a replay did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// No dead letter has this id.
+    #[error("dead letter {0} not found")]
+    NotFound(u64),
+    /// The payload is not a record this router can run.
+    #[error("dead letter {id} cannot be replayed: {reason}")]
+    Unreadable {
+        /// The letter.
+        id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The work failed again; the letter stays.
+    #[error("replay of dead letter {id} failed: {reason}")]
+    Failed {
+        /// The letter.
+        id: u64,
+        /// The error of the try.
+        reason: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ReplayError {
+    /// The stable code of this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ReplayError::NotFound(_) => ErrorCode::NotFound,
+            ReplayError::Unreadable { .. } => ErrorCode::KafkaUnmarshalFailed,
+            ReplayError::Failed { .. } => ErrorCode::KafkaDeliveryFailed,
+            ReplayError::Store(error) => crate::wire::store_error_code(error),
+        }
+    }
+}
+
+/// Runs a dead letter's work once more; removes the letter on success.
+pub(crate) async fn replay(ctx: &Pipeline, id: u64) -> Result<(), ReplayError> {
+    let letter = ctx
+        .store
+        .dead_letters(id.saturating_sub(1), 1)
+        .await?
+        .into_iter()
+        .find(|letter| letter.id == id)
+        .ok_or(ReplayError::NotFound(id))?;
+    let record = Record::decode(&letter.payload).map_err(|e| ReplayError::Unreadable {
+        id,
+        reason: e.to_string(),
+    })?;
+    let outcome = match record {
+        Record::Fanout(task) => run_fanout(ctx, task, RetryPolicy::once())
+            .await
+            .map_err(|(_, error, _)| error),
+        Record::Push(event) => match &ctx.push {
+            Some(provider) => provider.notify(&event).await,
+            None => Err("push is disabled".to_string()),
+        },
+        other => {
+            return Err(ReplayError::Unreadable {
+                id,
+                reason: format!("not replayable: {other:?}"),
+            });
+        }
+    };
+    outcome.map_err(|reason| ReplayError::Failed { id, reason })?;
+    ctx.store.remove_dead_letter(id).await?;
+    update_dlq_gauge(ctx).await;
+    Ok(())
+}

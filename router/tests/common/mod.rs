@@ -1,0 +1,304 @@
+//! Test doubles and helpers for the router's integration tests: a recording
+//! [`Outbox`] (frames per connection, connections registered per user), an
+//! embedded store in a temp dir, and small helpers to wait for frames.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingme_protocol::v1::{self, client_frame, server_frame};
+use pingme_protocol::{ServerFrame, decode_message};
+use pingme_router::port::{ConnRef, Dispatch, Outbox, SessionInfo, UserId};
+use pingme_router::{Router, RouterConfig};
+use pingme_storage::embedded::{Durability, EmbeddedStore};
+use pingme_storage::{ConversationStore, Member, Role, Store, UserStore};
+
+/// How long a test waits for something that must happen.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Records every frame queued on every connection.
+#[derive(Default)]
+pub struct RecordingOutbox {
+    connections: Mutex<HashMap<UserId, Vec<ConnRef>>>,
+    frames: Mutex<HashMap<ConnRef, Vec<Bytes>>>,
+}
+
+impl RecordingOutbox {
+    /// Makes `conn` a connected device of `user`.
+    pub fn connect(&self, user: UserId, conn: ConnRef) {
+        self.connections
+            .lock()
+            .unwrap()
+            .entry(user)
+            .or_default()
+            .push(conn);
+    }
+
+    /// Forgets `conn`.
+    pub fn drop_connection(&self, user: UserId, conn: ConnRef) {
+        if let Some(conns) = self.connections.lock().unwrap().get_mut(&user) {
+            conns.retain(|c| *c != conn);
+        }
+    }
+
+    /// Everything queued on `conn` so far, decoded.
+    pub fn frames(&self, conn: ConnRef) -> Vec<ServerFrame> {
+        self.raw(conn)
+            .into_iter()
+            .map(|frame| decode_message(frame.slice(4..)).expect("router frames decode"))
+            .collect()
+    }
+
+    /// Everything queued on `conn` so far, encoded.
+    pub fn raw(&self, conn: ConnRef) -> Vec<Bytes> {
+        self.frames
+            .lock()
+            .unwrap()
+            .get(&conn)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Frames on `conn` count.
+    pub fn count(&self, conn: ConnRef) -> usize {
+        self.frames.lock().unwrap().get(&conn).map_or(0, Vec::len)
+    }
+
+    fn record(&self, conn: ConnRef, frame: Bytes) {
+        self.frames
+            .lock()
+            .unwrap()
+            .entry(conn)
+            .or_default()
+            .push(frame);
+    }
+}
+
+impl Outbox for RecordingOutbox {
+    fn to_connection(&self, conn: ConnRef, frame: Bytes) -> bool {
+        self.record(conn, frame);
+        true
+    }
+
+    fn to_users(&self, users: &[UserId], frame: &Bytes, skip: Option<ConnRef>) -> usize {
+        let targets: Vec<ConnRef> = {
+            let connections = self.connections.lock().unwrap();
+            users
+                .iter()
+                .filter_map(|user| connections.get(user))
+                .flatten()
+                .filter(|conn| Some(**conn) != skip)
+                .copied()
+                .collect()
+        };
+        let mut frames = self.frames.lock().unwrap();
+        for conn in &targets {
+            frames.entry(*conn).or_default().push(frame.clone());
+        }
+        targets.len()
+    }
+
+    fn online(&self, users: &[UserId]) -> Vec<bool> {
+        let connections = self.connections.lock().unwrap();
+        users
+            .iter()
+            .map(|user| connections.get(user).is_some_and(|c| !c.is_empty()))
+            .collect()
+    }
+
+    fn disconnect(&self, user: UserId, _device: Option<&str>, _frame: Bytes) -> usize {
+        self.connections
+            .lock()
+            .unwrap()
+            .remove(&user)
+            .map_or(0, |c| c.len())
+    }
+}
+
+/// A router over an embedded store in a temp dir, with a recording outbox.
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub store: Arc<EmbeddedStore>,
+    pub outbox: Arc<RecordingOutbox>,
+    pub router: Arc<Router>,
+}
+
+/// An embedded store in a fresh temp dir.
+pub fn open_store() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Sync).unwrap());
+    (dir, store)
+}
+
+impl Harness {
+    pub fn start(config: RouterConfig) -> Harness {
+        let (dir, store) = open_store();
+        let outbox = Arc::new(RecordingOutbox::default());
+        let router = Router::start(store.clone() as Arc<dyn Store>, outbox.clone(), config);
+        Harness {
+            dir,
+            store,
+            outbox,
+            router,
+        }
+    }
+
+    /// Registers a user.
+    pub async fn user(&self, name: &str) -> UserId {
+        self.store
+            .create_user(name, "$argon2id$x", 1)
+            .await
+            .unwrap()
+            .id
+    }
+
+    /// Registers `count` users concurrently (the store group-commits).
+    pub async fn users(&self, prefix: &str, count: usize) -> Vec<UserId> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..count {
+            let store = self.store.clone();
+            let name = format!("{prefix}-{i}");
+            tasks
+                .spawn(async move { store.create_user(&name, "$argon2id$x", 1).await.unwrap().id });
+        }
+        let mut users: Vec<UserId> = tasks.join_all().await;
+        users.sort_unstable();
+        users
+    }
+
+    /// Creates a group of `owner` and `members`.
+    pub async fn group(&self, owner: UserId, members: &[UserId]) -> String {
+        let group = self.store.create_group(owner, "g", &[], 1).await.unwrap();
+        for page in members.chunks(1000) {
+            let page: Vec<Member> = page
+                .iter()
+                .map(|&user| Member {
+                    user,
+                    role: Role::Member,
+                })
+                .collect();
+            self.store.add_members(group.id, &page).await.unwrap();
+        }
+        format!("g:{}", group.id)
+    }
+
+    /// An online session of `user` on connection `conn_id`.
+    pub fn online(&self, user: UserId, device: &str, conn_id: u64) -> SessionInfo {
+        let session = offline_session(user, device, conn_id);
+        self.outbox.connect(user, session.conn);
+        self.router.connected(&session);
+        session
+    }
+
+    pub fn send(
+        &self,
+        session: &SessionInfo,
+        request_id: u64,
+        conversation: &str,
+        client_msg_id: &str,
+        body: &str,
+    ) {
+        self.router.frame(
+            session,
+            request_id,
+            send_body(conversation, client_msg_id, 1, body.as_bytes()),
+        );
+    }
+
+    pub fn request(&self, session: &SessionInfo, request_id: u64, body: client_frame::Body) {
+        self.router.frame(session, request_id, body);
+    }
+
+    /// Waits until `conn` holds a frame answering `request_id` and returns it.
+    pub async fn answer(&self, conn: ConnRef, request_id: u64) -> ServerFrame {
+        eventually(|| {
+            self.outbox
+                .frames(conn)
+                .into_iter()
+                .find(|f| f.request_id == request_id)
+        })
+        .await
+    }
+
+    /// Waits until `conn` holds at least `count` deliveries and returns all.
+    pub async fn deliveries(&self, conn: ConnRef, count: usize) -> Vec<v1::Message> {
+        eventually(|| {
+            let delivered = delivered(&self.outbox.frames(conn));
+            (delivered.len() >= count).then_some(delivered)
+        })
+        .await
+    }
+}
+
+pub fn conn(conn_id: u64) -> ConnRef {
+    ConnRef {
+        shard: (conn_id % 4) as u16,
+        conn_id,
+    }
+}
+
+pub fn offline_session(user: UserId, device: &str, conn_id: u64) -> SessionInfo {
+    SessionInfo {
+        user,
+        device: device.into(),
+        conn: conn(conn_id),
+    }
+}
+
+pub fn send_body(
+    conversation: &str,
+    client_msg_id: &str,
+    content_type: i32,
+    body: &[u8],
+) -> client_frame::Body {
+    client_frame::Body::Send(v1::SendMessage {
+        client_msg_id: client_msg_id.into(),
+        conversation_id: conversation.into(),
+        content_type,
+        body: Bytes::copy_from_slice(body),
+    })
+}
+
+/// Polls `probe` until it yields, failing the test after [`PATIENCE`].
+pub async fn eventually<T>(mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "gave up waiting");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The messages of the deliver frames among `frames`, in arrival order.
+pub fn delivered(frames: &[ServerFrame]) -> Vec<v1::Message> {
+    frames
+        .iter()
+        .filter_map(|f| match &f.body {
+            Some(server_frame::Body::Deliver(d)) => d.message.clone(),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn ack(frame: &ServerFrame) -> v1::SendAck {
+    match &frame.body {
+        Some(server_frame::Body::SendAck(ack)) => ack.clone(),
+        other => panic!("expected a SendAck, got {other:?}"),
+    }
+}
+
+pub fn error(frame: &ServerFrame) -> v1::Error {
+    match &frame.body {
+        Some(server_frame::Body::Error(error)) => error.clone(),
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+pub fn dm(a: UserId, b: UserId) -> String {
+    format!("dm:{}:{}", a.min(b), a.max(b))
+}
