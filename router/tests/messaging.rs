@@ -153,7 +153,12 @@ async fn eventually_sync(
     session: &pingme_router::port::SessionInfo,
     done: impl Fn(&v1::SyncResponse) -> bool,
 ) -> v1::SyncResponse {
-    let mut request_id = 1_000_000;
+    // Ids unique across calls: the recording outbox keeps every answer, so a
+    // reused id could hand back a stale sync from an earlier call.
+    static NEXT_REQUEST: std::sync::atomic::AtomicU64 =
+        std::sync::atomic::AtomicU64::new(1_000_000);
+    let first = NEXT_REQUEST.fetch_add(5_000, std::sync::atomic::Ordering::Relaxed);
+    let mut request_id = first;
     loop {
         request_id += 1;
         h.request(
@@ -169,7 +174,7 @@ async fn eventually_sync(
             return sync;
         }
         assert!(
-            request_id < 1_000_000 + 5_000,
+            request_id < first + 5_000,
             "sync never reached the expected state"
         );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
