@@ -4,3 +4,14 @@
 //! `pingme` binary's wiring.
 
 pub mod auth;
+pub mod connection;
+pub mod index;
+pub mod server;
+pub mod session;
+pub mod shard;
+pub mod transport;
+
+pub use index::Connections;
+pub use server::{BoundAddrs, Gateway, GatewayConfig, ListenerConfig, StartError};
+pub use session::SessionLimits;
+pub use transport::ws::ws_router;
