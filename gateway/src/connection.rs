@@ -6,7 +6,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Buf, Bytes, BytesMut};
 use pingme_protocol::{ErrorCode, ServerFrame, encode_frame, split_frame};
 use pingme_router::port::SessionInfo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
 use crate::session::{Admission, SessionLimits, TokenBucket, on_frame};
@@ -260,6 +260,10 @@ impl Conn {
         let result = loop {
             let mut out = self.out.borrow_mut();
             if out.queue.is_empty() {
+                if out.queue.capacity() > 0 {
+                    // An idle connection keeps no queue allocation.
+                    out.queue = VecDeque::new();
+                }
                 break Poll::Ready(Ok(()));
             }
             let written = {
@@ -316,23 +320,43 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Reads per wake-up before yielding to the other connections of the shard.
 const READS_PER_TURN: usize = 16;
 
-/// Drives an authenticated stream connection until it closes, then returns
-/// the transport (QUIC needs it back to finish its stream).
-pub(crate) async fn drive_stream<S: AsyncRead + AsyncWrite + Unpin>(
-    mut io: S,
-    conn: &Rc<Conn>,
-    ctx: &Rc<ShardCtx>,
-) -> S {
+/// Drives an authenticated stream connection until it closes (the caller
+/// then shuts the transport down). The driver is four words: it is the
+/// idle connection's whole state inside its task.
+pub(crate) fn drive_stream<'a, S: AsyncRead + AsyncWrite + Unpin>(
+    io: &'a mut S,
+    conn: &'a Rc<Conn>,
+    ctx: &'a Rc<ShardCtx>,
+) -> StreamDriver<'a, S> {
     // Frames that arrived in the same read as Authenticate.
-    {
-        let mut partial = conn.partial.take();
-        process_buffer(&mut partial, conn, ctx);
-        keep_partial(conn, partial);
+    let mut partial = conn.partial.take();
+    process_buffer(&mut partial, conn, ctx);
+    keep_partial(conn, partial);
+    StreamDriver {
+        io,
+        conn,
+        ctx,
+        linger: None,
     }
-    let mut linger: Option<Pin<Box<Sleep>>> = None;
-    poll_fn(|cx| poll_stream(&mut io, conn, ctx, &mut linger, cx)).await;
-    let _ = tokio::time::timeout(ctx.limits.close_linger, io.shutdown()).await;
-    io
+}
+
+/// See [`drive_stream`].
+pub(crate) struct StreamDriver<'a, S> {
+    io: &'a mut S,
+    conn: &'a Rc<Conn>,
+    ctx: &'a Rc<ShardCtx>,
+    /// Started when the connection starts closing: how long its last
+    /// frames may take to flush.
+    linger: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Future for StreamDriver<'_, S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        poll_stream(this.io, this.conn, this.ctx, &mut this.linger, cx)
+    }
 }
 
 fn poll_stream<S: AsyncRead + AsyncWrite + Unpin>(

@@ -73,7 +73,7 @@ async fn serve_quic(incoming: quinn::Incoming, ctx: Rc<ShardCtx>) {
             return count_disconnect(Transport::Quic, CloseReason::AuthTimeout);
         }
     };
-    let io = serve_stream(tokio::io::join(recv, send), &ctx, Transport::Quic).await;
+    let io = serve_stream(tokio::io::join(recv, send), ctx.clone(), Transport::Quic).await;
     let (_recv, send) = io.into_inner();
     // The stream is finished; dropping the connection now could lose its
     // last frames, so wait (bounded) until the client has them.

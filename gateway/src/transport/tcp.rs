@@ -11,7 +11,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::connection::{CloseReason, Transport, drive_stream};
+use crate::connection::{CloseReason, Conn, Transport, drive_stream};
 use crate::session::{FrameTransport, Refusal, handshake};
 use crate::shard::{ShardCtx, count_disconnect};
 
@@ -68,10 +68,9 @@ pub(crate) async fn accept_tcp(listener: TcpListener, ctx: Rc<ShardCtx>) {
         match accepted {
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
-                let ctx = ctx.clone();
-                tokio::task::spawn_local(async move {
-                    serve_stream(stream, &ctx, Transport::Tcp).await;
-                });
+                // The task is the connection's only per-connection future:
+                // spawned directly so nothing wraps (and copies) its state.
+                tokio::task::spawn_local(serve_stream(stream, ctx.clone(), Transport::Tcp));
             }
             Err(error) => accept_failed(&error).await,
         }
@@ -101,7 +100,7 @@ pub(crate) async fn accept_tls(
                             .await;
                     match tls {
                         Ok(Ok(stream)) => {
-                            serve_stream(stream, &ctx, Transport::Tls).await;
+                            serve_stream(stream, ctx, Transport::Tls).await;
                         }
                         Ok(Err(_)) => count_disconnect(Transport::Tls, CloseReason::IoError),
                         Err(_) => count_disconnect(Transport::Tls, CloseReason::AuthTimeout),
@@ -153,19 +152,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameTransport for StreamHandshake<'_, S
 /// gives the stream back (QUIC finishes its stream afterwards).
 pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     mut io: S,
-    ctx: &Rc<ShardCtx>,
+    ctx: Rc<ShardCtx>,
     transport: Transport,
 ) -> S {
-    // Boxed: the handshake's buffers and timers live only while it runs,
-    // so the connection's task stays small afterwards.
-    let outcome = Box::pin(open(&mut io, ctx)).await;
-    match outcome {
+    // Boxed: the handshake's buffers, timers and refusal path live only
+    // while it runs, so the connection's task stays small afterwards.
+    let Some(conn) = Box::pin(admit(&mut io, &ctx, transport)).await else {
+        return io;
+    };
+    drive_stream(&mut io, &conn, &ctx).await;
+    // Boxed: the timer exists only while closing.
+    let _ = Box::pin(tokio::time::timeout(ctx.limits.close_linger, io.shutdown())).await;
+    ctx.forget(&conn);
+    io
+}
+
+/// The handshake: a new session, or the refusal told to the client.
+async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    ctx: &ShardCtx,
+    transport: Transport,
+) -> Option<Rc<Conn>> {
+    match open(io, ctx).await {
         Ok((claims, request_id, leftover)) => {
-            let conn = ctx.open_session(&claims, request_id, transport, leftover);
-            drop(claims);
-            let io = drive_stream(io, &conn, ctx).await;
-            ctx.forget(&conn);
-            io
+            Some(ctx.open_session(&claims, request_id, transport, leftover))
         }
         Err(refusal) => {
             count_disconnect(transport, refusal.reason());
@@ -176,7 +186,7 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
                 })
                 .await;
             }
-            io
+            None
         }
     }
 }

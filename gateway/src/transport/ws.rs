@@ -27,6 +27,9 @@ use crate::session::{FrameTransport, on_frame, whole_message_payload};
 use crate::shard::{ShardCtx, count_disconnect};
 use crate::transport::tcp::guarded_handshake;
 
+/// Read buffer of a WebSocket connection (grows for larger messages).
+const WS_READ_BUFFER: usize = 2 * 1024;
+
 /// The WebSocket route (`GET /v1/ws`), to merge into the HTTP app. It
 /// answers 503 until the gateway has started.
 pub fn ws_router(connections: Arc<Connections>) -> Router {
@@ -44,6 +47,12 @@ async fn upgrade(
     };
     let max_message = links.limits.max_frame_size + pingme_protocol::LENGTH_PREFIX;
     upgrade
+        // tungstenite's defaults (128 KiB read and write buffers) would cost
+        // far more than the rest of an idle session; writes are flushed per
+        // batch by the shard, and a full socket pushes back into the
+        // session's own queue, where the slow-consumer limit applies.
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
         .max_message_size(max_message)
         .max_frame_size(max_message)
         .on_upgrade(move |socket| async move {
