@@ -110,8 +110,8 @@ pub(crate) struct Conn {
     last_seen_ms: Cell<u64>,
     out: RefCell<Outgoing>,
     bucket: Cell<TokenBucket>,
-    /// An unfinished frame: empty (no allocation) between frames.
-    partial: RefCell<BytesMut>,
+    /// An unfinished frame; `None` (one word, no allocation) between frames.
+    partial: Cell<Option<Box<BytesMut>>>,
 }
 
 /// The write side of a connection.
@@ -150,7 +150,7 @@ impl Conn {
                 ended: false,
             }),
             bucket: Cell::new(TokenBucket::full(limits, now_ms)),
-            partial: RefCell::new(leftover),
+            partial: Cell::new((!leftover.is_empty()).then(|| Box::new(leftover))),
         }
     }
 
@@ -329,7 +329,7 @@ pub(crate) fn drive_stream<'a, S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &'a Rc<ShardCtx>,
 ) -> StreamDriver<'a, S> {
     // Frames that arrived in the same read as Authenticate.
-    let mut partial = conn.partial.take();
+    let mut partial = take_partial(conn);
     process_buffer(&mut partial, conn, ctx);
     keep_partial(conn, partial);
     StreamDriver {
@@ -416,7 +416,7 @@ fn poll_read_frames<S: AsyncRead + Unpin>(
     ctx: &Rc<ShardCtx>,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<bool>> {
-    let mut partial = conn.partial.take();
+    let mut partial = take_partial(conn);
     if !partial.is_empty() {
         partial.reserve(READ_CHUNK.min(ctx.limits.max_frame_size + 4));
         let read = tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut partial);
@@ -453,12 +453,18 @@ fn poll_read_frames<S: AsyncRead + Unpin>(
     }
 }
 
+fn take_partial(conn: &Conn) -> BytesMut {
+    conn.partial
+        .take()
+        .map_or_else(BytesMut::new, |partial| *partial)
+}
+
 fn keep_partial(conn: &Conn, partial: BytesMut) {
     if partial.is_empty() {
         // Drop the allocation: idle connections hold no buffer.
         return;
     }
-    *conn.partial.borrow_mut() = partial;
+    conn.partial.set(Some(Box::new(partial)));
 }
 
 /// Handles every complete frame at the front of `buf`.

@@ -469,3 +469,29 @@ async fn shutdown_sends_go_away_and_closes_within_grace() {
     assert!(took < Duration::from_secs(4), "shutdown took {took:?}");
     assert_eq!(harness.dispatch.disconnected_count(), 4);
 }
+
+#[tokio::test]
+async fn frames_split_across_reads_are_reassembled() {
+    let harness = Harness::start(limits(), 1).await;
+    let mut client = harness.connect(Kind::Tcp).await;
+    client.login(1, "d").await;
+    let big = encode_frame(&pingme_protocol::ClientFrame {
+        request_id: 77,
+        body: Some(client_frame::Body::Send(v1::SendMessage {
+            client_msg_id: "big".into(),
+            conversation_id: "dm:1:2".into(),
+            content_type: v1::ContentType::Text as i32,
+            body: Bytes::from(vec![b'y'; 40 * 1024]),
+        })),
+    });
+    // A prefix cut in two, then the body in uneven pieces.
+    for piece in [&big[..2], &big[2..9], &big[9..20_000], &big[20_000..]] {
+        client.send_raw(Bytes::copy_from_slice(piece)).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    match client.recv_body().await {
+        (77, server_frame::Body::SendAck(ack)) => assert_eq!(ack.client_msg_id, "big"),
+        other => panic!("expected SendAck, got {other:?}"),
+    }
+    client.ping().await;
+}
