@@ -55,13 +55,23 @@ impl Dispatch for NoDispatch {
     fn frame(&self, _: &SessionInfo, _: u64, _: client_frame::Body) {}
 }
 
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+/// A "Name:   123 kB" field of a /proc file, in bytes.
+fn proc_field(file: &str, name: &str) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+fn rss_bytes() -> u64 {
+    proc_field("/proc/self/status", "VmRSS:")
+}
+
+/// Resident pages the allocator already gave back with MADV_FREE: the
+/// kernel reclaims them under memory pressure, but RSS still counts them.
+fn lazy_free_bytes() -> u64 {
+    proc_field("/proc/self/smaps_rollup", "LazyFree:")
 }
 
 fn main() -> anyhow::Result<()> {
@@ -125,6 +135,7 @@ fn server(transport: &str, count: usize) -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_millis(300));
     let baseline = rss_bytes();
+    let baseline_lazy = lazy_free_bytes();
 
     let started = Instant::now();
     let mut child = Command::new(std::env::current_exe()?)
@@ -145,13 +156,17 @@ fn server(transport: &str, count: usize) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let online = connections.online_users();
     let loaded = rss_bytes();
+    let loaded_lazy = lazy_free_bytes();
     let per_connection = loaded.saturating_sub(baseline) as f64 / online.max(1) as f64;
+    let in_use = (loaded - loaded_lazy).saturating_sub(baseline - baseline_lazy);
     println!(
-        "transport={transport} connections={online} shards={} ramp_s={:.1} rss_baseline_kib={} rss_loaded_kib={} bytes_per_connection={per_connection:.0}",
+        "transport={transport} connections={online} shards={} ramp_s={:.1} rss_baseline_kib={} rss_loaded_kib={} lazy_free_kib={} bytes_per_connection={per_connection:.0} bytes_per_connection_excluding_lazy_free={:.0}",
         gateway.shard_count(),
         ramp.as_secs_f64(),
         baseline / 1024,
         loaded / 1024,
+        loaded_lazy / 1024,
+        in_use as f64 / online.max(1) as f64,
     );
     if let Some(stdin) = child.stdin.as_mut() {
         let _ = stdin.write_all(b"stop\n");
