@@ -124,6 +124,9 @@ struct Outgoing {
     closing: Option<CloseReason>,
     /// The session end (index, router, metrics) has been recorded.
     ended: bool,
+    /// The front frame is partly written: it must be finished before any
+    /// other byte, or the stream is corrupt.
+    front_started: bool,
 }
 
 impl Conn {
@@ -148,6 +151,7 @@ impl Conn {
                 waker: None,
                 closing: None,
                 ended: false,
+                front_started: false,
             }),
             bucket: Cell::new(TokenBucket::full(limits, now_ms)),
             partial: Cell::new((!leftover.is_empty()).then(|| Box::new(leftover))),
@@ -179,12 +183,22 @@ impl Conn {
             return false;
         }
         if out.queued_bytes + frame.len() > limits.max_queued_bytes {
+            let unfinished = if out.front_started {
+                out.queue.pop_front()
+            } else {
+                None
+            };
             out.queue.clear();
+            out.queued_bytes = 0;
+            if let Some(front) = unfinished {
+                out.queued_bytes = front.len();
+                out.queue.push_back(front);
+            }
             let fatal = encode_frame(&ServerFrame::fatal(
                 ErrorCode::SlowConsumer,
                 "the client fell too far behind; reconnect and sync",
             ));
-            out.queued_bytes = fatal.len();
+            out.queued_bytes += fatal.len();
             out.queue.push_back(fatal);
             out.closing = Some(CloseReason::SlowConsumer);
             wake(&mut out);
@@ -291,9 +305,11 @@ impl Conn {
                 if front.len() <= remaining {
                     remaining -= front.len();
                     out.queue.pop_front();
+                    out.front_started = false;
                     wrote_frames += 1;
                 } else {
                     front.advance(remaining);
+                    out.front_started = true;
                     remaining = 0;
                 }
             }

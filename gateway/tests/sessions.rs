@@ -248,6 +248,15 @@ async fn flood_is_rate_limited_then_closed() {
 
 #[tokio::test]
 async fn slow_reader_is_cut_off_while_its_shard_keeps_serving() {
+    slow_reader(Kind::Tcp).await;
+}
+
+#[tokio::test]
+async fn slow_websocket_reader_is_cut_off_too() {
+    slow_reader(Kind::Ws).await;
+}
+
+async fn slow_reader(kind: Kind) {
     let limits = SessionLimits {
         max_queued_bytes: 256 * 1024,
         close_linger: Duration::from_secs(10),
@@ -256,7 +265,10 @@ async fn slow_reader_is_cut_off_while_its_shard_keeps_serving() {
     // One shard: the slow reader and the healthy client share it.
     let harness = Harness::start(limits, 1).await;
     let addr = harness.gateway().local_addrs().tcp.unwrap();
-    let mut slow = TestClient::tcp_small_window(addr).await;
+    let mut slow = match kind {
+        Kind::Tcp => TestClient::tcp_small_window(addr).await,
+        _ => harness.connect(kind).await,
+    };
     slow.login(1, "slow").await;
     let mut healthy = harness.connect(Kind::Tcp).await;
     healthy.login(2, "fine").await;
@@ -277,16 +289,31 @@ async fn slow_reader_is_cut_off_while_its_shard_keeps_serving() {
             }),
         })),
     });
+    let healthy_conn = harness
+        .dispatch
+        .connected_sessions()
+        .into_iter()
+        .find(|s| s.user == 2)
+        .unwrap()
+        .conn;
+    // Both get the same stream of frames, one at a time; only the one that
+    // does not read falls behind.
     let mut pushed = 0;
     while harness.dispatch.disconnected_count() == 0 {
         assert!(pushed < 20_000, "the slow reader was never cut off");
-        for _ in 0..16 {
-            harness.connections.to_connection(slow_conn, big.clone());
-            pushed += 1;
+        harness.connections.to_connection(slow_conn, big.clone());
+        harness.connections.to_connection(healthy_conn, big.clone());
+        pushed += 1;
+        match healthy.recv_body().await {
+            (0, server_frame::Body::Deliver(_)) => {}
+            other => panic!("expected Deliver, got {other:?}"),
         }
         // The shard still answers the healthy client while it pushes.
-        healthy.ping().await;
+        if pushed % 16 == 0 {
+            healthy.ping().await;
+        }
     }
+    println!("{kind:?}: cut off after {pushed} frames of 16 KiB");
     let gone = harness.dispatch.seen.lock().unwrap().disconnected[0].clone();
     assert_eq!(gone.user, 1);
     assert!(harness.connections.online(&[1, 2]) == vec![false, true]);
