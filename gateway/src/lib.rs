@@ -5,6 +5,17 @@
 
 pub mod auth;
 pub mod config;
+pub mod connection;
 pub mod http;
+pub mod index;
 pub mod ops;
 pub mod serve;
+pub mod server;
+pub mod session;
+pub mod shard;
+pub mod transport;
+
+pub use index::Connections;
+pub use server::{BoundAddrs, Gateway, GatewayConfig, ListenerConfig, StartError};
+pub use session::SessionLimits;
+pub use transport::ws::ws_router;

@@ -1,0 +1,503 @@
+//! One authenticated connection inside its shard: the queue of encoded
+//! frames waiting to be written, the slow-consumer limit, the close state,
+//! and the driver that moves bytes for stream transports (TCP, TLS, a QUIC
+//! stream). An idle connection holds no buffer: it waits for readability,
+//! reads into the shard's buffer and keeps only an unfinished frame.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use pingme_protocol::{ErrorCode, ServerFrame, encode_frame, split_frame};
+use pingme_router::port::SessionInfo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
+
+use crate::session::{Admission, SessionLimits, TokenBucket, on_frame};
+use crate::shard::ShardCtx;
+
+/// The transport a connection arrived on (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain TCP.
+    Tcp,
+    /// TCP with TLS.
+    Tls,
+    /// A QUIC bidirectional stream.
+    Quic,
+    /// WebSocket on the HTTP port.
+    WebSocket,
+}
+
+impl Transport {
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Quic => "quic",
+            Transport::WebSocket => "ws",
+        }
+    }
+}
+
+/// Why a connection closed (the `reason` label of
+/// `pingme_gateway_disconnects_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed the connection.
+    PeerClosed,
+    /// The transport failed.
+    IoError,
+    /// No Authenticate within the auth timeout.
+    AuthTimeout,
+    /// The token was refused.
+    AuthFailed,
+    /// No common protocol version.
+    UnsupportedVersion,
+    /// Wrong frames before authentication.
+    UnexpectedMessage,
+    /// Silent for longer than the idle timeout.
+    IdleTimeout,
+    /// An undecodable frame.
+    Malformed,
+    /// A frame above the maximum frame size.
+    FrameTooLarge,
+    /// A sustained flood above the rate limit.
+    RateLimited,
+    /// Too many bytes queued for a client that does not read.
+    SlowConsumer,
+    /// The same device logged in on another connection.
+    Replaced,
+    /// The router asked (logout, revocation, rebalance).
+    Evicted,
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::IoError => "io_error",
+            CloseReason::AuthTimeout => "auth_timeout",
+            CloseReason::AuthFailed => "auth_failed",
+            CloseReason::UnsupportedVersion => "unsupported_version",
+            CloseReason::UnexpectedMessage => "unexpected_message",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Malformed => "malformed",
+            CloseReason::FrameTooLarge => "frame_too_large",
+            CloseReason::RateLimited => "rate_limited",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Replaced => "replaced",
+            CloseReason::Evicted => "evicted",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// An authenticated connection, shared (`Rc`) by its shard's map and its
+/// driver task. Only its own shard thread ever touches it.
+pub(crate) struct Conn {
+    pub(crate) session: SessionInfo,
+    pub(crate) transport: Transport,
+    last_seen_ms: Cell<u64>,
+    out: RefCell<Outgoing>,
+    bucket: Cell<TokenBucket>,
+    /// An unfinished frame; `None` (one word, no allocation) between frames.
+    partial: Cell<Option<Box<BytesMut>>>,
+}
+
+/// The write side of a connection.
+struct Outgoing {
+    /// Encoded frames, shared with every other recipient of the same frame.
+    queue: VecDeque<Bytes>,
+    queued_bytes: usize,
+    /// The driver to wake when something is queued.
+    waker: Option<Waker>,
+    closing: Option<CloseReason>,
+    /// The session end (index, router, metrics) has been recorded.
+    ended: bool,
+    /// The front frame is partly written: it must be finished before any
+    /// other byte, or the stream is corrupt.
+    front_started: bool,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        session: SessionInfo,
+        transport: Transport,
+        limits: &SessionLimits,
+        now_ms: u64,
+        first: Bytes,
+        leftover: BytesMut,
+    ) -> Self {
+        let mut queue = VecDeque::new();
+        let queued_bytes = first.len();
+        queue.push_back(first);
+        Self {
+            session,
+            transport,
+            last_seen_ms: Cell::new(now_ms),
+            out: RefCell::new(Outgoing {
+                queue,
+                queued_bytes,
+                waker: None,
+                closing: None,
+                ended: false,
+                front_started: false,
+            }),
+            bucket: Cell::new(TokenBucket::full(limits, now_ms)),
+            partial: Cell::new((!leftover.is_empty()).then(|| Box::new(leftover))),
+        }
+    }
+
+    pub(crate) fn touch(&self, now_ms: u64) {
+        self.last_seen_ms.set(now_ms);
+    }
+
+    pub(crate) fn last_seen_ms(&self) -> u64 {
+        self.last_seen_ms.get()
+    }
+
+    pub(crate) fn admit(&self, now_ms: u64, limits: &SessionLimits) -> Admission {
+        let mut bucket = self.bucket.get();
+        let verdict = bucket.admit(now_ms, limits);
+        self.bucket.set(bucket);
+        verdict
+    }
+
+    /// Queues one encoded frame. A client that lets more than
+    /// `max_queued_bytes` pile up is cut off: its queue is dropped, it gets
+    /// SLOW_CONSUMER and the connection closes. Returns false if the frame
+    /// was not queued.
+    pub(crate) fn enqueue(&self, frame: Bytes, limits: &SessionLimits) -> bool {
+        let mut out = self.out.borrow_mut();
+        if out.closing.is_some() {
+            return false;
+        }
+        if out.queued_bytes + frame.len() > limits.max_queued_bytes {
+            let unfinished = if out.front_started {
+                out.queue.pop_front()
+            } else {
+                None
+            };
+            out.queue.clear();
+            out.queued_bytes = 0;
+            if let Some(front) = unfinished {
+                out.queued_bytes = front.len();
+                out.queue.push_back(front);
+            }
+            let fatal = encode_frame(&ServerFrame::fatal(
+                ErrorCode::SlowConsumer,
+                "the client fell too far behind; reconnect and sync",
+            ));
+            out.queued_bytes += fatal.len();
+            out.queue.push_back(fatal);
+            out.closing = Some(CloseReason::SlowConsumer);
+            wake(&mut out);
+            return false;
+        }
+        out.queued_bytes += frame.len();
+        out.queue.push_back(frame);
+        wake(&mut out);
+        true
+    }
+
+    /// Starts closing: `last` (a fatal error or go-away) goes out after what
+    /// is already queued, then the connection closes. The first reason wins.
+    pub(crate) fn close(&self, last: Option<Bytes>, reason: CloseReason) {
+        let mut out = self.out.borrow_mut();
+        if out.closing.is_some() {
+            return;
+        }
+        if let Some(frame) = last {
+            out.queued_bytes += frame.len();
+            out.queue.push_back(frame);
+        }
+        out.closing = Some(reason);
+        wake(&mut out);
+    }
+
+    pub(crate) fn closing(&self) -> Option<CloseReason> {
+        self.out.borrow().closing
+    }
+
+    /// True exactly once, when the session end must be recorded.
+    pub(crate) fn take_end(&self) -> Option<CloseReason> {
+        let mut out = self.out.borrow_mut();
+        match out.closing {
+            Some(reason) if !out.ended => {
+                out.ended = true;
+                Some(reason)
+            }
+            _ => None,
+        }
+    }
+
+    pub(crate) fn register_waker(&self, waker: &Waker) {
+        let mut out = self.out.borrow_mut();
+        match &out.waker {
+            Some(current) if current.will_wake(waker) => {}
+            _ => out.waker = Some(waker.clone()),
+        }
+    }
+
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.out.borrow().queue.is_empty()
+    }
+
+    /// Takes the next queued frame (message transports write frame by frame).
+    pub(crate) fn pop_frame(&self) -> Option<Bytes> {
+        let mut out = self.out.borrow_mut();
+        let frame = out.queue.pop_front()?;
+        out.queued_bytes -= frame.len();
+        Some(frame)
+    }
+
+    /// Writes as much of the queue as the transport takes, in vectored
+    /// writes. Ready(Ok(frames)) once the queue is empty, Pending if the
+    /// transport is full.
+    fn poll_flush_queue<S: AsyncWrite + Unpin>(
+        &self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        const MAX_SLICES: usize = 64;
+        let mut wrote_frames = 0u64;
+        let result = loop {
+            let mut out = self.out.borrow_mut();
+            if out.queue.is_empty() {
+                if out.queue.capacity() > 0 {
+                    // An idle connection keeps no queue allocation.
+                    out.queue = VecDeque::new();
+                }
+                break Poll::Ready(Ok(()));
+            }
+            let written = {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let mut count = 0;
+                for (slot, frame) in slices.iter_mut().zip(out.queue.iter()) {
+                    *slot = IoSlice::new(frame);
+                    count += 1;
+                }
+                match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]) {
+                    Poll::Ready(Ok(0)) => {
+                        break Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                    Poll::Pending => break Poll::Pending,
+                }
+            };
+            out.queued_bytes -= written;
+            let mut remaining = written;
+            while remaining > 0 {
+                let Some(front) = out.queue.front_mut() else {
+                    break;
+                };
+                if front.len() <= remaining {
+                    remaining -= front.len();
+                    out.queue.pop_front();
+                    out.front_started = false;
+                    wrote_frames += 1;
+                } else {
+                    front.advance(remaining);
+                    out.front_started = true;
+                    remaining = 0;
+                }
+            }
+        };
+        if wrote_frames > 0 {
+            metrics::counter!("pingme_gateway_frames_out_total", "transport" => self.transport.label())
+                .increment(wrote_frames);
+        }
+        match result {
+            Poll::Ready(Ok(())) => Pin::new(&mut *io).poll_flush(cx),
+            other => other,
+        }
+    }
+}
+
+fn wake(out: &mut Outgoing) {
+    if let Some(waker) = out.waker.take() {
+        waker.wake();
+    }
+}
+
+/// Bytes asked of the transport per read into the shard buffer.
+const READ_CHUNK: usize = 16 * 1024;
+/// Reads per wake-up before yielding to the other connections of the shard.
+const READS_PER_TURN: usize = 16;
+
+/// Drives an authenticated stream connection until it closes (the caller
+/// then shuts the transport down). The driver is four words: it is the
+/// idle connection's whole state inside its task.
+pub(crate) fn drive_stream<'a, S: AsyncRead + AsyncWrite + Unpin>(
+    io: &'a mut S,
+    conn: &'a Rc<Conn>,
+    ctx: &'a Rc<ShardCtx>,
+) -> StreamDriver<'a, S> {
+    // Frames that arrived in the same read as Authenticate.
+    let mut partial = take_partial(conn);
+    process_buffer(&mut partial, conn, ctx);
+    keep_partial(conn, partial);
+    StreamDriver {
+        io,
+        conn,
+        ctx,
+        linger: None,
+    }
+}
+
+/// See [`drive_stream`].
+pub(crate) struct StreamDriver<'a, S> {
+    io: &'a mut S,
+    conn: &'a Rc<Conn>,
+    ctx: &'a Rc<ShardCtx>,
+    /// Started when the connection starts closing: how long its last
+    /// frames may take to flush.
+    linger: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Future for StreamDriver<'_, S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        poll_stream(this.io, this.conn, this.ctx, &mut this.linger, cx)
+    }
+}
+
+fn poll_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    conn: &Rc<Conn>,
+    ctx: &Rc<ShardCtx>,
+    linger: &mut Option<Pin<Box<Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    conn.register_waker(cx.waker());
+    let mut reads = 0;
+    loop {
+        let flushed = match conn.poll_flush_queue(io, cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(_)) => {
+                conn.close(None, CloseReason::IoError);
+                ctx.end_session(conn);
+                return Poll::Ready(());
+            }
+            Poll::Pending => false,
+        };
+        if conn.closing().is_some() {
+            ctx.end_session(conn);
+            if flushed {
+                return Poll::Ready(());
+            }
+            let sleep =
+                linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(ctx.limits.close_linger)));
+            return sleep.as_mut().poll(cx);
+        }
+        if reads == READS_PER_TURN {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        reads += 1;
+        match poll_read_frames(io, conn, ctx, cx) {
+            Poll::Ready(Ok(true)) => continue,
+            Poll::Ready(Ok(false)) => {
+                conn.close(None, CloseReason::PeerClosed);
+                continue;
+            }
+            Poll::Ready(Err(_)) => {
+                conn.close(None, CloseReason::IoError);
+                continue;
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
+
+/// Reads once and handles every complete frame. Ready(Ok(false)) at end of
+/// stream. A connection with an unfinished frame reads into its own buffer
+/// (sized for that frame); every other read lands in the shard's buffer.
+fn poll_read_frames<S: AsyncRead + Unpin>(
+    io: &mut S,
+    conn: &Rc<Conn>,
+    ctx: &Rc<ShardCtx>,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<bool>> {
+    let mut partial = take_partial(conn);
+    if !partial.is_empty() {
+        partial.reserve(READ_CHUNK.min(ctx.limits.max_frame_size + 4));
+        let read = tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut partial);
+        let result = match read {
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(false)),
+            Poll::Ready(Ok(_)) => {
+                process_buffer(&mut partial, conn, ctx);
+                Poll::Ready(Ok(true))
+            }
+            other => other.map_ok(|_| true),
+        };
+        keep_partial(conn, partial);
+        return result;
+    }
+    // Frame handling never touches the shard buffer (router answers come
+    // back through the inboxes), so it stays borrowed while frames are
+    // handled straight out of it.
+    let mut shared = ctx.read_buf.borrow_mut();
+    shared.clear();
+    shared.reserve(READ_CHUNK);
+    match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut *shared) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Ok(false)),
+        Poll::Ready(Ok(_)) => {
+            process_buffer(&mut shared, conn, ctx);
+            if !shared.is_empty() {
+                // Copy the unfinished frame out so the shard buffer is free
+                // for the next connection.
+                keep_partial(conn, BytesMut::from(&shared[..]));
+                shared.clear();
+            }
+            Poll::Ready(Ok(true))
+        }
+        other => other.map_ok(|_| true),
+    }
+}
+
+fn take_partial(conn: &Conn) -> BytesMut {
+    conn.partial
+        .take()
+        .map_or_else(BytesMut::new, |partial| *partial)
+}
+
+fn keep_partial(conn: &Conn, partial: BytesMut) {
+    if partial.is_empty() {
+        // Drop the allocation: idle connections hold no buffer.
+        return;
+    }
+    conn.partial.set(Some(Box::new(partial)));
+}
+
+/// Handles every complete frame at the front of `buf`.
+fn process_buffer(buf: &mut BytesMut, conn: &Rc<Conn>, ctx: &Rc<ShardCtx>) {
+    while conn.closing().is_none() {
+        match split_frame(buf, ctx.limits.max_frame_size) {
+            Ok(Some(payload)) => on_frame(conn, ctx, payload),
+            Ok(None) => return,
+            Err(_) => {
+                conn.close(
+                    Some(ctx.frames.too_large.clone()),
+                    CloseReason::FrameTooLarge,
+                );
+                buf.clear();
+                return;
+            }
+        }
+    }
+    buf.clear();
+}

@@ -1,0 +1,241 @@
+//! The gateway-wide connection index: which connections (shard, id,
+//! device) each online user has, and the shard inboxes that carry frames
+//! to them. It implements the router's [`Outbox`]: every call groups its
+//! work per shard and only pushes into inboxes, so it never blocks on a
+//! socket. It is built before the router (which needs an outbox) and the
+//! shards attach to it when the gateway starts.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::ws::WebSocket;
+use bytes::Bytes;
+use dashmap::DashMap;
+use pingme_protocol::v1::GoAwayReason;
+use pingme_router::port::{ConnRef, Outbox, UserId};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::connection::CloseReason;
+use crate::session::{SessionLimits, go_away};
+
+/// Work for one shard, sent through its inbox.
+pub(crate) enum ShardCommand {
+    /// Queue `frame` on these connections of the shard.
+    Deliver { conn_ids: Vec<u64>, frame: Bytes },
+    /// Queue `frame` as the last frame of these connections and close them.
+    Disconnect {
+        conn_ids: Vec<u64>,
+        frame: Bytes,
+        reason: CloseReason,
+    },
+    /// Serve a WebSocket accepted by the HTTP server.
+    AdoptWebSocket(Box<WebSocket>),
+}
+
+/// One connected device of a user.
+#[derive(Debug, Clone)]
+struct DeviceConn {
+    device: Arc<str>,
+    conn: ConnRef,
+}
+
+/// What the running shards share with the index.
+pub(crate) struct ShardLinks {
+    pub(crate) inboxes: Vec<UnboundedSender<ShardCommand>>,
+    pub(crate) limits: SessionLimits,
+    next_ws_shard: AtomicUsize,
+}
+
+impl ShardLinks {
+    pub(crate) fn new(inboxes: Vec<UnboundedSender<ShardCommand>>, limits: SessionLimits) -> Self {
+        Self {
+            inboxes,
+            limits,
+            next_ws_shard: AtomicUsize::new(0),
+        }
+    }
+
+    /// Hands a WebSocket to the next shard, round robin.
+    pub(crate) fn adopt_websocket(&self, socket: WebSocket) -> bool {
+        let shard = self.next_ws_shard.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
+        self.inboxes[shard]
+            .send(ShardCommand::AdoptWebSocket(Box::new(socket)))
+            .is_ok()
+    }
+}
+
+/// The connection index; the router's [`Outbox`]. Create it first, give
+/// it to the router, then to [`Gateway::start`](crate::server::Gateway::start).
+#[derive(Default)]
+pub struct Connections {
+    users: DashMap<UserId, Vec<DeviceConn>>,
+    links: OnceLock<Arc<ShardLinks>>,
+    next_conn_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("online_users", &self.users.len())
+            .field("started", &self.links.get().is_some())
+            .finish()
+    }
+}
+
+impl Connections {
+    /// An empty index, not yet attached to any shard: until the gateway
+    /// starts, every outbox call reaches nobody.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many users have at least one connection here.
+    pub fn online_users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// How many connections a user has here.
+    pub fn connections_of(&self, user: UserId) -> usize {
+        self.users.get(&user).map_or(0, |devices| devices.len())
+    }
+
+    pub(crate) fn attach(&self, links: Arc<ShardLinks>) -> bool {
+        self.links.set(links).is_ok()
+    }
+
+    pub(crate) fn links(&self) -> Option<&Arc<ShardLinks>> {
+        self.links.get()
+    }
+
+    /// A process-wide unique connection id.
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Records a new session. An older connection of the same device is
+    /// replaced: it gets GoAway{REPLACED} and is closed.
+    pub(crate) fn insert(&self, user: UserId, device: &Arc<str>, conn: ConnRef) {
+        let replaced = {
+            let mut devices = self
+                .users
+                .entry(user)
+                .or_insert_with(|| Vec::with_capacity(1));
+            let replaced = devices
+                .iter()
+                .position(|d| d.device == *device)
+                .map(|i| devices.swap_remove(i).conn);
+            devices.push(DeviceConn {
+                device: device.clone(),
+                conn,
+            });
+            replaced
+        };
+        if let Some(old) = replaced {
+            let frame = go_away(
+                GoAwayReason::Replaced,
+                std::time::Duration::ZERO,
+                "this device connected again elsewhere",
+            );
+            self.send(
+                old.shard,
+                ShardCommand::Disconnect {
+                    conn_ids: vec![old.conn_id],
+                    frame,
+                    reason: CloseReason::Replaced,
+                },
+            );
+        }
+    }
+
+    /// Forgets a closed connection (and only that one: a replacement of the
+    /// same device stays).
+    pub(crate) fn remove(&self, user: UserId, conn: ConnRef) {
+        self.users.remove_if_mut(&user, |_, devices| {
+            devices.retain(|d| d.conn != conn);
+            devices.is_empty()
+        });
+    }
+
+    fn send(&self, shard: u16, command: ShardCommand) -> bool {
+        self.links
+            .get()
+            .and_then(|links| links.inboxes.get(usize::from(shard)))
+            .is_some_and(|inbox| inbox.send(command).is_ok())
+    }
+
+    fn shard_count(&self) -> usize {
+        self.links.get().map_or(0, |links| links.inboxes.len())
+    }
+}
+
+impl Outbox for Connections {
+    /// True if the frame was handed to the connection's shard (a connection
+    /// closing at that very moment drops it).
+    fn to_connection(&self, conn: ConnRef, frame: Bytes) -> bool {
+        self.send(
+            conn.shard,
+            ShardCommand::Deliver {
+                conn_ids: vec![conn.conn_id],
+                frame,
+            },
+        )
+    }
+
+    fn to_users(&self, users: &[UserId], frame: &Bytes, skip: Option<ConnRef>) -> usize {
+        let mut per_shard: Vec<Vec<u64>> = vec![Vec::new(); self.shard_count()];
+        for user in users {
+            let Some(devices) = self.users.get(user) else {
+                continue;
+            };
+            for device in devices.iter() {
+                if Some(device.conn) == skip {
+                    continue;
+                }
+                if let Some(ids) = per_shard.get_mut(usize::from(device.conn.shard)) {
+                    ids.push(device.conn.conn_id);
+                }
+            }
+        }
+        let mut delivered = 0;
+        for (shard, conn_ids) in per_shard.into_iter().enumerate() {
+            if conn_ids.is_empty() {
+                continue;
+            }
+            let n = conn_ids.len();
+            let command = ShardCommand::Deliver {
+                conn_ids,
+                frame: frame.clone(),
+            };
+            if self.send(shard as u16, command) {
+                delivered += n;
+            }
+        }
+        delivered
+    }
+
+    fn online(&self, users: &[UserId]) -> Vec<bool> {
+        users.iter().map(|u| self.users.contains_key(u)).collect()
+    }
+
+    fn disconnect(&self, user: UserId, device: Option<&str>, frame: Bytes) -> usize {
+        let targets: Vec<ConnRef> = self.users.get(&user).map_or_else(Vec::new, |devices| {
+            devices
+                .iter()
+                .filter(|d| device.is_none_or(|wanted| &*d.device == wanted))
+                .map(|d| d.conn)
+                .collect()
+        });
+        let mut closed = 0;
+        for conn in targets {
+            let command = ShardCommand::Disconnect {
+                conn_ids: vec![conn.conn_id],
+                frame: frame.clone(),
+                reason: CloseReason::Evicted,
+            };
+            if self.send(conn.shard, command) {
+                closed += 1;
+            }
+        }
+        closed
+    }
+}

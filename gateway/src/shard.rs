@@ -1,0 +1,339 @@
+//! A shard: one OS thread pinned to one core, running its own
+//! current-thread tokio runtime, its own listeners (SO_REUSEPORT), its own
+//! connection map and its inbox. Nothing on the per-connection path takes a
+//! lock: the map and every connection are `Rc`/`RefCell` owned by this
+//! thread; other threads reach a connection only through the inbox.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pingme_protocol::v1::GoAwayReason;
+use pingme_protocol::{ErrorCode, ServerFrame, encode_frame};
+use pingme_router::port::{ConnRef, Dispatch, SessionInfo};
+use tokio::sync::Notify;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Authenticator, Claims};
+use crate::connection::{CloseReason, Conn, Transport};
+use crate::index::{Connections, ShardCommand};
+use crate::session::{SessionLimits, auth_ok, go_away};
+use crate::transport::{quic, tcp, ws};
+
+/// Frames every shard sends often, encoded once.
+pub(crate) struct CannedFrames {
+    pub(crate) idle: Bytes,
+    pub(crate) too_large: Bytes,
+    pub(crate) flood: Bytes,
+    pub(crate) shutdown: Bytes,
+}
+
+impl CannedFrames {
+    fn new(limits: &SessionLimits) -> Self {
+        Self {
+            idle: encode_frame(&ServerFrame::fatal(
+                ErrorCode::IdleTimeout,
+                "no frame within the idle timeout",
+            )),
+            too_large: encode_frame(&ServerFrame::fatal(
+                ErrorCode::FrameTooLarge,
+                "frame exceeds the maximum frame size",
+            )),
+            flood: encode_frame(&ServerFrame::fatal(
+                ErrorCode::RateLimited,
+                "sustained flood above the rate limit",
+            )),
+            shutdown: go_away(
+                GoAwayReason::Shutdown,
+                limits.shutdown_retry_after,
+                "server shutting down",
+            ),
+        }
+    }
+}
+
+/// Everything a shard's tasks share. Lives on the shard thread only.
+pub(crate) struct ShardCtx {
+    pub(crate) id: u16,
+    pub(crate) limits: SessionLimits,
+    pub(crate) connections: Arc<Connections>,
+    pub(crate) dispatch: Arc<dyn Dispatch>,
+    pub(crate) authenticator: Arc<dyn Authenticator>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) frames: CannedFrames,
+    /// Every read of a connection without an unfinished frame lands here.
+    pub(crate) read_buf: RefCell<BytesMut>,
+    conns: RefCell<HashMap<u64, Rc<Conn>>>,
+    epoch: Instant,
+    drained: Notify,
+    shard_label: String,
+}
+
+impl ShardCtx {
+    /// Milliseconds since the shard started (the session clock).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Registers an authenticated session: shard map, gateway index, the
+    /// router. `AuthOk` is the first queued frame, so it precedes anything
+    /// the router sends.
+    pub(crate) fn open_session(
+        &self,
+        claims: &Claims,
+        request_id: u64,
+        transport: Transport,
+        leftover: BytesMut,
+    ) -> Rc<Conn> {
+        let conn_ref = ConnRef {
+            shard: self.id,
+            conn_id: self.connections.next_conn_id(),
+        };
+        let session = SessionInfo {
+            user: claims.user,
+            device: Arc::from(claims.device.as_str()),
+            conn: conn_ref,
+        };
+        let conn = Rc::new(Conn::new(
+            session,
+            transport,
+            &self.limits,
+            self.now_ms(),
+            auth_ok(request_id, claims),
+            leftover,
+        ));
+        self.conns
+            .borrow_mut()
+            .insert(conn_ref.conn_id, conn.clone());
+        self.connections
+            .insert(claims.user, &conn.session.device, conn_ref);
+        metrics::gauge!("pingme_gateway_connections", "transport" => transport.label(), "shard" => self.shard_label.clone())
+            .increment(1.0);
+        self.dispatch.connected(&conn.session);
+        if self.shutdown.is_cancelled() {
+            conn.close(Some(self.frames.shutdown.clone()), CloseReason::Shutdown);
+        }
+        conn
+    }
+
+    /// Records the end of a session once: index, router, metrics. Called
+    /// as soon as a connection starts closing, not when its last bytes
+    /// are out.
+    pub(crate) fn end_session(&self, conn: &Conn) {
+        let Some(reason) = conn.take_end() else {
+            return;
+        };
+        self.connections
+            .remove(conn.session.user, conn.session.conn);
+        self.dispatch.disconnected(&conn.session);
+        metrics::gauge!("pingme_gateway_connections", "transport" => conn.transport.label(), "shard" => self.shard_label.clone())
+            .decrement(1.0);
+        count_disconnect(conn.transport, reason);
+    }
+
+    /// Drops a connection whose driver finished.
+    pub(crate) fn forget(&self, conn: &Conn) {
+        if conn.closing().is_none() {
+            conn.close(None, CloseReason::IoError);
+        }
+        self.end_session(conn);
+        let mut conns = self.conns.borrow_mut();
+        conns.remove(&conn.session.conn.conn_id);
+        if conns.is_empty() {
+            self.drained.notify_one();
+        }
+    }
+
+    fn lookup(&self, conn_id: u64) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(&conn_id).cloned()
+    }
+}
+
+/// A disconnect before or after authentication, by transport and reason.
+pub(crate) fn count_disconnect(transport: Transport, reason: CloseReason) {
+    metrics::counter!("pingme_gateway_disconnects_total", "transport" => transport.label(), "reason" => reason.label())
+        .increment(1);
+}
+
+/// What a shard thread starts with. The sockets are bound by the caller
+/// (so bind errors surface in `Gateway::start`).
+pub(crate) struct ShardSetup {
+    pub(crate) id: u16,
+    pub(crate) core: Option<core_affinity::CoreId>,
+    pub(crate) limits: SessionLimits,
+    pub(crate) connections: Arc<Connections>,
+    pub(crate) dispatch: Arc<dyn Dispatch>,
+    pub(crate) authenticator: Arc<dyn Authenticator>,
+    pub(crate) shutdown: CancellationToken,
+    /// The grace period, set by `Gateway::shutdown` before it cancels.
+    pub(crate) grace_ms: Arc<AtomicU64>,
+    pub(crate) inbox: UnboundedReceiver<ShardCommand>,
+    pub(crate) tcp: Option<std::net::TcpListener>,
+    pub(crate) tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+    pub(crate) quic: Option<(std::net::UdpSocket, quinn::ServerConfig)>,
+}
+
+/// Starts the shard thread.
+pub(crate) fn spawn(setup: ShardSetup) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("pingme-shard-{}", setup.id))
+        .spawn(move || {
+            if let Some(core) = setup.core
+                && !core_affinity::set_for_current(core)
+            {
+                tracing::warn!(shard = setup.id, "could not pin the shard to its core");
+            }
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(shard = setup.id, %error, "shard runtime failed to start");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, run(setup));
+        })
+}
+
+async fn run(setup: ShardSetup) {
+    let ShardSetup {
+        id,
+        limits,
+        connections,
+        dispatch,
+        authenticator,
+        shutdown,
+        grace_ms,
+        inbox,
+        tcp,
+        tls,
+        quic,
+        ..
+    } = setup;
+    let ctx = Rc::new(ShardCtx {
+        id,
+        frames: CannedFrames::new(&limits),
+        limits,
+        connections,
+        dispatch,
+        authenticator,
+        shutdown,
+        read_buf: RefCell::new(BytesMut::new()),
+        conns: RefCell::new(HashMap::new()),
+        epoch: Instant::now(),
+        drained: Notify::new(),
+        shard_label: id.to_string(),
+    });
+    if let Some(listener) = tcp {
+        match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => {
+                tokio::task::spawn_local(tcp::accept_tcp(listener, ctx.clone()));
+            }
+            Err(error) => tracing::error!(shard = id, %error, "TCP listener failed"),
+        }
+    }
+    if let Some((listener, acceptor)) = tls {
+        match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => {
+                tokio::task::spawn_local(tcp::accept_tls(listener, acceptor, ctx.clone()));
+            }
+            Err(error) => tracing::error!(shard = id, %error, "TLS listener failed"),
+        }
+    }
+    let endpoint = quic.and_then(|(socket, config)| match quic::endpoint(socket, config) {
+        Ok(endpoint) => {
+            tokio::task::spawn_local(quic::accept_quic(endpoint.clone(), ctx.clone()));
+            Some(endpoint)
+        }
+        Err(error) => {
+            tracing::error!(shard = id, %error, "QUIC endpoint failed");
+            None
+        }
+    });
+    tokio::task::spawn_local(run_inbox(ctx.clone(), inbox));
+    tokio::task::spawn_local(sweep_idle(ctx.clone()));
+
+    ctx.shutdown.cancelled().await;
+    let grace = Duration::from_millis(grace_ms.load(Ordering::Relaxed));
+    let deadline = tokio::time::Instant::now() + grace;
+    let open: Vec<Rc<Conn>> = ctx.conns.borrow().values().cloned().collect();
+    tracing::info!(shard = id, connections = open.len(), "shard draining");
+    for conn in open {
+        conn.close(Some(ctx.frames.shutdown.clone()), CloseReason::Shutdown);
+    }
+    let _ = tokio::time::timeout_at(deadline, async {
+        while !ctx.conns.borrow().is_empty() {
+            ctx.drained.notified().await;
+        }
+    })
+    .await;
+    if let Some(endpoint) = endpoint {
+        endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout_at(deadline, endpoint.wait_idle()).await;
+    }
+    tracing::info!(shard = id, "shard stopped");
+}
+
+/// Applies the commands other threads send to this shard's connections.
+async fn run_inbox(ctx: Rc<ShardCtx>, mut inbox: UnboundedReceiver<ShardCommand>) {
+    let mut batch = Vec::with_capacity(64);
+    while inbox.recv_many(&mut batch, 64).await > 0 {
+        for command in batch.drain(..) {
+            match command {
+                ShardCommand::Deliver { conn_ids, frame } => {
+                    for conn_id in conn_ids {
+                        if let Some(conn) = ctx.lookup(conn_id) {
+                            conn.enqueue(frame.clone(), &ctx.limits);
+                        }
+                    }
+                }
+                ShardCommand::Disconnect {
+                    conn_ids,
+                    frame,
+                    reason,
+                } => {
+                    for conn_id in conn_ids {
+                        if let Some(conn) = ctx.lookup(conn_id) {
+                            conn.close(Some(frame.clone()), reason);
+                        }
+                    }
+                }
+                ShardCommand::AdoptWebSocket(socket) => {
+                    tokio::task::spawn_local(ws::serve_websocket(*socket, ctx.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Closes sessions silent for longer than the idle timeout. One sweep over
+/// the shard's map replaces a timer per connection.
+async fn sweep_idle(ctx: Rc<ShardCtx>) {
+    let idle_ms = ctx.limits.idle_timeout.as_millis() as u64;
+    let period =
+        (ctx.limits.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = ctx.now_ms();
+        let silent: Vec<Rc<Conn>> = ctx
+            .conns
+            .borrow()
+            .values()
+            .filter(|conn| now.saturating_sub(conn.last_seen_ms()) > idle_ms)
+            .cloned()
+            .collect();
+        for conn in silent {
+            conn.close(Some(ctx.frames.idle.clone()), CloseReason::IdleTimeout);
+        }
+    }
+}

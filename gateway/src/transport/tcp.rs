@@ -1,0 +1,227 @@
+//! TCP and TLS: SO_REUSEPORT listener groups (one socket per shard on the
+//! same port), accept loops, and serving a byte stream through the
+//! handshake and then the connection driver.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use pingme_protocol::{ErrorCode, split_frame};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::connection::{CloseReason, Conn, Transport, drive_stream};
+use crate::session::{FrameTransport, Refusal, handshake};
+use crate::shard::{ShardCtx, count_disconnect};
+
+/// Binds `count` TCP listeners on the same address with SO_REUSEPORT, so
+/// the kernel spreads new connections over the shards. Port 0 picks one
+/// free port for all of them.
+pub(crate) fn bind_tcp_group(
+    addr: SocketAddr,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Binds `count` UDP sockets on the same address with SO_REUSEPORT (QUIC).
+pub(crate) fn bind_udp_group(
+    addr: SocketAddr,
+    count: usize,
+) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    let mut sockets: Vec<std::net::UdpSocket> = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        let socket: std::net::UdpSocket = socket.into();
+        addr = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+/// Accepts plain TCP connections until shutdown.
+pub(crate) async fn accept_tcp(listener: TcpListener, ctx: Rc<ShardCtx>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                let _ = stream.set_nodelay(true);
+                // The task is the connection's only per-connection future:
+                // spawned directly so nothing wraps (and copies) its state.
+                tokio::task::spawn_local(serve_stream(stream, ctx.clone(), Transport::Tcp));
+            }
+            Err(error) => accept_failed(&error).await,
+        }
+    }
+}
+
+/// Accepts TLS connections until shutdown; the TLS handshake counts
+/// against the auth timeout.
+pub(crate) async fn accept_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Rc<ShardCtx>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                let _ = stream.set_nodelay(true);
+                let ctx = ctx.clone();
+                let acceptor = acceptor.clone();
+                tokio::task::spawn_local(async move {
+                    let tls =
+                        tokio::time::timeout(ctx.limits.auth_timeout, acceptor.accept(stream))
+                            .await;
+                    match tls {
+                        Ok(Ok(stream)) => {
+                            serve_stream(stream, ctx, Transport::Tls).await;
+                        }
+                        Ok(Err(_)) => count_disconnect(Transport::Tls, CloseReason::IoError),
+                        Err(_) => count_disconnect(Transport::Tls, CloseReason::AuthTimeout),
+                    }
+                });
+            }
+            Err(error) => accept_failed(&error).await,
+        }
+    }
+}
+
+/// Out of file descriptors (or another transient accept error): back off
+/// briefly instead of spinning.
+async fn accept_failed(error: &std::io::Error) {
+    tracing::warn!(%error, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// A byte stream during the handshake: its own small buffer, dropped
+/// once the session is open.
+struct StreamHandshake<'a, S> {
+    io: &'a mut S,
+    buf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> FrameTransport for StreamHandshake<'_, S> {
+    async fn next_payload(&mut self, max_frame_size: usize) -> Result<Option<Bytes>, ErrorCode> {
+        loop {
+            match split_frame(&mut self.buf, max_frame_size) {
+                Ok(Some(payload)) => return Ok(Some(payload)),
+                Ok(None) => {}
+                Err(error) => return Err(error.code()),
+            }
+            self.buf.reserve(512);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn send(&mut self, frame: Bytes) -> std::io::Result<()> {
+        self.io.write_all(&frame).await?;
+        self.io.flush().await
+    }
+}
+
+/// Serves one byte-stream connection from its first byte to its close and
+/// gives the stream back (QUIC finishes its stream afterwards).
+pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    ctx: Rc<ShardCtx>,
+    transport: Transport,
+) -> S {
+    // Boxed: the handshake's buffers, timers and refusal path live only
+    // while it runs, so the connection's task stays small afterwards.
+    let Some(conn) = Box::pin(admit(&mut io, &ctx, transport)).await else {
+        return io;
+    };
+    drive_stream(&mut io, &conn, &ctx).await;
+    // Boxed: the timer exists only while closing.
+    let _ = Box::pin(tokio::time::timeout(ctx.limits.close_linger, io.shutdown())).await;
+    ctx.forget(&conn);
+    io
+}
+
+/// The handshake: a new session, or the refusal told to the client.
+async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    ctx: &ShardCtx,
+    transport: Transport,
+) -> Option<Rc<Conn>> {
+    match open(io, ctx).await {
+        Ok((claims, request_id, leftover)) => {
+            Some(ctx.open_session(&claims, request_id, transport, leftover))
+        }
+        Err(refusal) => {
+            count_disconnect(transport, refusal.reason());
+            if let Some(frame) = refusal.frame(ctx.limits.shutdown_retry_after) {
+                let _ = tokio::time::timeout(ctx.limits.close_linger, async {
+                    io.write_all(&frame).await?;
+                    io.shutdown().await
+                })
+                .await;
+            }
+            None
+        }
+    }
+}
+
+async fn open<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    ctx: &ShardCtx,
+) -> Result<(crate::auth::Claims, u64, BytesMut), Refusal> {
+    let mut transport = StreamHandshake {
+        io,
+        buf: BytesMut::new(),
+    };
+    let (claims, request_id) = guarded_handshake(&mut transport, ctx).await?;
+    // Keep frames pipelined after Authenticate, in a buffer of their own.
+    let leftover = if transport.buf.is_empty() {
+        BytesMut::new()
+    } else {
+        BytesMut::from(&transport.buf[..])
+    };
+    Ok((claims, request_id, leftover))
+}
+
+/// The handshake under the auth timeout and the shutdown signal.
+pub(crate) async fn guarded_handshake<T: FrameTransport>(
+    transport: &mut T,
+    ctx: &ShardCtx,
+) -> Result<(crate::auth::Claims, u64), Refusal> {
+    tokio::select! {
+        outcome = tokio::time::timeout(ctx.limits.auth_timeout, handshake(transport, ctx)) => {
+            outcome.unwrap_or(Err(Refusal::Fatal(
+                ErrorCode::AuthTimeout,
+                "no successful Authenticate within the auth timeout",
+                CloseReason::AuthTimeout,
+            )))
+        }
+        _ = ctx.shutdown.cancelled() => Err(Refusal::ShuttingDown),
+    }
+}
