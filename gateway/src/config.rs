@@ -771,6 +771,57 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
     deserializer.deserialize_str(DurationText)
 }
 
+impl Config {
+    /// The connection side's settings (listeners, shards, session limits).
+    pub fn gateway(&self) -> crate::GatewayConfig {
+        let path = |p: &str| (!p.is_empty()).then(|| PathBuf::from(p));
+        crate::GatewayConfig {
+            listeners: crate::ListenerConfig {
+                tcp: Some(self.listeners.tcp),
+                tls: Some(self.listeners.tls),
+                quic: Some(self.listeners.quic),
+            },
+            shards: Some(self.shard_count()),
+            tls_cert: path(&self.listeners.tls_cert),
+            tls_key: path(&self.listeners.tls_key),
+            dev_mode: !self.is_production(),
+            limits: crate::SessionLimits {
+                max_frame_size: self.session.max_frame_size,
+                auth_timeout: self.session.auth_timeout,
+                idle_timeout: self.session.idle_timeout,
+                heartbeat_interval: self.session.heartbeat_interval,
+                messages_per_second: self.session.messages_per_second,
+                // A client may catch up after a reconnect: one second's worth
+                // of burst on top of the sustained rate.
+                burst: self.session.messages_per_second,
+                max_queued_bytes: self.session.max_queued_bytes,
+                ..crate::SessionLimits::default()
+            },
+            ..crate::GatewayConfig::default()
+        }
+    }
+
+    /// The message pipeline's settings (the seed's task and retry settings).
+    pub fn router(&self) -> pingme_router::RouterConfig {
+        let task = &self.task;
+        pingme_router::RouterConfig {
+            gateway_id: self.app.gateway_id.clone(),
+            large_group_threshold: task.large_group_threshold,
+            fanout_batch_size: task.fanout_batch_size,
+            push_notification_enabled: task.push_notification_enabled
+                && !self.push.webhook_url.is_empty(),
+            push_webhook_url: (!self.push.webhook_url.is_empty())
+                .then(|| self.push.webhook_url.clone()),
+            message_retry_attempts: task.message_retry_attempts,
+            retry_initial_backoff: task.retry_initial_backoff,
+            retry_max_backoff: task.retry_max_backoff,
+            retry_multiplier: task.retry_multiplier,
+            enable_dlq: task.enable_dlq,
+            ..pingme_router::RouterConfig::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -192,13 +192,14 @@ pub fn ops_router(readiness: Readiness) -> Router {
         .with_state(state)
 }
 
-/// Serves the ops app on `listener` until `shutdown` is cancelled.
+/// Serves the ops app (`ops_router`, plus whatever the caller merged into
+/// it) on `listener` until `shutdown` is cancelled.
 pub async fn serve_ops(
     listener: tokio::net::TcpListener,
-    readiness: Readiness,
+    app: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, ops_router(readiness))
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::Bytes;
-use pingme_router::port::{ConnRef, Outbox, UserId};
+use pingme_router::Router;
+use pingme_router::port::Outbox;
 use pingme_storage::Store;
 use pingme_storage::embedded::{Durability, EmbeddedStore};
 use tokio_util::sync::CancellationToken;
@@ -18,6 +18,7 @@ use crate::auth::jwt::JwtAuthenticator;
 use crate::config::{Config, StorageBackend, StorageDurability};
 use crate::http::{self, ApiState};
 use crate::ops::{self, Readiness};
+use crate::{Connections, Gateway, ws_router};
 
 /// How long in-flight work may take after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -61,19 +62,25 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     }
     let auth = Arc::new(auth);
 
-    // 4. Connections and routing. INTEGRATION: build the gateway's
-    //    connection index here and use it as the outbox, start the router
-    //    (in-process bus or Kafka) with `store` and that outbox, then the
-    //    gateway shards (`config.shard_count()`, `config.listeners`,
-    //    `config.session`) with `auth` and the router's `Dispatch`. Until
-    //    then logout revokes tokens but has no connection to close.
-    let outbox: Arc<dyn Outbox> = Arc::new(NoConnections);
+    // 4. Connections and routing. The gateway's connection index is the
+    //    router's outbox; the router is the shards' dispatch. The index
+    //    exists first because the router needs it to be built.
+    let connections = Arc::new(Connections::new());
+    let router = Router::start(store.clone(), connections.clone(), config.router());
+    let gateway = Gateway::start(
+        config.gateway(),
+        connections.clone(),
+        router.clone(),
+        auth.clone(),
+    )
+    .context("starting the gateway listeners")?;
+    let addrs = gateway.local_addrs();
+    tracing::info!(tcp = ?addrs.tcp, tls = ?addrs.tls, quic = ?addrs.quic, shards = gateway.shard_count(), "gateway listening");
+    let outbox: Arc<dyn Outbox> = connections.clone();
 
-    // 5. HTTP API (+ WebSocket and dead-letter admin routes, merged by the
-    //    integrator: `.merge(ws_routes).nest(http::ADMIN_PREFIX, admin_routes)`).
-    let state = ApiState::new(auth.clone(), outbox, &config.auth, readiness.clone())
-        .context("auth.password_hash_memory_kib / auth.password_hash_iterations")?;
-    let app = http::router(state);
+    // 5. HTTP API, with the WebSocket transport and the dead-letter admin routes.
+    let state = ApiState::new(auth.clone(), outbox, &config.auth, readiness.clone())?;
+    let app = http::router(state).merge(ws_router(connections.clone()));
     let http_listener = tokio::net::TcpListener::bind(config.http_bind())
         .await
         .with_context(|| format!("binding the HTTP API on {}", config.http_bind()))?;
@@ -86,20 +93,23 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     let ops_addr = ops_listener.local_addr()?;
 
     let http_task = tokio::spawn(http::serve(http_listener, app, shutdown.clone()));
-    let ops_task = tokio::spawn(ops::serve_ops(
-        ops_listener,
-        readiness.clone(),
-        shutdown.clone(),
-    ));
+    // Operators only: metrics, health and the dead-letter admin routes.
+    let ops_app =
+        ops::ops_router(readiness.clone()).nest("/admin", http::admin::routes(router.clone()));
+    let ops_task = tokio::spawn(ops::serve_ops(ops_listener, ops_app, shutdown.clone()));
 
     // 7. Everything is up.
     readiness.set(true);
     tracing::info!(%http_addr, %ops_addr, "pingme ready");
 
-    // 8. Wait, then drain.
+    // 8. Wait, then drain: clients get a go-away and their queued frames,
+    //    the router finishes what it accepted, the HTTP server its requests,
+    //    and the store closes last.
     shutdown.cancelled().await;
     readiness.set(false);
     tracing::info!("pingme shutting down");
+    gateway.shutdown(SHUTDOWN_GRACE).await;
+    router.shutdown().await;
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let (http_result, ops_result) = tokio::join!(http_task, ops_task);
         http_result??;
@@ -150,28 +160,5 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-/// The outbox of a process with no client connections (until the gateway
-/// shards are wired in): nothing is online, nothing to close.
-#[derive(Debug, Default)]
-pub struct NoConnections;
-
-impl Outbox for NoConnections {
-    fn to_connection(&self, _conn: ConnRef, _frame: Bytes) -> bool {
-        false
-    }
-
-    fn to_users(&self, _users: &[UserId], _frame: &Bytes, _skip: Option<ConnRef>) -> usize {
-        0
-    }
-
-    fn online(&self, users: &[UserId]) -> Vec<bool> {
-        vec![false; users.len()]
-    }
-
-    fn disconnect(&self, _user: UserId, _device: Option<&str>, _frame: Bytes) -> usize {
-        0
     }
 }

@@ -49,7 +49,7 @@ async fn metrics_show_counters_moving_and_process_memory() {
     let shutdown = CancellationToken::new();
     tokio::spawn(ops::serve_ops(
         listener,
-        readiness.clone(),
+        ops::ops_router(readiness.clone()),
         shutdown.clone(),
     ));
 

@@ -4,10 +4,11 @@
 //! `{"code", "message"}` with the status of the code table ([`error`]).
 //!
 //! Mount points for other teams: [`router`] returns the API's routes; the
-//! integrator merges the gateway's WebSocket route (`/v1/ws`) and the
-//! router's dead-letter admin routes (under [`ADMIN_PREFIX`]) into it.
+//! integrator merges the gateway's WebSocket route (`/v1/ws`) into it. The
+//! dead-letter admin routes ([`admin`]) live on the ops port instead.
 
 mod accounts;
+pub mod admin;
 mod conversations;
 pub mod error;
 mod groups;
@@ -36,9 +37,6 @@ use crate::config::AuthConfig;
 use crate::ops::{self, Readiness};
 use throttle::LoginThrottle;
 
-/// Where the router's dead-letter admin routes are nested
-/// (`router(state).nest(ADMIN_PREFIX, admin_routes)`).
-pub const ADMIN_PREFIX: &str = "/v1/admin";
 /// Largest request body accepted (a bulk member add of 10,000 ids fits).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
@@ -97,7 +95,7 @@ impl ApiState {
 }
 
 /// The API's routes with their state applied. Add other routers with
-/// `.merge(..)` / `.nest(ADMIN_PREFIX, ..)` before serving.
+/// `.merge(..)` before serving.
 pub fn router(state: ApiState) -> Router {
     let readiness = state.inner.readiness.clone();
     let api = Router::new()
