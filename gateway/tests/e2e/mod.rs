@@ -74,10 +74,10 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         let url = format!("http://{}/health", self.http);
         loop {
-            if let Ok(response) = reqwest::get(&url).await {
-                if response.status().is_success() {
-                    return;
-                }
+            if let Ok(response) = reqwest::get(&url).await
+                && response.status().is_success()
+            {
+                return;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("pingme serve exited early with {status}");
