@@ -75,7 +75,8 @@ async fn acknowledged_messages_survive_sigkill_exactly_once() {
     // Each sender retries its in-flight send with the same client_msg_id, as
     // the SDK does after a reconnect: stored at most once either way.
     let mut retried = BTreeMap::new();
-    for (token, group, client_msg_id) in in_flight.lock().unwrap().clone() {
+    let in_flight = in_flight.lock().unwrap().clone();
+    for (token, group, client_msg_id) in in_flight {
         let mut conn = Conn::connect(server.tcp, &token).await;
         let ack = conn.send(&group, &client_msg_id, "burst").await.unwrap();
         retried.insert(client_msg_id, (ack.conversation_id, ack.seq));
