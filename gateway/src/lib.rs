@@ -8,7 +8,7 @@ pub mod connection;
 pub mod index;
 pub mod server;
 pub mod session;
-pub mod shard;
+mod shard;
 pub mod transport;
 
 pub use index::Connections;
