@@ -12,7 +12,7 @@ pub mod ops;
 pub mod serve;
 pub mod server;
 pub mod session;
-pub mod shard;
+mod shard;
 pub mod transport;
 
 pub use index::Connections;

@@ -145,6 +145,7 @@ impl Gateway {
         dispatch: Arc<dyn Dispatch>,
         authenticator: Arc<dyn Authenticator>,
     ) -> Result<Gateway, StartError> {
+        describe_metrics();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let shard_count = config
             .shards
@@ -309,6 +310,26 @@ impl Gateway {
             tracing::warn!("shards did not stop within the grace period");
         }
     }
+}
+
+/// Help texts for the connection side's metrics (shown by the exporter).
+fn describe_metrics() {
+    metrics::describe_gauge!(
+        "pingme_gateway_connections",
+        "authenticated sessions, by transport and shard"
+    );
+    metrics::describe_counter!(
+        "pingme_gateway_frames_in_total",
+        "frames received on authenticated sessions, by transport"
+    );
+    metrics::describe_counter!(
+        "pingme_gateway_frames_out_total",
+        "frames written to authenticated sessions, by transport"
+    );
+    metrics::describe_counter!(
+        "pingme_gateway_disconnects_total",
+        "closed connections, by transport and reason"
+    );
 }
 
 impl Drop for Gateway {

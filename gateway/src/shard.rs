@@ -276,8 +276,10 @@ async fn run(setup: ShardSetup) {
     })
     .await;
     if let Some(endpoint) = endpoint {
-        endpoint.close(0u32.into(), b"shutdown");
+        // Each QUIC connection closes itself once the client acknowledged
+        // its last frames; closing the endpoint first could drop them.
         let _ = tokio::time::timeout_at(deadline, endpoint.wait_idle()).await;
+        endpoint.close(0u32.into(), b"shutdown");
     }
     tracing::info!(shard = id, "shard stopped");
 }
