@@ -37,7 +37,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::oneshot;
 
 use self::keys::ConversationKey;
-use self::writer::{AppendRequest, Published, Writer};
+use self::writer::{AppendRequest, Published, Writer, WriterStats};
 use crate::{
     Appended, ConversationId, ConversationStore, DeadLetter, DeadLetterStore, DeviceRecord,
     GroupId, GroupRecord, MAX_BODY_BYTES, MAX_PAGE, Member, MessageStore, NewMessage, Role, Seq,
@@ -57,6 +57,15 @@ pub enum Durability {
     /// After the journal is written to the OS (no fsync): survives a
     /// process crash but not a power loss. Benchmarks only.
     UnsafeNoSyncForBenchmarks,
+}
+
+/// Group-commit counters since open (see [`EmbeddedStore::commit_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Committed rounds (one batch write and, with `Sync`, one fsync each).
+    pub rounds: u64,
+    /// Append items answered by those rounds.
+    pub messages: u64,
 }
 
 /// The keyspaces of the database (see `docs/storage.md` for encodings).
@@ -107,6 +116,7 @@ struct Inner {
     /// Serialises watermark raises (read, compare, write).
     watermarks: Mutex<()>,
     published: Published,
+    stats: Arc<WriterStats>,
     appends: Option<std::sync::mpsc::Sender<AppendRequest>>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -228,6 +238,7 @@ impl EmbeddedStore {
         };
 
         let published: Published = Arc::default();
+        let stats = Arc::new(WriterStats::default());
         let (appends, queue) = std::sync::mpsc::channel();
         let writer = Writer {
             db: database.clone(),
@@ -235,6 +246,8 @@ impl EmbeddedStore {
             persist,
             latest: HashMap::new(),
             published: published.clone(),
+            stats: stats.clone(),
+            replies: writer::spawn_replier(),
         };
         let writer = std::thread::Builder::new()
             .name("pingme-store-writer".into())
@@ -249,10 +262,22 @@ impl EmbeddedStore {
                 admin: Mutex::new(counters),
                 watermarks: Mutex::new(()),
                 published,
+                stats,
                 appends: Some(appends),
                 writer: Some(writer),
             }),
         })
+    }
+
+    /// How many group-commit rounds the writer has committed since open,
+    /// and how many append items (stored, duplicate or rejected) they
+    /// answered: `messages / rounds` is the average round size.
+    pub fn commit_stats(&self) -> CommitStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        CommitStats {
+            rounds: self.inner.stats.rounds.load(Relaxed),
+            messages: self.inner.stats.messages.load(Relaxed),
+        }
     }
 
     /// Runs a blocking (fsyncing) operation off the async runtime's threads.

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, RwLock};
 
@@ -36,6 +37,32 @@ pub(super) struct AppendRequest {
 /// Latest seq per conversation as committed, shared with readers.
 pub(super) type Published = Arc<RwLock<HashMap<ConversationId, Seq>>>;
 
+/// One answer to send: the caller's reply channel and its result.
+type Reply = (
+    oneshot::Sender<StoreResult<Vec<StoreResult<Appended>>>>,
+    StoreResult<Vec<StoreResult<Appended>>>,
+);
+
+/// Answers of one round, handed to the replier task.
+pub(super) type Replies = tokio::sync::mpsc::UnboundedSender<Vec<Reply>>;
+
+/// Starts the task that wakes callers for the writer. Waking a task from
+/// a runtime worker costs a queue push; from the writer thread it costs a
+/// futex wake per caller, which made answering the writer's biggest cost.
+pub(super) fn spawn_replier() -> Option<Replies> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let (replies, mut rounds) = tokio::sync::mpsc::unbounded_channel::<Vec<Reply>>();
+    runtime.spawn(async move {
+        while let Some(round) = rounds.recv().await {
+            for (reply, answer) in round {
+                // A caller that went away does not matter: its messages are stored.
+                let _ = reply.send(answer);
+            }
+        }
+    });
+    Some(replies)
+}
+
 pub(super) struct Writer {
     pub db: Database,
     pub tables: Tables,
@@ -44,6 +71,16 @@ pub(super) struct Writer {
     /// (loaded lazily from the timeline's last key).
     pub latest: HashMap<ConversationId, Seq>,
     pub published: Published,
+    pub stats: Arc<WriterStats>,
+    /// The replier task, if the store was opened inside a tokio runtime.
+    pub replies: Option<Replies>,
+}
+
+/// Counters of committed rounds, for benchmarks and metrics.
+#[derive(Default)]
+pub(super) struct WriterStats {
+    pub rounds: AtomicU64,
+    pub messages: AtomicU64,
 }
 
 /// Where a message of the current round was answered: (request, item).
@@ -82,27 +119,45 @@ impl Writer {
             let outcome = self.write_round(items, &mut before);
             (replies, outcome)
         };
-        match outcome {
+        let answers: Vec<Reply> = match outcome {
             Ok(answers) => {
+                let stored: usize = answers.iter().map(Vec::len).sum();
+                self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .messages
+                    .fetch_add(stored as u64, Ordering::Relaxed);
                 let mut published = self.published.write().unwrap_or_else(|p| p.into_inner());
                 for conversation in before.keys() {
                     published.insert(*conversation, self.latest[conversation]);
                 }
                 drop(published);
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    // A caller that went away does not matter: its messages are stored.
-                    let _ = reply.send(Ok(answer));
-                }
+                replies
+                    .into_iter()
+                    .zip(answers.into_iter().map(Ok))
+                    .collect()
             }
             Err(error) => {
                 tracing::error!(%error, "append round failed; nothing of it is acknowledged");
                 for (conversation, seq) in before {
                     self.latest.insert(conversation, seq);
                 }
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
+                replies
+                    .into_iter()
+                    .map(|reply| (reply, Err(error.clone())))
+                    .collect()
             }
+        };
+        // Answer through the replier task when there is one (and it still
+        // runs), else from here.
+        let answers = match &self.replies {
+            Some(replies) => match replies.send(answers) {
+                Ok(()) => return,
+                Err(unsent) => unsent.0,
+            },
+            None => answers,
+        };
+        for (reply, answer) in answers {
+            let _ = reply.send(answer);
         }
     }
 
