@@ -17,6 +17,10 @@ use pingme_storage::{
     ConversationId, ConversationStore, Member, MessageStore, NewMessage, Role, UserStore,
 };
 
+/// The gateway binary runs on mimalloc; measure with the same allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Senders: each group has all of them as members.
 const SENDERS: usize = 64;
 

@@ -37,7 +37,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::oneshot;
 
 use self::keys::ConversationKey;
-use self::writer::{AppendRequest, Published, Writer, WriterStats};
+use self::writer::{AppendQueue, AppendRequest, Published, Writer, WriterStats};
 use crate::{
     Appended, ConversationId, ConversationStore, DeadLetter, DeadLetterStore, DeviceRecord,
     GroupId, GroupRecord, MAX_BODY_BYTES, MAX_PAGE, Member, MessageStore, NewMessage, Role, Seq,
@@ -117,7 +117,7 @@ struct Inner {
     watermarks: Mutex<()>,
     published: Published,
     stats: Arc<WriterStats>,
-    appends: Option<std::sync::mpsc::Sender<AppendRequest>>,
+    appends: Arc<AppendQueue>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -125,7 +125,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the queue ends the writer after its last round; joining it
         // releases its database handle so the directory can be reopened.
-        self.appends.take();
+        self.appends.close();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -239,7 +239,8 @@ impl EmbeddedStore {
 
         let published: Published = Arc::default();
         let stats = Arc::new(WriterStats::default());
-        let (appends, queue) = std::sync::mpsc::channel();
+        let appends = Arc::new(AppendQueue::default());
+        let queue = appends.clone();
         let writer = Writer {
             db: database.clone(),
             tables: tables.clone(),
@@ -263,7 +264,7 @@ impl EmbeddedStore {
                 watermarks: Mutex::new(()),
                 published,
                 stats,
-                appends: Some(appends),
+                appends,
                 writer: Some(writer),
             }),
         })
@@ -832,14 +833,9 @@ impl MessageStore for EmbeddedStore {
             .map(|message| self.inner.check_new_message(&message).map(|()| message))
             .collect();
         let (reply, answer) = oneshot::channel();
-        let queue = self
-            .inner
-            .appends
-            .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("store is closing".into()))?;
-        queue
-            .send(AppendRequest { messages, reply })
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+        if !self.inner.appends.push(AppendRequest { messages, reply }) {
+            return Err(StoreError::Unavailable("store is closing".into()));
+        }
         answer
             .await
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
