@@ -37,7 +37,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::oneshot;
 
 use self::keys::ConversationKey;
-use self::writer::{AppendRequest, Published, Writer};
+use self::writer::{AppendQueue, AppendRequest, Published, Writer, WriterStats};
 use crate::{
     Appended, ConversationId, ConversationStore, DeadLetter, DeadLetterStore, DeviceRecord,
     GroupId, GroupRecord, MAX_BODY_BYTES, MAX_PAGE, Member, MessageStore, NewMessage, Role, Seq,
@@ -57,6 +57,15 @@ pub enum Durability {
     /// After the journal is written to the OS (no fsync): survives a
     /// process crash but not a power loss. Benchmarks only.
     UnsafeNoSyncForBenchmarks,
+}
+
+/// Group-commit counters since open (see [`EmbeddedStore::commit_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Committed rounds (one batch write and, with `Sync`, one fsync each).
+    pub rounds: u64,
+    /// Append items answered by those rounds.
+    pub messages: u64,
 }
 
 /// The keyspaces of the database (see `docs/storage.md` for encodings).
@@ -107,7 +116,8 @@ struct Inner {
     /// Serialises watermark raises (read, compare, write).
     watermarks: Mutex<()>,
     published: Published,
-    appends: Option<std::sync::mpsc::Sender<AppendRequest>>,
+    stats: Arc<WriterStats>,
+    appends: Arc<AppendQueue>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -115,7 +125,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the queue ends the writer after its last round; joining it
         // releases its database handle so the directory can be reopened.
-        self.appends.take();
+        self.appends.close();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -228,13 +238,17 @@ impl EmbeddedStore {
         };
 
         let published: Published = Arc::default();
-        let (appends, queue) = std::sync::mpsc::channel();
+        let stats = Arc::new(WriterStats::default());
+        let appends = Arc::new(AppendQueue::default());
+        let queue = appends.clone();
         let writer = Writer {
             db: database.clone(),
             tables: tables.clone(),
             persist,
             latest: HashMap::new(),
             published: published.clone(),
+            stats: stats.clone(),
+            replies: writer::spawn_replier(),
         };
         let writer = std::thread::Builder::new()
             .name("pingme-store-writer".into())
@@ -249,10 +263,22 @@ impl EmbeddedStore {
                 admin: Mutex::new(counters),
                 watermarks: Mutex::new(()),
                 published,
-                appends: Some(appends),
+                stats,
+                appends,
                 writer: Some(writer),
             }),
         })
+    }
+
+    /// How many group-commit rounds the writer has committed since open,
+    /// and how many append items (stored, duplicate or rejected) they
+    /// answered: `messages / rounds` is the average round size.
+    pub fn commit_stats(&self) -> CommitStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        CommitStats {
+            rounds: self.inner.stats.rounds.load(Relaxed),
+            messages: self.inner.stats.messages.load(Relaxed),
+        }
     }
 
     /// Runs a blocking (fsyncing) operation off the async runtime's threads.
@@ -807,14 +833,9 @@ impl MessageStore for EmbeddedStore {
             .map(|message| self.inner.check_new_message(&message).map(|()| message))
             .collect();
         let (reply, answer) = oneshot::channel();
-        let queue = self
-            .inner
-            .appends
-            .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("store is closing".into()))?;
-        queue
-            .send(AppendRequest { messages, reply })
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+        if !self.inner.appends.push(AppendRequest { messages, reply }) {
+            return Err(StoreError::Unavailable("store is closing".into()));
+        }
         answer
             .await
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?

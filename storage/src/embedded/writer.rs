@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::mpsc::Receiver;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use fjall::{Database, PersistMode};
 use tokio::sync::oneshot;
@@ -22,9 +22,54 @@ use super::keys::{self, ConversationKey};
 use super::{Tables, db};
 use crate::{Appended, ConversationId, NewMessage, Seq, StoreError, StoreResult, StoredMessage};
 
-/// The most messages one round takes, so a flood of callers cannot grow
-/// a round (and its memory) without bound; the rest wait for the next round.
-const MAX_ROUND_MESSAGES: usize = 32 * 1024;
+/// The queue between `append` callers and the writer: a vector the writer
+/// takes whole, so a round costs one lock however many callers it answers.
+#[derive(Default)]
+pub(super) struct AppendQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    requests: Vec<AppendRequest>,
+    closed: bool,
+}
+
+impl AppendQueue {
+    /// Queues a request; `false` if the store is closing.
+    pub fn push(&self, request: AppendRequest) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.closed {
+            return false;
+        }
+        state.requests.push(request);
+        // Only a writer that found the queue empty waits for a signal.
+        if state.requests.len() == 1 {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    /// Lets the writer finish what is queued and stop.
+    pub fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        self.ready.notify_one();
+    }
+
+    /// Everything queued (waiting for at least one request); `None` once
+    /// closed and drained.
+    fn take(&self, spare: Vec<AppendRequest>) -> Option<Vec<AppendRequest>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while state.requests.is_empty() {
+            if state.closed {
+                return None;
+            }
+            state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        Some(std::mem::replace(&mut state.requests, spare))
+    }
+}
 
 /// One `append` call: messages that passed validation (`Ok`) or the typed
 /// error they got (`Err`), and where to send the answer.
@@ -36,6 +81,32 @@ pub(super) struct AppendRequest {
 /// Latest seq per conversation as committed, shared with readers.
 pub(super) type Published = Arc<RwLock<HashMap<ConversationId, Seq>>>;
 
+/// One answer to send: the caller's reply channel and its result.
+type Reply = (
+    oneshot::Sender<StoreResult<Vec<StoreResult<Appended>>>>,
+    StoreResult<Vec<StoreResult<Appended>>>,
+);
+
+/// Answers of one round, handed to the replier task.
+pub(super) type Replies = tokio::sync::mpsc::UnboundedSender<Vec<Reply>>;
+
+/// Starts the task that wakes callers for the writer. Waking a task from
+/// a runtime worker costs a queue push; from the writer thread it costs a
+/// futex wake per caller, which made answering the writer's biggest cost.
+pub(super) fn spawn_replier() -> Option<Replies> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let (replies, mut rounds) = tokio::sync::mpsc::unbounded_channel::<Vec<Reply>>();
+    runtime.spawn(async move {
+        while let Some(round) = rounds.recv().await {
+            for (reply, answer) in round {
+                // A caller that went away does not matter: its messages are stored.
+                let _ = reply.send(answer);
+            }
+        }
+    });
+    Some(replies)
+}
+
 pub(super) struct Writer {
     pub db: Database,
     pub tables: Tables,
@@ -44,27 +115,29 @@ pub(super) struct Writer {
     /// (loaded lazily from the timeline's last key).
     pub latest: HashMap<ConversationId, Seq>,
     pub published: Published,
+    pub stats: Arc<WriterStats>,
+    /// The replier task, if the store was opened inside a tokio runtime.
+    pub replies: Option<Replies>,
 }
 
-/// Where a message of the current round was answered: (request, item).
-type Slot = (usize, usize);
+/// Counters of committed rounds, for benchmarks and metrics.
+#[derive(Default)]
+pub(super) struct WriterStats {
+    pub rounds: AtomicU64,
+    pub messages: AtomicU64,
+}
 
 impl Writer {
-    /// Runs rounds until every sender is gone (the store was dropped).
-    pub fn run(mut self, queue: Receiver<AppendRequest>) {
-        while let Ok(first) = queue.recv() {
-            let mut queued = first.messages.len();
-            let mut round = vec![first];
-            while queued < MAX_ROUND_MESSAGES {
-                match queue.try_recv() {
-                    Ok(request) => {
-                        queued += request.messages.len();
-                        round.push(request);
-                    }
-                    Err(_) => break,
-                }
-            }
+    /// Runs rounds until the queue is closed and drained. A round is
+    /// everything queued while the previous round was being written and
+    /// synced, so rounds grow with the load (bounded by the number of
+    /// callers waiting, each with one request).
+    pub fn run(mut self, queue: Arc<AppendQueue>) {
+        let mut spare = Vec::new();
+        while let Some(round) = queue.take(spare) {
+            let capacity = round.len();
             self.commit_round(round);
+            spare = Vec::with_capacity(capacity);
         }
     }
 
@@ -82,116 +155,174 @@ impl Writer {
             let outcome = self.write_round(items, &mut before);
             (replies, outcome)
         };
-        match outcome {
+        let answers: Vec<Reply> = match outcome {
             Ok(answers) => {
+                let stored: usize = answers.iter().map(Vec::len).sum();
+                self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .messages
+                    .fetch_add(stored as u64, Ordering::Relaxed);
                 let mut published = self.published.write().unwrap_or_else(|p| p.into_inner());
                 for conversation in before.keys() {
                     published.insert(*conversation, self.latest[conversation]);
                 }
                 drop(published);
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    // A caller that went away does not matter: its messages are stored.
-                    let _ = reply.send(Ok(answer));
-                }
+                replies
+                    .into_iter()
+                    .zip(answers.into_iter().map(Ok))
+                    .collect()
             }
             Err(error) => {
                 tracing::error!(%error, "append round failed; nothing of it is acknowledged");
                 for (conversation, seq) in before {
                     self.latest.insert(conversation, seq);
                 }
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
+                replies
+                    .into_iter()
+                    .map(|reply| (reply, Err(error.clone())))
+                    .collect()
             }
+        };
+        // Answer through the replier task when there is one (and it still
+        // runs), else from here.
+        let answers = match &self.replies {
+            Some(replies) => match replies.send(answers) {
+                Ok(()) => return,
+                Err(unsent) => unsent.0,
+            },
+            None => answers,
+        };
+        for (reply, answer) in answers {
+            let _ = reply.send(answer);
         }
     }
 
     /// Builds and commits one batch for the round; returns every answer.
+    ///
+    /// Lookups and inserts go to the LSM's in-memory skiplists in key order,
+    /// not arrival order: neighbouring keys share their search paths, which
+    /// stay in the CPU cache (arrival order jumps across the whole
+    /// memtable, one cache miss per level).
     fn write_round(
         &mut self,
         round: Vec<Vec<StoreResult<NewMessage>>>,
         before: &mut HashMap<ConversationId, Seq>,
     ) -> StoreResult<Vec<Vec<StoreResult<Appended>>>> {
         let total: usize = round.iter().map(Vec::len).sum();
-        let mut batch = self.db.batch().durability(self.persist);
-        let mut answers: Vec<Vec<StoreResult<Appended>>> = Vec::with_capacity(round.len());
-        // Idempotency keys first stored in this round -> where they were answered.
-        let mut in_round: HashMap<Vec<u8>, Slot> = HashMap::with_capacity(total);
-        let mut value = Vec::with_capacity(256);
 
+        // Phase 1: the idempotency key of every valid message, looked up in
+        // key order; `known` holds where earlier rounds stored them.
+        let requests = round.len();
+        let mut items: Vec<(usize, StoreResult<NewMessage>)> = Vec::with_capacity(total);
+        let mut idempotency_keys: Vec<Vec<u8>> = Vec::with_capacity(total);
         for (r, request) in round.into_iter().enumerate() {
-            let mut request_answers = Vec::with_capacity(request.len());
             for item in request {
-                let message = match item {
-                    Ok(message) => message,
-                    Err(error) => {
-                        request_answers.push(Err(error));
-                        continue;
-                    }
-                };
-                let idempotency = keys::idempotency_key(message.sender, &message.client_msg_id);
-                if let Some(&(fr, fi)) = in_round.get(&idempotency) {
-                    let first = if fr == r {
-                        &request_answers[fi]
-                    } else {
-                        &answers[fr][fi]
-                    };
-                    request_answers.push(as_duplicate(first));
-                    continue;
-                }
-                if let Some(location) = db(self.tables.idempotency.get(&idempotency))? {
-                    let (conversation, seq) = keys::decode_location(&location)?;
-                    let stored = db(self
-                        .tables
-                        .messages
-                        .get(keys::message_key(conversation, seq)))?
-                    .ok_or_else(|| keys::corrupt("idempotency entry without its message"))?;
-                    request_answers.push(Ok(Appended {
-                        message: keys::decode_message(conversation, seq, &stored)?,
-                        duplicate: true,
-                    }));
-                    continue;
-                }
-
-                let conversation = message.conversation;
-                let previous = self.latest_seq(conversation)?;
-                before.entry(conversation).or_insert(previous);
-                let seq = previous + 1;
-                self.latest.insert(conversation, seq);
-                let stored = StoredMessage {
-                    conversation,
-                    seq,
-                    msg_id: message.msg_id,
-                    sender: message.sender,
-                    sender_device: message.sender_device,
-                    client_msg_id: message.client_msg_id,
-                    content_type: message.content_type,
-                    body: message.body,
-                    server_time_ms: message.server_time_ms,
-                };
-                let key = keys::message_key(conversation, seq);
-                keys::encode_message(&stored, &mut value);
-                batch.insert(&self.tables.messages, key.clone(), value.as_slice());
-                batch.insert(&self.tables.idempotency, idempotency.clone(), key);
-                if let (ConversationId::Direct { low, high }, 1) = (conversation, seq) {
-                    // A direct conversation exists for listing from its first message.
-                    for user in [low, high] {
-                        batch.insert(
-                            &self.tables.user_conversations,
-                            keys::user_conversation_key(user, conversation),
-                            [],
-                        );
-                    }
-                }
-                in_round.insert(idempotency, (r, request_answers.len()));
-                request_answers.push(Ok(Appended {
-                    message: stored,
-                    duplicate: false,
-                }));
+                idempotency_keys.push(match &item {
+                    Ok(message) => keys::idempotency_key(message.sender, &message.client_msg_id),
+                    Err(_) => Vec::new(),
+                });
+                items.push((r, item));
             }
-            answers.push(request_answers);
         }
-        // One write and (with Durability::Sync) one fsync for the whole round.
+        let mut order: Vec<usize> = (0..items.len()).filter(|&i| items[i].1.is_ok()).collect();
+        order.sort_unstable_by(|&a, &b| idempotency_keys[a].cmp(&idempotency_keys[b]));
+        let mut known: HashMap<&[u8], (ConversationId, Seq)> = HashMap::new();
+        let mut previous: Option<&[u8]> = None;
+        for &i in &order {
+            let key = idempotency_keys[i].as_slice();
+            if previous == Some(key) {
+                continue;
+            }
+            previous = Some(key);
+            if let Some(location) = db(self.tables.idempotency.get(key))? {
+                known.insert(key, keys::decode_location(&location)?);
+            }
+        }
+
+        // Phase 2: arrival order: duplicates, seqs, encoded writes.
+        let mut answers: Vec<Vec<StoreResult<Appended>>> =
+            (0..requests).map(|_| Vec::new()).collect();
+        let mut in_round: HashMap<&[u8], (usize, usize)> = HashMap::with_capacity(total);
+        let mut message_writes: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(total);
+        let mut idempotency_writes: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(total);
+        let mut index_writes: Vec<Vec<u8>> = Vec::new();
+        for ((r, item), idempotency) in items.into_iter().zip(&idempotency_keys) {
+            let message = match item {
+                Ok(message) => message,
+                Err(error) => {
+                    answers[r].push(Err(error));
+                    continue;
+                }
+            };
+            let idempotency: &[u8] = idempotency.as_slice();
+            if let Some(&(fr, fi)) = in_round.get(idempotency) {
+                let duplicate = as_duplicate(&answers[fr][fi]);
+                answers[r].push(duplicate);
+                continue;
+            }
+            if let Some(&(conversation, seq)) = known.get(idempotency) {
+                let stored = db(self
+                    .tables
+                    .messages
+                    .get(keys::message_key(conversation, seq)))?
+                .ok_or_else(|| keys::corrupt("idempotency entry without its message"))?;
+                answers[r].push(Ok(Appended {
+                    message: keys::decode_message(conversation, seq, &stored)?,
+                    duplicate: true,
+                }));
+                continue;
+            }
+
+            let conversation = message.conversation;
+            let previous = self.latest_seq(conversation)?;
+            before.entry(conversation).or_insert(previous);
+            let seq = previous + 1;
+            self.latest.insert(conversation, seq);
+            let stored = StoredMessage {
+                conversation,
+                seq,
+                msg_id: message.msg_id,
+                sender: message.sender,
+                sender_device: message.sender_device,
+                client_msg_id: message.client_msg_id,
+                content_type: message.content_type,
+                body: message.body,
+                server_time_ms: message.server_time_ms,
+            };
+            let key = keys::message_key(conversation, seq);
+            let mut value = Vec::with_capacity(64 + stored.body.len());
+            keys::encode_message(&stored, &mut value);
+            idempotency_writes.push((idempotency.to_vec(), key.clone()));
+            message_writes.push((key, value));
+            if let (ConversationId::Direct { low, high }, 1) = (conversation, seq) {
+                // A direct conversation exists for listing from its first message.
+                for user in [low, high] {
+                    index_writes.push(keys::user_conversation_key(user, conversation));
+                }
+            }
+            in_round.insert(idempotency, (r, answers[r].len()));
+            answers[r].push(Ok(Appended {
+                message: stored,
+                duplicate: false,
+            }));
+        }
+
+        // One batch, in key order per keyspace, and (with Durability::Sync)
+        // one fsync for the whole round.
+        message_writes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        idempotency_writes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let writes = message_writes.len() + idempotency_writes.len() + index_writes.len();
+        let mut batch =
+            fjall::OwnedWriteBatch::with_capacity(self.db.clone(), writes).durability(self.persist);
+        for (key, value) in message_writes {
+            batch.insert(&self.tables.messages, key, value);
+        }
+        for (key, location) in idempotency_writes {
+            batch.insert(&self.tables.idempotency, key, location);
+        }
+        for key in index_writes {
+            batch.insert(&self.tables.user_conversations, key, []);
+        }
         db(batch.commit())?;
         Ok(answers)
     }
