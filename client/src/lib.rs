@@ -1,1 +1,41 @@
-//! placeholder
+//! pingme client SDK core, the part native SDKs wrap: transports (TCP, TLS,
+//! QUIC, WebSocket) yielding frame streams, the HTTP login/register calls,
+//! the connection handshake, and [`Client`]: sends matched to acks, events,
+//! watermarks with dedup and gap filling, sync after reconnect, and
+//! reconnects with jittered backoff that obey `GoAway`.
+//!
+//! ```no_run
+//! # async fn demo() -> pingme_client::Result<()> {
+//! use pingme_client::{Client, ClientConfig, Endpoint, Event, HttpApi};
+//! use pingme_client::v1::ContentType;
+//!
+//! let api = HttpApi::new("http://127.0.0.1:8080");
+//! let login = api.login("alice", "secret", "laptop").await?;
+//! let endpoint = Endpoint::parse("tcp://127.0.0.1:7000")?;
+//! let (client, mut events) = Client::connect(ClientConfig::new(endpoint, login.token)).await?;
+//! let ack = client.send("dm:1:2", ContentType::Text, "hello").await?;
+//! println!("stored as seq {}", ack.seq);
+//! while let Some(event) = events.recv().await {
+//!     if let Event::Message(message) = event {
+//!         println!("{}: {:?}", message.sender_id, message.body);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod backoff;
+mod client;
+mod error;
+mod http;
+pub mod session;
+pub mod transport;
+mod watermark;
+
+pub use backoff::Backoff;
+pub use client::{Client, ClientConfig, Event, Events};
+pub use error::{ClientError, Result};
+pub use http::{HttpApi, Login};
+pub use pingme_protocol::{ErrorCode, v1};
+pub use transport::{ConnectOptions, Connection, Endpoint, Trust};
+pub use watermark::{Arrival, Watermarks};

@@ -1,0 +1,101 @@
+//! The HTTP API calls a client needs before it can connect: register and
+//! log in. JSON over plain HTTP (TLS is the deployment's front proxy's job);
+//! errors keep the server's stable code.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ClientError, Result};
+
+/// The HTTP API of one pingme deployment.
+#[derive(Debug, Clone)]
+pub struct HttpApi {
+    base_url: String,
+    http: reqwest::Client,
+}
+
+/// What a successful login returns.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Login {
+    /// Access token for `Authenticate`.
+    pub token: String,
+    /// Token to get a new access token without the password.
+    #[serde(default)]
+    pub refresh_token: String,
+    /// The logged-in user.
+    pub user_id: u64,
+    /// When `token` expires (as the server sent it: Unix seconds or text).
+    #[serde(default)]
+    pub expires_at: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct Registered {
+    user_id: u64,
+}
+
+#[derive(Deserialize)]
+struct ApiErrorBody {
+    #[serde(default)]
+    code: u32,
+    #[serde(default)]
+    message: String,
+}
+
+impl HttpApi {
+    /// An API client for `base_url`, e.g. `http://127.0.0.1:8080`.
+    pub fn new(base_url: impl Into<String>) -> HttpApi {
+        HttpApi {
+            base_url: base_url.into().trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The base URL calls go to.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `POST /v1/auth/register`: creates a user, returns its id.
+    pub async fn register(&self, username: &str, password: &str) -> Result<u64> {
+        let body = serde_json::json!({ "username": username, "password": password });
+        let registered: Registered = self.post("/v1/auth/register", &body).await?;
+        Ok(registered.user_id)
+    }
+
+    /// `POST /v1/auth/login`: a token for `device_id` of this user.
+    pub async fn login(&self, username: &str, password: &str, device_id: &str) -> Result<Login> {
+        let body = serde_json::json!({
+            "username": username,
+            "password": password,
+            "device_id": device_id,
+        });
+        self.post("/v1/auth/login", &body).await
+    }
+
+    async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response.json().await?);
+        }
+        let text = response.text().await.unwrap_or_default();
+        let error: ApiErrorBody = serde_json::from_str(&text).unwrap_or(ApiErrorBody {
+            code: 0,
+            message: text,
+        });
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            code: error.code,
+            message: error.message,
+        })
+    }
+}

@@ -1,0 +1,458 @@
+//! Transports: TCP, TLS (tokio-rustls), QUIC (quinn, one bidirectional
+//! stream) and WebSocket (tokio-tungstenite, one frame per binary message),
+//! all turned into the same pair: a sink of [`ClientFrame`] and a stream of
+//! [`ServerFrame`]. Everything above this module is transport-blind.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use pingme_protocol::{
+    ClientCodec, ClientFrame, FrameError, MAX_DOWNSTREAM_FRAME_SIZE, ServerFrame, decode_message,
+    encode_frame, split_frame,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::error::{ClientError, Result};
+
+/// Frames going to the server.
+pub type FrameSink = Pin<Box<dyn Sink<ClientFrame, Error = ClientError> + Send>>;
+/// Frames coming from the server; `None` when the server closed cleanly.
+pub type FrameStream = Pin<Box<dyn Stream<Item = Result<ServerFrame>> + Send>>;
+
+/// Which certificates a TLS or QUIC client trusts.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// Certificates signed by the CA(s) in this PEM file.
+    CaFile(PathBuf),
+    /// Certificates signed by the CA(s) in this PEM text.
+    CaPem(Vec<u8>),
+    /// Any certificate at all, e.g. the server's self-signed development
+    /// certificate. Never use this outside development: it gives up
+    /// authenticating the server.
+    AcceptAnyDevCert,
+}
+
+/// Where and how to reach a gateway.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// Plain TCP, e.g. `127.0.0.1:7000`.
+    Tcp(SocketAddr),
+    /// TCP + TLS, e.g. `127.0.0.1:7443`.
+    Tls {
+        /// Gateway address.
+        addr: SocketAddr,
+        /// Name checked against the certificate.
+        server_name: String,
+        /// Which certificates to trust.
+        trust: Trust,
+    },
+    /// QUIC, e.g. UDP `127.0.0.1:7443`.
+    Quic {
+        /// Gateway address.
+        addr: SocketAddr,
+        /// Name checked against the certificate.
+        server_name: String,
+        /// Which certificates to trust.
+        trust: Trust,
+    },
+    /// WebSocket, e.g. `ws://127.0.0.1:8080/v1/ws`.
+    WebSocket {
+        /// Host and port to connect the TCP socket to.
+        addr: SocketAddr,
+        /// The URL sent in the upgrade request.
+        url: String,
+    },
+}
+
+impl Endpoint {
+    /// Parses the compact form used by command lines:
+    /// `tcp://host:port`, `tls://host:port`, `quic://host:port` (both with the
+    /// development trust policy and server name `localhost`), or
+    /// `ws://host:port/path`. A bare `host:port` means TCP.
+    pub fn parse(text: &str) -> Result<Endpoint> {
+        let (scheme, rest) = text.split_once("://").unwrap_or(("tcp", text));
+        let host_port = rest.split('/').next().unwrap_or(rest);
+        let addr = resolve(host_port)?;
+        let dev = || (String::from("localhost"), Trust::AcceptAnyDevCert);
+        Ok(match scheme {
+            "tcp" => Endpoint::Tcp(addr),
+            "tls" => {
+                let (server_name, trust) = dev();
+                Endpoint::Tls {
+                    addr,
+                    server_name,
+                    trust,
+                }
+            }
+            "quic" => {
+                let (server_name, trust) = dev();
+                Endpoint::Quic {
+                    addr,
+                    server_name,
+                    trust,
+                }
+            }
+            "ws" => Endpoint::WebSocket {
+                addr,
+                url: text.to_string(),
+            },
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unknown transport scheme {other:?} (tcp, tls, quic, ws)"
+                )));
+            }
+        })
+    }
+
+    /// The gateway address.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Endpoint::Tcp(addr)
+            | Endpoint::Tls { addr, .. }
+            | Endpoint::Quic { addr, .. }
+            | Endpoint::WebSocket { addr, .. } => *addr,
+        }
+    }
+
+    /// The same transport at another address (a `GoAway.reconnect_to`).
+    pub fn with_addr(&self, new: SocketAddr) -> Endpoint {
+        let mut next = self.clone();
+        match &mut next {
+            Endpoint::Tcp(addr)
+            | Endpoint::Tls { addr, .. }
+            | Endpoint::Quic { addr, .. }
+            | Endpoint::WebSocket { addr, .. } => *addr = new,
+        }
+        if let Endpoint::WebSocket { url, .. } = &mut next {
+            let path = url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.find('/').map(|i| rest[i..].to_string()))
+                .unwrap_or_default();
+            *url = format!("ws://{new}{path}");
+        }
+        next
+    }
+}
+
+fn resolve(host_port: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    host_port
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| ClientError::Protocol(format!("cannot resolve {host_port:?}")))
+}
+
+/// Per-connection options.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Local address to bind before connecting (load tests spread
+    /// connections over many source addresses to get past the 64k ports of
+    /// one address).
+    pub local_ip: Option<IpAddr>,
+}
+
+/// An open transport: frames out, frames in.
+pub struct Connection {
+    /// Frames to the server.
+    pub sink: FrameSink,
+    /// Frames from the server.
+    pub stream: FrameStream,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connection")
+    }
+}
+
+/// Opens a connection over `endpoint`.
+pub async fn connect(endpoint: &Endpoint, options: &ConnectOptions) -> Result<Connection> {
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let tcp = tcp_connect(*addr, options.local_ip).await?;
+            Ok(framed(tcp))
+        }
+        Endpoint::Tls {
+            addr,
+            server_name,
+            trust,
+        } => {
+            let config = tls_config(trust, false)?;
+            let name = ServerName::try_from(server_name.clone())
+                .map_err(|e| ClientError::Tls(format!("server name {server_name:?}: {e}")))?;
+            let tcp = tcp_connect(*addr, options.local_ip).await?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await?;
+            Ok(framed(tls))
+        }
+        Endpoint::Quic {
+            addr,
+            server_name,
+            trust,
+        } => quic_connect(*addr, server_name, trust, options).await,
+        Endpoint::WebSocket { addr, url } => {
+            let tcp = tcp_connect(*addr, options.local_ip).await?;
+            let (ws, _response) = tokio_tungstenite::client_async(url.as_str(), tcp)
+                .await
+                .map_err(|e| ClientError::WebSocket(e.to_string()))?;
+            Ok(websocket(ws))
+        }
+    }
+}
+
+async fn tcp_connect(addr: SocketAddr, local_ip: Option<IpAddr>) -> Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = local_ip {
+        // Port 0: the kernel picks a free port of this source address.
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A byte-stream transport with the length-prefix codec on both halves.
+fn framed<T: AsyncRead + AsyncWrite + Send + 'static>(io: T) -> Connection {
+    let (read, write) = tokio::io::split(io);
+    framed_halves(read, write)
+}
+
+fn framed_halves<R, W>(read: R, write: W) -> Connection
+where
+    R: AsyncRead + Send + 'static,
+    W: AsyncWrite + Send + 'static,
+{
+    let stream =
+        FramedRead::new(read, ClientCodec::default()).map(|r| r.map_err(ClientError::from));
+    let sink = SinkExt::<ClientFrame>::sink_map_err(
+        FramedWrite::new(write, ClientCodec::default()),
+        |e: FrameError| ClientError::from(e),
+    );
+    Connection {
+        sink: Box::pin(sink),
+        stream: Box::pin(stream),
+    }
+}
+
+fn websocket<S>(ws: tokio_tungstenite::WebSocketStream<S>) -> Connection
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (write, read) = ws.split();
+    let sink = write
+        .sink_map_err(|e| ClientError::WebSocket(e.to_string()))
+        .with(|frame: ClientFrame| async move {
+            Ok::<_, ClientError>(WsMessage::Binary(encode_frame(&frame)))
+        });
+    let stream = read.filter_map(|message| async move {
+        match message {
+            Ok(WsMessage::Binary(data)) => Some(decode_ws_frame(&data)),
+            Ok(WsMessage::Close(_)) => None,
+            // Pings are answered by tungstenite itself; text is not ours.
+            Ok(_) => None,
+            Err(e) => Some(Err(ClientError::WebSocket(e.to_string()))),
+        }
+    });
+    Connection {
+        sink: Box::pin(sink),
+        stream: Box::pin(stream),
+    }
+}
+
+/// One WebSocket binary message holds exactly one frame, prefix included.
+fn decode_ws_frame(data: &[u8]) -> Result<ServerFrame> {
+    let mut buf = bytes::BytesMut::from(data);
+    match split_frame(&mut buf, MAX_DOWNSTREAM_FRAME_SIZE)? {
+        Some(payload) if buf.is_empty() => Ok(decode_message(payload)?),
+        _ => Err(ClientError::Protocol(
+            "a WebSocket message must hold exactly one frame".into(),
+        )),
+    }
+}
+
+async fn quic_connect(
+    addr: SocketAddr,
+    server_name: &str,
+    trust: &Trust,
+    options: &ConnectOptions,
+) -> Result<Connection> {
+    let tls = tls_config(trust, true)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Quic(e.to_string()))?;
+    let bind_ip = options.local_ip.unwrap_or(if addr.is_ipv4() {
+        IpAddr::from([0, 0, 0, 0])
+    } else {
+        IpAddr::from([0u16; 8])
+    });
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::new(bind_ip, 0))?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = endpoint
+        .connect(addr, server_name)
+        .map_err(|e| ClientError::Quic(e.to_string()))?
+        .await
+        .map_err(|e| ClientError::Quic(e.to_string()))?;
+    let (send, recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::Quic(e.to_string()))?;
+    // The endpoint and connection handles must outlive the stream halves;
+    // they ride along inside the stream.
+    let keep_alive = (endpoint, connection);
+    let Connection { sink, stream } = framed_halves(recv, send);
+    let stream = stream.map(move |frame| {
+        let _ = &keep_alive;
+        frame
+    });
+    Ok(Connection {
+        sink,
+        stream: Box::pin(stream),
+    })
+}
+
+/// The rustls client configuration for `trust`, with the ring provider
+/// (never the process-wide default, so the SDK works whatever the app
+/// installed). QUIC requires TLS 1.3.
+pub fn tls_config(trust: &Trust, tls13_only: bool) -> Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone());
+    let builder = if tls13_only {
+        builder.with_protocol_versions(&[&rustls::version::TLS13])
+    } else {
+        builder.with_safe_default_protocol_versions()
+    }
+    .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let config = match trust {
+        Trust::AcceptAnyDevCert => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert { provider }))
+            .with_no_client_auth(),
+        Trust::CaFile(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| ClientError::Tls(format!("reading {}: {e}", path.display())))?;
+            builder
+                .with_root_certificates(roots(&pem)?)
+                .with_no_client_auth()
+        }
+        Trust::CaPem(pem) => builder
+            .with_root_certificates(roots(pem)?)
+            .with_no_client_auth(),
+    };
+    Ok(config)
+}
+
+fn roots(pem: &[u8]) -> Result<rustls::RootCertStore> {
+    let mut store = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        let cert = cert.map_err(|e| ClientError::Tls(format!("bad PEM: {e}")))?;
+        store
+            .add(cert)
+            .map_err(|e| ClientError::Tls(format!("bad CA certificate: {e}")))?;
+    }
+    if store.is_empty() {
+        return Err(ClientError::Tls("no CA certificate in the PEM".into()));
+    }
+    Ok(store)
+}
+
+/// Accepts any server certificate but still checks the handshake
+/// signatures, so the session is encrypted to whoever holds the key.
+#[derive(Debug)]
+struct AcceptAnyCert {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_from_the_command_line_form() {
+        assert!(
+            matches!(Endpoint::parse("127.0.0.1:7000").unwrap(), Endpoint::Tcp(a) if a.port() == 7000)
+        );
+        assert!(matches!(
+            Endpoint::parse("quic://127.0.0.1:7443").unwrap(),
+            Endpoint::Quic { .. }
+        ));
+        let ws = Endpoint::parse("ws://127.0.0.1:8080/v1/ws").unwrap();
+        let moved = ws.with_addr("127.0.0.2:9000".parse().unwrap());
+        assert!(
+            matches!(&moved, Endpoint::WebSocket { url, .. } if url == "ws://127.0.0.2:9000/v1/ws")
+        );
+        assert!(Endpoint::parse("smtp://127.0.0.1:25").is_err());
+    }
+
+    #[test]
+    fn a_ws_message_must_be_exactly_one_frame() {
+        let frame = encode_frame(&ServerFrame::default());
+        assert!(decode_ws_frame(&frame).is_ok());
+        let mut two = frame.to_vec();
+        two.extend_from_slice(&frame);
+        assert!(matches!(
+            decode_ws_frame(&two),
+            Err(ClientError::Protocol(_))
+        ));
+        assert!(decode_ws_frame(&frame[..2]).is_err());
+    }
+}
