@@ -47,40 +47,55 @@ impl Server {
     /// Starts a server keeping its data in `data_dir`, and waits until
     /// `/health` says it is ready.
     pub async fn start(data_dir: &Path) -> Server {
-        let (http, tcp, tls, metrics) = (free_port(), free_port(), free_port(), free_port());
-        let config_path = data_dir.with_extension("yaml");
-        std::fs::write(&config_path, config_yaml(data_dir, http, tcp, tls, metrics)).unwrap();
-        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        let mut server = Server {
-            child: spawn(&config_path),
-            data_dir: data_dir.to_path_buf(),
-            http: addr(http),
-            tcp: addr(tcp),
-            tls: addr(tls),
-            metrics: addr(metrics),
-            config_path,
-        };
-        server.wait_ready().await;
-        server
+        // Free ports are picked by binding port 0 and letting go, which can
+        // race with a parallel test; a server that could not bind exits, and
+        // is started again on other ports.
+        for _ in 0..3 {
+            let (http, tcp, tls, metrics) = (free_port(), free_port(), free_port(), free_port());
+            let config_path = data_dir.with_extension("yaml");
+            std::fs::write(&config_path, config_yaml(data_dir, http, tcp, tls, metrics)).unwrap();
+            let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+            let mut server = Server {
+                child: spawn(&config_path),
+                data_dir: data_dir.to_path_buf(),
+                http: addr(http),
+                tcp: addr(tcp),
+                tls: addr(tls),
+                metrics: addr(metrics),
+                config_path,
+            };
+            if server.wait_ready().await {
+                return server;
+            }
+        }
+        panic!("pingme serve did not start in three tries");
     }
 
     /// Starts the same server again (same ports, same data) after a kill.
     pub async fn restart(&mut self) {
         self.child = spawn(&self.config_path);
-        self.wait_ready().await;
+        assert!(
+            self.wait_ready().await,
+            "pingme serve exited early after a restart"
+        );
     }
 
-    async fn wait_ready(&mut self) {
+    /// True once `/health` answers 200 while our child still runs; false if
+    /// the child exited first (a port was taken).
+    async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         let url = format!("http://{}/health", self.http);
         loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                eprintln!("pingme serve exited during start-up with {status}");
+                return false;
+            }
             if let Ok(response) = reqwest::get(&url).await
                 && response.status().is_success()
             {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("pingme serve exited early with {status}");
+                // Still ours: a child that lost a port race exits at once.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return self.child.try_wait().unwrap().is_none();
             }
             assert!(
                 Instant::now() < deadline,
