@@ -633,14 +633,6 @@ async fn handle(
             let Some(message) = deliver.message else {
                 return Ok(());
             };
-            sink.send(ClientFrame {
-                request_id: 0,
-                body: Some(client_frame::Body::DeliveryAck(DeliveryAck {
-                    conversation_id: message.conversation_id.clone(),
-                    seq: message.seq,
-                })),
-            })
-            .await?;
             let ours = decode_body(&message.body).filter(|(tag, _)| *tag == shared.run_tag);
             if let Some((_, sent_us)) = ours
                 && message.sender_id != me
@@ -656,6 +648,16 @@ async fn handle(
                     .unwrap_or_else(|e| e.into_inner())
                     .deliver(index, &message.conversation_id, message.seq);
             }
+            // Acknowledged after measuring, so the ack write is not in
+            // the latency.
+            sink.send(ClientFrame {
+                request_id: 0,
+                body: Some(client_frame::Body::DeliveryAck(DeliveryAck {
+                    conversation_id: message.conversation_id,
+                    seq: message.seq,
+                })),
+            })
+            .await?;
         }
         Some(server_frame::Body::GoAway(_)) => {
             return Err(pingme_client::ClientError::ConnectionClosed);
