@@ -87,6 +87,9 @@ struct Shared {
 /// Phases the connections follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Connections are still coming up: hold, do not send.
+    Ramp,
+    /// The measured phase: send.
     Run,
     /// Stop sending, keep receiving.
     Drain,
@@ -188,7 +191,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
     let total = users.len() as u64;
     let rss_before = plan.server_pid.and_then(read_vm_rss_kib);
 
-    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Ramp);
     let (storm_tx, storm_rx) = watch::channel(0u64);
     let (progress_stop, progress) = {
         let (tx, rx) = watch::channel(false);
@@ -242,7 +245,9 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         _ => None,
     };
 
-    // The measured phase.
+    // The measured phase: senders start only now, so every fanout send
+    // finds all members online.
+    let _ = phase_tx.send(Phase::Run);
     let measured = Instant::now();
     let delivered_before = shared.delivered.load(Ordering::Relaxed);
     if plan.scenario == Scenario::ReconnectStorm {

@@ -82,11 +82,21 @@ async fn gateway() -> std::net::SocketAddr {
                                     let seq = routes.1.entry(send.conversation_id.clone()).or_default();
                                     *seq += 1;
                                     let seq = *seq;
-                                    let parts: Vec<u64> = send.conversation_id.split(':').skip(1).map(|p| p.parse().unwrap()).collect();
-                                    let peer = if parts[0] == me { parts[1] } else { parts[0] };
                                     let message = v1::Message { conversation_id: send.conversation_id.clone(), seq, sender_id: me, body: send.body, ..Default::default() };
-                                    if let Some(peer) = routes.0.get(&peer) {
-                                        let _ = peer.send(frame(0, server_frame::Body::Deliver(Deliver { message: Some(message) })));
+                                    let deliver = frame(0, server_frame::Body::Deliver(Deliver { message: Some(message) }));
+                                    if send.conversation_id.starts_with("g:") {
+                                        // A group: every other connected user is a member.
+                                        for (user, peer) in &routes.0 {
+                                            if *user != me {
+                                                let _ = peer.send(deliver.clone());
+                                            }
+                                        }
+                                    } else {
+                                        let parts: Vec<u64> = send.conversation_id.split(':').skip(1).map(|p| p.parse().unwrap()).collect();
+                                        let peer = if parts[0] == me { parts[1] } else { parts[0] };
+                                        if let Some(peer) = routes.0.get(&peer) {
+                                            let _ = peer.send(deliver);
+                                        }
                                     }
                                     let ack = SendAck { client_msg_id: send.client_msg_id, msg_id: String::new(), conversation_id: send.conversation_id, seq, server_time_ms: 0 };
                                     Some(frame(incoming.request_id, server_frame::Body::SendAck(ack)))
@@ -105,6 +115,112 @@ async fn gateway() -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+/// Runs the binary with `args` against `addr` and returns its JSON report.
+async fn run_loadgen(addr: std::net::SocketAddr, name: &str, args: &[&str]) -> serde_json::Value {
+    let dir = std::env::temp_dir().join(format!("pingme-loadgen-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens.txt");
+    std::fs::write(
+        &tokens,
+        (1..=50)
+            .map(|id| format!("{id} {id}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let report = dir.join("report.json");
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking({
+        let (tokens, report) = (tokens.clone(), report.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_pingme-loadgen"))
+                .args(&args)
+                .arg("--quiet")
+                .arg("--gateway")
+                .arg(format!("tcp://{addr}"))
+                .arg("--tokens")
+                .arg(&tokens)
+                .arg("--report")
+                .arg(&report)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_run_delivers_each_burst_to_every_other_member() {
+    let addr = gateway().await;
+    let report = run_loadgen(
+        addr,
+        "fanout",
+        &[
+            "run",
+            "fanout",
+            "-n",
+            "20",
+            "--burst",
+            "5",
+            "--burst-interval-ms",
+            "200",
+            "--duration",
+            "1",
+            "--drain",
+            "1",
+        ],
+    )
+    .await;
+    let deliveries = &report["deliveries"];
+    let acked = report["send_to_ack"]["count"].as_u64().unwrap();
+    assert!(acked >= 5, "{report}");
+    assert_eq!(deliveries["expected"].as_u64().unwrap(), acked * 19);
+    assert_eq!(deliveries["delivered"], deliveries["expected"]);
+    assert_eq!(deliveries["lost"], 0);
+    assert_eq!(deliveries["out_of_order"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_reconnects_a_fraction_each_interval() {
+    let addr = gateway().await;
+    let report = run_loadgen(
+        addr,
+        "storm",
+        &[
+            "run",
+            "reconnect-storm",
+            "-n",
+            "50",
+            "--fraction",
+            "0.5",
+            "--storm-interval",
+            "0.5",
+            "--duration",
+            "1.2",
+            "--drain",
+            "0.2",
+        ],
+    )
+    .await;
+    let reconnects = report["reconnects"].as_u64().unwrap();
+    // Two storms of about half of 50 connections each.
+    assert!((20..=80).contains(&reconnects), "{reconnects}");
+    assert_eq!(report["connect_failures"], 0);
+    assert_eq!(
+        report["connect_latency"]["count"].as_u64().unwrap(),
+        50 + reconnects
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
