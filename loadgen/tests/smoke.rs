@@ -210,6 +210,8 @@ async fn a_reconnect_storm_reconnects_a_fraction_each_interval() {
             "1.2",
             "--drain",
             "0.2",
+            "--source-addrs",
+            "127.0.0.2-127.0.0.9",
         ],
     )
     .await;
