@@ -1,2 +1,265 @@
-//! The `pingme-loadgen` binary.
-fn main() {}
+//! The `pingme-loadgen` binary: parses the command line, provisions users,
+//! runs a scenario (or merges reports) and exits non-zero when messages were
+//! lost, duplicated or reordered.
+
+mod accounting;
+mod limits;
+mod report;
+mod run;
+mod shard;
+mod source;
+mod users;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use pingme_client::{Endpoint, HttpApi};
+
+use crate::report::Report;
+use crate::run::{Plan, Scenario};
+use crate::shard::Shard;
+use crate::source::SourceAddrs;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Load generator for pingme gateways.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a scenario.
+    Run(Box<RunArgs>),
+    /// Merge JSON reports of processes that ran side by side.
+    Merge {
+        /// Report files.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// Write the merged report here (else print it).
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// What the connections do.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Gateway: tcp://host:port, tls://host:port, quic://host:port, ws://host:port/v1/ws.
+    #[arg(long, default_value = "tcp://127.0.0.1:7000")]
+    gateway: String,
+    /// HTTP API base URL (for --register).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// Users (= connections) in the whole run, across all shards.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    connections: u64,
+    /// This process's slice of the users: i/n.
+    #[arg(long, default_value = "0/1")]
+    shard: Shard,
+    /// Register and log in the users through the HTTP API first.
+    #[arg(long)]
+    register: bool,
+    /// Username prefix for --register (users are {prefix}{index}).
+    #[arg(long, default_value = "lg")]
+    user_prefix: String,
+    /// Password for --register.
+    #[arg(long, default_value = "loadgen-password")]
+    password: String,
+    /// Pre-provisioned users: a file of `user_id token` lines.
+    #[arg(long, conflicts_with = "register")]
+    tokens: Option<PathBuf>,
+    /// Concurrent HTTP requests while registering.
+    #[arg(long, default_value_t = 64)]
+    http_concurrency: usize,
+    /// New connections per second (0: as fast as possible).
+    #[arg(long, default_value_t = 1000)]
+    connect_rate: u64,
+    /// Handshakes in flight at most.
+    #[arg(long, default_value_t = 2000)]
+    connect_concurrency: usize,
+    /// Connect + auth timeout, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Local addresses to spread connections over: `a,b,first-last`.
+    /// Default: 127.0.0.1.. (as many as needed) when the gateway is on
+    /// loopback, the system's choice otherwise.
+    #[arg(long)]
+    source_addrs: Option<String>,
+    /// Seconds of the measured phase (after the ramp).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds to wait for outstanding deliveries after sending stops.
+    #[arg(long, default_value_t = 3.0)]
+    drain: f64,
+    /// Heartbeat period in seconds (default: the server's).
+    #[arg(long)]
+    heartbeat: Option<f64>,
+    /// chat: messages per second per connection.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Message body size in bytes (at least 16).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// fanout: the group conversation every user is a member of (g:ID).
+    #[arg(long, default_value = "g:1")]
+    group: String,
+    /// fanout: messages per burst.
+    #[arg(long, default_value_t = 10)]
+    burst: u64,
+    /// fanout: milliseconds between bursts.
+    #[arg(long, default_value_t = 1000)]
+    burst_interval_ms: u64,
+    /// reconnect-storm: fraction of connections dropped per storm.
+    #[arg(long, default_value_t = 0.1)]
+    fraction: f64,
+    /// reconnect-storm: seconds between storms.
+    #[arg(long, default_value_t = 5.0)]
+    storm_interval: f64,
+    /// Sample this server process's VmRSS before and after connecting.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write the per-second time series as CSV here (for plotting).
+    #[arg(long)]
+    timeline_csv: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Merge { reports, report } => merge(&reports, report.as_deref()),
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(run_scenario(*args))),
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("FAILED: messages were lost, duplicated or reordered");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn merge(paths: &[PathBuf], out: Option<&std::path::Path>) -> anyhow::Result<bool> {
+    let reports = paths
+        .iter()
+        .map(|p| {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            serde_json::from_str::<Report>(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let merged = Report::merge(&reports).map_err(anyhow::Error::msg)?;
+    let json = serde_json::to_string_pretty(&merged)?;
+    match out {
+        Some(path) => {
+            std::fs::write(path, json)?;
+            merged.print_summary();
+        }
+        None => println!("{json}"),
+    }
+    Ok(!merged.has_errors())
+}
+
+async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {
+    let range = args.shard.users(args.connections);
+    let local = range.end - range.start;
+    limits::ensure_open_files(local).map_err(anyhow::Error::msg)?;
+    let endpoint = Endpoint::parse(&args.gateway)?;
+    let sources = match &args.source_addrs {
+        Some(text) => Some(SourceAddrs::parse(text).map_err(anyhow::Error::msg)?),
+        None if endpoint.addr().ip().is_loopback() && endpoint.addr().is_ipv4() => {
+            Some(SourceAddrs::loopback_for(local))
+        }
+        None => None,
+    };
+    if let Some(sources) = &sources
+        && sources.capacity() < local
+    {
+        anyhow::bail!(
+            "{local} connections need more than the {} source addresses given ({} ports each)",
+            sources.len(),
+            source::PORTS_PER_ADDRESS
+        );
+    }
+    if args.size < 16 {
+        anyhow::bail!("--size must be at least 16 (run tag and send time)");
+    }
+
+    let started = std::time::Instant::now();
+    let users = if let Some(path) = &args.tokens {
+        users::from_tokens_file(&std::fs::read_to_string(path)?, range.clone())?
+    } else if args.register {
+        let api = HttpApi::new(&args.api);
+        let users = users::register_and_login(
+            &api,
+            &args.user_prefix,
+            &args.password,
+            range.clone(),
+            args.http_concurrency,
+        )
+        .await?;
+        println!(
+            "registered/logged in {} users in {:.1}s",
+            users.len(),
+            started.elapsed().as_secs_f64()
+        );
+        users
+    } else {
+        anyhow::bail!("give --register or --tokens FILE");
+    };
+
+    let plan = Plan {
+        scenario: args.scenario,
+        endpoint,
+        sources,
+        connect_rate: args.connect_rate,
+        connect_concurrency: args.connect_concurrency,
+        connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+        duration: Duration::from_secs_f64(args.duration),
+        drain: Duration::from_secs_f64(args.drain),
+        heartbeat: args.heartbeat.map(Duration::from_secs_f64),
+        rate_per_connection: args.rate,
+        body_size: args.size,
+        group: args.group.clone(),
+        burst: args.burst,
+        burst_interval: Duration::from_millis(args.burst_interval_ms.max(1)),
+        storm_fraction: args.fraction.clamp(0.0, 1.0),
+        storm_interval: Duration::from_secs_f64(args.storm_interval.max(0.1)),
+        server_pid: args.server_pid,
+        quiet: args.quiet,
+    };
+    let shard_label = format!("{}/{}", args.shard.index, args.shard.count);
+    let report = run::run(plan, users, shard_label).await;
+    report.print_summary();
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        println!("report written to {}", path.display());
+    }
+    if let Some(path) = &args.timeline_csv {
+        std::fs::write(path, report.timeline_csv())?;
+    }
+    Ok(!report.has_errors())
+}

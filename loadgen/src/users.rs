@@ -1,0 +1,94 @@
+//! Where the load generator's users come from: registered and logged in
+//! through the HTTP API before connecting (bounded concurrency), or read
+//! from a file of pre-provisioned tokens (`user_id token` per line; line i
+//! is user i, so `--shard` slices the file like it slices registration).
+
+use std::ops::Range;
+
+use futures::StreamExt;
+use pingme_client::{ErrorCode, HttpApi};
+
+/// One user the load generator connects as.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Server-assigned id.
+    pub user_id: u64,
+    /// Access token for `Authenticate`.
+    pub token: String,
+}
+
+/// Registers (or finds already registered) and logs in users
+/// `{prefix}{i}` for every i in `range`, `concurrency` requests at a time.
+pub async fn register_and_login(
+    api: &HttpApi,
+    prefix: &str,
+    password: &str,
+    range: Range<u64>,
+    concurrency: usize,
+) -> anyhow::Result<Vec<User>> {
+    let results: Vec<anyhow::Result<User>> = futures::stream::iter(range)
+        .map(|i| async move {
+            let username = format!("{prefix}{i}");
+            match api.register(&username, password).await {
+                Ok(_) => {}
+                Err(e) if e.code() == Some(ErrorCode::UsernameTaken) => {}
+                Err(e) => return Err(anyhow::anyhow!("register {username}: {e}")),
+            }
+            let login = api
+                .login(&username, password, "loadgen")
+                .await
+                .map_err(|e| anyhow::anyhow!("login {username}: {e}"))?;
+            Ok(User {
+                user_id: login.user_id,
+                token: login.token,
+            })
+        })
+        .buffered(concurrency.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Reads the users of `range` from a tokens file.
+pub fn from_tokens_file(text: &str, range: Range<u64>) -> anyhow::Result<Vec<User>> {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    if (lines.len() as u64) < range.end {
+        anyhow::bail!(
+            "the tokens file has {} users, the run needs {}",
+            lines.len(),
+            range.end
+        );
+    }
+    lines[range.start as usize..range.end as usize]
+        .iter()
+        .map(|line| {
+            let (id, token) = line
+                .split_once(char::is_whitespace)
+                .ok_or_else(|| anyhow::anyhow!("tokens line {line:?} is not `user_id token`"))?;
+            Ok(User {
+                user_id: id.parse()?,
+                token: token.trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_reads_its_lines_of_the_tokens_file() {
+        let file = "# users\n1 tok-a\n2 tok-b\n\n3 tok-c\n4 tok-d\n";
+        let users = from_tokens_file(file, 1..3).unwrap();
+        assert_eq!(users.len(), 2);
+        assert_eq!((users[0].user_id, users[0].token.as_str()), (2, "tok-b"));
+        assert_eq!((users[1].user_id, users[1].token.as_str()), (3, "tok-c"));
+        assert!(from_tokens_file(file, 0..5).is_err());
+        assert!(from_tokens_file("x", 0..1).is_err());
+    }
+}

@@ -1,0 +1,325 @@
+//! Runs the real `pingme-loadgen` binary against a tiny in-test gateway
+//! (real TCP, `ServerCodec`, 1:1 routing) and checks the report: every
+//! acknowledged chat message was delivered once, in order. Also checks the
+//! up-front open-files refusal. The end-to-end run against the real server
+//! belongs to integration.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use futures::{SinkExt, StreamExt};
+use pingme_protocol::v1::{self, AuthOk, Deliver, HelloAck, SendAck, client_frame, server_frame};
+use pingme_protocol::{ServerCodec, ServerFrame};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+
+type Routes = Arc<
+    Mutex<(
+        HashMap<u64, mpsc::UnboundedSender<ServerFrame>>,
+        HashMap<String, u64>,
+    )>,
+>;
+
+fn frame(request_id: u64, body: server_frame::Body) -> ServerFrame {
+    ServerFrame {
+        request_id,
+        body: Some(body),
+    }
+}
+
+/// Tokens are the user id in text; a dm goes to the other member.
+async fn gateway() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes: Routes = Arc::default();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let routes = routes.clone();
+            socket.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                let mut framed = Framed::new(socket, ServerCodec::default());
+                let Some(Ok(_hello)) = framed.next().await else {
+                    return;
+                };
+                let ack = HelloAck {
+                    version: 1,
+                    max_frame_size: 65536,
+                    heartbeat_interval_ms: 1000,
+                    idle_timeout_ms: 3000,
+                };
+                framed
+                    .send(frame(1, server_frame::Body::HelloAck(ack)))
+                    .await
+                    .unwrap();
+                let Some(Ok(auth)) = framed.next().await else {
+                    return;
+                };
+                let Some(client_frame::Body::Authenticate(a)) = auth.body else {
+                    return;
+                };
+                let me: u64 = a.token.parse().unwrap();
+                let ok = AuthOk {
+                    user_id: me,
+                    device_id: "d".into(),
+                    server_time_ms: 0,
+                };
+                framed
+                    .send(frame(auth.request_id, server_frame::Body::AuthOk(ok)))
+                    .await
+                    .unwrap();
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                routes.lock().unwrap().0.insert(me, tx);
+                loop {
+                    tokio::select! {
+                        incoming = framed.next() => {
+                            let Some(Ok(incoming)) = incoming else { return };
+                            let reply = match incoming.body {
+                                Some(client_frame::Body::Ping(p)) => Some(frame(0, server_frame::Body::Pong(v1::Pong { client_time_ms: p.client_time_ms, server_time_ms: 0 }))),
+                                Some(client_frame::Body::Send(send)) => {
+                                    let mut routes = routes.lock().unwrap();
+                                    let seq = routes.1.entry(send.conversation_id.clone()).or_default();
+                                    *seq += 1;
+                                    let seq = *seq;
+                                    let message = v1::Message { conversation_id: send.conversation_id.clone(), seq, sender_id: me, body: send.body, ..Default::default() };
+                                    let deliver = frame(0, server_frame::Body::Deliver(Deliver { message: Some(message) }));
+                                    if send.conversation_id.starts_with("g:") {
+                                        // A group: every other connected user is a member.
+                                        for (user, peer) in &routes.0 {
+                                            if *user != me {
+                                                let _ = peer.send(deliver.clone());
+                                            }
+                                        }
+                                    } else {
+                                        let parts: Vec<u64> = send.conversation_id.split(':').skip(1).map(|p| p.parse().unwrap()).collect();
+                                        let peer = if parts[0] == me { parts[1] } else { parts[0] };
+                                        if let Some(peer) = routes.0.get(&peer) {
+                                            let _ = peer.send(deliver);
+                                        }
+                                    }
+                                    let ack = SendAck { client_msg_id: send.client_msg_id, msg_id: String::new(), conversation_id: send.conversation_id, seq, server_time_ms: 0 };
+                                    Some(frame(incoming.request_id, server_frame::Body::SendAck(ack)))
+                                }
+                                _ => None,
+                            };
+                            if let Some(reply) = reply && framed.send(reply).await.is_err() { return; }
+                        }
+                        out = rx.recv() => {
+                            let Some(out) = out else { return };
+                            if framed.send(out).await.is_err() { return; }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Runs the binary with `args` against `addr` and returns its JSON report.
+async fn run_loadgen(addr: std::net::SocketAddr, name: &str, args: &[&str]) -> serde_json::Value {
+    let dir = std::env::temp_dir().join(format!("pingme-loadgen-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens.txt");
+    std::fs::write(
+        &tokens,
+        (1..=50)
+            .map(|id| format!("{id} {id}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let report = dir.join("report.json");
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking({
+        let (tokens, report) = (tokens.clone(), report.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_pingme-loadgen"))
+                .args(&args)
+                .arg("--quiet")
+                .arg("--gateway")
+                .arg(format!("tcp://{addr}"))
+                .arg("--tokens")
+                .arg(&tokens)
+                .arg("--report")
+                .arg(&report)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_run_delivers_each_burst_to_every_other_member() {
+    let addr = gateway().await;
+    let report = run_loadgen(
+        addr,
+        "fanout",
+        &[
+            "run",
+            "fanout",
+            "-n",
+            "20",
+            "--burst",
+            "5",
+            "--burst-interval-ms",
+            "200",
+            "--duration",
+            "1",
+            "--drain",
+            "1",
+        ],
+    )
+    .await;
+    let deliveries = &report["deliveries"];
+    let acked = report["send_to_ack"]["count"].as_u64().unwrap();
+    assert!(acked >= 5, "{report}");
+    assert_eq!(deliveries["expected"].as_u64().unwrap(), acked * 19);
+    assert_eq!(deliveries["delivered"], deliveries["expected"]);
+    assert_eq!(deliveries["lost"], 0);
+    assert_eq!(deliveries["out_of_order"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_reconnects_a_fraction_each_interval() {
+    let addr = gateway().await;
+    let report = run_loadgen(
+        addr,
+        "storm",
+        &[
+            "run",
+            "reconnect-storm",
+            "-n",
+            "50",
+            "--fraction",
+            "0.5",
+            "--storm-interval",
+            "0.5",
+            "--duration",
+            "1.2",
+            "--drain",
+            "0.2",
+            "--source-addrs",
+            "127.0.0.2-127.0.0.9",
+        ],
+    )
+    .await;
+    let reconnects = report["reconnects"].as_u64().unwrap();
+    // Two storms of about half of 50 connections each.
+    assert!((20..=80).contains(&reconnects), "{reconnects}");
+    assert_eq!(report["connect_failures"], 0);
+    assert_eq!(
+        report["connect_latency"]["count"].as_u64().unwrap(),
+        50 + reconnects
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_run_reports_every_message_delivered_once() {
+    let addr = gateway().await;
+    let dir = std::env::temp_dir().join(format!("pingme-loadgen-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens.txt");
+    std::fs::write(
+        &tokens,
+        (1..=10)
+            .map(|id| format!("{id} {id}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let report = dir.join("report.json");
+    let output = tokio::task::spawn_blocking({
+        let (tokens, report) = (tokens.clone(), report.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_pingme-loadgen"))
+                .args([
+                    "run",
+                    "chat",
+                    "-n",
+                    "10",
+                    "--rate",
+                    "20",
+                    "--duration",
+                    "2",
+                    "--drain",
+                    "1",
+                    "--quiet",
+                ])
+                .arg("--gateway")
+                .arg(format!("tcp://{addr}"))
+                .arg("--tokens")
+                .arg(&tokens)
+                .arg("--report")
+                .arg(&report)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["connections_established"], 10);
+    let deliveries = &report["deliveries"];
+    let expected = deliveries["expected"].as_u64().unwrap();
+    assert!(
+        expected >= 100,
+        "10 connections at 20/s for 2 s: {deliveries}"
+    );
+    assert_eq!(deliveries["delivered"].as_u64().unwrap(), expected);
+    assert_eq!(deliveries["lost"], 0);
+    assert_eq!(deliveries["duplicated"], 0);
+    assert_eq!(deliveries["out_of_order"], 0);
+    assert_eq!(report["send_to_ack"]["count"].as_u64().unwrap(), expected);
+    assert_eq!(
+        report["send_to_deliver"]["count"].as_u64().unwrap(),
+        expected
+    );
+
+    // The merge subcommand reads it back and doubles the counts.
+    let merged = dir.join("merged.json");
+    let status = Command::new(env!("CARGO_BIN_EXE_pingme-loadgen"))
+        .arg("merge")
+        .arg(dir.join("report.json"))
+        .arg(dir.join("report.json"))
+        .arg("--report")
+        .arg(&merged)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let merged: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&merged).unwrap()).unwrap();
+    assert_eq!(
+        merged["deliveries"]["expected"].as_u64().unwrap(),
+        2 * expected
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn more_connections_than_open_files_fail_up_front() {
+    let output = Command::new(env!("CARGO_BIN_EXE_pingme-loadgen"))
+        .args(["run", "idle", "-n", "100000000", "--tokens", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("open files"), "{stderr}");
+}
