@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# End-to-end scenarios: starts `pingme serve` (single node, durable embedded
+# store, loopback only) and drives it with `pingme-loadgen`, one scenario at
+# a time, printing each summary and writing the JSON reports. Every loop is
+# bounded: counts and durations come from the settings below.
+#
+#   benches/e2e.sh                # full run (release binaries; builds them)
+#   benches/e2e.sh --smoke        # small and short (CI; uses debug binaries)
+#
+# Scenarios: group fanout (one group, every member online, bursts of 100-byte
+# messages), idle fleet (connect+auth rate, server memory per connection),
+# 1:1 chat (every connection sends one message per second; send->deliver
+# latency with durable storage). Loss, duplication or reordering makes the
+# load generator, and so this script, fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=full
+[ "${1:-}" = "--smoke" ] && mode=smoke
+target="${CARGO_TARGET_DIR:-target}"
+if [ "$mode" = smoke ]; then
+    profile_dir="$target/debug"
+    cargo build --locked -q -p pingme-gateway --bin pingme -p pingme-loadgen
+    FANOUT_MEMBERS=200 FANOUT_SECONDS=3 IDLE=500 CHAT=200 CHAT_SECONDS=5
+else
+    profile_dir="$target/release"
+    cargo build --locked -q --release -p pingme-gateway --bin pingme -p pingme-loadgen
+    FANOUT_MEMBERS=${FANOUT_MEMBERS:-5000} FANOUT_SECONDS=${FANOUT_SECONDS:-10}
+    IDLE=${IDLE:-19000} CHAT=${CHAT:-10000} CHAT_SECONDS=${CHAT_SECONDS:-30}
+fi
+pingme="$profile_dir/pingme"
+loadgen_bin="$profile_dir/pingme-loadgen"
+loadgen() { "$loadgen_bin" "$@" --api http://127.0.0.1:18080 --gateway tcp://127.0.0.1:17000; }
+out="${E2E_OUT:-$(mktemp -d)}"
+mkdir -p "$out"
+echo "reports in $out"
+
+api=http://127.0.0.1:18080
+cat > "$out/pingme.yaml" <<YAML
+app: { host: 127.0.0.1, port: 18080, env: development }
+listeners: { tcp: 127.0.0.1:17000, tls: 127.0.0.1:17443, quic: 127.0.0.1:17443, metrics: 127.0.0.1:19093 }
+session: { messages_per_second: 100000, idle_timeout: 300s }
+# Registration is not what is measured: cheap password hashing keeps the
+# set-up of thousands of users short.
+auth: { jwt_secret: e2e-benchmark-secret-0123456789, password_hash_memory_kib: 64, password_hash_iterations: 1 }
+storage: { data_dir: $out/data }
+YAML
+
+server_pid=""
+stop_server() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null; server_pid=""; }
+trap stop_server EXIT
+start_server() {
+    stop_server
+    rm -rf "$out/data"
+    RUST_LOG=warn "$pingme" serve --config "$out/pingme.yaml" > "$out/server.log" 2>&1 &
+    server_pid=$!
+    for _ in $(seq 100); do
+        curl -sf "$api/health" > /dev/null && return 0
+        sleep 0.1
+    done
+    echo "pingme serve did not become ready; log:"; cat "$out/server.log"; exit 1
+}
+post() { curl -sf -X POST "$api$1" -H 'content-type: application/json' ${3:+-H "authorization: Bearer $3"} -d "$2"; }
+
+echo; echo "== fanout: one group of $FANOUT_MEMBERS online members, bursts of 100 x 100 B"
+start_server
+# On a fresh store the members registered first get the ids 1..N.
+loadgen run idle -n "$FANOUT_MEMBERS" --register --user-prefix fo --duration 1 --drain 0 --quiet > /dev/null
+post /v1/auth/register '{"username":"fanout-owner","password":"owner-password"}' > /dev/null
+owner=$(post /v1/auth/login '{"username":"fanout-owner","password":"owner-password","device_id":"bench"}' | sed 's/.*"token":"\([^"]*\)".*/\1/')
+group=$(post /v1/groups '{"name":"fanout","members":[]}' "$owner" | sed 's/.*"group_id":\([0-9]*\).*/\1/')
+for start in $(seq 1 10000 "$FANOUT_MEMBERS"); do
+    end=$(( start + 9999 < FANOUT_MEMBERS ? start + 9999 : FANOUT_MEMBERS ))
+    ids=$(seq -s, "$start" "$end")
+    post "/v1/groups/$group/members" "{\"user_ids\":[$ids]}" "$owner" > /dev/null
+done
+loadgen run fanout -n "$FANOUT_MEMBERS" --register --user-prefix fo --group "g:$group" \
+    --burst 100 --burst-interval-ms 200 --size 100 --duration "$FANOUT_SECONDS" --quiet --report "$out/fanout.json"
+
+echo; echo "== idle fleet: $IDLE authenticated TCP connections, connect as fast as possible"
+start_server
+loadgen run idle -n "$IDLE" --register --user-prefix idle --connect-rate 0 --duration 5 --drain 0 \
+    --server-pid "$server_pid" --quiet --report "$out/idle.json"
+
+echo; echo "== chat: $CHAT connections, each sends one 1:1 message per second (durable)"
+start_server
+loadgen run chat -n "$CHAT" --register --user-prefix chat --rate 1 --size 100 --duration "$CHAT_SECONDS" \
+    --quiet --report "$out/chat.json"
+
+echo; echo "e2e scenarios passed; reports in $out"
