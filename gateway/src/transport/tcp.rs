@@ -22,20 +22,10 @@ pub(crate) fn bind_tcp_group(
     addr: SocketAddr,
     count: usize,
 ) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(count);
-    let mut addr = addr;
-    for _ in 0..count {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
+    bind_reuseport_group(addr, count, Type::STREAM, Protocol::TCP, |socket| {
         socket.listen(4096)?;
-        let listener: std::net::TcpListener = socket.into();
-        addr = listener.local_addr()?;
-        listeners.push(listener);
-    }
-    Ok(listeners)
+        Ok(socket.into())
+    })
 }
 
 /// Binds `count` UDP sockets on the same address with SO_REUSEPORT (QUIC).
@@ -43,19 +33,32 @@ pub(crate) fn bind_udp_group(
     addr: SocketAddr,
     count: usize,
 ) -> std::io::Result<Vec<std::net::UdpSocket>> {
-    let mut sockets: Vec<std::net::UdpSocket> = Vec::with_capacity(count);
-    let mut addr = addr;
+    bind_reuseport_group(addr, count, Type::DGRAM, Protocol::UDP, |socket| {
+        Ok(socket.into())
+    })
+}
+
+/// The shared part: `count` non-blocking sockets bound to one address with
+/// SO_REUSEPORT; after the first bind, the others reuse its port (so port
+/// 0 means one free port for the whole group).
+fn bind_reuseport_group<S>(
+    mut addr: SocketAddr,
+    count: usize,
+    kind: Type,
+    protocol: Protocol,
+    finish: impl Fn(Socket) -> std::io::Result<S>,
+) -> std::io::Result<Vec<S>> {
+    let mut group = Vec::with_capacity(count);
     for _ in 0..count {
-        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        let socket = Socket::new(Domain::for_address(addr), kind, Some(protocol))?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
-        let socket: std::net::UdpSocket = socket.into();
-        addr = socket.local_addr()?;
-        sockets.push(socket);
+        addr = socket.local_addr()?.as_socket().unwrap_or(addr);
+        group.push(finish(socket)?);
     }
-    Ok(sockets)
+    Ok(group)
 }
 
 /// Accepts plain TCP connections until shutdown.
