@@ -385,23 +385,9 @@ fn poll_stream<S: AsyncRead + AsyncWrite + Unpin>(
     conn.register_waker(cx.waker());
     let mut reads = 0;
     loop {
-        let flushed = match conn.poll_flush_queue(io, cx) {
-            Poll::Ready(Ok(())) => true,
-            Poll::Ready(Err(_)) => {
-                conn.close(None, CloseReason::IoError);
-                ctx.end_session(conn);
-                return Poll::Ready(());
-            }
-            Poll::Pending => false,
-        };
-        if conn.closing().is_some() {
-            ctx.end_session(conn);
-            if flushed {
-                return Poll::Ready(());
-            }
-            let sleep =
-                linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(ctx.limits.close_linger)));
-            return sleep.as_mut().poll(cx);
+        let flush = conn.poll_flush_queue(io, cx).map(|r| r.map_err(drop));
+        if let Some(done) = after_flush(flush, conn, ctx, linger, cx) {
+            return done;
         }
         if reads == READS_PER_TURN {
             cx.waker().wake_by_ref();
@@ -421,6 +407,38 @@ fn poll_stream<S: AsyncRead + AsyncWrite + Unpin>(
             Poll::Pending => return Poll::Pending,
         }
     }
+}
+
+/// What a driver does after trying to flush its queue, the same for every
+/// transport: a failed write ends the session at once; a closing connection
+/// ends its session and is done when its last frames are out or its linger
+/// time has passed. `None`: the connection goes on, read from it.
+pub(crate) fn after_flush(
+    flush: Poll<Result<(), ()>>,
+    conn: &Rc<Conn>,
+    ctx: &Rc<ShardCtx>,
+    linger: &mut Option<Pin<Box<Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Option<Poll<()>> {
+    let flushed = match flush {
+        Poll::Ready(Ok(())) => true,
+        Poll::Ready(Err(())) => {
+            conn.close(None, CloseReason::IoError);
+            ctx.end_session(conn);
+            return Some(Poll::Ready(()));
+        }
+        Poll::Pending => false,
+    };
+    if conn.closing().is_some() {
+        ctx.end_session(conn);
+        if flushed {
+            return Some(Poll::Ready(()));
+        }
+        let sleep =
+            linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(ctx.limits.close_linger)));
+        return Some(sleep.as_mut().poll(cx));
+    }
+    None
 }
 
 /// Reads once and handles every complete frame. Ready(Ok(false)) at end of

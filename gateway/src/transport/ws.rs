@@ -21,7 +21,7 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use pingme_protocol::{ErrorCode, ServerFrame, encode_frame};
 use tokio::time::Sleep;
 
-use crate::connection::{CloseReason, Conn, Transport};
+use crate::connection::{CloseReason, Conn, Transport, after_flush};
 use crate::index::Connections;
 use crate::session::{FrameTransport, on_frame, whole_message_payload};
 use crate::shard::{ShardCtx, count_disconnect};
@@ -134,23 +134,9 @@ fn poll_websocket(
     conn.register_waker(cx.waker());
     let mut messages = 0;
     loop {
-        let flushed = match poll_send_queue(socket, conn, cx) {
-            Poll::Ready(Ok(())) => true,
-            Poll::Ready(Err(())) => {
-                conn.close(None, CloseReason::IoError);
-                ctx.end_session(conn);
-                return Poll::Ready(());
-            }
-            Poll::Pending => false,
-        };
-        if conn.closing().is_some() {
-            ctx.end_session(conn);
-            if flushed {
-                return Poll::Ready(());
-            }
-            let sleep =
-                linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(ctx.limits.close_linger)));
-            return sleep.as_mut().poll(cx);
+        let flush = poll_send_queue(socket, conn, cx);
+        if let Some(done) = after_flush(flush, conn, ctx, linger, cx) {
+            return done;
         }
         if messages == 64 {
             cx.waker().wake_by_ref();
