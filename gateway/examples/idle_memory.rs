@@ -75,16 +75,21 @@ fn lazy_free_bytes() -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    let tuning = pingme_gateway::allocator::tune();
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("client") {
         return client(&args[2..]);
     }
     let transport = args.get(1).cloned().unwrap_or_else(|| "tcp".into());
     let count: usize = args.get(2).map_or(Ok(19_000), |n| n.parse())?;
-    server(&transport, count)
+    server(&transport, count, tuning)
 }
 
-fn server(transport: &str, count: usize) -> anyhow::Result<()> {
+fn server(
+    transport: &str,
+    count: usize,
+    tuning: pingme_gateway::allocator::Tuning,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -160,8 +165,10 @@ fn server(transport: &str, count: usize) -> anyhow::Result<()> {
     let per_connection = loaded.saturating_sub(baseline) as f64 / online.max(1) as f64;
     let in_use = (loaded - loaded_lazy).saturating_sub(baseline - baseline_lazy);
     println!(
-        "transport={transport} connections={online} shards={} ramp_s={:.1} rss_baseline_kib={} rss_loaded_kib={} lazy_free_kib={} bytes_per_connection={per_connection:.0} bytes_per_connection_excluding_lazy_free={:.0}",
+        "transport={transport} connections={online} shards={} arena_eager_commit={} thp={} ramp_s={:.1} rss_baseline_kib={} rss_loaded_kib={} lazy_free_kib={} bytes_per_connection={per_connection:.0} bytes_per_connection_excluding_lazy_free={:.0}",
         gateway.shard_count(),
+        tuning.arena_eager_commit,
+        !tuning.disabled_huge_pages,
         ramp.as_secs_f64(),
         baseline / 1024,
         loaded / 1024,

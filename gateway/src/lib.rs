@@ -3,6 +3,7 @@
 //! sessions and their limits, the HTTP API, operations endpoints and the
 //! `pingme` binary's wiring.
 
+pub mod allocator;
 pub mod auth;
 pub mod config;
 pub mod connection;

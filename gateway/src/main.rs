@@ -35,6 +35,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    pingme_gateway::allocator::tune();
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {
