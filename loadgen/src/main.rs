@@ -3,6 +3,7 @@
 //! lost, duplicated or reordered.
 
 mod accounting;
+mod chart;
 mod limits;
 mod report;
 mod run;
@@ -45,6 +46,10 @@ enum Command {
         /// Write the merged report here (else print it).
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Draw the merged per-second throughput and latency as a PNG here
+        /// (per-second latencies of merged shards are the worst shard's).
+        #[arg(long, value_name = "FILE")]
+        timeline_png: Option<PathBuf>,
     },
 }
 
@@ -133,6 +138,11 @@ struct RunArgs {
     /// Write the per-second time series as CSV here (for plotting).
     #[arg(long)]
     timeline_csv: Option<PathBuf>,
+    /// Draw the per-second time series as a PNG here: throughput
+    /// (delivered/s, acked sends/s, connected) over send-to-deliver latency
+    /// (p50, p99, and send-to-ack p99, in ms). No system fonts needed.
+    #[arg(long, value_name = "FILE")]
+    timeline_png: Option<PathBuf>,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -141,7 +151,11 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Merge { reports, report } => merge(&reports, report.as_deref()),
+        Command::Merge {
+            reports,
+            report,
+            timeline_png,
+        } => merge(&reports, report.as_deref(), timeline_png.as_deref()),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -161,7 +175,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn merge(paths: &[PathBuf], out: Option<&std::path::Path>) -> anyhow::Result<bool> {
+fn merge(
+    paths: &[PathBuf],
+    out: Option<&std::path::Path>,
+    timeline_png: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
     let reports = paths
         .iter()
         .map(|p| {
@@ -179,6 +197,9 @@ fn merge(paths: &[PathBuf], out: Option<&std::path::Path>) -> anyhow::Result<boo
             merged.print_summary();
         }
         None => println!("{json}"),
+    }
+    if let Some(path) = timeline_png {
+        chart::write_png(&merged, path)?;
     }
     Ok(!merged.has_errors())
 }
@@ -260,6 +281,10 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {
     }
     if let Some(path) = &args.timeline_csv {
         std::fs::write(path, report.timeline_csv())?;
+    }
+    if let Some(path) = &args.timeline_png {
+        chart::write_png(&report, path)?;
+        println!("timeline chart written to {}", path.display());
     }
     Ok(!report.has_errors())
 }

@@ -93,6 +93,13 @@ pub struct Sample {
     pub errors: u64,
     /// p99 send-to-ack over this second, microseconds (0 without sends).
     pub ack_p99_us: u64,
+    /// Median send-to-deliver over this second, microseconds (0 without
+    /// deliveries; absent in reports from before it was recorded).
+    #[serde(default)]
+    pub deliver_p50_us: u64,
+    /// p99 send-to-deliver over this second, microseconds (0 without deliveries).
+    #[serde(default)]
+    pub deliver_p99_us: u64,
 }
 
 /// The report of one process, or the merge of several.
@@ -187,6 +194,8 @@ impl Report {
                 slot.errors += sample.errors;
                 // Not mergeable exactly; the worst shard is the honest bound.
                 slot.ack_p99_us = slot.ack_p99_us.max(sample.ack_p99_us);
+                slot.deliver_p50_us = slot.deliver_p50_us.max(sample.deliver_p50_us);
+                slot.deliver_p99_us = slot.deliver_p99_us.max(sample.deliver_p99_us);
             }
         }
         merged.shards.sort();
@@ -196,11 +205,21 @@ impl Report {
 
     /// The time series as CSV (for plotting with any tool).
     pub fn timeline_csv(&self) -> String {
-        let mut csv = String::from("second,connected,connects,acked,delivered,errors,ack_p99_us\n");
+        let mut csv = String::from(
+            "second,connected,connects,acked,delivered,errors,ack_p99_us,deliver_p50_us,deliver_p99_us\n",
+        );
         for s in &self.timeline {
             csv.push_str(&format!(
-                "{},{},{},{},{},{},{}\n",
-                s.second, s.connected, s.connects, s.acked, s.delivered, s.errors, s.ack_p99_us
+                "{},{},{},{},{},{},{},{},{}\n",
+                s.second,
+                s.connected,
+                s.connects,
+                s.acked,
+                s.delivered,
+                s.errors,
+                s.ack_p99_us,
+                s.deliver_p50_us,
+                s.deliver_p99_us
             ));
         }
         csv

@@ -79,6 +79,9 @@ struct Shared {
     ack_latency: Mutex<Histogram<u64>>,
     ack_latency_second: Mutex<Histogram<u64>>,
     deliver_latency: Mutex<Histogram<u64>>,
+    /// Send-to-deliver of the current second only; the progress loop
+    /// reads its p50/p99 and resets it every second.
+    deliver_latency_second: Mutex<Histogram<u64>>,
     accounting: Mutex<Accounting>,
     /// Local fanout members online (recipients per fanout send).
     members: AtomicU64,
@@ -184,6 +187,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         ack_latency: Mutex::new(new_histogram()),
         ack_latency_second: Mutex::new(new_histogram()),
         deliver_latency: Mutex::new(new_histogram()),
+        deliver_latency_second: Mutex::new(new_histogram()),
         accounting: Mutex::new(Accounting::default()),
         members: AtomicU64::new(0),
     });
@@ -341,19 +345,9 @@ async fn progress_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> 
             shared.delivered.load(Ordering::Relaxed),
             shared.errors.load(Ordering::Relaxed),
         );
-        let ack_p99 = {
-            let mut h = shared
-                .ack_latency_second
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let p99 = if h.is_empty() {
-                0
-            } else {
-                h.value_at_quantile(0.99)
-            };
-            h.reset();
-            p99
-        };
+        let [ack_p99] = take_quantiles(&shared.ack_latency_second, [0.99]);
+        let [deliver_p50, deliver_p99] =
+            take_quantiles(&shared.deliver_latency_second, [0.50, 0.99]);
         let sample = Sample {
             second: started.elapsed().as_secs(),
             connected: shared.connected.load(Ordering::Relaxed),
@@ -362,10 +356,12 @@ async fn progress_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> 
             delivered: now.2 - last.2,
             errors: now.3 - last.3,
             ack_p99_us: ack_p99,
+            deliver_p50_us: deliver_p50,
+            deliver_p99_us: deliver_p99,
         };
         if !shared.plan.quiet {
             println!(
-                "[{:>4}s] connected {:>8} (+{:>6}/s) failed {:>6} | acked {:>7}/s p99 {:>7}us | delivered {:>8}/s | errors {}",
+                "[{:>4}s] connected {:>8} (+{:>6}/s) failed {:>6} | acked {:>7}/s p99 {:>7}us | delivered {:>8}/s p99 {:>7}us | errors {}",
                 sample.second,
                 sample.connected,
                 sample.connects,
@@ -373,12 +369,31 @@ async fn progress_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> 
                 sample.acked,
                 sample.ack_p99_us,
                 sample.delivered,
+                sample.deliver_p99_us,
                 sample.errors
             );
         }
         samples.push(sample);
         last = now;
     }
+}
+
+/// The quantiles of one second's histogram (0 when it saw nothing), then
+/// empties it for the next second.
+fn take_quantiles<const N: usize>(
+    histogram: &Mutex<Histogram<u64>>,
+    quantiles: [f64; N],
+) -> [u64; N] {
+    let mut h = histogram.lock().unwrap_or_else(|e| e.into_inner());
+    let values = quantiles.map(|q| {
+        if h.is_empty() {
+            0
+        } else {
+            h.value_at_quantile(q)
+        }
+    });
+    h.reset();
+    values
 }
 
 async fn open(shared: &Shared, users: &[User], index: usize) -> Option<Session> {
@@ -643,10 +658,9 @@ async fn handle(
                 && message.sender_id != me
             {
                 shared.delivered.fetch_add(1, Ordering::Relaxed);
-                record(
-                    &shared.deliver_latency,
-                    Duration::from_micros(unix_micros().saturating_sub(sent_us)),
-                );
+                let latency = Duration::from_micros(unix_micros().saturating_sub(sent_us));
+                record(&shared.deliver_latency, latency);
+                record(&shared.deliver_latency_second, latency);
                 shared
                     .accounting
                     .lock()

@@ -239,8 +239,9 @@ async fn a_chat_run_reports_every_message_delivered_once() {
     )
     .unwrap();
     let report = dir.join("report.json");
+    let chart = dir.join("timeline.png");
     let output = tokio::task::spawn_blocking({
-        let (tokens, report) = (tokens.clone(), report.clone());
+        let (tokens, report, chart) = (tokens.clone(), report.clone(), chart.clone());
         move || {
             Command::new(env!("CARGO_BIN_EXE_pingme-loadgen"))
                 .args([
@@ -262,6 +263,8 @@ async fn a_chat_run_reports_every_message_delivered_once() {
                 .arg(&tokens)
                 .arg("--report")
                 .arg(&report)
+                .arg("--timeline-png")
+                .arg(&chart)
                 .output()
                 .unwrap()
         }
@@ -292,18 +295,33 @@ async fn a_chat_run_reports_every_message_delivered_once() {
         report["send_to_deliver"]["count"].as_u64().unwrap(),
         expected
     );
+    // Per-second send-to-deliver percentiles are in the timeline, and the
+    // chart of it was drawn.
+    let timeline = report["timeline"].as_array().unwrap();
+    assert!(
+        timeline
+            .iter()
+            .any(|s| s["deliver_p99_us"].as_u64().unwrap() > 0
+                && s["deliver_p50_us"].as_u64().unwrap() <= s["deliver_p99_us"].as_u64().unwrap()),
+        "{timeline:?}"
+    );
+    assert_eq!(png_size(&chart), Some((1200, 800)));
 
     // The merge subcommand reads it back and doubles the counts.
     let merged = dir.join("merged.json");
+    let merged_chart = dir.join("merged.png");
     let status = Command::new(env!("CARGO_BIN_EXE_pingme-loadgen"))
         .arg("merge")
         .arg(dir.join("report.json"))
         .arg(dir.join("report.json"))
         .arg("--report")
         .arg(&merged)
+        .arg("--timeline-png")
+        .arg(&merged_chart)
         .status()
         .unwrap();
     assert!(status.success());
+    assert_eq!(png_size(&merged_chart), Some((1200, 800)));
     let merged: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&merged).unwrap()).unwrap();
     assert_eq!(
@@ -311,6 +329,18 @@ async fn a_chat_run_reports_every_message_delivered_once() {
         2 * expected
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Width and height of a PNG file (signature and IHDR checked), if it is one.
+fn png_size(path: &std::path::Path) -> Option<(u32, u32)> {
+    let bytes = std::fs::read(path).ok()?;
+    const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    if bytes.get(..8)? != SIGNATURE || bytes.get(12..16)? != b"IHDR" {
+        return None;
+    }
+    let width = u32::from_be_bytes(bytes.get(16..20)?.try_into().ok()?);
+    let height = u32::from_be_bytes(bytes.get(20..24)?.try_into().ok()?);
+    Some((width, height))
 }
 
 #[test]
