@@ -20,11 +20,11 @@ mode=full
 target="${CARGO_TARGET_DIR:-target}"
 if [ "$mode" = smoke ]; then
     profile_dir="$target/debug"
-    cargo build --locked -q -p pingme-gateway --bin pingme -p pingme-loadgen
+    cargo build --locked -q -p pingme-gateway -p pingme-loadgen --bins
     FANOUT_MEMBERS=200 FANOUT_SECONDS=3 IDLE=500 CHAT=200 CHAT_SECONDS=5
 else
     profile_dir="$target/release"
-    cargo build --locked -q --release -p pingme-gateway --bin pingme -p pingme-loadgen
+    cargo build --locked -q --release -p pingme-gateway -p pingme-loadgen --bins
     FANOUT_MEMBERS=${FANOUT_MEMBERS:-5000} FANOUT_SECONDS=${FANOUT_SECONDS:-10}
     IDLE=${IDLE:-19000} CHAT=${CHAT:-10000} CHAT_SECONDS=${CHAT_SECONDS:-30}
 fi
@@ -75,7 +75,7 @@ for start in $(seq 1 10000 "$FANOUT_MEMBERS"); do
     post "/v1/groups/$group/members" "{\"user_ids\":[$ids]}" "$owner" > /dev/null
 done
 loadgen run fanout -n "$FANOUT_MEMBERS" --register --user-prefix fo --group "g:$group" \
-    --burst 100 --burst-interval-ms 200 --size 100 --duration "$FANOUT_SECONDS" --quiet --report "$out/fanout.json"
+    --burst 100 --burst-interval-ms 200 --size 100 --duration "$FANOUT_SECONDS" --quiet --report "$out/fanout.json" --timeline-png "$out/fanout.png"
 
 echo; echo "== idle fleet: $IDLE authenticated TCP connections, connect as fast as possible"
 start_server
@@ -85,6 +85,6 @@ loadgen run idle -n "$IDLE" --register --user-prefix idle --connect-rate 0 --dur
 echo; echo "== chat: $CHAT connections, each sends one 1:1 message per second (durable)"
 start_server
 loadgen run chat -n "$CHAT" --register --user-prefix chat --rate 1 --size 100 --duration "$CHAT_SECONDS" \
-    --quiet --report "$out/chat.json"
+    --quiet --report "$out/chat.json" --timeline-png "$out/chat.png"
 
 echo; echo "e2e scenarios passed; reports in $out"
