@@ -62,7 +62,7 @@ start_server() {
 }
 post() { curl -sf -X POST "$api$1" -H 'content-type: application/json' ${3:+-H "authorization: Bearer $3"} -d "$2"; }
 
-echo; echo "== fanout: one group of $FANOUT_MEMBERS online members, bursts of 100 x 100 B"
+echo; echo "== fanout: one group of $FANOUT_MEMBERS online members, bursts of 8 x 100 B every 200 ms"
 start_server
 # On a fresh store the members registered first get the ids 1..N.
 loadgen run idle -n "$FANOUT_MEMBERS" --register --user-prefix fo --duration 1 --drain 0 --quiet > /dev/null
@@ -75,11 +75,11 @@ for start in $(seq 1 10000 "$FANOUT_MEMBERS"); do
     post "/v1/groups/$group/members" "{\"user_ids\":[$ids]}" "$owner" > /dev/null
 done
 loadgen run fanout -n "$FANOUT_MEMBERS" --register --user-prefix fo --group "g:$group" \
-    --burst 100 --burst-interval-ms 200 --size 100 --duration "$FANOUT_SECONDS" --quiet --report "$out/fanout.json" --timeline-png "$out/fanout.png"
+    --burst 8 --burst-interval-ms 200 --size 100 --duration "$FANOUT_SECONDS" --quiet --report "$out/fanout.json" --timeline-png "$out/fanout.png"
 
-echo; echo "== idle fleet: $IDLE authenticated TCP connections, connect as fast as possible"
+echo; echo "== idle fleet: $IDLE authenticated TCP connections, connecting at 2,000 per second"
 start_server
-loadgen run idle -n "$IDLE" --register --user-prefix idle --connect-rate 0 --duration 5 --drain 0 \
+loadgen run idle -n "$IDLE" --register --user-prefix idle --connect-rate 2000 --duration 5 --drain 0 \
     --server-pid "$server_pid" --quiet --report "$out/idle.json"
 
 echo; echo "== chat: $CHAT connections, each sends one 1:1 message per second (durable)"

@@ -588,6 +588,13 @@ async fn drive(
                     shared.send_failures.fetch_add(in_flight.len() as u64, Ordering::Relaxed);
                     return Ended::Stop;
                 }
+                if *phase.borrow() == Phase::Run {
+                    // The send timer was not polled during the ramp, so its
+                    // first tick is long due on every connection: restart it
+                    // at this connection's own offset, or the whole fleet
+                    // would send in lockstep from here on.
+                    sender.reset_at(tokio::time::Instant::now() + offset);
+                }
                 Ok(())
             }
             changed = storm.changed() => {
