@@ -1,7 +1,8 @@
 //! The `pingme` configuration: one typed tree read from a YAML file (every
 //! field optional, defaults below), then the environment overrides named by
 //! the seeds (`APP_HOST`, `APP_PORT`, `APP_ENV`, `DB_*`, `REDIS_*`,
-//! `KAFKA_BROKERS`, `JWT_SECRET`), then validation. Every error names the
+//! `KAFKA_BROKERS`, `JWT_SECRET`, and `OTEL_EXPORTER_OTLP_ENDPOINT`), then
+//! validation. Every error names the
 //! field it is about; the binary exits with code 64 on any of them.
 //!
 //! `config/pingme.example.yaml` lists every field with its default; a test
@@ -13,6 +14,24 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+/// Whether `url` is `http://` or `https://` followed by a non-empty host
+/// (no spaces): the shape an OTLP/HTTP endpoint must have.
+fn is_http_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match rest {
+        Some(rest) => {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host = authority
+                .rsplit_once(':')
+                .map_or(authority, |(host, _)| host);
+            !host.is_empty() && !url.contains(char::is_whitespace)
+        }
+        None => false,
+    }
+}
 
 /// Exit code of the binary for an invalid configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -61,6 +80,13 @@ pub struct Config {
     pub log_format: LogFormat,
     /// A tracing filter (`info`, `pingme_gateway=debug,info`); `RUST_LOG` wins if set.
     pub log_level: String,
+    /// OpenTelemetry: where spans are exported over OTLP/HTTP (protobuf),
+    /// e.g. `http://127.0.0.1:4318` (`/v1/traces` is appended); empty:
+    /// export disabled (no exporter, no extra cost). Env
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otlp_endpoint: String,
+    /// The `service.name` resource attribute of exported spans.
+    pub otlp_service_name: String,
     /// Client listeners other than the HTTP API, and the metrics port.
     pub listeners: ListenersConfig,
     /// Connection shards: 0 means one per core.
@@ -312,6 +338,8 @@ impl Default for Config {
             app: AppConfig::default(),
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            otlp_endpoint: String::new(),
+            otlp_service_name: "pingme".into(),
             listeners: ListenersConfig::default(),
             shards: 0,
             session: SessionConfig::default(),
@@ -540,6 +568,9 @@ impl Config {
         if let Some(v) = env("JWT_SECRET") {
             self.auth.jwt_secret = v;
         }
+        if let Some(v) = env("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            self.otlp_endpoint = v.trim().to_string();
+        }
         Ok(())
     }
 
@@ -569,6 +600,16 @@ impl Config {
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'),
             "app.gateway_id",
             "must be non-empty [A-Za-z0-9._-]",
+        )?;
+        check(
+            self.otlp_endpoint.is_empty() || is_http_url(&self.otlp_endpoint),
+            "otlp_endpoint",
+            "must be empty (disabled) or an http:// or https:// URL with a host",
+        )?;
+        check(
+            !self.otlp_service_name.trim().is_empty(),
+            "otlp_service_name",
+            "must not be empty",
         )?;
         check(
             self.shards <= 1024,

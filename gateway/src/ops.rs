@@ -1,4 +1,5 @@
-//! Operations: structured logging, the Prometheus recorder and its
+//! Operations: structured logging, optional OpenTelemetry span export
+//! (OTLP/HTTP), the Prometheus recorder and its
 //! `/metrics` + `/health` endpoint (port 9093 by default), the readiness
 //! flag behind every `/health`, and the build's version information.
 
@@ -14,7 +15,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::LogFormat;
+use anyhow::Context as _;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::Layer as _;
+
+use crate::config::{Config, LogFormat};
 
 /// HTTP requests by matched route and status (`route`, `status` labels).
 pub const HTTP_REQUESTS: &str = "pingme_http_requests_total";
@@ -94,21 +100,118 @@ pub async fn version() -> axum::Json<VersionInfo> {
     axum::Json(version_info())
 }
 
-/// Installs the global tracing subscriber (text or JSON lines) with the
-/// filter `level`; `RUST_LOG` overrides it. A second call is a no-op
-/// (tests start many servers).
-pub fn init_logging(format: LogFormat, level: &str) {
+/// The span export installed by [`init_logging`], flushed and stopped by
+/// [`SpanExport::shutdown`] on the way out. Holds nothing when export is off.
+#[derive(Debug, Default)]
+#[must_use = "spans still queued are lost unless the export is shut down"]
+pub struct SpanExport {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl SpanExport {
+    /// Whether spans are being exported.
+    pub fn is_enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports the spans still queued and stops the exporter. Blocks a
+    /// blocking-pool thread, not the runtime, while the batch task drains.
+    pub async fn shutdown(self) {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        let stopped = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        match stopped {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "OTLP span export did not shut down cleanly"),
+            Err(error) => tracing::warn!(%error, "OTLP span export shutdown panicked"),
+        }
+    }
+}
+
+/// Installs the global tracing subscriber: log lines (text or JSON) with
+/// the filter `config.log_level` (`RUST_LOG` overrides it) and, when
+/// `config.otlp_endpoint` is set, span export over OTLP/HTTP (protobuf,
+/// batched on the tokio runtime; call from inside it). The export layer
+/// sees the router's `debug` message-path spans (each carries the
+/// `msg_id`) whatever the log level; without it those spans are disabled
+/// at their callsites. A second call installs nothing (tests start many
+/// servers) and returns a disabled [`SpanExport`].
+pub fn init_logging(config: &Config) -> anyhow::Result<SpanExport> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _already_set = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let level = config.log_level.as_str();
+    let log_filter = || {
+        EnvFilter::try_from_default_env()
+            .or_else(|_| EnvFilter::try_new(level))
+            .unwrap_or_else(|_| EnvFilter::new("info"))
     };
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match config.log_format {
+        LogFormat::Json => lines.json().flatten_event(true).boxed(),
+        LogFormat::Text => lines.boxed(),
+    }
+    .with_filter(log_filter());
+
+    let provider = if config.otlp_endpoint.is_empty() {
+        None
+    } else {
+        Some(otlp_provider(
+            &config.otlp_endpoint,
+            &config.otlp_service_name,
+        )?)
+    };
+    let export = provider.as_ref().map(|provider| {
+        let spans = log_filter().add_directive(
+            "pingme_router=debug"
+                .parse()
+                .expect("a constant, valid directive"),
+        );
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("pingme"))
+            .with_filter(spans)
+    });
+    let installed = tracing_subscriber::registry()
+        .with(lines)
+        .with(export)
+        .try_init()
+        .is_ok();
+    match provider {
+        Some(provider) if !installed => {
+            // Another subscriber was first: this exporter would never see a span.
+            let _ = provider.shutdown();
+            Ok(SpanExport::default())
+        }
+        provider => Ok(SpanExport { provider }),
+    }
+}
+
+/// A tracer provider batching spans to `{endpoint}/v1/traces`.
+fn otlp_provider(endpoint: &str, service_name: &str) -> anyhow::Result<SdkTracerProvider> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+        .with_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .context("building the OTLP span exporter (otlp_endpoint)")?;
+    let batch =
+        opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(batch)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service_name.to_string())
+                .build(),
+        )
+        .build())
 }
 
 /// The process-wide Prometheus recorder, installed on first use, with the

@@ -38,7 +38,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Runs the server until `shutdown` is cancelled (tests and embedders).
 pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     // 1. Operations first, so every later step can log and count.
-    ops::init_logging(config.log_format, &config.log_level);
+    let span_export = ops::init_logging(&config)?;
     let _metrics = ops::metrics_handle();
     let readiness = Readiness::new();
     let version = ops::version_info();
@@ -123,6 +123,8 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     }
     drop(store);
     tracing::info!("pingme stopped");
+    // Last, so the spans of the drain above are exported too.
+    span_export.shutdown().await;
     Ok(())
 }
 

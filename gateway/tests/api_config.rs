@@ -58,6 +58,8 @@ fn the_example_file_lists_every_section() {
             "app",
             "log_format",
             "log_level",
+            "otlp_endpoint",
+            "otlp_service_name",
             "listeners",
             "shards",
             "session",
@@ -202,6 +204,7 @@ fn environment_overrides_win_over_the_file() {
         ("REDIS_PORT", "6380"),
         ("KAFKA_BROKERS", "k1:9092,k2:9092"),
         ("JWT_SECRET", "a-very-long-test-secret"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
     ]);
     let c = Config::load_with_env(Some(&path), env).unwrap();
     assert_eq!(c.app.host, "0.0.0.0");
@@ -217,6 +220,7 @@ fn environment_overrides_win_over_the_file() {
     assert_eq!(c.redis.port, 6380);
     assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
     assert_eq!(c.auth.jwt_secret, "a-very-long-test-secret");
+    assert_eq!(c.otlp_endpoint, "http://collector:4318");
 }
 
 /// Tests that touch the real process environment (setting it, or spawning
@@ -300,6 +304,10 @@ fn invalid_values_name_their_field() {
         ("log_format: xml\n", "log_format"),
         ("push:\n  webhook_url: ftp://x\n", "push.webhook_url"),
         ("shards: 5000\n", "shards"),
+        ("otlp_endpoint: 127.0.0.1:4318\n", "otlp_endpoint"),
+        ("otlp_endpoint: grpc://collector:4317\n", "otlp_endpoint"),
+        ("otlp_endpoint: \"http://\"\n", "otlp_endpoint"),
+        ("otlp_service_name: \"\"\n", "otlp_service_name"),
     ];
     for (yaml, field) in cases {
         let message = error_of(yaml);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use pingme_protocol::ErrorCode;
 use pingme_storage::{ConversationId, GroupId, MAX_PAGE, StoreResult, UserId};
+use tracing::Instrument;
 
 use crate::pipeline::Pipeline;
 use crate::records::{FanoutTask, PushEvent, Record};
@@ -91,8 +92,15 @@ pub(crate) async fn run_fanout(
     let group = match task.conversation {
         ConversationId::Direct { low, high } => {
             let members = [low, high];
+            let span = tracing::debug_span!(
+                "fanout_page",
+                msg_id = %task.msg_id,
+                conversation = %task.conversation,
+                seq = task.seq,
+            );
             return match policy
                 .run("fanout", || deliver_page(ctx, &task, &members))
+                .instrument(span)
                 .await
             {
                 Ok(()) => Ok(()),
@@ -111,7 +119,16 @@ pub(crate) async fn run_fanout(
                     .await
                     .map_err(|e| e.to_string())?;
                 let users: Vec<UserId> = page.iter().map(|m| m.user).collect();
-                deliver_page(ctx, &task, &users).await?;
+                deliver_page(ctx, &task, &users)
+                    .instrument(tracing::debug_span!(
+                        "fanout_page",
+                        msg_id = %task.msg_id,
+                        conversation = %task.conversation,
+                        seq = task.seq,
+                        after = task.after,
+                        members = users.len(),
+                    ))
+                    .await?;
                 Ok(users)
             })
             .await;

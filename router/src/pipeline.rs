@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use pingme_protocol::ErrorCode;
 use pingme_storage::{Store, UserId};
+use tracing::Instrument;
 
 use crate::config::RouterConfig;
 use crate::directory::Directory;
@@ -95,6 +96,24 @@ impl Pipeline {
 
     /// Hands work that exhausted its retries to the dead-letter stage.
     pub async fn dead_letter(
+        &self,
+        kind: &str,
+        key: u64,
+        work: &Record,
+        error: String,
+        attempts: u32,
+    ) {
+        let span = tracing::debug_span!(
+            "dead_letter",
+            kind,
+            msg_id = work.msg_id().unwrap_or_default(),
+        );
+        self.dead_letter_in_span(kind, key, work, error, attempts)
+            .instrument(span)
+            .await
+    }
+
+    async fn dead_letter_in_span(
         &self,
         kind: &str,
         key: u64,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tracing::Instrument;
 
 use crate::pipeline::Pipeline;
 use crate::records::{PushEvent, Record};
@@ -73,7 +74,14 @@ pub(crate) async fn run(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscripti
                 tracing::warn!("unexpected record on the push topic");
                 continue;
             };
-            calls.spawn(notify(ctx.clone(), event));
+            let span = tracing::debug_span!(
+                "push",
+                msg_id = %event.preview.msg_id,
+                conversation = %event.conversation_id,
+                seq = event.seq,
+                recipients = event.recipients.len(),
+            );
+            calls.spawn(notify(ctx.clone(), event).instrument(span));
         }
         calls.join_all().await;
         if let Err(error) = subscription.commit().await {

@@ -87,6 +87,10 @@ pub struct FanoutTask {
     pub conversation: ConversationId,
     /// The message's seq.
     pub seq: Seq,
+    /// The message's id (tracing: every stage's span carries it). Tasks
+    /// serialised before it existed read as empty.
+    #[serde(default)]
+    pub msg_id: String,
     /// The sender (never pushed to).
     pub sender: UserId,
     /// The sending connection, which has its ack and gets no deliver frame.
@@ -182,6 +186,16 @@ impl Record {
     pub fn decode(bytes: &[u8]) -> Result<Record, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
+
+    /// The id of the message this work is about, when it is about one
+    /// (for the `msg_id` of tracing spans).
+    pub fn msg_id(&self) -> Option<&str> {
+        match self {
+            Record::Fanout(task) => Some(&task.msg_id),
+            Record::Push(event) => Some(&event.preview.msg_id),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -193,6 +207,7 @@ mod tests {
         let task = Record::Fanout(FanoutTask {
             conversation: ConversationId::Group(7),
             seq: 3,
+            msg_id: "m-1".into(),
             sender: 1,
             skip: Some((
                 "gw-1".into(),

@@ -13,6 +13,8 @@ use std::time::Instant;
 use pingme_protocol::ErrorCode;
 use pingme_storage::{Appended, ConversationId, GroupId, NewMessage, StoreError, UserId};
 
+use tracing::Instrument;
+
 use crate::fanout::{all_members, deliver_page};
 use crate::pipeline::{Pipeline, now_ms};
 use crate::records::{AcceptedSend, FanoutTask, PushPreview, Record};
@@ -79,6 +81,23 @@ async fn process_batch(
             server_time_ms: now,
         })
         .collect();
+    // One span per message for its append and ack (the append itself is
+    // batched, so each span covers the shared store call). Spans are
+    // `debug`: with OTLP export off and logs at `info` they are disabled at
+    // the callsite and cost one interest check.
+    let append_spans: Vec<tracing::Span> = batch
+        .iter()
+        .map(|message| {
+            tracing::debug_span!(
+                "append",
+                msg_id = %message.msg_id,
+                conversation = %message.conversation,
+                seq = tracing::field::Empty,
+                duplicate_of = tracing::field::Empty,
+                batch = sends.len(),
+            )
+        })
+        .collect();
     let started = Instant::now();
     // Retrying the same batch (same msg_ids) is exact: the store de-duplicates.
     let outcome = ctx
@@ -118,13 +137,19 @@ async fn process_batch(
     // Answers first (they are what the senders wait for), then deliveries.
     let mut stored = Vec::new();
     let mut results = results.into_iter();
-    for send in sends {
+    for (send, span) in sends.into_iter().zip(append_spans) {
         let key = conversation_key(&send.conversation);
         let result = results
             .next()
             .unwrap_or_else(|| Err(StoreError::Corrupt("append returned fewer results".into())));
         match result {
             Ok(Appended { message, duplicate }) => {
+                span.record("seq", message.seq);
+                if duplicate {
+                    // The idempotency record answered: the stored message
+                    // keeps its own id, not the one chosen for this try.
+                    span.record("duplicate_of", message.msg_id.as_str());
+                }
                 let frame = ack_frame(send.origin.request_id, &message);
                 ctx.reply(&send.origin, key, frame).await;
                 if duplicate {
@@ -153,6 +178,7 @@ async fn process_batch(
         let task = FanoutTask {
             conversation: message.conversation,
             seq: message.seq,
+            msg_id: message.msg_id.clone(),
             sender: message.sender,
             skip: Some((send.origin.gateway.clone(), send.origin.conn)),
             frame: deliver_frame(&message),
@@ -163,7 +189,15 @@ async fn process_batch(
             }),
             after: 0,
         };
-        deliver(ctx, task, &mut plans, large_groups).await;
+        let span = tracing::debug_span!(
+            "deliver",
+            msg_id = %task.msg_id,
+            conversation = %task.conversation,
+            seq = task.seq,
+        );
+        deliver(ctx, task, &mut plans, large_groups)
+            .instrument(span)
+            .await;
     }
 }
 

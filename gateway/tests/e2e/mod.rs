@@ -47,13 +47,20 @@ impl Server {
     /// Starts a server keeping its data in `data_dir`, and waits until
     /// `/health` says it is ready.
     pub async fn start(data_dir: &Path) -> Server {
+        Server::start_with(data_dir, "").await
+    }
+
+    /// [`Server::start`] with `extra` (whole top-level YAML lines, e.g.
+    /// `otlp_endpoint: ...\n`) appended to the test configuration.
+    pub async fn start_with(data_dir: &Path, extra: &str) -> Server {
         // Free ports are picked by binding port 0 and letting go, which can
         // race with a parallel test; a server that could not bind exits, and
         // is started again on other ports.
         for _ in 0..3 {
             let (http, tcp, tls, metrics) = (free_port(), free_port(), free_port(), free_port());
             let config_path = data_dir.with_extension("yaml");
-            std::fs::write(&config_path, config_yaml(data_dir, http, tcp, tls, metrics)).unwrap();
+            let yaml = config_yaml(data_dir, http, tcp, tls, metrics) + extra;
+            std::fs::write(&config_path, yaml).unwrap();
             let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
             let mut server = Server {
                 child: spawn(&config_path),
