@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Starts the services the test suite talks to when they are not running
+# Installs the tools and starts the services the test suite talks to when they are not running
 # already (machines of this kind start MariaDB and Redis before CI; a plain
 # machine gets them from Debian's packages). Called by .ci/run.
 set -euo pipefail
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# benches/e2e.sh drives the HTTP API with curl.
+command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 
 if ! port_open 3306; then
     echo "MariaDB not running: installing and starting it"
