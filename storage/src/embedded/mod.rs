@@ -436,13 +436,7 @@ impl Inner {
             last_login_ms: now_ms,
         });
         device.last_login_ms = now_ms;
-        let mut batch = self.db.batch();
-        batch.insert(
-            &self.tables.devices,
-            keys::device_key(user, device_id),
-            to_json(&device),
-        );
-        self.commit(batch)?;
+        self.put_device(&device)?;
         Ok(device)
     }
 
@@ -452,14 +446,19 @@ impl Inner {
             .device(user, device_id)?
             .ok_or_else(|| StoreError::NotFound(format!("device {device_id:?} of user {user}")))?;
         device.token_generation += 1;
+        self.put_device(&device)?;
+        Ok(device.token_generation)
+    }
+
+    /// Writes a device record (durably, like every account change).
+    fn put_device(&self, device: &DeviceRecord) -> StoreResult<()> {
         let mut batch = self.db.batch();
         batch.insert(
             &self.tables.devices,
-            keys::device_key(user, device_id),
-            to_json(&device),
+            keys::device_key(device.user, &device.device_id),
+            to_json(device),
         );
-        self.commit(batch)?;
-        Ok(device.token_generation)
+        self.commit(batch)
     }
 
     fn create_group(
