@@ -5,11 +5,50 @@
 
 use std::collections::{HashMap, HashSet};
 
-/// One recipient's view of one conversation.
-#[derive(Debug, Default)]
+/// One recipient's view of one conversation. Seqs arrive mostly in order,
+/// so what was seen is kept as a contiguous range plus the few seqs outside
+/// it: memory stays flat over a long run instead of one entry per message.
+#[derive(Debug)]
 struct Stream {
+    /// The first seq seen; seqs below it (late arrivals) go to `below`.
+    base: u64,
+    /// Every seq in `base..=floor` was seen.
+    floor: u64,
     highest: u64,
-    seen: HashSet<u64>,
+    /// Seen seqs above `floor + 1` (a gap before them).
+    above: HashSet<u64>,
+    /// Seen seqs below `base`.
+    below: HashSet<u64>,
+}
+
+impl Stream {
+    fn starting_at(seq: u64) -> Self {
+        Self {
+            base: seq,
+            floor: seq,
+            highest: seq,
+            above: HashSet::new(),
+            below: HashSet::new(),
+        }
+    }
+
+    /// Records `seq`; false if it was seen before.
+    fn insert(&mut self, seq: u64) -> bool {
+        if seq < self.base {
+            return self.below.insert(seq);
+        }
+        if seq <= self.floor {
+            return false;
+        }
+        if seq != self.floor + 1 {
+            return self.above.insert(seq);
+        }
+        self.floor = seq;
+        while self.above.remove(&(self.floor + 1)) {
+            self.floor += 1;
+        }
+        true
+    }
 }
 
 /// The verdict on one delivery.
@@ -58,7 +97,8 @@ impl DeliveryCounts {
 #[derive(Debug, Default)]
 pub struct Accounting {
     expected: u64,
-    streams: HashMap<(u64, String), Stream>,
+    /// recipient -> conversation -> what it got.
+    streams: HashMap<u64, HashMap<String, Stream>>,
     delivered: u64,
     duplicated: u64,
     out_of_order: u64,
@@ -72,11 +112,13 @@ impl Accounting {
 
     /// A delivery of `seq` in `conversation_id` to connection `recipient`.
     pub fn deliver(&mut self, recipient: u64, conversation_id: &str, seq: u64) -> Delivery {
-        let stream = self
-            .streams
-            .entry((recipient, conversation_id.to_string()))
-            .or_default();
-        if !stream.seen.insert(seq) {
+        let conversations = self.streams.entry(recipient).or_default();
+        let Some(stream) = conversations.get_mut(conversation_id) else {
+            conversations.insert(conversation_id.to_string(), Stream::starting_at(seq));
+            self.delivered += 1;
+            return Delivery::New;
+        };
+        if !stream.insert(seq) {
             self.duplicated += 1;
             return Delivery::Duplicate;
         }
@@ -134,6 +176,27 @@ mod tests {
         clean.expect(1);
         clean.deliver(1, "dm:1:2", 1);
         assert!(!clean.counts().has_errors());
+    }
+
+    #[test]
+    fn gaps_late_arrivals_and_repeats_are_told_apart() {
+        let mut ledger = Accounting::default();
+        assert_eq!(ledger.deliver(1, "g:1", 10), Delivery::New);
+        assert_eq!(ledger.deliver(1, "g:1", 12), Delivery::New);
+        assert_eq!(ledger.deliver(1, "g:1", 11), Delivery::OutOfOrder);
+        assert_eq!(ledger.deliver(1, "g:1", 13), Delivery::New);
+        assert_eq!(ledger.deliver(1, "g:1", 12), Delivery::Duplicate);
+        assert_eq!(ledger.deliver(1, "g:1", 9), Delivery::OutOfOrder);
+        assert_eq!(ledger.deliver(1, "g:1", 9), Delivery::Duplicate);
+        assert_eq!(ledger.deliver(1, "g:1", 10), Delivery::Duplicate);
+        for seq in 14..10_000 {
+            assert_eq!(ledger.deliver(1, "g:1", seq), Delivery::New);
+        }
+        let stream = &ledger.streams[&1]["g:1"];
+        assert!(stream.above.is_empty(), "in-order seqs keep no entries");
+        assert_eq!(stream.floor, 9_999);
+        assert_eq!(ledger.counts().duplicated, 3);
+        assert_eq!(ledger.counts().out_of_order, 2);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use pingme_client::session::{Session, open_session};
 use pingme_client::transport::{ConnectOptions, Endpoint};
@@ -533,6 +533,8 @@ async fn drive(
     let offset = send_period.map_or(Duration::ZERO, |p| p.mul_f64(rand::random::<f64>()));
     sender.reset_at(tokio::time::Instant::now() + offset);
     let mut in_flight: HashMap<u64, Instant> = HashMap::new();
+    // Highest seq received per conversation, not yet acknowledged.
+    let mut acks: HashMap<String, u64> = HashMap::new();
     let mut next_request_id = 1000u64;
 
     let conversation_id = match role {
@@ -543,7 +545,27 @@ async fn drive(
         let result = tokio::select! {
             frame = stream.next() => match frame {
                 Some(Ok(frame)) => {
-                    handle(shared, index as u64, me, frame, &mut in_flight, &mut sink).await
+                    // Handle everything already read, then acknowledge
+                    // cumulatively: one ack per conversation per batch, as
+                    // a real client does (the SDK too), not one per frame.
+                    let mut result = handle(shared, index as u64, me, frame, &mut in_flight, &mut acks);
+                    for _ in 0..DRAIN_PER_TURN {
+                        if result.is_err() {
+                            break;
+                        }
+                        match stream.next().now_or_never() {
+                            Some(Some(Ok(frame))) => {
+                                result = handle(shared, index as u64, me, frame, &mut in_flight, &mut acks);
+                            }
+                            // The end or an error shows up again on the
+                            // next poll of the select.
+                            _ => break,
+                        }
+                    }
+                    match result {
+                        Ok(()) => send_acks(&mut sink, &mut acks).await,
+                        err => err,
+                    }
                 }
                 _ => {
                     shared.connected.fetch_sub(1, Ordering::Relaxed);
@@ -617,13 +639,37 @@ async fn drive(
     }
 }
 
-async fn handle(
+/// Frames handled per wake-up before the acks go out.
+const DRAIN_PER_TURN: usize = 256;
+
+/// One cumulative delivery ack per conversation that received something.
+async fn send_acks(
+    sink: &mut pingme_client::transport::FrameSink,
+    acks: &mut HashMap<String, u64>,
+) -> pingme_client::Result<()> {
+    if acks.is_empty() {
+        return Ok(());
+    }
+    for (conversation_id, seq) in acks.drain() {
+        sink.feed(ClientFrame {
+            request_id: 0,
+            body: Some(client_frame::Body::DeliveryAck(DeliveryAck {
+                conversation_id,
+                seq,
+            })),
+        })
+        .await?;
+    }
+    sink.flush().await
+}
+
+fn handle(
     shared: &Shared,
     index: u64,
     me: u64,
     frame: pingme_protocol::ServerFrame,
     in_flight: &mut HashMap<u64, Instant>,
-    sink: &mut pingme_client::transport::FrameSink,
+    acks: &mut HashMap<String, u64>,
 ) -> pingme_client::Result<()> {
     match frame.body {
         Some(server_frame::Body::SendAck(_)) => {
@@ -674,16 +720,14 @@ async fn handle(
                     .unwrap_or_else(|e| e.into_inner())
                     .deliver(index, &message.conversation_id, message.seq);
             }
-            // Acknowledged after measuring, so the ack write is not in
+            // Acknowledged after the batch, so the ack write is not in
             // the latency.
-            sink.send(ClientFrame {
-                request_id: 0,
-                body: Some(client_frame::Body::DeliveryAck(DeliveryAck {
-                    conversation_id: message.conversation_id,
-                    seq: message.seq,
-                })),
-            })
-            .await?;
+            match acks.get_mut(&message.conversation_id) {
+                Some(highest) => *highest = (*highest).max(message.seq),
+                None => {
+                    acks.insert(message.conversation_id, message.seq);
+                }
+            }
         }
         Some(server_frame::Body::GoAway(_)) => {
             return Err(pingme_client::ClientError::ConnectionClosed);

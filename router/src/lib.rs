@@ -32,6 +32,7 @@ mod sequencer;
 mod stages;
 pub mod telemetry;
 mod transport;
+mod watermarks;
 mod wire;
 
 pub use config::RouterConfig;

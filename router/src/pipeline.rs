@@ -19,6 +19,7 @@ use crate::records::{
 };
 use crate::retry::RetryPolicy;
 use crate::transport::{Topic, Transport, TransportError};
+use crate::watermarks::DeliveredAcks;
 
 /// The shared context of the stages.
 pub(crate) struct Pipeline {
@@ -29,6 +30,8 @@ pub(crate) struct Pipeline {
     pub push: Option<Arc<dyn PushProvider>>,
     pub config: RouterConfig,
     pub retry: RetryPolicy,
+    /// Delivery acks waiting to be written (see [`crate::watermarks`]).
+    pub delivered_acks: DeliveredAcks,
 }
 
 /// Wall clock in Unix milliseconds.

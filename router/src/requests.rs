@@ -1,5 +1,5 @@
-//! Requests answered on the node that received them: delivery acks, read
-//! markers (with receipts), typing, sync and fetch. Each one that names a
+//! Requests answered on the node that received them: read markers (with
+//! receipts), typing, sync and fetch. Each one that names a
 //! conversation is checked for membership first; a non-member gets
 //! `FORBIDDEN` and nothing else. Receipts and typing reach the other
 //! members' connected devices only, and are not relayed in groups above
@@ -15,6 +15,7 @@ use crate::fanout::all_members;
 use crate::pipeline::Pipeline;
 use crate::port::SessionInfo;
 use crate::transport::conversation_key;
+use crate::watermarks;
 use crate::wire::{error_frame, frame, store_error_code, wire_message};
 
 /// Store pages one `SyncRequest` may scan looking for conversations with
@@ -54,9 +55,6 @@ pub(crate) async fn handle(
     body: client_frame::Body,
 ) {
     let answer = match body {
-        client_frame::Body::DeliveryAck(ack) => {
-            delivery_ack(ctx, session, ack).await.map(|()| None)
-        }
         client_frame::Body::ReadMarker(marker) => {
             read_marker(ctx, session, marker).await.map(|()| None)
         }
@@ -164,19 +162,6 @@ async fn relay(
     .map_err(|e| RequestError::new(ErrorCode::Internal, e))
 }
 
-async fn delivery_ack(
-    ctx: &Pipeline,
-    session: &SessionInfo,
-    ack: v1::DeliveryAck,
-) -> Result<(), RequestError> {
-    let conversation = member_conversation(ctx, &ack.conversation_id, session.user).await?;
-    let seq = clamp_seq(ctx, conversation, ack.seq).await?;
-    ctx.store
-        .set_delivered(session.user, &session.device, conversation, seq)
-        .await?;
-    Ok(())
-}
-
 async fn read_marker(
     ctx: &Pipeline,
     session: &SessionInfo,
@@ -224,6 +209,13 @@ async fn sync(
     session: &SessionInfo,
     request: v1::SyncRequest,
 ) -> Result<server_frame::Body, RequestError> {
+    // The device's own acks of the current window count for its sync.
+    watermarks::write(
+        ctx,
+        ctx.delivered_acks
+            .take_device(session.user, &session.device),
+    )
+    .await;
     let limit = match request.limit as usize {
         0 => ctx.config.sync_page_max,
         asked => asked.min(ctx.config.sync_page_max),

@@ -12,7 +12,7 @@ use pingme_protocol::ErrorCode;
 use pingme_protocol::v1::{self, client_frame, server_frame};
 use pingme_storage::{ConversationId, DeadLetter, Store, StoreError};
 use tokio::runtime::Handle;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Mutex, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::config::RouterConfig;
@@ -26,7 +26,7 @@ use crate::retry::RetryPolicy;
 use crate::stages::ReplayError;
 use crate::transport::{InProcessTransport, Topic, Transport, TransportError, conversation_key};
 use crate::wire::{content_type_is_valid, error_frame, frame};
-use crate::{fanout, push, requests, sequencer, stages};
+use crate::{fanout, push, requests, sequencer, stages, watermarks};
 
 /// The consumers of one topic, closed and drained together at shutdown.
 struct Stage {
@@ -51,6 +51,9 @@ pub struct Router {
     requests: Arc<Semaphore>,
     runtime: Handle,
     stages: Mutex<Vec<Stage>>,
+    /// Stops the delivered-watermark writer (it writes what is pending
+    /// first).
+    watermark_writer: Mutex<Option<(oneshot::Sender<()>, JoinHandle<()>)>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -112,6 +115,7 @@ impl Router {
             push,
             retry: RetryPolicy::from_config(&config),
             config,
+            delivered_acks: Default::default(),
         });
         // Shutdown order: upstream stages first, so each stage drains into
         // a downstream one that is still running; answers go out last.
@@ -131,6 +135,8 @@ impl Router {
             }
             stages.push(Stage { topic, tasks });
         }
+        let (stop_watermarks, stopped) = oneshot::channel();
+        let watermark_writer = tokio::spawn(watermarks::run(ctx.clone(), stopped));
         let max_requests = ctx.config.max_inflight_requests;
         Ok(Arc::new(Router {
             ctx,
@@ -140,6 +146,7 @@ impl Router {
             requests: Arc::new(Semaphore::new(max_requests)),
             runtime: Handle::current(),
             stages: Mutex::new(stages),
+            watermark_writer: Mutex::new(Some((stop_watermarks, watermark_writer))),
         }))
     }
 
@@ -151,6 +158,12 @@ impl Router {
         self.accepting.store(false, Ordering::SeqCst);
         let permits = self.ctx.config.max_inflight_requests as u32;
         let _requests_done = self.requests.acquire_many(permits).await;
+        if let Some((stop, writer)) = self.watermark_writer.lock().await.take() {
+            let _ = stop.send(());
+            if let Err(error) = writer.await {
+                tracing::error!(%error, "delivered watermark writer failed");
+            }
+        }
         let stages = std::mem::take(&mut *self.stages.lock().await);
         for stage in stages {
             self.ctx.transport.close(&stage.topic);
@@ -269,6 +282,35 @@ impl Router {
         }
     }
 
+    /// A cumulative delivery ack: checked for what needs no store, then
+    /// coalesced with the device's other acks and written within
+    /// [`watermarks::FLUSH_PERIOD`] (membership is checked then).
+    fn delivery_ack(&self, session: &SessionInfo, request_id: u64, ack: v1::DeliveryAck) {
+        let Ok(conversation) = ack.conversation_id.parse::<ConversationId>() else {
+            return self.refuse(
+                session,
+                request_id,
+                ErrorCode::InvalidArgument,
+                "conversation_id must be dm:{a}:{b} or g:{id}",
+                "",
+            );
+        };
+        if matches!(conversation, ConversationId::Direct { .. })
+            && !conversation.is_direct_party(session.user)
+        {
+            return self.refuse(
+                session,
+                request_id,
+                ErrorCode::Forbidden,
+                "not a member of this conversation",
+                "",
+            );
+        }
+        self.ctx
+            .delivered_acks
+            .note(session, request_id, conversation, ack.seq);
+    }
+
     /// Whether this connection may send one more typing frame now.
     fn typing_allowed(&self, conn: ConnRef) -> bool {
         let now = Instant::now();
@@ -355,6 +397,16 @@ impl Dispatch for Router {
     fn disconnected(&self, session: &SessionInfo) {
         self.presence.disconnected(session.user, now_ms());
         self.typing.remove(&session.conn);
+        // The device's next session syncs from what it acknowledged here.
+        let acks = self
+            .ctx
+            .delivered_acks
+            .take_device(session.user, &session.device);
+        if !acks.is_empty() {
+            let ctx = self.ctx.clone();
+            self.runtime
+                .spawn(async move { watermarks::write(&ctx, acks).await });
+        }
     }
 
     fn frame(&self, session: &SessionInfo, request_id: u64, body: client_frame::Body) {
@@ -376,8 +428,8 @@ impl Dispatch for Router {
                     );
                 }
             }
-            body @ (client_frame::Body::DeliveryAck(_)
-            | client_frame::Body::ReadMarker(_)
+            client_frame::Body::DeliveryAck(ack) => self.delivery_ack(session, request_id, ack),
+            body @ (client_frame::Body::ReadMarker(_)
             | client_frame::Body::Sync(_)
             | client_frame::Body::Fetch(_)) => self.spawn_request(session, request_id, body),
             client_frame::Body::Hello(_)

@@ -9,7 +9,7 @@ use common::*;
 use pingme_protocol::v1::{self, client_frame, server_frame};
 use pingme_protocol::{ErrorCode, MAX_DOWNSTREAM_FRAME_SIZE};
 use pingme_router::RouterConfig;
-use pingme_storage::{ConversationId, MessageStore};
+use pingme_storage::{ConversationId, MessageStore, WatermarkStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_to_one_online_delivery_and_ack() {
@@ -132,7 +132,13 @@ async fn offline_recipient_syncs_then_fetches_in_pages() {
             seq: 9999,
         }),
     );
-    let sync = eventually_sync(&h, &b, |s| s.conversations.is_empty()).await;
+    // One sync right after, no retries: acks are coalesced for a short
+    // window, and the device's own sync must see its pending ack.
+    h.request(&b, 91, client_frame::Body::Sync(v1::SyncRequest::default()));
+    let Some(server_frame::Body::Sync(sync)) = h.answer(b.conn, 91).await.body else {
+        panic!("expected a SyncResponse")
+    };
+    assert!(sync.conversations.is_empty(), "{sync:?}");
     assert!(!sync.has_more);
     // New message after the ack: sync shows it with delivered = 250 (not 9999).
     h.send(&a, 500, &conversation, "c-late", "late");
@@ -432,6 +438,29 @@ async fn non_members_and_bad_sends_get_typed_errors_and_nothing_else() {
             }),
             ErrorCode::Forbidden,
         ),
+        // Delivery acks are coalesced: a group's membership is checked when
+        // the window is written, and the refusal still names the request.
+        (
+            client_frame::Body::DeliveryAck(v1::DeliveryAck {
+                conversation_id: group.clone(),
+                seq: 1,
+            }),
+            ErrorCode::Forbidden,
+        ),
+        (
+            client_frame::Body::DeliveryAck(v1::DeliveryAck {
+                conversation_id: dm(a_id, b_id),
+                seq: 1,
+            }),
+            ErrorCode::Forbidden,
+        ),
+        (
+            client_frame::Body::DeliveryAck(v1::DeliveryAck {
+                conversation_id: "dm:x".into(),
+                seq: 1,
+            }),
+            ErrorCode::InvalidArgument,
+        ),
     ];
     for (i, (body, code)) in cases.into_iter().enumerate() {
         let request_id = 100 + i as u64;
@@ -456,6 +485,12 @@ async fn non_members_and_bad_sends_get_typed_errors_and_nothing_else() {
         .await
         .unwrap();
     assert_eq!(stored.len(), 1);
+    let marks = h
+        .store
+        .watermarks(outsider, "d", &[group.parse().unwrap()])
+        .await
+        .unwrap();
+    assert_eq!(marks[0].delivered, 0, "a refused ack moves no watermark");
     // Sync does not list the group to her.
     let sync = eventually_sync(&h, &eve, |_| true).await;
     assert!(
