@@ -6,6 +6,7 @@
 #
 #   benches/e2e.sh                # full run (release binaries; builds them)
 #   benches/e2e.sh --smoke        # small and short (CI; uses debug binaries)
+#   SCENARIOS="fanout chat" benches/e2e.sh   # only these (default: all)
 #
 # Scenarios: group fanout (one group, every member online, bursts of 100-byte
 # messages), idle fleet (connect+auth rate, server memory per connection),
@@ -21,16 +22,18 @@ target="${CARGO_TARGET_DIR:-target}"
 if [ "$mode" = smoke ]; then
     profile_dir="$target/debug"
     cargo build --locked -q -p pingme-gateway -p pingme-loadgen --bins
-    FANOUT_MEMBERS=200 FANOUT_SECONDS=3 IDLE=500 CHAT=200 CHAT_SECONDS=5
+    FANOUT_MEMBERS=200 FANOUT_SECONDS=3 FANOUT_BURST=8 IDLE=500 CHAT=200 CHAT_SECONDS=5
 else
     profile_dir="$target/release"
     cargo build --locked -q --release -p pingme-gateway -p pingme-loadgen --bins
-    FANOUT_MEMBERS=${FANOUT_MEMBERS:-5000} FANOUT_SECONDS=${FANOUT_SECONDS:-10}
+    FANOUT_MEMBERS=${FANOUT_MEMBERS:-5000} FANOUT_SECONDS=${FANOUT_SECONDS:-10} FANOUT_BURST=${FANOUT_BURST:-8}
     IDLE=${IDLE:-19000} CHAT=${CHAT:-10000} CHAT_SECONDS=${CHAT_SECONDS:-30}
 fi
 pingme="$profile_dir/pingme"
 loadgen_bin="$profile_dir/pingme-loadgen"
 loadgen() { "$loadgen_bin" "$@" --api http://127.0.0.1:18080 --gateway tcp://127.0.0.1:17000; }
+scenarios=" ${SCENARIOS:-fanout idle chat} "
+wanted() { [[ "$scenarios" == *" $1 "* ]]; }
 out="${E2E_OUT:-$(mktemp -d)}"
 mkdir -p "$out"
 echo "reports in $out"
@@ -62,29 +65,36 @@ start_server() {
 }
 post() { curl -sf -X POST "$api$1" -H 'content-type: application/json' ${3:+-H "authorization: Bearer $3"} -d "$2"; }
 
-echo; echo "== fanout: one group of $FANOUT_MEMBERS online members, bursts of 8 x 100 B every 200 ms"
-start_server
-# On a fresh store the members registered first get the ids 1..N.
-loadgen run idle -n "$FANOUT_MEMBERS" --register --user-prefix fo --duration 1 --drain 0 --quiet > /dev/null
-post /v1/auth/register '{"username":"fanout-owner","password":"owner-password"}' > /dev/null
-owner=$(post /v1/auth/login '{"username":"fanout-owner","password":"owner-password","device_id":"bench"}' | sed 's/.*"token":"\([^"]*\)".*/\1/')
-group=$(post /v1/groups '{"name":"fanout","members":[]}' "$owner" | sed 's/.*"group_id":\([0-9]*\).*/\1/')
-for start in $(seq 1 10000 "$FANOUT_MEMBERS"); do
-    end=$(( start + 9999 < FANOUT_MEMBERS ? start + 9999 : FANOUT_MEMBERS ))
-    ids=$(seq -s, "$start" "$end")
-    post "/v1/groups/$group/members" "{\"user_ids\":[$ids]}" "$owner" > /dev/null
-done
-loadgen run fanout -n "$FANOUT_MEMBERS" --register --user-prefix fo --group "g:$group" \
-    --burst 8 --burst-interval-ms 200 --size 100 --duration "$FANOUT_SECONDS" --quiet --report "$out/fanout.json" --timeline-png "$out/fanout.png"
+if wanted fanout; then
+    echo; echo "== fanout: one group of $FANOUT_MEMBERS online members, bursts of $FANOUT_BURST x 100 B every 200 ms"
+    start_server
+    # On a fresh store the members registered first get the ids 1..N.
+    loadgen run idle -n "$FANOUT_MEMBERS" --register --user-prefix fo --duration 1 --drain 0 --quiet > /dev/null
+    post /v1/auth/register '{"username":"fanout-owner","password":"owner-password"}' > /dev/null
+    owner=$(post /v1/auth/login '{"username":"fanout-owner","password":"owner-password","device_id":"bench"}' | sed 's/.*"token":"\([^"]*\)".*/\1/')
+    group=$(post /v1/groups '{"name":"fanout","members":[]}' "$owner" | sed 's/.*"group_id":\([0-9]*\).*/\1/')
+    for start in $(seq 1 10000 "$FANOUT_MEMBERS"); do
+        end=$(( start + 9999 < FANOUT_MEMBERS ? start + 9999 : FANOUT_MEMBERS ))
+        ids=$(seq -s, "$start" "$end")
+        post "/v1/groups/$group/members" "{\"user_ids\":[$ids]}" "$owner" > /dev/null
+    done
+    loadgen run fanout -n "$FANOUT_MEMBERS" --register --user-prefix fo --group "g:$group" \
+        --burst "$FANOUT_BURST" --burst-interval-ms 200 --size 100 --duration "$FANOUT_SECONDS" \
+        --server-pid "$server_pid" --quiet --report "$out/fanout.json" --timeline-png "$out/fanout.png"
+fi
 
-echo; echo "== idle fleet: $IDLE authenticated TCP connections, connecting at 2,000 per second"
-start_server
-loadgen run idle -n "$IDLE" --register --user-prefix idle --connect-rate 2000 --duration 5 --drain 0 \
-    --server-pid "$server_pid" --quiet --report "$out/idle.json"
+if wanted idle; then
+    echo; echo "== idle fleet: $IDLE authenticated TCP connections, connecting at 2,000 per second"
+    start_server
+    loadgen run idle -n "$IDLE" --register --user-prefix idle --connect-rate 2000 --duration 5 --drain 0 \
+        --server-pid "$server_pid" --quiet --report "$out/idle.json"
+fi
 
-echo; echo "== chat: $CHAT connections, each sends one 1:1 message per second (durable)"
-start_server
-loadgen run chat -n "$CHAT" --register --user-prefix chat --rate 1 --size 100 --duration "$CHAT_SECONDS" \
-    --quiet --report "$out/chat.json" --timeline-png "$out/chat.png"
+if wanted chat; then
+    echo; echo "== chat: $CHAT connections, each sends one 1:1 message per second (durable)"
+    start_server
+    loadgen run chat -n "$CHAT" --register --user-prefix chat --rate 1 --size 100 --duration "$CHAT_SECONDS" \
+        --server-pid "$server_pid" --quiet --report "$out/chat.json" --timeline-png "$out/chat.png"
+fi
 
 echo; echo "e2e scenarios passed; reports in $out"

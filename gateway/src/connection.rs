@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
-use pingme_protocol::{ErrorCode, ServerFrame, encode_frame, split_frame};
+use pingme_protocol::{ErrorCode, LENGTH_PREFIX, ServerFrame, encode_frame, split_frame};
 use pingme_router::port::SessionInfo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
@@ -253,10 +253,23 @@ impl Conn {
         !self.out.borrow().queue.is_empty()
     }
 
-    /// Takes the next queued frame (message transports write frame by frame).
+    /// Takes the next queued frame (message transports write frame by
+    /// frame). A queued buffer may hold several frames back to back (a
+    /// merged fanout delivery): the first is split off without a copy and
+    /// the rest stays at the front.
     pub(crate) fn pop_frame(&self) -> Option<Bytes> {
         let mut out = self.out.borrow_mut();
-        let frame = out.queue.pop_front()?;
+        let mut frame = out.queue.pop_front()?;
+        let first = frame
+            .get(..LENGTH_PREFIX)
+            .map(|prefix| {
+                LENGTH_PREFIX + u32::from_be_bytes(prefix.try_into().unwrap_or_default()) as usize
+            })
+            .unwrap_or(frame.len());
+        if first < frame.len() {
+            let rest = frame.split_off(first);
+            out.queue.push_front(rest);
+        }
         out.queued_bytes -= frame.len();
         Some(frame)
     }
@@ -518,4 +531,60 @@ fn process_buffer(buf: &mut BytesMut, conn: &Rc<Conn>, ctx: &Rc<ShardCtx>) {
         }
     }
     buf.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use pingme_router::port::ConnRef;
+
+    use super::*;
+
+    fn frame(request_id: u64) -> Bytes {
+        encode_frame(&ServerFrame {
+            request_id,
+            body: None,
+        })
+    }
+
+    #[test]
+    fn message_transports_get_merged_frames_one_by_one() {
+        let limits = SessionLimits::default();
+        let session = SessionInfo {
+            user: 1,
+            device: Arc::from("d"),
+            conn: ConnRef {
+                shard: 0,
+                conn_id: 1,
+            },
+        };
+        let conn = Conn::new(
+            session,
+            Transport::WebSocket,
+            &limits,
+            0,
+            frame(1),
+            BytesMut::new(),
+        );
+        // A merged fanout delivery: three frames in one buffer.
+        let mut merged = BytesMut::new();
+        for id in [2, 3, 4] {
+            merged.extend_from_slice(&frame(id));
+        }
+        let merged = merged.freeze();
+        assert!(conn.enqueue(merged.clone(), &limits));
+        assert!(conn.enqueue(frame(5), &limits));
+        let mut popped = Vec::new();
+        while let Some(next) = conn.pop_frame() {
+            popped.push(next);
+        }
+        assert_eq!(
+            popped,
+            vec![frame(1), frame(2), frame(3), frame(4), frame(5)]
+        );
+        // Split, not copied: the pieces point into the merged buffer.
+        assert_eq!(popped[2].as_ptr(), merged[frame(2).len()..].as_ptr());
+        assert_eq!(conn.out.borrow().queued_bytes, 0);
+    }
 }

@@ -127,6 +127,11 @@ pub struct Report {
     pub delivered_per_s: f64,
     /// Server memory per connection from VmRSS, bytes (idle with `--server-pid`).
     pub server_bytes_per_connection: Option<f64>,
+    /// Server CPU time (user + system) over the measured phase and drain,
+    /// seconds (with `--server-pid`): per-core figures on a machine the
+    /// load generator shares.
+    #[serde(default)]
+    pub server_cpu_s: Option<f64>,
     /// Connect + authenticate.
     pub connect_latency: LatencySummary,
     /// Send until SendAck.
@@ -182,6 +187,11 @@ impl Report {
             merged.server_bytes_per_connection = merged
                 .server_bytes_per_connection
                 .or(report.server_bytes_per_connection);
+            // Every process watched the same server over the same phase.
+            merged.server_cpu_s = match (merged.server_cpu_s, report.server_cpu_s) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
             for sample in &report.timeline {
                 let slot = timeline.entry(sample.second).or_insert_with(|| Sample {
                     second: sample.second,
@@ -261,6 +271,15 @@ impl Report {
         );
         if let Some(bytes) = self.server_bytes_per_connection {
             println!("server memory: {bytes:.0} bytes per connection (VmRSS delta)");
+        }
+        if let Some(cpu) = self.server_cpu_s.filter(|cpu| *cpu > 0.0) {
+            let delivered = self.delivered_per_s * self.duration_s;
+            println!(
+                "server CPU: {cpu:.2} s over {:.1} s ({:.0}% of one core); {:.0} deliveries per server CPU-second",
+                self.duration_s,
+                100.0 * cpu / self.duration_s.max(1e-3),
+                delivered / cpu
+            );
         }
     }
 }

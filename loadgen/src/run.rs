@@ -169,6 +169,19 @@ fn read_vm_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// CPU time (user + system) the process has used, seconds. /proc counts
+/// in USER_HZ ticks, which Linux fixes at 100 per second for user space.
+fn read_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses;
+    // utime and stime are the 14th and 15th fields of the line.
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / 100.0)
+}
+
 /// Runs the scenario for `users` and returns the report.
 pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
     let shared = Arc::new(Shared {
@@ -254,6 +267,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
     let _ = phase_tx.send(Phase::Run);
     let measured = Instant::now();
     let delivered_before = shared.delivered.load(Ordering::Relaxed);
+    let server_cpu_before = plan.server_pid.and_then(read_cpu_seconds);
     if plan.scenario == Scenario::ReconnectStorm {
         let mut epoch = 0;
         let end = measured + plan.duration;
@@ -270,6 +284,10 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
     tokio::time::sleep(plan.drain).await;
     let duration = measured.elapsed();
     let delivered = shared.delivered.load(Ordering::Relaxed) - delivered_before;
+    let server_cpu_s = match (plan.server_pid, server_cpu_before) {
+        (Some(pid), Some(before)) => read_cpu_seconds(pid).map(|after| after - before),
+        _ => None,
+    };
     let _ = phase_tx.send(Phase::Stop);
     for task in tasks {
         let _ = task.await;
@@ -318,6 +336,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
             / ramp.as_secs_f64().max(1e-3),
         delivered_per_s: delivered as f64 / duration.as_secs_f64().max(1e-3),
         server_bytes_per_connection,
+        server_cpu_s,
         connect_latency: histogram(&shared.connect_latency),
         send_to_ack: histogram(&shared.ack_latency),
         send_to_deliver: histogram(&shared.deliver_latency),
@@ -740,6 +759,20 @@ fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_cpu_time_is_read_and_grows() {
+        let pid = std::process::id();
+        let before = read_cpu_seconds(pid).expect("own /proc/self/stat");
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = read_cpu_seconds(pid).unwrap();
+        assert!(after - before >= 0.1, "{before} -> {after}");
+        assert_eq!(read_cpu_seconds(u32::MAX), None);
+    }
 
     #[test]
     fn bodies_carry_the_run_tag_and_send_time() {

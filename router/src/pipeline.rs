@@ -48,7 +48,7 @@ impl Pipeline {
         let envelope = DownstreamEnvelope {
             target: DownstreamTarget::Connection(origin.conn),
             frame,
-            is_delivery: false,
+            messages: 0,
         };
         let topic = Topic::Downstream(origin.gateway.clone());
         if let Err(error) = self
@@ -61,15 +61,16 @@ impl Pipeline {
     }
 
     /// Publishes `frame` for the connected devices of `users`, one envelope
-    /// per gateway, leaving out `skip` (a gateway and connection). Returns
-    /// the users connected nowhere when `need_offline`.
+    /// per gateway, leaving out `skip` (a gateway and connection). `frame`
+    /// delivers `messages` messages (0: not a delivery). Returns the users
+    /// connected nowhere when `need_offline`.
     pub async fn to_users(
         &self,
         users: &[UserId],
         frame: &Bytes,
         skip: Option<&(String, ConnAddress)>,
         key: u64,
-        is_delivery: bool,
+        messages: u32,
         need_offline: bool,
     ) -> Result<Vec<UserId>, String> {
         if users.is_empty() {
@@ -83,7 +84,7 @@ impl Pipeline {
             let envelope = DownstreamEnvelope {
                 target: DownstreamTarget::Users { users, skip },
                 frame: frame.clone(),
-                is_delivery,
+                messages,
             };
             self.transport
                 .publish(

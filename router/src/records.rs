@@ -142,8 +142,9 @@ pub struct DownstreamEnvelope {
     pub target: DownstreamTarget,
     /// The frame, length prefix included, shared by every recipient.
     pub frame: Bytes,
-    /// True for message deliveries (counted as delivered).
-    pub is_delivery: bool,
+    /// How many messages the frame delivers (it may hold several deliver
+    /// frames back to back); 0 for receipts, typing and answers.
+    pub messages: u32,
 }
 
 /// Work that exhausted its retries (topic [`crate::Topic::DeadLetter`]).

@@ -154,7 +154,7 @@ async fn relay(
         &frame,
         None,
         conversation_key(&conversation),
-        false,
+        0,
         false,
     )
     .await

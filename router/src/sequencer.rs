@@ -242,7 +242,9 @@ async fn deliver(
     };
     if let Err((error, attempts)) = ctx
         .retry
-        .run("deliver", || deliver_page(ctx, &task, &members))
+        .run("deliver", || {
+            deliver_page(ctx, std::slice::from_ref(&task), &task.frame, &members)
+        })
         .await
     {
         ctx.dead_letter("fanout", key, &Record::Fanout(task), error, attempts)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use pingme_protocol::ErrorCode;
 use pingme_storage::{DeadLetter, StoreError};
 
-use crate::fanout::run_fanout;
+use crate::fanout::{FanoutBatch, run_fanout};
 use crate::pipeline::{Pipeline, now_ms};
 use crate::records::{DownstreamTarget, Record};
 use crate::retry::RetryPolicy;
@@ -39,9 +39,8 @@ pub(crate) async fn run_downstream(ctx: Arc<Pipeline>, mut subscription: Box<dyn
                     let reached =
                         ctx.outbox
                             .to_users(&users, &envelope.frame, skip.map(Into::into));
-                    if envelope.is_delivery {
-                        metrics::counter!(telemetry::DELIVERED).increment(reached as u64);
-                    }
+                    metrics::counter!(telemetry::DELIVERED)
+                        .increment(reached as u64 * u64::from(envelope.messages));
                 }
             }
         }
@@ -148,9 +147,11 @@ pub(crate) async fn replay(ctx: &Pipeline, id: u64) -> Result<(), ReplayError> {
         reason: e.to_string(),
     })?;
     let outcome = match record {
-        Record::Fanout(task) => run_fanout(ctx, task, RetryPolicy::once())
-            .await
-            .map_err(|(_, error, _)| error),
+        Record::Fanout(task) => {
+            run_fanout(ctx, FanoutBatch { tasks: vec![task] }, RetryPolicy::once())
+                .await
+                .map_err(|(_, error, _)| error)
+        }
         Record::Push(event) => match &ctx.push {
             Some(provider) => provider.notify(&event).await,
             None => Err("push is disabled".to_string()),

@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingme_protocol::v1::{self, client_frame, server_frame};
-use pingme_protocol::{ServerFrame, decode_message};
+use pingme_protocol::{ServerFrame, decode_message, split_frame};
 use pingme_router::port::{ConnRef, Dispatch, Outbox, SessionInfo, UserId};
 use pingme_router::{Router, RouterConfig};
 use pingme_storage::embedded::{Durability, EmbeddedStore};
@@ -44,12 +44,20 @@ impl RecordingOutbox {
         }
     }
 
-    /// Everything queued on `conn` so far, decoded.
+    /// Everything queued on `conn` so far, decoded. One queued buffer may
+    /// hold several frames back to back (a merged fanout delivery).
     pub fn frames(&self, conn: ConnRef) -> Vec<ServerFrame> {
-        self.raw(conn)
-            .into_iter()
-            .map(|frame| decode_message(frame.slice(4..)).expect("router frames decode"))
-            .collect()
+        let mut frames = Vec::new();
+        for queued in self.raw(conn) {
+            let mut buf = BytesMut::from(&queued[..]);
+            while let Some(payload) =
+                split_frame(&mut buf, usize::MAX).expect("router frames are well framed")
+            {
+                frames.push(decode_message(payload).expect("router frames decode"));
+            }
+            assert!(buf.is_empty(), "a queued buffer ends on a frame boundary");
+        }
+        frames
     }
 
     /// Everything queued on `conn` so far, encoded.
