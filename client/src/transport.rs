@@ -217,12 +217,47 @@ async fn tcp_connect(addr: SocketAddr, local_ip: Option<IpAddr>) -> Result<TcpSt
         TcpSocket::new_v6()?
     };
     if let Some(ip) = local_ip {
-        // Port 0: the kernel picks a free port of this source address.
+        // Port 0 with the port chosen at connect time, not at bind time:
+        // a bound port is otherwise reserved for every destination, so tens
+        // of thousands of connections (plus the previous run's TIME_WAIT
+        // sockets) exhaust one address's ports and each bind searches the
+        // whole range first.
+        defer_port_choice(&socket)?;
         socket.bind(SocketAddr::new(ip, 0))?;
     }
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (Linux): a bind to port 0 reserves no
+/// port; `connect` picks one unique for the 4-tuple.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn defer_port_choice(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let enable: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor owned by `socket`, and a pointer to
+    // a live c_int with its exact size, as setsockopt(2) requires.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&enable as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn defer_port_choice(_socket: &TcpSocket) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// A byte-stream transport with the length-prefix codec on both halves.

@@ -102,6 +102,15 @@ pub struct Sample {
     pub deliver_p99_us: u64,
 }
 
+/// The larger of two optional figures (processes that watched the same
+/// server over the same phase).
+fn max_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The report of one process, or the merge of several.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Report {
@@ -132,6 +141,9 @@ pub struct Report {
     /// load generator shares.
     #[serde(default)]
     pub server_cpu_s: Option<f64>,
+    /// Server CPU time over the ramp (connect + authenticate), seconds.
+    #[serde(default)]
+    pub server_ramp_cpu_s: Option<f64>,
     /// Connect + authenticate.
     pub connect_latency: LatencySummary,
     /// Send until SendAck.
@@ -188,10 +200,8 @@ impl Report {
                 .server_bytes_per_connection
                 .or(report.server_bytes_per_connection);
             // Every process watched the same server over the same phase.
-            merged.server_cpu_s = match (merged.server_cpu_s, report.server_cpu_s) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
+            merged.server_cpu_s = max_of(merged.server_cpu_s, report.server_cpu_s);
+            merged.server_ramp_cpu_s = max_of(merged.server_ramp_cpu_s, report.server_ramp_cpu_s);
             for sample in &report.timeline {
                 let slot = timeline.entry(sample.second).or_insert_with(|| Sample {
                     second: sample.second,
@@ -272,8 +282,17 @@ impl Report {
         if let Some(bytes) = self.server_bytes_per_connection {
             println!("server memory: {bytes:.0} bytes per connection (VmRSS delta)");
         }
-        if let Some(cpu) = self.server_cpu_s.filter(|cpu| *cpu > 0.0) {
-            let delivered = self.delivered_per_s * self.duration_s;
+        if let Some(cpu) = self.server_ramp_cpu_s.filter(|cpu| *cpu > 0.0) {
+            println!(
+                "server CPU over the ramp: {cpu:.2} s; {:.0} connect+auth per server CPU-second",
+                self.connections_established as f64 / cpu
+            );
+        }
+        let delivered = self.delivered_per_s * self.duration_s;
+        if let Some(cpu) = self
+            .server_cpu_s
+            .filter(|cpu| *cpu > 0.0 && delivered > 0.0)
+        {
             println!(
                 "server CPU: {cpu:.2} s over {:.1} s ({:.0}% of one core); {:.0} deliveries per server CPU-second",
                 self.duration_s,

@@ -218,6 +218,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
     // Ramp: one connection task per user, paced at the connect rate, with
     // a bound on handshakes in flight.
     let started = Instant::now();
+    let ramp_cpu_before = plan.server_pid.and_then(read_cpu_seconds);
     let handshakes = Arc::new(Semaphore::new(plan.connect_concurrency.max(1)));
     let mut tasks = Vec::with_capacity(users.len());
     let pace =
@@ -251,6 +252,10 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ramp = started.elapsed();
+    let server_ramp_cpu_s = match (plan.server_pid, ramp_cpu_before) {
+        (Some(pid), Some(before)) => read_cpu_seconds(pid).map(|after| after - before),
+        _ => None,
+    };
 
     let server_bytes_per_connection = match (plan.server_pid, rss_before) {
         (Some(pid), Some(before)) => {
@@ -337,6 +342,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         delivered_per_s: delivered as f64 / duration.as_secs_f64().max(1e-3),
         server_bytes_per_connection,
         server_cpu_s,
+        server_ramp_cpu_s,
         connect_latency: histogram(&shared.connect_latency),
         send_to_ack: histogram(&shared.ack_latency),
         send_to_deliver: histogram(&shared.deliver_latency),

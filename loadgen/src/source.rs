@@ -9,6 +9,9 @@ use std::net::{IpAddr, Ipv4Addr};
 /// 32768-60999), minus a margin for the rest of the system.
 pub const PORTS_PER_ADDRESS: u64 = 28_000;
 
+/// Loopback addresses used at least.
+pub const MIN_LOOPBACK_ADDRESSES: u64 = 8;
+
 /// The local addresses connections are spread over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceAddrs {
@@ -40,9 +43,14 @@ impl SourceAddrs {
     }
 
     /// Enough loopback addresses (127.0.0.1, 127.0.0.2, ...) for
-    /// `connections`, for tests against a gateway on 127.0.0.0/8.
+    /// `connections`, and never fewer than [`MIN_LOOPBACK_ADDRESSES`] (they
+    /// cost nothing on loopback, and a second run right after a first
+    /// finds the first's TIME_WAIT ports spread thin), for tests against a
+    /// gateway on 127.0.0.0/8.
     pub fn loopback_for(connections: u64) -> SourceAddrs {
-        let needed = connections.div_ceil(PORTS_PER_ADDRESS).clamp(1, 250_000) as u32;
+        let needed = connections
+            .div_ceil(PORTS_PER_ADDRESS)
+            .clamp(MIN_LOOPBACK_ADDRESSES, 250_000) as u32;
         let first = u32::from(Ipv4Addr::new(127, 0, 0, 1));
         SourceAddrs {
             addrs: (first..first + needed)
@@ -88,6 +96,10 @@ mod tests {
         assert_eq!(sources.for_connection(0), IpAddr::from([127, 0, 0, 1]));
         assert_eq!(sources.for_connection(1), IpAddr::from([127, 0, 0, 2]));
         assert_eq!(sources.for_connection(36), IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(
+            SourceAddrs::loopback_for(19_000).len() as u64,
+            MIN_LOOPBACK_ADDRESSES
+        );
     }
 
     #[test]
