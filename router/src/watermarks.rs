@@ -25,6 +25,9 @@ use crate::wire::error_frame;
 /// How long acks wait to be coalesced before they are written.
 pub(crate) const FLUSH_PERIOD: Duration = Duration::from_millis(200);
 
+/// Devices written between yields to the runtime.
+const WRITES_PER_TURN: usize = 32;
+
 /// One device's acks of the current window.
 #[derive(Debug)]
 pub(crate) struct DeviceAcks {
@@ -109,7 +112,13 @@ pub(crate) async fn write(ctx: &Pipeline, batch: Vec<DeviceAcks>) {
         }
     };
     let mut written = 0u64;
-    for device in batch {
+    for (i, device) in batch.into_iter().enumerate() {
+        if i % WRITES_PER_TURN == WRITES_PER_TURN - 1 {
+            // The embedded store works on the calling thread: a window of
+            // thousands of writes in one go would hold a runtime worker
+            // (and the deliveries queued behind it) for milliseconds.
+            tokio::task::yield_now().await;
+        }
         for (&conversation, &(seq, request_id)) in &device.conversations {
             let refused = match write_one(ctx, &device, conversation, seq, &latest).await {
                 Ok(()) => {
