@@ -180,15 +180,21 @@ mod tests {
 
     #[test]
     fn gaps_late_arrivals_and_repeats_are_told_apart() {
+        use Delivery::{Duplicate, New, OutOfOrder};
         let mut ledger = Accounting::default();
-        assert_eq!(ledger.deliver(1, "g:1", 10), Delivery::New);
-        assert_eq!(ledger.deliver(1, "g:1", 12), Delivery::New);
-        assert_eq!(ledger.deliver(1, "g:1", 11), Delivery::OutOfOrder);
-        assert_eq!(ledger.deliver(1, "g:1", 13), Delivery::New);
-        assert_eq!(ledger.deliver(1, "g:1", 12), Delivery::Duplicate);
-        assert_eq!(ledger.deliver(1, "g:1", 9), Delivery::OutOfOrder);
-        assert_eq!(ledger.deliver(1, "g:1", 9), Delivery::Duplicate);
-        assert_eq!(ledger.deliver(1, "g:1", 10), Delivery::Duplicate);
+        let arrivals = [
+            (10, New),
+            (12, New),
+            (11, OutOfOrder),
+            (13, New),
+            (12, Duplicate),
+            (9, OutOfOrder),
+            (9, Duplicate),
+            (10, Duplicate),
+        ];
+        for (seq, verdict) in arrivals {
+            assert_eq!(ledger.deliver(1, "g:1", seq), verdict, "seq {seq}");
+        }
         for seq in 14..10_000 {
             assert_eq!(ledger.deliver(1, "g:1", seq), Delivery::New);
         }
