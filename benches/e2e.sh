@@ -9,7 +9,8 @@
 #   SCENARIOS="fanout chat" benches/e2e.sh   # only these (default: all)
 #
 # Scenarios: group fanout (one group, every member online, bursts of 100-byte
-# messages), idle fleet (connect+auth rate, server memory per connection),
+# messages), huge group (a group of 100,000 with 5,000 members online), idle
+# fleet (connect+auth rate, server memory per connection),
 # 1:1 chat (every connection sends one message per second; send->deliver
 # latency with durable storage). Loss, duplication or reordering makes the
 # load generator, and so this script, fail.
@@ -23,16 +24,18 @@ if [ "$mode" = smoke ]; then
     profile_dir="$target/debug"
     cargo build --locked -q -p pingme-gateway -p pingme-loadgen --bins
     FANOUT_MEMBERS=200 FANOUT_SECONDS=3 FANOUT_BURST=8 IDLE=500 CHAT=200 CHAT_SECONDS=5
+    HUGE_MEMBERS=1000 HUGE_ONLINE=100
 else
     profile_dir="$target/release"
     cargo build --locked -q --release -p pingme-gateway -p pingme-loadgen --bins
     FANOUT_MEMBERS=${FANOUT_MEMBERS:-5000} FANOUT_SECONDS=${FANOUT_SECONDS:-10} FANOUT_BURST=${FANOUT_BURST:-8}
     IDLE=${IDLE:-19000} CHAT=${CHAT:-10000} CHAT_SECONDS=${CHAT_SECONDS:-30}
+    HUGE_MEMBERS=${HUGE_MEMBERS:-100000} HUGE_ONLINE=${HUGE_ONLINE:-5000}
 fi
 pingme="$profile_dir/pingme"
 loadgen_bin="$profile_dir/pingme-loadgen"
 loadgen() { "$loadgen_bin" "$@" --api http://127.0.0.1:18080 --gateway tcp://127.0.0.1:17000; }
-scenarios=" ${SCENARIOS:-fanout idle chat} "
+scenarios=" ${SCENARIOS:-fanout huge idle chat} "
 wanted() { [[ "$scenarios" == *" $1 "* ]]; }
 out="${E2E_OUT:-$(mktemp -d)}"
 mkdir -p "$out"
@@ -81,6 +84,15 @@ if wanted fanout; then
     loadgen run fanout -n "$FANOUT_MEMBERS" --register --user-prefix fo --group "g:$group" \
         --burst "$FANOUT_BURST" --burst-interval-ms 200 --size 100 --duration "$FANOUT_SECONDS" \
         --server-pid "$server_pid" --quiet --report "$out/fanout.json" --timeline-png "$out/fanout.png"
+fi
+
+if wanted huge; then
+    echo; echo "== huge group: $HUGE_MEMBERS members, $HUGE_ONLINE online, bursts of 8 x 100 B every 200 ms"
+    start_server
+    group=$("$loadgen_bin" group --api "$api" --members "$HUGE_MEMBERS" --user-prefix huge --http-concurrency 128)
+    loadgen run huge-group -n "$HUGE_ONLINE" --register --user-prefix huge --group "$group" \
+        --burst 8 --burst-interval-ms 200 --size 100 --duration "$FANOUT_SECONDS" \
+        --server-pid "$server_pid" --quiet --report "$out/huge.json"
 fi
 
 if wanted idle; then

@@ -1,5 +1,5 @@
-//! The HTTP API calls a client needs before it can connect: register and
-//! log in. JSON over plain HTTP (TLS is the deployment's front proxy's job);
+//! The HTTP API calls a client needs around its connection: register, log
+//! in, create a group and add members in bulk. JSON over plain HTTP (TLS is the deployment's front proxy's job);
 //! errors keep the server's stable code.
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,22 @@ pub struct Login {
     /// When `token` expires (as the server sent it: Unix seconds or text).
     #[serde(default)]
     pub expires_at: serde_json::Value,
+}
+
+/// A group as the API returns it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Group {
+    /// The group's id.
+    pub group_id: u64,
+    /// Its conversation id (`g:{group_id}`), what sends name.
+    pub conversation_id: String,
+    /// Members, the owner included.
+    pub member_count: u64,
+}
+
+#[derive(Deserialize)]
+struct MembersAdded {
+    member_count: u64,
 }
 
 #[derive(Deserialize)]
@@ -72,17 +88,49 @@ impl HttpApi {
         self.post("/v1/auth/login", &body).await
     }
 
+    /// `POST /v1/groups`: a new group owned by the caller (`token`) with
+    /// `members` (at most 10,000; add more with [`HttpApi::add_members`]).
+    pub async fn create_group(&self, token: &str, name: &str, members: &[u64]) -> Result<Group> {
+        let body = serde_json::json!({ "name": name, "members": members });
+        self.post_as(Some(token), "/v1/groups", &body).await
+    }
+
+    /// `POST /v1/groups/{id}/members`: adds up to 10,000 users; returns the
+    /// group's member count after.
+    pub async fn add_members(&self, token: &str, group_id: u64, user_ids: &[u64]) -> Result<u64> {
+        let body = serde_json::json!({ "user_ids": user_ids });
+        let added: MembersAdded = self
+            .post_as(
+                Some(token),
+                &format!("/v1/groups/{group_id}/members"),
+                &body,
+            )
+            .await?;
+        Ok(added.member_count)
+    }
+
     async fn post<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         body: &serde_json::Value,
     ) -> Result<T> {
-        let response = self
+        self.post_as(None, path, body).await
+    }
+
+    async fn post_as<T: serde::de::DeserializeOwned>(
+        &self,
+        token: Option<&str>,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T> {
+        let mut request = self
             .http
             .post(format!("{}{path}", self.base_url))
-            .json(body)
-            .send()
-            .await?;
+            .json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
         let status = response.status();
         if status.is_success() {
             return Ok(response.json().await?);

@@ -37,7 +37,7 @@ mod watermark;
 pub use backoff::Backoff;
 pub use client::{Client, ClientConfig, Event, Events};
 pub use error::{ClientError, Result};
-pub use http::{HttpApi, Login};
+pub use http::{Group, HttpApi, Login};
 pub use pingme_protocol::{ErrorCode, v1};
 pub use transport::{ConnectOptions, Connection, Endpoint, Trust};
 pub use watermark::{Arrival, Watermarks};

@@ -38,6 +38,10 @@ struct Cli {
 enum Command {
     /// Run a scenario.
     Run(Box<RunArgs>),
+    /// Register users `{prefix}0..{prefix}M` and put them all in one new
+    /// group owned by the first; prints its conversation id (`g:ID`). With
+    /// `run huge-group -n N --group g:ID` the first N of them come online.
+    Group(GroupArgs),
     /// Merge JSON reports of processes that ran side by side.
     Merge {
         /// Report files.
@@ -51,6 +55,28 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         timeline_png: Option<PathBuf>,
     },
+}
+
+#[derive(Args, Debug)]
+struct GroupArgs {
+    /// HTTP API base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// Members of the group, the owner included.
+    #[arg(long)]
+    members: u64,
+    /// Username prefix (users are {prefix}{index}, as for `run --register`).
+    #[arg(long, default_value = "lg")]
+    user_prefix: String,
+    /// Password of the users.
+    #[arg(long, default_value = "loadgen-password")]
+    password: String,
+    /// The group's name.
+    #[arg(long, default_value = "loadgen")]
+    name: String,
+    /// Concurrent HTTP requests while registering.
+    #[arg(long, default_value_t = 64)]
+    http_concurrency: usize,
 }
 
 #[derive(Args, Debug)]
@@ -114,13 +140,14 @@ struct RunArgs {
     /// Message body size in bytes (at least 16).
     #[arg(long, default_value_t = 64)]
     size: usize,
-    /// fanout: the group conversation every user is a member of (g:ID).
+    /// fanout, huge-group: the group conversation every user is a member
+    /// of (g:ID; `pingme-loadgen group` makes one).
     #[arg(long, default_value = "g:1")]
     group: String,
-    /// fanout: messages per burst.
+    /// fanout, huge-group: messages per burst.
     #[arg(long, default_value_t = 10)]
     burst: u64,
-    /// fanout: milliseconds between bursts.
+    /// fanout, huge-group: milliseconds between bursts.
     #[arg(long, default_value_t = 1000)]
     burst_interval_ms: u64,
     /// reconnect-storm: fraction of connections dropped per storm.
@@ -161,6 +188,11 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(run_scenario(*args))),
+        Command::Group(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(create_group(args))),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -202,6 +234,36 @@ fn merge(
         chart::write_png(&merged, path)?;
     }
     Ok(!merged.has_errors())
+}
+
+async fn create_group(args: GroupArgs) -> anyhow::Result<bool> {
+    if args.members == 0 {
+        anyhow::bail!("--members must be at least 1");
+    }
+    let started = std::time::Instant::now();
+    let api = HttpApi::new(&args.api);
+    let users = users::register_and_login(
+        &api,
+        &args.user_prefix,
+        &args.password,
+        0..args.members,
+        args.http_concurrency,
+    )
+    .await?;
+    eprintln!(
+        "registered/logged in {} users in {:.1}s",
+        users.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let group = users::create_group(&api, &args.name, &users).await?;
+    eprintln!(
+        "group {} has {} members ({:.1}s in all)",
+        group.conversation_id,
+        group.member_count,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", group.conversation_id);
+    Ok(true)
 }
 
 async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {

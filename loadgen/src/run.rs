@@ -35,6 +35,12 @@ pub enum Scenario {
     Chat,
     /// One member sends bursts to a group every member is in.
     Fanout,
+    /// As fanout, to a group far larger than the connections (made with
+    /// `pingme-loadgen group --members M`): the first N members come
+    /// online, the rest stay offline. Shows that the sender's ack and the
+    /// online members' deliveries do not wait for the paging of the
+    /// offline majority.
+    HugeGroup,
     /// Idle fleet, and every interval a fraction drops and reconnects.
     ReconnectStorm,
 }
@@ -156,8 +162,8 @@ fn role_of(scenario: Scenario, users: &[User], index: usize) -> Role {
                 None => Role::Idle,
             }
         }
-        Scenario::Fanout if index == 0 => Role::FanoutSender,
-        Scenario::Fanout => Role::FanoutMember,
+        Scenario::Fanout | Scenario::HugeGroup if index == 0 => Role::FanoutSender,
+        Scenario::Fanout | Scenario::HugeGroup => Role::FanoutMember,
     }
 }
 
@@ -324,7 +330,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
             .map_or(0, SourceAddrs::len)
             .to_string(),
     );
-    if plan.scenario == Scenario::Fanout {
+    if matches!(plan.scenario, Scenario::Fanout | Scenario::HugeGroup) {
         parameters.insert("group".into(), plan.group.clone());
         parameters.insert("burst".into(), plan.burst.to_string());
     }
@@ -704,7 +710,10 @@ fn handle(
                 record(&shared.ack_latency_second, elapsed);
                 shared.acked.fetch_add(1, Ordering::Relaxed);
                 let recipients = match shared.plan.scenario {
-                    Scenario::Fanout => shared.members.load(Ordering::Relaxed).saturating_sub(1),
+                    // Only the members online here are expected to get it.
+                    Scenario::Fanout | Scenario::HugeGroup => {
+                        shared.members.load(Ordering::Relaxed).saturating_sub(1)
+                    }
                     _ => 1,
                 };
                 shared
@@ -832,6 +841,14 @@ mod tests {
         ));
         assert!(matches!(
             role_of(Scenario::Fanout, &users, 3),
+            Role::FanoutMember
+        ));
+        assert!(matches!(
+            role_of(Scenario::HugeGroup, &users, 0),
+            Role::FanoutSender
+        ));
+        assert!(matches!(
+            role_of(Scenario::HugeGroup, &users, 4),
             Role::FanoutMember
         ));
     }

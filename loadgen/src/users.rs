@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use futures::StreamExt;
-use pingme_client::{ErrorCode, HttpApi};
+use pingme_client::{ErrorCode, Group, HttpApi};
 
 /// One user the load generator connects as.
 #[derive(Debug, Clone)]
@@ -47,6 +47,30 @@ pub async fn register_and_login(
         .collect()
         .await;
     results.into_iter().collect()
+}
+
+/// Most user ids one API call takes (create or bulk add).
+const MEMBERS_PER_CALL: usize = 10_000;
+
+/// A new group owned by the first of `users` with all of them as members,
+/// added in bulk pages.
+pub async fn create_group(api: &HttpApi, name: &str, users: &[User]) -> anyhow::Result<Group> {
+    let (owner, members) = users
+        .split_first()
+        .ok_or_else(|| anyhow::anyhow!("a group needs at least its owner"))?;
+    let ids: Vec<u64> = members.iter().map(|u| u.user_id).collect();
+    let mut pages = ids.chunks(MEMBERS_PER_CALL);
+    let mut group = api
+        .create_group(&owner.token, name, pages.next().unwrap_or_default())
+        .await
+        .map_err(|e| anyhow::anyhow!("create group {name}: {e}"))?;
+    for page in pages {
+        group.member_count = api
+            .add_members(&owner.token, group.group_id, page)
+            .await
+            .map_err(|e| anyhow::anyhow!("add members to {}: {e}", group.conversation_id))?;
+    }
+    Ok(group)
 }
 
 /// Reads the users of `range` from a tokens file.
