@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use pingme_protocol::ErrorCode;
 use pingme_storage::{ConversationId, GroupId, MAX_PAGE, StoreResult, UserId};
 
@@ -231,9 +232,22 @@ const TASKS_PER_ROUND: usize = 64;
 /// One fanout worker: runs tasks of its partition in order until closed.
 pub(crate) async fn run(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
     loop {
-        let records = subscription.next_batch(TASKS_PER_ROUND).await;
+        let mut records = subscription.next_batch(TASKS_PER_ROUND).await;
         if records.is_empty() {
             break;
+        }
+        if records.len() < TASKS_PER_ROUND {
+            // A conversation worker publishes a burst's tasks one after
+            // another, and this worker wakes at the first: one turn for
+            // the rest to arrive lets the burst merge into one delivery
+            // instead of its first task alone, then the others.
+            tokio::task::yield_now().await;
+            if let Some(more) = subscription
+                .next_batch(TASKS_PER_ROUND - records.len())
+                .now_or_never()
+            {
+                records.extend(more);
+            }
         }
         metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "fanout")
             .set(ctx.transport.depth(&Topic::Fanout) as f64);

@@ -152,6 +152,8 @@ pub trait Transport: Send + Sync + 'static {
 pub trait Subscription: Send {
     /// Waits for at least one record and returns up to `max`, in partition
     /// order. Empty means the topic was closed and everything was consumed.
+    /// Cancel-safe: a call dropped before it completes takes no record (the
+    /// fanout worker polls it once to pick up what arrived meanwhile).
     async fn next_batch(&mut self, max: usize) -> Vec<Record>;
 
     /// Everything returned so far is processed (Kafka: commit offsets, so
