@@ -40,6 +40,10 @@ async fn collector() -> (String, Received) {
     let app = axum::Router::new()
         .route("/v1/traces", post(traces))
         .route("/push", post(|| async { axum::http::StatusCode::OK }))
+        .route(
+            "/push-down",
+            post(|| async { axum::http::StatusCode::SERVICE_UNAVAILABLE }),
+        )
         .with_state(received.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -128,6 +132,66 @@ async fn spans_of_a_message_path_are_exported_with_its_msg_id() {
         "spans name msg_ids other than the ones sent"
     );
     assert!(!stages_of(&ack.msg_id).contains(&"push"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_pages_and_dead_letters_carry_the_msg_id() {
+    let (endpoint, received) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Every group is large (fanout path), and the push provider is down,
+    // so the offline member's push exhausts its retries quickly.
+    let mut server = Server::start_with(
+        &dir.path().join("data"),
+        &format!(
+            "otlp_endpoint: {endpoint}\n\
+             task:\n  large_group_threshold: 1\n  message_retry_attempts: 2\n  retry_max_attempts: 2\n  \
+             retry_initial_backoff: 10ms\n  retry_max_backoff: 20ms\n  enable_dlq: true\n\
+             push:\n  webhook_url: {endpoint}/push-down\n"
+        ),
+    )
+    .await;
+    let http = server.http();
+    let (_, alice_token) = http.user("alice", "phone").await;
+    let (bob, bob_token) = http.user("bob", "phone").await;
+    let (carol, _) = http.user("carol", "phone").await;
+    let group = http.group(&alice_token, "traced", &[bob, carol]).await;
+    let mut a = Conn::connect(server.tcp, &alice_token).await;
+    let mut b = Conn::connect(server.tcp, &bob_token).await;
+
+    let ack = a.send(&group, "g1", "to the group").await.unwrap();
+    assert_eq!(b.deliver().await.msg_id, ack.msg_id);
+    // Carol's push fails twice and becomes a dead letter.
+    let admin = format!("http://{}/admin/dead-letters", server.metrics);
+    let mut letters = serde_json::Value::Null;
+    for _ in 0..200 {
+        letters = reqwest::get(&admin).await.unwrap().json().await.unwrap();
+        if letters.to_string().contains("push") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(letters.to_string().contains("push"), "{letters}");
+    assert!(server.terminate().success());
+
+    let spans = received.lock().unwrap().clone();
+    let named: Vec<&str> = spans
+        .iter()
+        .filter(|span| attribute(span, "msg_id") == Some(ack.msg_id.as_str()))
+        .map(|span| span.name.as_str())
+        .collect();
+    for stage in ["append", "deliver", "fanout_page", "push", "dead_letter"] {
+        assert!(
+            named.contains(&stage),
+            "no {stage:?} span with msg_id {} among {} spans; with it: {named:?}",
+            ack.msg_id,
+            spans.len()
+        );
+    }
+    let page = spans
+        .iter()
+        .find(|s| s.name == "fanout_page" && attribute(s, "msg_id") == Some(ack.msg_id.as_str()))
+        .unwrap();
+    assert_eq!(attribute(page, "conversation"), Some(group.as_str()));
 }
 
 #[test]
