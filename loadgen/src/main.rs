@@ -236,13 +236,32 @@ fn merge(
     Ok(!merged.has_errors())
 }
 
+/// Registers and logs in `{prefix}{i}` for `range`, saying how long it took
+/// (on stderr: stdout is the `group` command's answer).
+async fn register(
+    api: &HttpApi,
+    prefix: &str,
+    password: &str,
+    range: std::ops::Range<u64>,
+    concurrency: usize,
+) -> anyhow::Result<Vec<users::User>> {
+    let started = std::time::Instant::now();
+    let users = users::register_and_login(api, prefix, password, range, concurrency).await?;
+    eprintln!(
+        "registered/logged in {} users in {:.1}s",
+        users.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(users)
+}
+
 async fn create_group(args: GroupArgs) -> anyhow::Result<bool> {
     if args.members == 0 {
         anyhow::bail!("--members must be at least 1");
     }
     let started = std::time::Instant::now();
     let api = HttpApi::new(&args.api);
-    let users = users::register_and_login(
+    let users = register(
         &api,
         &args.user_prefix,
         &args.password,
@@ -250,11 +269,6 @@ async fn create_group(args: GroupArgs) -> anyhow::Result<bool> {
         args.http_concurrency,
     )
     .await?;
-    eprintln!(
-        "registered/logged in {} users in {:.1}s",
-        users.len(),
-        started.elapsed().as_secs_f64()
-    );
     let group = users::create_group(&api, &args.name, &users).await?;
     eprintln!(
         "group {} has {} members ({:.1}s in all)",
@@ -291,25 +305,18 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {
         anyhow::bail!("--size must be at least 16 (run tag and send time)");
     }
 
-    let started = std::time::Instant::now();
     let users = if let Some(path) = &args.tokens {
         users::from_tokens_file(&std::fs::read_to_string(path)?, range.clone())?
     } else if args.register {
         let api = HttpApi::new(&args.api);
-        let users = users::register_and_login(
+        register(
             &api,
             &args.user_prefix,
             &args.password,
             range.clone(),
             args.http_concurrency,
         )
-        .await?;
-        println!(
-            "registered/logged in {} users in {:.1}s",
-            users.len(),
-            started.elapsed().as_secs_f64()
-        );
-        users
+        .await?
     } else {
         anyhow::bail!("give --register or --tokens FILE");
     };
