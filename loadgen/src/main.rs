@@ -156,7 +156,9 @@ struct RunArgs {
     /// reconnect-storm: seconds between storms.
     #[arg(long, default_value_t = 5.0)]
     storm_interval: f64,
-    /// Sample this server process's VmRSS before and after connecting.
+    /// The server's process id: its CPU time over the ramp and the run
+    /// (per-core figures) and, for `idle`, its VmRSS before and after
+    /// connecting (memory per connection).
     #[arg(long)]
     server_pid: Option<u32>,
     /// Write the JSON report here.

@@ -212,7 +212,12 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
     });
     let users = Arc::new(users);
     let total = users.len() as u64;
-    let rss_before = plan.server_pid.and_then(read_vm_rss_kib);
+    // Memory per connection is an idle-fleet figure: in the other scenarios
+    // the server also holds messages, queues and store caches by then.
+    let rss_before = plan
+        .server_pid
+        .filter(|_| plan.scenario == Scenario::Idle)
+        .and_then(read_vm_rss_kib);
 
     let (phase_tx, phase_rx) = watch::channel(Phase::Ramp);
     let (storm_tx, storm_rx) = watch::channel(0u64);
