@@ -91,6 +91,16 @@ pub(crate) async fn member_conversation(
             .map_err(|e: pingme_storage::InvalidConversationId| {
                 RequestError::new(ErrorCode::InvalidArgument, e.to_string())
             })?;
+    check_member(ctx, conversation, user).await?;
+    Ok(conversation)
+}
+
+/// Checks that `user` belongs to `conversation` (`FORBIDDEN` if not).
+pub(crate) async fn check_member(
+    ctx: &Pipeline,
+    conversation: ConversationId,
+    user: UserId,
+) -> Result<(), RequestError> {
     let forbidden = || {
         RequestError::new(
             ErrorCode::Forbidden,
@@ -102,7 +112,7 @@ pub(crate) async fn member_conversation(
         return Err(forbidden());
     }
     match ctx.store.is_member(conversation, user).await {
-        Ok(true) => Ok(conversation),
+        Ok(true) => Ok(()),
         Ok(false) | Err(StoreError::NotFound(_)) | Err(StoreError::NotMember { .. }) => {
             Err(forbidden())
         }

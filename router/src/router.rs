@@ -240,17 +240,10 @@ impl Router {
                 "client_msg_id must be 1 to 128 bytes",
             );
         }
-        let Ok(conversation) = send.conversation_id.parse::<ConversationId>() else {
-            return refuse(
-                ErrorCode::InvalidArgument,
-                "conversation_id must be dm:{a}:{b} or g:{id}",
-            );
+        let conversation = match addressable(&send.conversation_id, session) {
+            Ok(conversation) => conversation,
+            Err((code, message)) => return refuse(code, message),
         };
-        if matches!(conversation, ConversationId::Direct { .. })
-            && !conversation.is_direct_party(session.user)
-        {
-            return refuse(ErrorCode::Forbidden, "not a member of this conversation");
-        }
         if !content_type_is_valid(send.content_type) {
             return refuse(ErrorCode::InvalidArgument, "content_type must be set");
         }
@@ -286,26 +279,10 @@ impl Router {
     /// coalesced with the device's other acks and written within
     /// [`watermarks::FLUSH_PERIOD`] (membership is checked then).
     fn delivery_ack(&self, session: &SessionInfo, request_id: u64, ack: v1::DeliveryAck) {
-        let Ok(conversation) = ack.conversation_id.parse::<ConversationId>() else {
-            return self.refuse(
-                session,
-                request_id,
-                ErrorCode::InvalidArgument,
-                "conversation_id must be dm:{a}:{b} or g:{id}",
-                "",
-            );
+        let conversation = match addressable(&ack.conversation_id, session) {
+            Ok(conversation) => conversation,
+            Err((code, message)) => return self.refuse(session, request_id, code, message, ""),
         };
-        if matches!(conversation, ConversationId::Direct { .. })
-            && !conversation.is_direct_party(session.user)
-        {
-            return self.refuse(
-                session,
-                request_id,
-                ErrorCode::Forbidden,
-                "not a member of this conversation",
-                "",
-            );
-        }
         self.ctx
             .delivered_acks
             .note(session, request_id, conversation, ack.seq);
@@ -443,6 +420,27 @@ impl Dispatch for Router {
             ),
         }
     }
+}
+
+/// The checks of a conversation id that need no store: it parses, and a
+/// 1:1 conversation names the session's user. Group membership is the
+/// store's to check.
+fn addressable(
+    conversation_id: &str,
+    session: &SessionInfo,
+) -> Result<ConversationId, (ErrorCode, &'static str)> {
+    let Ok(conversation) = conversation_id.parse::<ConversationId>() else {
+        return Err((
+            ErrorCode::InvalidArgument,
+            "conversation_id must be dm:{a}:{b} or g:{id}",
+        ));
+    };
+    if matches!(conversation, ConversationId::Direct { .. })
+        && !conversation.is_direct_party(session.user)
+    {
+        return Err((ErrorCode::Forbidden, "not a member of this conversation"));
+    }
+    Ok(conversation)
 }
 
 /// The push provider the config asks for, if any.

@@ -14,12 +14,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pingme_protocol::ErrorCode;
 use pingme_storage::{ConversationId, Seq, UserId};
 use tokio::sync::oneshot;
 
 use crate::pipeline::Pipeline;
 use crate::port::{ConnRef, SessionInfo};
+use crate::requests::{RequestError, check_member};
 use crate::wire::error_frame;
 
 /// How long acks wait to be coalesced before they are written.
@@ -120,17 +120,16 @@ pub(crate) async fn write(ctx: &Pipeline, batch: Vec<DeviceAcks>) {
             tokio::task::yield_now().await;
         }
         for (&conversation, &(seq, request_id)) in &device.conversations {
-            let refused = match write_one(ctx, &device, conversation, seq, &latest).await {
-                Ok(()) => {
-                    written += 1;
-                    continue;
+            match write_one(ctx, &device, conversation, seq, &latest).await {
+                Ok(()) => written += 1,
+                Err(refused) => {
+                    crate::telemetry::failed(refused.code, 1);
+                    ctx.outbox.to_connection(
+                        device.conn,
+                        error_frame(request_id, refused.code, refused.message, ""),
+                    );
                 }
-                Err(refused) => refused,
-            };
-            let (code, message) = refused;
-            crate::telemetry::failed(code, 1);
-            ctx.outbox
-                .to_connection(device.conn, error_frame(request_id, code, message, ""));
+            }
         }
     }
     metrics::counter!("pingme_router_delivered_watermarks_written_total").increment(written);
@@ -142,32 +141,16 @@ async fn write_one(
     conversation: ConversationId,
     seq: Seq,
     latest: &HashMap<ConversationId, Seq>,
-) -> Result<(), (ErrorCode, String)> {
-    let store_error =
-        |e: pingme_storage::StoreError| (crate::wire::store_error_code(&e), e.to_string());
+) -> Result<(), RequestError> {
+    // 1:1 parties were checked when the ack arrived (no store needed).
     if let ConversationId::Group(_) = conversation {
-        let member = ctx
-            .store
-            .is_member(conversation, device.user)
-            .await
-            .or_else(|e| match e {
-                pingme_storage::StoreError::NotFound(_)
-                | pingme_storage::StoreError::NotMember { .. } => Ok(false),
-                other => Err(other),
-            })
-            .map_err(store_error)?;
-        if !member {
-            return Err((
-                ErrorCode::Forbidden,
-                format!("not a member of {conversation}"),
-            ));
-        }
+        check_member(ctx, conversation, device.user).await?;
     }
     let seq = seq.min(latest.get(&conversation).copied().unwrap_or(0));
     ctx.store
         .set_delivered(device.user, &device.device, conversation, seq)
-        .await
-        .map_err(store_error)
+        .await?;
+    Ok(())
 }
 
 /// Writes the pending acks every [`FLUSH_PERIOD`] until `stop` fires, then
