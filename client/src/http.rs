@@ -1,6 +1,7 @@
 //! The HTTP API calls a client needs around its connection: register, log
-//! in, create a group and add members in bulk. JSON over plain HTTP (TLS is the deployment's front proxy's job);
-//! errors keep the server's stable code.
+//! in, create a group and add members in bulk. JSON over plain HTTP (TLS is
+//! the deployment's front proxy's job); errors keep the server's stable
+//! code.
 
 use serde::{Deserialize, Serialize};
 

@@ -185,16 +185,8 @@ fn main() -> ExitCode {
             report,
             timeline_png,
         } => merge(&reports, report.as_deref(), timeline_png.as_deref()),
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|runtime| runtime.block_on(run_scenario(*args))),
-        Command::Group(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|runtime| runtime.block_on(create_group(args))),
+        Command::Run(args) => on_runtime(run_scenario(*args)),
+        Command::Group(args) => on_runtime(create_group(args)),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -207,6 +199,15 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Runs `work` to the end on a multi-threaded runtime.
+fn on_runtime(work: impl Future<Output = anyhow::Result<bool>>) -> anyhow::Result<bool> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(work))
 }
 
 fn merge(

@@ -188,6 +188,11 @@ fn read_cpu_seconds(pid: u32) -> Option<f64> {
     Some((user + system) as f64 / 100.0)
 }
 
+/// CPU seconds process `pid` used since it had used `before`.
+fn cpu_seconds_since(pid: Option<u32>, before: Option<f64>) -> Option<f64> {
+    Some(read_cpu_seconds(pid?)? - before?)
+}
+
 /// Runs the scenario for `users` and returns the report.
 pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
     let shared = Arc::new(Shared {
@@ -263,10 +268,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ramp = started.elapsed();
-    let server_ramp_cpu_s = match (plan.server_pid, ramp_cpu_before) {
-        (Some(pid), Some(before)) => read_cpu_seconds(pid).map(|after| after - before),
-        _ => None,
-    };
+    let server_ramp_cpu_s = cpu_seconds_since(plan.server_pid, ramp_cpu_before);
 
     let server_bytes_per_connection = match (plan.server_pid, rss_before) {
         (Some(pid), Some(before)) => {
@@ -300,10 +302,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
     tokio::time::sleep(plan.drain).await;
     let duration = measured.elapsed();
     let delivered = shared.delivered.load(Ordering::Relaxed) - delivered_before;
-    let server_cpu_s = match (plan.server_pid, server_cpu_before) {
-        (Some(pid), Some(before)) => read_cpu_seconds(pid).map(|after| after - before),
-        _ => None,
-    };
+    let server_cpu_s = cpu_seconds_since(plan.server_pid, server_cpu_before);
     let _ = phase_tx.send(Phase::Stop);
     for task in tasks {
         let _ = task.await;
@@ -761,12 +760,8 @@ fn handle(
             }
             // Acknowledged after the batch, so the ack write is not in
             // the latency.
-            match acks.get_mut(&message.conversation_id) {
-                Some(highest) => *highest = (*highest).max(message.seq),
-                None => {
-                    acks.insert(message.conversation_id, message.seq);
-                }
-            }
+            let highest = acks.entry(message.conversation_id).or_default();
+            *highest = (*highest).max(message.seq);
         }
         Some(server_frame::Body::GoAway(_)) => {
             return Err(pingme_client::ClientError::ConnectionClosed);
