@@ -6,7 +6,7 @@ set -euo pipefail
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# benches/e2e.sh drives the HTTP API with curl.
+# benches/e2e.sh polls the server's /health with curl.
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 
 if ! port_open 3306; then

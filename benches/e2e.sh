@@ -66,22 +66,12 @@ start_server() {
     done
     echo "pingme serve did not become ready; log:"; cat "$out/server.log"; exit 1
 }
-post() { curl -sf -X POST "$api$1" -H 'content-type: application/json' ${3:+-H "authorization: Bearer $3"} -d "$2"; }
 
 if wanted fanout; then
     echo; echo "== fanout: one group of $FANOUT_MEMBERS online members, bursts of $FANOUT_BURST x 100 B every 200 ms"
     start_server
-    # On a fresh store the members registered first get the ids 1..N.
-    loadgen run idle -n "$FANOUT_MEMBERS" --register --user-prefix fo --duration 1 --drain 0 --quiet > /dev/null
-    post /v1/auth/register '{"username":"fanout-owner","password":"owner-password"}' > /dev/null
-    owner=$(post /v1/auth/login '{"username":"fanout-owner","password":"owner-password","device_id":"bench"}' | sed 's/.*"token":"\([^"]*\)".*/\1/')
-    group=$(post /v1/groups '{"name":"fanout","members":[]}' "$owner" | sed 's/.*"group_id":\([0-9]*\).*/\1/')
-    for start in $(seq 1 10000 "$FANOUT_MEMBERS"); do
-        end=$(( start + 9999 < FANOUT_MEMBERS ? start + 9999 : FANOUT_MEMBERS ))
-        ids=$(seq -s, "$start" "$end")
-        post "/v1/groups/$group/members" "{\"user_ids\":[$ids]}" "$owner" > /dev/null
-    done
-    loadgen run fanout -n "$FANOUT_MEMBERS" --register --user-prefix fo --group "g:$group" \
+    group=$("$loadgen_bin" group --api "$api" --members "$FANOUT_MEMBERS" --user-prefix fo --http-concurrency 128)
+    loadgen run fanout -n "$FANOUT_MEMBERS" --register --user-prefix fo --group "$group" \
         --burst "$FANOUT_BURST" --burst-interval-ms 200 --size 100 --duration "$FANOUT_SECONDS" \
         --server-pid "$server_pid" --quiet --report "$out/fanout.json" --timeline-png "$out/fanout.png"
 fi
