@@ -8,6 +8,10 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # benches/e2e.sh polls the server's /health with curl.
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
+# web/build.sh and web/test.sh: Node.js with npm, and the browser the chat
+# page's test drives (Debian's chromium; puppeteer-core downloads nothing).
+command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; }
 
 if ! port_open 3306; then
     echo "MariaDB not running: installing and starting it"

@@ -1,7 +1,7 @@
 //! The pingme gateway: where clients connect. It owns the listeners (TCP,
 //! TLS, QUIC, WebSocket), one shard per core with its own connection map,
-//! sessions and their limits, the HTTP API, operations endpoints and the
-//! `pingme` binary's wiring.
+//! sessions and their limits, the HTTP API, the browser chat page,
+//! operations endpoints and the `pingme` binary's wiring.
 
 pub mod allocator;
 pub mod auth;
@@ -15,8 +15,10 @@ pub mod server;
 pub mod session;
 mod shard;
 pub mod transport;
+pub mod webchat;
 
 pub use index::Connections;
 pub use server::{BoundAddrs, Gateway, GatewayConfig, ListenerConfig, StartError};
 pub use session::SessionLimits;
 pub use transport::ws::ws_router;
+pub use webchat::webchat_router;

@@ -18,7 +18,7 @@ use crate::auth::jwt::JwtAuthenticator;
 use crate::config::{Config, StorageBackend, StorageDurability};
 use crate::http::{self, ApiState};
 use crate::ops::{self, Readiness};
-use crate::{Connections, Gateway, ws_router};
+use crate::{Connections, Gateway, webchat_router, ws_router};
 
 /// How long in-flight work may take after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -78,9 +78,11 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     tracing::info!(tcp = ?addrs.tcp, tls = ?addrs.tls, quic = ?addrs.quic, shards = gateway.shard_count(), "gateway listening");
     let outbox: Arc<dyn Outbox> = connections.clone();
 
-    // 5. HTTP API, with the WebSocket transport and the dead-letter admin routes.
+    // 5. HTTP API, with the WebSocket transport and the browser chat page.
     let state = ApiState::new(auth.clone(), outbox, &config.auth, readiness.clone())?;
-    let app = http::router(state).merge(ws_router(connections.clone()));
+    let app = http::router(state)
+        .merge(ws_router(connections.clone()))
+        .merge(webchat_router());
     let http_listener = tokio::net::TcpListener::bind(config.http_bind())
         .await
         .with_context(|| format!("binding the HTTP API on {}", config.http_bind()))?;

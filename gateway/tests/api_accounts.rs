@@ -137,6 +137,21 @@ async fn login_issues_tokens_that_authenticate() {
     api.get("/v1/users/NOPE", Some(token))
         .await
         .assert_error(400, INVALID_ARGUMENT);
+
+    let by_id = api.get(&format!("/v1/users/by-id/{id}"), Some(token)).await;
+    assert_eq!(
+        (by_id.status, by_id.body["username"].as_str()),
+        (200, Some("carol"))
+    );
+    api.get("/v1/users/by-id/999999", Some(token))
+        .await
+        .assert_error(404, 20008);
+    api.get("/v1/users/by-id/carol", Some(token))
+        .await
+        .assert_error(400, INVALID_ARGUMENT);
+    api.get(&format!("/v1/users/by-id/{id}"), None)
+        .await
+        .assert_error(401, 10001);
 }
 
 #[tokio::test]

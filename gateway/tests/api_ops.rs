@@ -1,7 +1,7 @@
 //! Operations: `/health` follows the readiness flag, `/version` reports the
 //! build, `/metrics` shows counters moving and process memory, and the real
-//! `pingme serve` binary starts, serves, keeps data across a restart and
-//! stops cleanly on SIGTERM.
+//! `pingme serve` binary starts, serves (the API and the embedded chat
+//! page), keeps data across a restart and stops cleanly on SIGTERM.
 
 mod api_support;
 
@@ -204,6 +204,11 @@ async fn the_binary_serves_keeps_data_and_stops_on_sigterm() {
 
     let server = Server::start(&data, &config, free_port());
     server.wait_ready(&client).await;
+    // The chat page is embedded: served at `/` with no files on disk.
+    let page = client.get(format!("{}/", server.api)).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(page.text().await.unwrap().contains("/app.js"));
     let ops_health = client
         .get(format!("{}/health", server.ops))
         .send()

@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use pingme_protocol::v1::{GoAway, GoAwayReason, server_frame};
 use pingme_protocol::{ErrorCode, ServerFrame, encode_frame};
-use pingme_storage::{StoreError, UserId};
+use pingme_storage::{StoreError, UserId, UserRecord};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -230,6 +230,16 @@ pub(super) struct UserView {
     created_ms: i64,
 }
 
+impl From<UserRecord> for UserView {
+    fn from(user: UserRecord) -> Self {
+        UserView {
+            user_id: user.id,
+            username: user.username,
+            created_ms: user.created_ms,
+        }
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct MeResponse {
     #[serde(flatten)]
@@ -248,11 +258,7 @@ pub(super) async fn me(
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "user not found"))?;
     Ok(ApiJson(MeResponse {
-        user: UserView {
-            user_id: user.id,
-            username: user.username,
-            created_ms: user.created_ms,
-        },
+        user: user.into(),
         device_id: claims.device,
         expires_at: claims.expires_at,
     }))
@@ -271,11 +277,22 @@ pub(super) async fn user_by_name(
         .user_by_name(&username)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no user {username:?}")))?;
-    Ok(ApiJson(UserView {
-        user_id: user.id,
-        username: user.username,
-        created_ms: user.created_ms,
-    }))
+    Ok(ApiJson(user.into()))
+}
+
+/// `GET /v1/users/by-id/{user_id}`: a user's name from their id (senders
+/// and members arrive as ids).
+pub(super) async fn user_by_id(
+    state: ApiStateExt,
+    _caller: Caller,
+    ApiPath(user_id): ApiPath<UserId>,
+) -> ApiResult<ApiJson<UserView>> {
+    let user = state
+        .store()
+        .user_by_id(user_id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no user {user_id}")))?;
+    Ok(ApiJson(user.into()))
 }
 
 #[cfg(test)]

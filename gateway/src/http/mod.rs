@@ -105,6 +105,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/auth/logout", post(accounts::logout))
         .route("/v1/me", get(accounts::me))
         .route("/v1/users/{username}", get(accounts::user_by_name))
+        .route("/v1/users/by-id/{user_id}", get(accounts::user_by_id))
         .route("/v1/groups", post(groups::create))
         .route("/v1/groups/{group_id}", get(groups::get))
         .route(

@@ -1,0 +1,455 @@
+// What the page knows about the user's conversations, kept in step with the
+// server: the list with unread counts (HTTP), loaded history (FetchMessages
+// pages, contiguous from the oldest loaded seq), live deliveries with gap
+// fetches and delivery acks, read markers and receipts, typing, presence,
+// outgoing messages resent with the same client_msg_id after a reconnect,
+// and the sync that catches up after one. The open conversation is kept in
+// the address (#conversation-id), so a reload reopens it. No DOM here:
+// `onChange` tells the view what to redraw.
+
+import { ContentType } from "./gen/pingme/v1/pingme_pb.js";
+
+/** Messages per history page. */
+const PAGE = 30;
+/** Bounds on paging loops, so a misbehaving server cannot spin the page. */
+const MAX_PAGES = 100;
+const TYPING_SHOWN_MS = 6000;
+const TYPING_RESEND_MS = 3000;
+const TYPING_IDLE_MS = 4000;
+const PRESENCE_REFRESH_MS = 30000;
+/** Errors after which resending the same message cannot succeed. */
+const RETRYABLE = new Set([0, 20005, 30001, 40001, 40002, 40003]);
+/** Attempts of one message while connected before it shows as failed. */
+const MAX_ATTEMPTS = 5;
+
+const decoder = new TextDecoder();
+const encoder = new TextEncoder();
+
+function conversationKind(id) {
+  return id.startsWith("g:") ? "group" : "dm";
+}
+
+function readableBody(message) {
+  if (message.contentType === ContentType.TEXT) return decoder.decode(message.body);
+  return `[${ContentType[message.contentType]?.toLowerCase() ?? "message"}]`;
+}
+
+function fromWire(message) {
+  return {
+    seq: Number(message.seq),
+    sender: Number(message.senderId),
+    clientMsgId: message.clientMsgId,
+    text: readableBody(message),
+    timeMs: Number(message.serverTimeMs),
+  };
+}
+
+export class Chat {
+  constructor({ account, me, onChange }) {
+    this.account = account;
+    this.me = me;
+    this.onChange = onChange;
+    this.session = null;
+    this.conversations = new Map();
+    this.names = new Map([[me.user_id, me.username]]);
+    this.lookingUp = new Set();
+    this.presence = new Map();
+    this.current = null;
+    this.typingSent = { id: null, at: 0, idle: null };
+    this.presenceTimer = setInterval(() => this.refreshPresence(), PRESENCE_REFRESH_MS);
+    document.addEventListener("visibilitychange", () => this.markRead(this.conversation(this.current)));
+  }
+
+  conversation(id) {
+    return id ? this.conversations.get(id) : undefined;
+  }
+
+  upsert(id) {
+    let conversation = this.conversations.get(id);
+    if (!conversation) {
+      conversation = {
+        id,
+        kind: conversationKind(id),
+        name: null,
+        lastSeq: 0,
+        readSeq: 0,
+        activity: 0,
+        loaded: false,
+        first: 1,
+        have: 0,
+        messages: new Map(),
+        outgoing: new Map(),
+        peerRead: new Map(),
+        typing: new Map(),
+        catchingUp: null,
+      };
+      this.conversations.set(id, conversation);
+      if (conversation.kind === "group") this.loadGroupName(conversation);
+    }
+    return conversation;
+  }
+
+  /** The other user of a 1:1 conversation. */
+  peer(conversation) {
+    const [, low, high] = conversation.id.split(":").map(Number);
+    return low === this.me.user_id ? high : low;
+  }
+
+  /** A user's name; unknown ones are looked up once and redrawn when known. */
+  userName(userId) {
+    const name = this.names.get(userId);
+    if (name) return name;
+    if (!this.lookingUp.has(userId)) {
+      this.lookingUp.add(userId);
+      this.account
+        .request("GET", `/v1/users/by-id/${userId}`)
+        .then((user) => {
+          this.names.set(userId, user.username);
+          this.onChange(null);
+        })
+        .catch((error) => console.warn(`no name for user ${userId}`, error));
+    }
+    return `user ${userId}`;
+  }
+
+  title(conversation) {
+    if (conversation.kind === "dm") return this.userName(this.peer(conversation));
+    return conversation.name ?? `group ${conversation.id.slice(2)}`;
+  }
+
+  unread(conversation) {
+    return Math.max(0, conversation.lastSeq - conversation.readSeq);
+  }
+
+  async loadGroupName(conversation) {
+    try {
+      const group = await this.account.request("GET", `/v1/groups/${conversation.id.slice(2)}`);
+      conversation.name = group.name;
+      this.onChange(conversation.id);
+    } catch {
+      // The title falls back to the group id.
+    }
+  }
+
+  /** The conversation list with unread counts (GET /v1/conversations). */
+  async loadList() {
+    let after = "";
+    for (let page = 0; page < MAX_PAGES; page++) {
+      const query = new URLSearchParams({ limit: "200" });
+      if (after) query.set("after", after);
+      const answer = await this.account.request("GET", `/v1/conversations?${query}`);
+      for (const listed of answer.conversations) {
+        const conversation = this.upsert(listed.conversation_id);
+        conversation.lastSeq = Math.max(conversation.lastSeq, listed.last_seq);
+        conversation.readSeq = Math.max(conversation.readSeq, listed.read_seq);
+      }
+      if (!answer.next_after) break;
+      after = answer.next_after;
+    }
+    this.onChange(null);
+  }
+
+  /** Opens (creates locally) the 1:1 conversation with `username`. */
+  async directWith(username) {
+    const user = await this.account.request("GET", `/v1/users/${encodeURIComponent(username)}`);
+    this.names.set(user.user_id, user.username);
+    const [low, high] = [this.me.user_id, user.user_id].sort((a, b) => a - b);
+    const id = `dm:${low}:${high}`;
+    this.upsert(id);
+    return id;
+  }
+
+  /** Creates a group with the members named in `usernames`. */
+  async createGroup(name, usernames) {
+    const members = [];
+    for (const username of usernames) {
+      const user = await this.account.request("GET", `/v1/users/${encodeURIComponent(username)}`);
+      this.names.set(user.user_id, user.username);
+      members.push(user.user_id);
+    }
+    const group = await this.account.request("POST", "/v1/groups", { name, members });
+    this.upsert(group.conversation_id).name = group.name;
+    return group.conversation_id;
+  }
+
+  attach(session) {
+    this.session = session;
+  }
+
+  /** After every (re)connect: list, sync, catch up, resend, presence. */
+  async onOnline() {
+    try {
+      await this.loadList();
+      await this.sync();
+      for (const conversation of this.conversations.values()) {
+        if (conversation.id === this.current && !conversation.loaded) {
+          await this.loadLatest(conversation);
+        } else if (conversation.loaded && conversation.have < conversation.lastSeq) {
+          await this.catchUp(conversation);
+        }
+        for (const outgoing of conversation.outgoing.values()) {
+          if (outgoing.state !== "waiting") continue;
+          outgoing.attempts = 0;
+          this.transmit(conversation, outgoing);
+        }
+      }
+      await this.refreshPresence();
+    } catch (error) {
+      console.warn("catching up after connect failed", error);
+    }
+  }
+
+  /** Which conversations moved while this device was away (SyncRequest pages). */
+  async sync() {
+    let after = "";
+    for (let page = 0; page < MAX_PAGES; page++) {
+      const { value } = await this.session.request({
+        case: "sync",
+        value: { afterConversationId: after, limit: 500 },
+      });
+      for (const state of value.conversations) {
+        const conversation = this.upsert(state.conversationId);
+        conversation.lastSeq = Math.max(conversation.lastSeq, Number(state.latestSeq));
+        conversation.readSeq = Math.max(conversation.readSeq, Number(state.readSeq));
+        this.onChange(conversation.id);
+      }
+      if (!value.hasMore) break;
+      after = value.nextAfterConversationId;
+    }
+  }
+
+  async fetchPage(conversation, afterSeq, untilSeq) {
+    const { value } = await this.session.request({
+      case: "fetch",
+      value: {
+        conversationId: conversation.id,
+        afterSeq: BigInt(afterSeq),
+        untilSeq: BigInt(untilSeq),
+        limit: 200,
+      },
+    });
+    for (const message of value.messages) this.remember(conversation, fromWire(message));
+    return value;
+  }
+
+  remember(conversation, message) {
+    conversation.messages.set(message.seq, message);
+    conversation.lastSeq = Math.max(conversation.lastSeq, message.seq);
+    if (message.sender === this.me.user_id) {
+      conversation.outgoing.delete(message.clientMsgId);
+      conversation.readSeq = Math.max(conversation.readSeq, message.seq);
+    }
+    while (conversation.messages.has(conversation.have + 1)) conversation.have++;
+  }
+
+  /** Fetches everything after the contiguous part (one at a time per conversation). */
+  catchUp(conversation) {
+    conversation.catchingUp = (conversation.catchingUp ?? Promise.resolve())
+      .then(async () => {
+        for (let page = 0; page < MAX_PAGES; page++) {
+          const before = conversation.have;
+          const answer = await this.fetchPage(conversation, conversation.have, 0);
+          if (!answer.hasMore || conversation.have === before) break;
+        }
+        this.acknowledge(conversation);
+      })
+      .catch((error) => console.warn("catch-up failed", error));
+    return conversation.catchingUp;
+  }
+
+  acknowledge(conversation) {
+    if (conversation.have > 0) {
+      this.session.notify({
+        case: "deliveryAck",
+        value: { conversationId: conversation.id, seq: BigInt(conversation.have) },
+      });
+    }
+    this.markRead(conversation);
+    this.onChange(conversation.id);
+  }
+
+  /** Opens a conversation: its newest page first, then it follows live. */
+  async open(id) {
+    this.current = id;
+    history.replaceState(null, "", `#${id}`);
+    const conversation = this.upsert(id);
+    this.onChange(id);
+    if (!conversation.loaded) await this.loadLatest(conversation);
+    else this.markRead(conversation);
+    this.refreshPresence();
+  }
+
+  /** The newest page of a conversation; while offline, the next connect loads it. */
+  async loadLatest(conversation) {
+    if (!this.session?.online) return;
+    const after = Math.max(0, conversation.lastSeq - PAGE);
+    conversation.loaded = true;
+    conversation.first = after + 1;
+    conversation.have = after;
+    await this.catchUp(conversation);
+  }
+
+  async loadOlder(id) {
+    const conversation = this.upsert(id);
+    if (conversation.first <= 1) return;
+    const until = conversation.first - 1;
+    const after = Math.max(0, until - PAGE);
+    await this.fetchPage(conversation, after, until);
+    conversation.first = after + 1;
+    this.onChange(id);
+  }
+
+  /** Sends the current user's read position, if the conversation is in view. */
+  markRead(conversation) {
+    if (!conversation || conversation.id !== this.current || document.visibilityState !== "visible") {
+      return;
+    }
+    if (conversation.have > conversation.readSeq) {
+      conversation.readSeq = conversation.have;
+      this.session?.notify({
+        case: "readMarker",
+        value: { conversationId: conversation.id, seq: BigInt(conversation.have) },
+      });
+      this.onChange(conversation.id);
+    }
+  }
+
+  send(id, text) {
+    const conversation = this.upsert(id);
+    const outgoing = { clientMsgId: crypto.randomUUID(), text, state: "waiting", error: "" };
+    conversation.outgoing.set(outgoing.clientMsgId, outgoing);
+    conversation.activity = Date.now();
+    this.stopTyping();
+    this.onChange(id);
+    this.transmit(conversation, outgoing);
+  }
+
+  /** One attempt; a disconnect leaves it waiting for the next connect. */
+  async transmit(conversation, outgoing) {
+    outgoing.state = "sending";
+    outgoing.attempts = (outgoing.attempts ?? 0) + 1;
+    try {
+      const { value: ack } = await this.session.request({
+        case: "send",
+        value: {
+          clientMsgId: outgoing.clientMsgId,
+          conversationId: conversation.id,
+          contentType: ContentType.TEXT,
+          body: encoder.encode(outgoing.text),
+        },
+      });
+      this.remember(conversation, {
+        seq: Number(ack.seq),
+        sender: this.me.user_id,
+        clientMsgId: outgoing.clientMsgId,
+        text: outgoing.text,
+        timeMs: Number(ack.serverTimeMs),
+      });
+      if (conversation.have < Number(ack.seq)) await this.catchUp(conversation);
+      else this.acknowledge(conversation);
+    } catch (error) {
+      const retry = RETRYABLE.has(error.code ?? 0) && outgoing.attempts < MAX_ATTEMPTS;
+      outgoing.state = retry ? "waiting" : "failed";
+      outgoing.error = error.message;
+      if (outgoing.state === "waiting" && this.session.online) {
+        setTimeout(() => outgoing.state === "waiting" && this.transmit(conversation, outgoing), 1000);
+      }
+    }
+    this.onChange(conversation.id);
+  }
+
+  /** The user typed in the composer: tell the others now and then. */
+  typing(id) {
+    const now = Date.now();
+    if (this.typingSent.id !== id || now - this.typingSent.at > TYPING_RESEND_MS) {
+      this.typingSent.id = id;
+      this.typingSent.at = now;
+      this.session?.notify({ case: "typing", value: { conversationId: id, active: true } });
+    }
+    clearTimeout(this.typingSent.idle);
+    this.typingSent.idle = setTimeout(() => this.stopTyping(), TYPING_IDLE_MS);
+  }
+
+  stopTyping() {
+    clearTimeout(this.typingSent.idle);
+    const id = this.typingSent.id;
+    if (!id) return;
+    this.typingSent.id = null;
+    this.session?.notify({ case: "typing", value: { conversationId: id, active: false } });
+  }
+
+  typers(conversation) {
+    return [...conversation.typing.keys()].map((user) => this.userName(user));
+  }
+
+  /** Who read my message `seq` (other members' receipts). */
+  readers(conversation, seq) {
+    return [...conversation.peerRead].filter(([, read]) => read >= seq).map(([user]) => user);
+  }
+
+  async refreshPresence() {
+    if (!this.session?.online) return;
+    const peers = [...this.conversations.values()]
+      .filter((conversation) => conversation.kind === "dm")
+      .map((conversation) => BigInt(this.peer(conversation)))
+      .slice(0, 500);
+    if (peers.length === 0) return;
+    try {
+      const { value } = await this.session.request({ case: "presenceQuery", value: { userIds: peers } });
+      for (const user of value.users) {
+        this.presence.set(Number(user.userId), { online: user.online, lastSeenMs: Number(user.lastSeenMs) });
+      }
+      this.onChange(null);
+    } catch (error) {
+      console.warn("presence query failed", error);
+    }
+  }
+
+  /** Frames the server pushes on its own. */
+  onEvent(kind, value) {
+    switch (kind) {
+      case "deliver": {
+        const message = fromWire(value.message);
+        const conversation = this.upsert(value.message.conversationId);
+        conversation.activity = Date.now();
+        conversation.typing.delete(message.sender);
+        if (conversation.loaded) {
+          this.remember(conversation, message);
+          if (conversation.have < message.seq) this.catchUp(conversation);
+          else this.acknowledge(conversation);
+        } else {
+          conversation.lastSeq = Math.max(conversation.lastSeq, message.seq);
+          this.onChange(conversation.id);
+        }
+        break;
+      }
+      case "readReceipt": {
+        const conversation = this.upsert(value.conversationId);
+        const user = Number(value.userId);
+        conversation.peerRead.set(user, Math.max(conversation.peerRead.get(user) ?? 0, Number(value.seq)));
+        this.onChange(conversation.id);
+        break;
+      }
+      case "typing": {
+        const conversation = this.upsert(value.conversationId);
+        const user = Number(value.userId);
+        clearTimeout(conversation.typing.get(user));
+        if (value.active) {
+          conversation.typing.set(user, setTimeout(() => {
+            conversation.typing.delete(user);
+            this.onChange(conversation.id);
+          }, TYPING_SHOWN_MS));
+        } else {
+          conversation.typing.delete(user);
+        }
+        this.onChange(conversation.id);
+        break;
+      }
+      case "error":
+        console.warn(`server error ${value.code}: ${value.message}`);
+        break;
+      default:
+        break;
+    }
+  }
+}
