@@ -65,7 +65,7 @@ if [ -z "$ready" ]; then
     echo "pingme serve did not become ready; log:"; cat "$work/server.log"; exit 1
 fi
 
-if ! PINGME_URL="$base" node --test --test-reporter=spec tests/; then
+if ! PINGME_URL="$base" node --test --test-reporter=spec tests/chat.test.mjs; then
     echo "--- pingme serve log"; tail -n 100 "$work/server.log"
     exit 1
 fi
