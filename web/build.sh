@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-[ -x node_modules/.bin/esbuild ] || npm ci --no-audit --no-fund
+[ -x node_modules/.bin/esbuild ] || npm ci --ignore-scripts --no-audit --no-fund
 ./node_modules/.bin/buf generate
 mkdir -p dist
 ./node_modules/.bin/esbuild src/app.js --bundle --format=esm --target=es2022 --minify \

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 web=$(pwd)
 
-[ -x node_modules/.bin/esbuild ] || npm ci --no-audit --no-fund
+[ -x node_modules/.bin/esbuild ] || npm ci --ignore-scripts --no-audit --no-fund
 if [ -z "${PINGME_BIN:-}" ]; then
     (cd .. && cargo build --locked -q -p pingme-gateway --bin pingme)
     target="${CARGO_TARGET_DIR:-$web/../target}"

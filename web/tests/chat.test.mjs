@@ -101,6 +101,7 @@ test("alice opens a conversation with bob and her message reaches him", async ()
   await alice.type("#new-chat-user", "bob");
   await alice.click("#new-chat button");
   await alice.waitForFunction(() => document.getElementById("chat-title").textContent === "bob", WAIT);
+  await alice.waitForFunction(() => document.getElementById("chat-presence").textContent === "online", WAIT);
   assert.equal(await send(alice, "hello bob"), "1");
 
   // Bob's list shows the new conversation with one unread message.
@@ -217,12 +218,21 @@ test("after a network drop alice reconnects and syncs what she missed", async ()
   await alice.setOfflineMode(true);
   await alice.waitForFunction(() => document.getElementById("status").dataset.state !== "online", WAIT);
   assert.equal(await send(bob, "while you were away"), "38");
+  // What she writes meanwhile waits, and goes out once she is back.
+  await alice.type("#message-input", "written offline");
+  await alice.keyboard.press("Enter");
+  await alice.waitForSelector("#messages .message.pending", WAIT);
   await alice.setOfflineMode(false);
   await waitOnline(alice);
   assert.equal(await waitForMessage(alice, "while you were away"), "38");
-  // And she can answer on the new connection.
-  assert.equal(await send(alice, "back again"), "39");
-  assert.equal(await waitForMessage(bob, "back again"), "39");
+  assert.equal(await waitForMessage(alice, "written offline"), "39");
+  assert.equal(await waitForMessage(bob, "written offline"), "39");
+  // And she can go on on the new connection; nothing was sent twice.
+  assert.equal(await send(alice, "back again"), "40");
+  assert.equal(await waitForMessage(bob, "back again"), "40");
+  const texts = await messageTexts(bob);
+  assert.equal(texts.filter((text) => text === "written offline").length, 1);
+  assert.equal(await alice.$("#messages .message.pending"), null);
 });
 
 test("no script errors on either page", () => {
