@@ -46,7 +46,7 @@ cat > "$work/pingme.yaml" <<YAML
 app: { host: 127.0.0.1, port: $http, env: development }
 listeners: { tcp: 127.0.0.1:$tcp, tls: 127.0.0.1:$tls, quic: 127.0.0.1:$tls, metrics: 127.0.0.1:$metrics }
 # A short heartbeat, so the page notices the network-drop step's dead link
-# within seconds (it gives up on a link silent for two intervals).
+# within seconds (a ping unanswered by the next one means a dead link).
 session: { heartbeat_interval: 2s, idle_timeout: 30s }
 auth: { jwt_secret: webchat-test-secret-0123456789, password_hash_memory_kib: 64, password_hash_iterations: 1 }
 storage: { data_dir: $work/data }

@@ -231,16 +231,22 @@ export class Session {
     if (!this.stopped && !this.socket) this.connect();
   }
 
-  /** Pings at the server's interval; silence for two intervals is a dead link. */
+  /**
+   * Pings at the server's interval. A ping with nothing at all heard back by
+   * the next tick means a dead link. (Judged per ping, not by wall time, so
+   * a background tab whose timers the browser slows is not taken for dead.)
+   */
   startHeartbeat() {
     const interval = this.helloAck?.heartbeatIntervalMs || 30000;
+    let pingSentAt = 0;
     clearInterval(this.timers.heartbeat);
     this.timers.heartbeat = setInterval(() => {
-      if (Date.now() - this.lastFrameAt > 2 * interval) {
+      if (pingSentAt && this.lastFrameAt < pingSentAt) {
         this.drop("no answer from the server");
         return;
       }
-      this.write(0, { case: "ping", value: { clientTimeMs: BigInt(Date.now()) } });
+      pingSentAt = Date.now();
+      this.write(0, { case: "ping", value: { clientTimeMs: BigInt(pingSentAt) } });
     }, interval);
   }
 
