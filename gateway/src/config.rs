@@ -120,7 +120,8 @@ pub struct AppConfig {
     /// `development` or `production`. Env `APP_ENV`. Production refuses to
     /// start without `auth.jwt_secret`.
     pub env: AppEnv,
-    /// This gateway's id in a cluster (names its downstream topic).
+    /// This gateway's id in a cluster (names its downstream topic). Env
+    /// `APP_GATEWAY_ID` (one image, one configuration file, an id per node).
     pub gateway_id: String,
 }
 
@@ -540,6 +541,9 @@ impl Config {
                     });
                 }
             };
+        }
+        if let Some(v) = env("APP_GATEWAY_ID") {
+            self.app.gateway_id = v.trim().to_string();
         }
         if let Some(v) = env("DB_HOST") {
             self.database.host = v;

@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod exported_metrics;
 pub mod http;
 pub mod index;
 pub mod ops;

@@ -32,6 +32,9 @@ enum Command {
     },
     /// Prints version, git commit and build time.
     Version,
+    /// Lists every metric the server exports on its ops port: name, kind
+    /// (counter, gauge, histogram) and help, one a line.
+    Metrics,
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,12 @@ fn main() -> ExitCode {
                 "pingme {} (commit {}, built {})",
                 v.version, v.git_commit, v.build_time
             );
+            ExitCode::SUCCESS
+        }
+        Command::Metrics => {
+            for metric in pingme_gateway::exported_metrics::list() {
+                println!("{} {} {}", metric.name, metric.kind.as_str(), metric.help);
+            }
             ExitCode::SUCCESS
         }
         Command::Serve { config, data_dir } => {

@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +30,19 @@ pub const LOGINS: &str = "pingme_logins_total";
 pub const REGISTRATIONS: &str = "pingme_registrations_total";
 /// Resident set size of the process, refreshed on every scrape.
 pub const RESIDENT_MEMORY: &str = "pingme_process_resident_memory_bytes";
+/// 1 while `/health` answers 200, else 0; refreshed on every scrape.
+pub const READY: &str = "pingme_ready";
+
+/// Histogram buckets of every `*_seconds` metric (latencies, 250 µs to
+/// 10 s): real Prometheus histograms, so a dashboard can take percentiles
+/// over several nodes, which per-process quantiles cannot give.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Histogram buckets of the append batch size (messages per store call).
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 /// The crate version, git commit and build time of this binary.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -214,26 +227,38 @@ fn otlp_provider(endpoint: &str, service_name: &str) -> anyhow::Result<SdkTracer
         .build())
 }
 
-/// The process-wide Prometheus recorder, installed on first use, with the
-/// API's metrics described. Later calls return the same handle.
+/// The process-wide Prometheus recorder, installed on first use, with
+/// every metric the binary exports described. Later calls return the same
+/// handle.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let handle = PrometheusBuilder::new()
-                .install_recorder()
-                .unwrap_or_else(|_| {
-                    // Another recorder is installed (not ours): keep a
-                    // detached one so /metrics still answers.
-                    PrometheusBuilder::new().build_recorder().handle()
-                });
-            describe_metrics();
+            let handle = prometheus_builder().install_recorder().unwrap_or_else(|_| {
+                // Another recorder is installed (not ours): keep a
+                // detached one so /metrics still answers.
+                prometheus_builder().build_recorder().handle()
+            });
+            crate::exported_metrics::describe_all();
             handle
         })
         .clone()
 }
 
-fn describe_metrics() {
+fn prometheus_builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .and_then(|builder| {
+            builder.set_buckets_for_metric(
+                Matcher::Full(pingme_router::telemetry::APPEND_BATCH.into()),
+                BATCH_BUCKETS,
+            )
+        })
+        .expect("bucket lists are not empty")
+}
+
+/// Help texts of the API's and the process's metrics.
+pub(crate) fn describe_metrics() {
     metrics::describe_counter!(HTTP_REQUESTS, "HTTP API requests by route and status");
     metrics::describe_counter!(LOGINS, "Login attempts by result");
     metrics::describe_counter!(REGISTRATIONS, "Registrations by result");
@@ -241,6 +266,10 @@ fn describe_metrics() {
         RESIDENT_MEMORY,
         metrics::Unit::Bytes,
         "Resident set size of the process"
+    );
+    metrics::describe_gauge!(
+        READY,
+        "1 while /health answers 200 (store open, listeners up), 0 while starting or draining"
     );
 }
 
@@ -282,6 +311,7 @@ pub fn ops_router(readiness: Readiness) -> Router {
         .route(
             "/metrics",
             get(|State(s): State<OpsState>| async move {
+                metrics::gauge!(READY).set(if s.readiness.is_ready() { 1.0 } else { 0.0 });
                 (
                     [("content-type", "text/plain; version=0.0.4")],
                     render_metrics(&s.handle),

@@ -313,7 +313,7 @@ impl Gateway {
 }
 
 /// Help texts for the connection side's metrics (shown by the exporter).
-fn describe_metrics() {
+pub(crate) fn describe_metrics() {
     metrics::describe_gauge!(
         "pingme_gateway_connections",
         "authenticated sessions, by transport and shard"

@@ -195,6 +195,7 @@ fn environment_overrides_win_over_the_file() {
         ("APP_HOST", "0.0.0.0"),
         ("APP_PORT", "8181"),
         ("APP_ENV", "production"),
+        ("APP_GATEWAY_ID", "gw-7"),
         ("DB_HOST", "db.internal"),
         ("DB_PORT", "3307"),
         ("DB_USERNAME", "pingme"),
@@ -211,6 +212,8 @@ fn environment_overrides_win_over_the_file() {
     assert_eq!(c.app.port, 8181);
     assert_eq!(c.http_bind(), "0.0.0.0:8181");
     assert_eq!(c.app.env, AppEnv::Production);
+    assert_eq!(c.app.gateway_id, "gw-7");
+    assert_eq!(c.router().gateway_id, "gw-7");
     assert_eq!(c.database.host, "db.internal");
     assert_eq!(c.database.port, 3307);
     assert_eq!(c.database.username, "pingme");
@@ -221,6 +224,41 @@ fn environment_overrides_win_over_the_file() {
     assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
     assert_eq!(c.auth.jwt_secret, "a-very-long-test-secret");
     assert_eq!(c.otlp_endpoint, "http://collector:4318");
+}
+
+/// The container image's file and the compose cluster's file (deploy/) are
+/// ones the binary takes, with listeners where the Dockerfile, HAProxy and
+/// Prometheus expect them.
+#[test]
+fn the_deployment_files_load() {
+    let deploy = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"));
+    for file in ["pingme.yaml", "pingme.cluster.yaml"] {
+        let c = Config::load_with_env(Some(&deploy.join(file)), no_env)
+            .unwrap_or_else(|e| panic!("deploy/{file}: {e}"));
+        assert_eq!(c.http_bind(), "0.0.0.0:8080", "{file}");
+        let listeners = [
+            c.listeners.tcp,
+            c.listeners.tls,
+            c.listeners.quic,
+            c.listeners.metrics,
+        ];
+        assert_eq!(
+            listeners.map(|a| a.to_string()),
+            [
+                "0.0.0.0:7000",
+                "0.0.0.0:7443",
+                "0.0.0.0:7443",
+                "0.0.0.0:9093"
+            ],
+            "{file}"
+        );
+        assert_eq!(c.log_format, LogFormat::Json, "{file}");
+    }
+    let image = Config::load_with_env(Some(&deploy.join("pingme.yaml")), no_env).unwrap();
+    assert_eq!(image.storage.backend, StorageBackend::Embedded);
+    assert_eq!(image.storage.data_dir, Path::new("/var/lib/pingme"));
+    let cluster = Config::load_with_env(Some(&deploy.join("pingme.cluster.yaml")), no_env).unwrap();
+    assert_eq!(cluster.storage.backend, StorageBackend::Mysql);
 }
 
 /// Tests that touch the real process environment (setting it, or spawning

@@ -1,5 +1,6 @@
 //! The router's metric names (Prometheus style, recorded with the
-//! `metrics` crate; the binary installs the exporter).
+//! `metrics` crate; the binary installs the exporter) and their help texts
+//! ([`describe`], which is also how `pingme metrics` lists them).
 
 /// Counter: sends stored for the first time.
 pub const ACCEPTED: &str = "pingme_router_messages_accepted_total";
@@ -21,6 +22,49 @@ pub const RETRIES: &str = "pingme_router_retries_total";
 pub const DLQ_SIZE: &str = "pingme_router_dlq_size";
 /// Counter: push notifications sent (recipients).
 pub const PUSHED: &str = "pingme_router_push_sent_total";
+/// Counter: delivered watermarks (device, conversation) written.
+pub const WATERMARKS_WRITTEN: &str = "pingme_router_delivered_watermarks_written_total";
+
+/// Gives every router metric its kind and help text in the installed
+/// recorder. A metric recorded here without being described is missing
+/// from `pingme metrics`, which the deployment checks hold the dashboard
+/// and alert rules to.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(ACCEPTED, "sends stored for the first time");
+    describe_counter!(
+        DELIVERED,
+        "deliver frames queued on recipients' connections (one per connection reached)"
+    );
+    describe_counter!(
+        FAILED,
+        "sends and work items that failed, by error code (label code)"
+    );
+    describe_counter!(
+        DUPLICATES,
+        "sends answered from the idempotency record (client retries)"
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "records queued between pipeline stages, by topic, sampled when a consumer takes a batch"
+    );
+    describe_histogram!(
+        APPEND_SECONDS,
+        Unit::Seconds,
+        "duration of one batched, durable message append"
+    );
+    describe_histogram!(APPEND_BATCH, "messages per batched append");
+    describe_counter!(
+        RETRIES,
+        "retries after a failed try, by pipeline stage (label stage)"
+    );
+    describe_gauge!(DLQ_SIZE, "dead letters stored, waiting for an operator");
+    describe_counter!(PUSHED, "offline-push recipients sent to the webhook");
+    describe_counter!(
+        WATERMARKS_WRITTEN,
+        "delivered watermarks (device, conversation) written to the store"
+    );
+}
 
 /// Counts one failure with its code.
 pub fn failed(code: pingme_protocol::ErrorCode, count: u64) {

@@ -132,7 +132,7 @@ pub(crate) async fn write(ctx: &Pipeline, batch: Vec<DeviceAcks>) {
             }
         }
     }
-    metrics::counter!("pingme_router_delivered_watermarks_written_total").increment(written);
+    metrics::counter!(crate::telemetry::WATERMARKS_WRITTEN).increment(written);
 }
 
 async fn write_one(
