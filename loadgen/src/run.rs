@@ -178,7 +178,11 @@ fn read_vm_rss_kib(pid: u32) -> Option<u64> {
 /// CPU time (user + system) the process has used, seconds. /proc counts
 /// in USER_HZ ticks, which Linux fixes at 100 per second for user space.
 fn read_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    cpu_seconds_of_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime of one `/proc/PID/stat` line, seconds.
+fn cpu_seconds_of_stat(stat: &str) -> Option<f64> {
     // Fields after the command name (which may hold spaces) in parentheses;
     // utime and stime are the 14th and 15th fields of the line.
     let after_name = &stat[stat.rfind(')')? + 2..];
@@ -779,14 +783,32 @@ mod tests {
     fn this_process_cpu_time_is_read_and_grows() {
         let pid = std::process::id();
         let before = read_cpu_seconds(pid).expect("own /proc/self/stat");
-        let spin = Instant::now();
+        // Real work until the kernel has charged at least one tick to us:
+        // how long that takes depends on what else the machine runs, so
+        // only growth is asserted, never an amount per wall-clock time.
+        let give_up = Instant::now() + Duration::from_secs(120);
         let mut x = 0u64;
-        while spin.elapsed() < Duration::from_millis(300) {
-            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-        }
-        let after = read_cpu_seconds(pid).unwrap();
-        assert!(after - before >= 0.1, "{before} -> {after}");
+        let after = loop {
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            let now = read_cpu_seconds(pid).unwrap();
+            if now > before || Instant::now() > give_up {
+                break now;
+            }
+        };
+        assert!(after > before, "{before} -> {after}");
         assert_eq!(read_cpu_seconds(u32::MAX), None);
+    }
+
+    #[test]
+    fn cpu_seconds_are_utime_plus_stime_in_ticks() {
+        // A command name with spaces and a ')' must not shift the fields.
+        let stat = "4242 (my (odd) cmd) S 1 4242 4242 0 -1 4194560 500 0 0 0 \
+                    250 130 0 0 20 0 4 0 100 1000000 200";
+        assert_eq!(cpu_seconds_of_stat(stat), Some(3.8));
+        assert_eq!(cpu_seconds_of_stat("4242 (cut short) S 1"), None);
+        assert_eq!(cpu_seconds_of_stat("no parentheses at all"), None);
     }
 
     #[test]
