@@ -119,7 +119,7 @@ function bind(chat, session) {
     chat.send(chat.current, text);
   });
   $("message-input").addEventListener("input", () => {
-    if (chat.current && $("message-input").value) chat.typing(chat.current);
+    if (chat.current && $("message-input").value) chat.people.typing(chat.current);
   });
   $("older").addEventListener("click", () => chat.loadOlder(chat.current));
   $("logout").addEventListener("click", async () => {

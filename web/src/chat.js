@@ -1,21 +1,19 @@
 // What the page knows about the user's conversations, kept in step with the
 // server: the list with unread counts (HTTP), loaded history (FetchMessages
 // pages, contiguous from the oldest loaded seq), live deliveries with gap
-// fetches and delivery acks, read markers and receipts, typing, presence,
-// outgoing messages resent with the same client_msg_id after a reconnect,
+// fetches and delivery acks, read markers and receipts, outgoing messages
+// resent with the same client_msg_id after a reconnect,
 // and the sync that catches up after one. The open conversation is kept in
 // the address (#conversation-id), so a reload reopens it. No DOM here:
 // `onChange` tells the view what to redraw.
 
 import { ContentType } from "./gen/pingme/v1/pingme_pb.js";
+import { People } from "./people.js";
 
 /** Messages per history page. */
 const PAGE = 30;
 /** Bounds on paging loops, so a misbehaving server cannot spin the page. */
 const MAX_PAGES = 100;
-const TYPING_SHOWN_MS = 6000;
-const TYPING_RESEND_MS = 3000;
-const TYPING_IDLE_MS = 4000;
 const PRESENCE_REFRESH_MS = 30000;
 /** Errors after which resending the same message cannot succeed. */
 const RETRYABLE = new Set([0, 20005, 30001, 40001, 40002, 40003]);
@@ -51,11 +49,8 @@ export class Chat {
     this.onChange = onChange;
     this.session = null;
     this.conversations = new Map();
-    this.names = new Map([[me.user_id, me.username]]);
-    this.lookingUp = new Set();
-    this.presence = new Map();
+    this.people = new People({ account, me, onChange });
     this.current = null;
-    this.typingSent = { id: null, at: 0, idle: null };
     this.presenceTimer = setInterval(() => this.refreshPresence(), PRESENCE_REFRESH_MS);
     document.addEventListener("visibilitychange", () => this.markRead(this.conversation(this.current)));
   }
@@ -80,7 +75,6 @@ export class Chat {
         messages: new Map(),
         outgoing: new Map(),
         peerRead: new Map(),
-        typing: new Map(),
         catchingUp: null,
       };
       this.conversations.set(id, conversation);
@@ -95,25 +89,8 @@ export class Chat {
     return low === this.me.user_id ? high : low;
   }
 
-  /** A user's name; unknown ones are looked up once and redrawn when known. */
-  userName(userId) {
-    const name = this.names.get(userId);
-    if (name) return name;
-    if (!this.lookingUp.has(userId)) {
-      this.lookingUp.add(userId);
-      this.account
-        .request("GET", `/v1/users/by-id/${userId}`)
-        .then((user) => {
-          this.names.set(userId, user.username);
-          this.onChange(null);
-        })
-        .catch((error) => console.warn(`no name for user ${userId}`, error));
-    }
-    return `user ${userId}`;
-  }
-
   title(conversation) {
-    if (conversation.kind === "dm") return this.userName(this.peer(conversation));
+    if (conversation.kind === "dm") return this.people.userName(this.peer(conversation));
     return conversation.name ?? `group ${conversation.id.slice(2)}`;
   }
 
@@ -152,7 +129,7 @@ export class Chat {
   /** Opens (creates locally) the 1:1 conversation with `username`. */
   async directWith(username) {
     const user = await this.account.request("GET", `/v1/users/${encodeURIComponent(username)}`);
-    this.names.set(user.user_id, user.username);
+    this.people.known(user.user_id, user.username);
     const [low, high] = [this.me.user_id, user.user_id].sort((a, b) => a - b);
     const id = `dm:${low}:${high}`;
     this.upsert(id);
@@ -164,7 +141,7 @@ export class Chat {
     const members = [];
     for (const username of usernames) {
       const user = await this.account.request("GET", `/v1/users/${encodeURIComponent(username)}`);
-      this.names.set(user.user_id, user.username);
+      this.people.known(user.user_id, user.username);
       members.push(user.user_id);
     }
     const group = await this.account.request("POST", "/v1/groups", { name, members });
@@ -174,6 +151,7 @@ export class Chat {
 
   attach(session) {
     this.session = session;
+    this.people.session = session;
   }
 
   /** After every (re)connect: list, sync, catch up, resend, presence. */
@@ -319,7 +297,7 @@ export class Chat {
     const outgoing = { clientMsgId: crypto.randomUUID(), text, state: "waiting", error: "" };
     conversation.outgoing.set(outgoing.clientMsgId, outgoing);
     conversation.activity = Date.now();
-    this.stopTyping();
+    this.people.stopTyping();
     this.onChange(id);
     this.transmit(conversation, outgoing);
   }
@@ -358,51 +336,17 @@ export class Chat {
     this.onChange(conversation.id);
   }
 
-  /** The user typed in the composer: tell the others now and then. */
-  typing(id) {
-    const now = Date.now();
-    if (this.typingSent.id !== id || now - this.typingSent.at > TYPING_RESEND_MS) {
-      this.typingSent.id = id;
-      this.typingSent.at = now;
-      this.session?.notify({ case: "typing", value: { conversationId: id, active: true } });
-    }
-    clearTimeout(this.typingSent.idle);
-    this.typingSent.idle = setTimeout(() => this.stopTyping(), TYPING_IDLE_MS);
-  }
-
-  stopTyping() {
-    clearTimeout(this.typingSent.idle);
-    const id = this.typingSent.id;
-    if (!id) return;
-    this.typingSent.id = null;
-    this.session?.notify({ case: "typing", value: { conversationId: id, active: false } });
-  }
-
-  typers(conversation) {
-    return [...conversation.typing.keys()].map((user) => this.userName(user));
-  }
-
   /** Who read my message `seq` (other members' receipts). */
   readers(conversation, seq) {
     return [...conversation.peerRead].filter(([, read]) => read >= seq).map(([user]) => user);
   }
 
-  async refreshPresence() {
-    if (!this.session?.online) return;
+  /** Presence of the other users of 1:1 conversations. */
+  refreshPresence() {
     const peers = [...this.conversations.values()]
       .filter((conversation) => conversation.kind === "dm")
-      .map((conversation) => BigInt(this.peer(conversation)))
-      .slice(0, 500);
-    if (peers.length === 0) return;
-    try {
-      const { value } = await this.session.request({ case: "presenceQuery", value: { userIds: peers } });
-      for (const user of value.users) {
-        this.presence.set(Number(user.userId), { online: user.online, lastSeenMs: Number(user.lastSeenMs) });
-      }
-      this.onChange(null);
-    } catch (error) {
-      console.warn("presence query failed", error);
-    }
+      .map((conversation) => this.peer(conversation));
+    return this.people.refreshPresence(peers);
   }
 
   /** Frames the server pushes on its own. */
@@ -412,7 +356,7 @@ export class Chat {
         const message = fromWire(value.message);
         const conversation = this.upsert(value.message.conversationId);
         conversation.activity = Date.now();
-        conversation.typing.delete(message.sender);
+        this.people.stoppedTyping(conversation.id, message.sender);
         if (conversation.loaded) {
           this.remember(conversation, message);
           if (conversation.have < message.seq) this.catchUp(conversation);
@@ -430,21 +374,9 @@ export class Chat {
         this.onChange(conversation.id);
         break;
       }
-      case "typing": {
-        const conversation = this.upsert(value.conversationId);
-        const user = Number(value.userId);
-        clearTimeout(conversation.typing.get(user));
-        if (value.active) {
-          conversation.typing.set(user, setTimeout(() => {
-            conversation.typing.delete(user);
-            this.onChange(conversation.id);
-          }, TYPING_SHOWN_MS));
-        } else {
-          conversation.typing.delete(user);
-        }
-        this.onChange(conversation.id);
+      case "typing":
+        this.people.typingEvent(value);
         break;
-      }
       case "error":
         console.warn(`server error ${value.code}: ${value.message}`);
         break;

@@ -62,7 +62,7 @@ export class ChatView {
         button.dataset.id = conversation.id;
         if (conversation.id === this.chat.current) button.setAttribute("aria-current", "true");
         if (conversation.kind === "dm") {
-          const presence = this.chat.presence.get(this.chat.peer(conversation));
+          const presence = this.chat.people.presenceOf(this.chat.peer(conversation));
           button.append(element("span", `presence${presence?.online ? " online" : ""}`));
         } else {
           button.append(element("span", "presence group", "#"));
@@ -83,11 +83,12 @@ export class ChatView {
     const conversation = this.chat.conversation(this.chat.current);
     $("chat").hidden = !conversation;
     if (!conversation) return;
+    const people = this.chat.people;
     $("chat-title").textContent = this.chat.title(conversation);
     $("chat-presence").textContent =
-      conversation.kind === "dm" ? lastSeen(this.chat.presence.get(this.chat.peer(conversation))) : "group";
+      conversation.kind === "dm" ? lastSeen(people.presenceOf(this.chat.peer(conversation))) : "group";
     $("older").hidden = !conversation.loaded || conversation.first <= 1;
-    const typers = this.chat.typers(conversation);
+    const typers = people.typers(conversation.id);
     const verb = typers.length > 1 ? "are" : "is";
     $("typing").textContent = typers.length ? `${typers.join(", ")} ${verb} typing…` : "";
 
@@ -112,7 +113,7 @@ export class ChatView {
     const row = element("li", `message${mine ? " mine" : ""}`);
     row.dataset.seq = String(message.seq);
     if (conversation.kind === "group" || !mine) {
-      row.append(element("span", "sender", mine ? "you" : this.chat.userName(message.sender)));
+      row.append(element("span", "sender", mine ? "you" : this.chat.people.userName(message.sender)));
     }
     row.append(element("span", "body", message.text));
     const meta = element("span", "meta");
@@ -121,7 +122,9 @@ export class ChatView {
       const readers = this.chat.readers(conversation, message.seq);
       let receipt = "✓ sent";
       if (readers.length && conversation.kind === "dm") receipt = "✓✓ read";
-      else if (readers.length) receipt = `✓✓ read by ${readers.map((u) => this.chat.userName(u)).join(", ")}`;
+      else if (readers.length) {
+        receipt = `✓✓ read by ${readers.map((user) => this.chat.people.userName(user)).join(", ")}`;
+      }
       const node = element("span", "receipt", receipt);
       node.dataset.read = readers.length ? "true" : "false";
       meta.append(node);
