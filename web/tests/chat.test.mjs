@@ -183,7 +183,7 @@ test("a picture of the conversation (WEBCHAT_SCREENSHOT)", { skip: !SCREENSHOT }
   });
 });
 
-test("after a reload alice sees the history and pages back through it", async () => {
+test("after a reload alice is still signed in, sees the history and pages back through it", async () => {
   const { alice, bob } = people;
   await alice.click('#conversations .conversation[data-id^="dm:"]');
   await bob.click('#conversations .conversation[data-id^="dm:"]');
@@ -195,8 +195,18 @@ test("after a reload alice sees the history and pages back through it", async ()
   assert.equal(await waitForMessage(bob, "line 35"), "37");
   assert.equal(await waitForMessage(alice, "line 35"), "37");
 
+  // Her access token has expired meanwhile: the page refreshes it first.
+  const expired = await alice.evaluate(() => {
+    const saved = JSON.parse(localStorage.getItem("pingme.session"));
+    saved.expires_at = 0;
+    localStorage.setItem("pingme.session", JSON.stringify(saved));
+    return saved.token;
+  });
   await alice.reload();
   await waitOnline(alice);
+  const renewed = await alice.evaluate(() => JSON.parse(localStorage.getItem("pingme.session")));
+  assert.notEqual(renewed.token, expired);
+  assert.ok(renewed.expires_at * 1000 > Date.now());
   // The open conversation comes back from the address.
   await alice.waitForFunction(() => document.getElementById("chat-title").textContent === "bob", WAIT);
   await waitForMessage(alice, "line 35");
