@@ -1,7 +1,8 @@
 //! The `pingme` configuration: one typed tree read from a YAML file (every
 //! field optional, defaults below), then the environment overrides named by
 //! the seeds (`APP_HOST`, `APP_PORT`, `APP_ENV`, `DB_*`, `REDIS_*`,
-//! `KAFKA_BROKERS`, `JWT_SECRET`, and `OTEL_EXPORTER_OTLP_ENDPOINT`), then
+//! `KAFKA_BROKERS`, `JWT_SECRET`, `OTEL_EXPORTER_OTLP_ENDPOINT` and
+//! `PINGME_ADMIN_TOKEN`), then
 //! validation. Every error names the
 //! field it is about; the binary exits with code 64 on any of them.
 //!
@@ -89,6 +90,10 @@ pub struct Config {
     pub otlp_service_name: String,
     /// Client listeners other than the HTTP API, and the metrics port.
     pub listeners: ListenersConfig,
+    /// What one HTTP connection may hold and for how long (API and ops ports).
+    pub http: HttpConfig,
+    /// The ops port's access rules (admin token, accepted `Host` names).
+    pub ops: OpsConfig,
     /// Connection shards: 0 means one per core.
     pub shards: usize,
     /// Limits of one client session.
@@ -164,6 +169,38 @@ pub struct ListenersConfig {
     pub tls_key: String,
 }
 
+/// Limits of HTTP connections, on the API port and on the ops port (each
+/// port counts its own connections).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// A request's headers must arrive within this time; it also closes
+    /// idle keep-alive connections and connections that send nothing.
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A request's whole body must arrive within this time (else 408
+    /// `REQUEST_TIMEOUT` and the connection is closed).
+    #[serde(deserialize_with = "duration")]
+    pub body_read_timeout: Duration,
+    /// Open connections per port, WebSockets included; beyond, new ones get
+    /// 503 `OVERLOADED` and are closed.
+    pub max_connections: usize,
+    /// Open connections per client IP and port, WebSockets included.
+    pub max_connections_per_ip: usize,
+}
+
+/// Access to the ops port (`/metrics`, `/health`, `/admin/...`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Bearer token the `/admin` routes require (at least 16 bytes). Empty:
+    /// the admin routes are disabled (403). Env `PINGME_ADMIN_TOKEN`.
+    pub admin_token: String,
+    /// `Host` names the ops port answers besides `localhost` and IP
+    /// addresses (a foreign name means DNS rebinding: 403).
+    pub allowed_hosts: Vec<String>,
+}
+
 /// Limits of one client session.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -210,6 +247,21 @@ pub struct AuthConfig {
     pub password_hash_memory_kib: u32,
     /// argon2id passes of new password hashes (1..=16).
     pub password_hash_iterations: u32,
+    /// Password hashes (registrations) and verifications (logins) running
+    /// at once; each holds `password_hash_memory_kib` of memory while it
+    /// runs. 0: one per core.
+    pub password_hash_concurrency: usize,
+    /// How long a registration or login waits for a hashing slot before it
+    /// is answered `AUTH_BUSY` (503).
+    #[serde(deserialize_with = "duration")]
+    pub password_hash_queue_timeout: Duration,
+    /// Registrations allowed per client IP within `registration_window`
+    /// (beyond: `RATE_LIMITED`, 429). Raise it for load tests that
+    /// register many users from one address.
+    pub max_registrations_per_ip: u32,
+    /// The window `max_registrations_per_ip` applies to.
+    #[serde(deserialize_with = "duration")]
+    pub registration_window: Duration,
 }
 
 /// The store.
@@ -342,6 +394,8 @@ impl Default for Config {
             otlp_endpoint: String::new(),
             otlp_service_name: "pingme".into(),
             listeners: ListenersConfig::default(),
+            http: HttpConfig::default(),
+            ops: OpsConfig::default(),
             shards: 0,
             session: SessionConfig::default(),
             auth: AuthConfig::default(),
@@ -379,6 +433,18 @@ impl Default for ListenersConfig {
     }
 }
 
+impl Default for HttpConfig {
+    fn default() -> Self {
+        let limits = crate::http::server::HttpLimits::default();
+        HttpConfig {
+            header_read_timeout: limits.header_read_timeout,
+            body_read_timeout: limits.body_read_timeout,
+            max_connections: limits.max_connections,
+            max_connections_per_ip: limits.max_connections_per_ip,
+        }
+    }
+}
+
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
@@ -403,6 +469,10 @@ impl Default for AuthConfig {
             login_failure_window: Duration::from_secs(60),
             password_hash_memory_kib: crate::auth::password::DEFAULT_MEMORY_KIB,
             password_hash_iterations: crate::auth::password::DEFAULT_ITERATIONS,
+            password_hash_concurrency: 0,
+            password_hash_queue_timeout: Duration::from_secs(3),
+            max_registrations_per_ip: 20,
+            registration_window: Duration::from_secs(3600),
         }
     }
 }
@@ -575,6 +645,9 @@ impl Config {
         if let Some(v) = env("OTEL_EXPORTER_OTLP_ENDPOINT") {
             self.otlp_endpoint = v.trim().to_string();
         }
+        if let Some(v) = env("PINGME_ADMIN_TOKEN") {
+            self.ops.admin_token = v;
+        }
         Ok(())
     }
 
@@ -620,6 +693,40 @@ impl Config {
             "shards",
             "must be at most 1024 (0 = one per core)",
         )?;
+        let h = &self.http;
+        check(
+            !h.header_read_timeout.is_zero(),
+            "http.header_read_timeout",
+            "must be positive",
+        )?;
+        check(
+            !h.body_read_timeout.is_zero(),
+            "http.body_read_timeout",
+            "must be positive",
+        )?;
+        check(
+            h.max_connections > 0,
+            "http.max_connections",
+            "must be positive",
+        )?;
+        check(
+            (1..=h.max_connections).contains(&h.max_connections_per_ip),
+            "http.max_connections_per_ip",
+            "must be between 1 and http.max_connections",
+        )?;
+        check(
+            self.ops.admin_token.is_empty() || self.ops.admin_token.len() >= 16,
+            "ops.admin_token",
+            "must be empty (admin routes disabled) or at least 16 bytes",
+        )?;
+        check(
+            self.ops
+                .allowed_hosts
+                .iter()
+                .all(|h| !h.is_empty() && !h.contains(char::is_whitespace) && !h.contains('/')),
+            "ops.allowed_hosts",
+            "must be host names (optionally host:port)",
+        )?;
         let s = &self.session;
         check(
             (1024..=pingme_protocol::MAX_DOWNSTREAM_FRAME_SIZE).contains(&s.max_frame_size),
@@ -662,6 +769,18 @@ impl Config {
             "auth.jwt_secret",
             "must be at least 16 bytes",
         )?;
+        let l = &self.listeners;
+        check(
+            l.tls_cert.is_empty() == l.tls_key.is_empty(),
+            "listeners.tls_key",
+            "listeners.tls_cert and listeners.tls_key must be set together",
+        )?;
+        check(
+            self.app.env == AppEnv::Development || !l.tls_cert.is_empty(),
+            "listeners.tls_cert",
+            "is required in production (with listeners.tls_key); the self-signed \
+             certificate is for development only",
+        )?;
         check(
             a.access_token_ttl >= Duration::from_secs(1),
             "auth.access_token_ttl",
@@ -696,6 +815,26 @@ impl Config {
             (1..=16).contains(&a.password_hash_iterations),
             "auth.password_hash_iterations",
             "must be between 1 and 16",
+        )?;
+        check(
+            a.password_hash_concurrency <= 1024,
+            "auth.password_hash_concurrency",
+            "must be at most 1024 (0 = one per core)",
+        )?;
+        check(
+            !a.password_hash_queue_timeout.is_zero(),
+            "auth.password_hash_queue_timeout",
+            "must be positive",
+        )?;
+        check(
+            a.max_registrations_per_ip > 0,
+            "auth.max_registrations_per_ip",
+            "must be positive",
+        )?;
+        check(
+            !a.registration_window.is_zero(),
+            "auth.registration_window",
+            "must be positive",
         )?;
         check(
             !self.storage.data_dir.as_os_str().is_empty(),
@@ -767,6 +906,16 @@ impl Config {
             format!("[{}]:{}", self.app.host, self.app.port)
         } else {
             format!("{}:{}", self.app.host, self.app.port)
+        }
+    }
+
+    /// The HTTP connection limits of the API and ops ports.
+    pub fn http_limits(&self) -> crate::http::server::HttpLimits {
+        crate::http::server::HttpLimits {
+            header_read_timeout: self.http.header_read_timeout,
+            body_read_timeout: self.http.body_read_timeout,
+            max_connections: self.http.max_connections,
+            max_connections_per_ip: self.http.max_connections_per_ip,
         }
     }
 

@@ -3,6 +3,7 @@
 //! sessions and their limits, the HTTP API, the browser chat page,
 //! operations endpoints and the `pingme` binary's wiring.
 
+pub mod accept;
 pub mod allocator;
 pub mod auth;
 pub mod config;

@@ -66,6 +66,7 @@ fn main() -> ExitCode {
             if let Some(dir) = data_dir {
                 config.storage.data_dir = dir;
             }
+            pingme_gateway::serve::restrict_new_file_modes();
             if let Err(e) = rustls::crypto::ring::default_provider().install_default() {
                 eprintln!("pingme: a TLS crypto provider was already installed: {e:?}");
             }

@@ -1,17 +1,21 @@
 //! Operations: structured logging, optional OpenTelemetry span export
 //! (OTLP/HTTP), the Prometheus recorder and its
 //! `/metrics` + `/health` endpoint (port 9093 by default), the readiness
-//! flag behind every `/health`, and the build's version information.
+//! flag behind every `/health`, the ops port's guards (`Host` allow-list,
+//! JSON-only requests that change state), and the build's version
+//! information.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use pingme_protocol::ErrorCode;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -20,14 +24,21 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::Layer as _;
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, OpsConfig};
+use crate::http::ApiError;
+use crate::http::server::HttpLimits;
 
 /// HTTP requests by matched route and status (`route`, `status` labels).
 pub const HTTP_REQUESTS: &str = "pingme_http_requests_total";
-/// Login attempts by outcome (`result`: ok, bad_credentials, rate_limited, error).
+/// Login attempts by outcome (`result`: ok, bad_credentials, rate_limited,
+/// busy, error).
 pub const LOGINS: &str = "pingme_logins_total";
-/// Registrations by outcome (`result`: ok, taken, invalid, error).
+/// Registrations by outcome (`result`: ok, taken, invalid, rate_limited,
+/// busy, error).
 pub const REGISTRATIONS: &str = "pingme_registrations_total";
+/// Password hashes (and verifications) running now; bounded by
+/// `auth.password_hash_concurrency`.
+pub const PASSWORD_HASHES_RUNNING: &str = "pingme_password_hashes_running";
 /// Resident set size of the process, refreshed on every scrape.
 pub const RESIDENT_MEMORY: &str = "pingme_process_resident_memory_bytes";
 /// 1 while `/health` answers 200, else 0; refreshed on every scrape.
@@ -263,6 +274,18 @@ pub(crate) fn describe_metrics() {
     metrics::describe_counter!(LOGINS, "Login attempts by result");
     metrics::describe_counter!(REGISTRATIONS, "Registrations by result");
     metrics::describe_gauge!(
+        PASSWORD_HASHES_RUNNING,
+        "Password hashes and verifications running now"
+    );
+    metrics::describe_counter!(
+        crate::http::server::HTTP_CONNECTIONS_REFUSED,
+        "HTTP connections refused at the total or per-IP cap, by reason"
+    );
+    metrics::describe_counter!(
+        crate::accept::ACCEPT_ERRORS,
+        "Failed accepts on any listener, by kind (out_of_files, other)"
+    );
+    metrics::describe_gauge!(
         RESIDENT_MEMORY,
         metrics::Unit::Bytes,
         "Resident set size of the process"
@@ -325,14 +348,132 @@ pub fn ops_router(readiness: Readiness) -> Router {
         .with_state(state)
 }
 
-/// Serves the ops app (`ops_router`, plus whatever the caller merged into
-/// it) on `listener` until `shutdown` is cancelled.
+/// The whole ops app: [`ops_router`] with `admin` nested under `/admin`,
+/// behind the port's guards ([`guard_request`]).
+pub fn ops_app(readiness: Readiness, admin: Router, config: &OpsConfig) -> Router {
+    let allowed_hosts: Arc<[String]> = config.allowed_hosts.clone().into();
+    ops_router(readiness)
+        .nest("/admin", admin)
+        .method_not_allowed_fallback(crate::http::method_not_allowed)
+        .layer(middleware::from_fn_with_state(allowed_hosts, guard_request))
+}
+
+/// The ops port's guards, for every route: the `Host` header, when there
+/// is one, must name this machine (`localhost`, an IP address, or one of `allowed_hosts`),
+/// so a web page whose name was rebound to 127.0.0.1 gets 403; and a
+/// request that may change something (any method but GET, HEAD, OPTIONS)
+/// must say `Content-Type: application/json`, which a cross-origin page
+/// cannot send without a preflight (else 415).
+async fn guard_request(
+    State(allowed_hosts): State<Arc<[String]>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    // No Host at all (HTTP/1.0 health checkers) is no rebinding: browsers
+    // always send one.
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or(""));
+    if let Some(host) = host
+        && !host_allowed(host, &allowed_hosts)
+    {
+        return ApiError::forbidden(format!(
+            "Host {host:?} is not served here (add it to ops.allowed_hosts)"
+        ))
+        .into_response();
+    }
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if !safe && !is_json(request.headers()) {
+        return ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "requests that change state need Content-Type: application/json",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether a `Host` header value names this machine: `localhost`, an IP
+/// literal (never the result of a DNS lookup, so never rebound), or a
+/// configured name; with or without a port.
+pub fn host_allowed(host: &str, allowed_hosts: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6] or [v6]:port
+        match rest.split_once(']') {
+            Some((v6, _)) => return v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    !name.is_empty()
+        && (name.eq_ignore_ascii_case("localhost")
+            || name.parse::<std::net::IpAddr>().is_ok()
+            || allowed_hosts
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(name) || a.eq_ignore_ascii_case(host)))
+}
+
+/// Whether the request says its body is JSON (`application/json`, any
+/// parameters).
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Serves the ops app ([`ops_app`]) on `listener` under `limits` until
+/// `shutdown` is cancelled.
 pub async fn serve_ops(
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    crate::http::server::serve(listener, app, limits, "ops", shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_of_this_machine_are_allowed_and_others_not() {
+        let configured = vec!["ops.internal".to_string(), "metrics.lan:9093".to_string()];
+        for good in [
+            "localhost",
+            "LOCALHOST:9093",
+            "127.0.0.1",
+            "127.0.0.1:9093",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:9093",
+            "ops.internal",
+            "ops.internal:9093",
+            "metrics.lan:9093",
+        ] {
+            assert!(host_allowed(good, &configured), "{good}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:9093",
+            "localhost.evil.example",
+            "metrics.lan:80",
+            "[::1",
+            "[evil]:80",
+            ":9093",
+        ] {
+            assert!(!host_allowed(bad, &configured), "{bad}");
+        }
+    }
 }

@@ -82,7 +82,8 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     let state = ApiState::new(auth.clone(), outbox, &config.auth, readiness.clone())?;
     let app = http::router(state)
         .merge(ws_router(connections.clone()))
-        .merge(webchat_router());
+        .merge(webchat_router())
+        .method_not_allowed_fallback(http::method_not_allowed);
     let http_listener = tokio::net::TcpListener::bind(config.http_bind())
         .await
         .with_context(|| format!("binding the HTTP API on {}", config.http_bind()))?;
@@ -94,11 +95,20 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
         .with_context(|| format!("binding the metrics port {}", config.listeners.metrics))?;
     let ops_addr = ops_listener.local_addr()?;
 
-    let http_task = tokio::spawn(http::serve(http_listener, app, shutdown.clone()));
+    let limits = config.http_limits();
+    let http_task = tokio::spawn(http::serve(http_listener, app, limits, shutdown.clone()));
     // Operators only: metrics, health and the dead-letter admin routes.
-    let ops_app =
-        ops::ops_router(readiness.clone()).nest("/admin", http::admin::routes(router.clone()));
-    let ops_task = tokio::spawn(ops::serve_ops(ops_listener, ops_app, shutdown.clone()));
+    let ops_app = ops::ops_app(
+        readiness.clone(),
+        http::admin::routes(router.clone(), &config.ops.admin_token),
+        &config.ops,
+    );
+    let ops_task = tokio::spawn(ops::serve_ops(
+        ops_listener,
+        ops_app,
+        limits,
+        shutdown.clone(),
+    ));
 
     // 7. Everything is up.
     readiness.set(true);
@@ -135,7 +145,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.storage.backend {
         StorageBackend::Embedded => {
             let dir = &config.storage.data_dir;
-            std::fs::create_dir_all(dir)
+            create_private_dir(dir)
                 .with_context(|| format!("creating storage.data_dir {}", dir.display()))?;
             let durability = match config.storage.durability {
                 StorageDurability::Sync => Durability::Sync,
@@ -149,6 +159,36 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             Ok(Arc::new(store))
         }
         other => anyhow::bail!("storage.backend {other:?} is not available in this build yet"),
+    }
+}
+
+/// Creates `dir` (and its parents) readable by the owner only: it holds
+/// message bodies and password hashes. An existing directory open to
+/// others is closed (with a warning).
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = %format!("{mode:o}"), "storage.data_dir was open to other users: set to 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Makes every file and directory this process creates from now on
+/// private to its owner (umask 077): the store's files (message bodies,
+/// password hashes) come out 0600, whatever library creates them. Call it
+/// before anything is created.
+#[allow(unsafe_code)]
+pub fn restrict_new_file_modes() {
+    // SAFETY: umask only swaps the process's file-mode creation mask; it
+    // touches no memory and cannot fail.
+    unsafe {
+        libc::umask(0o077);
     }
 }
 

@@ -446,3 +446,55 @@ async fn oversized_bodies_are_refused_before_parsing() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["code"], 20007);
 }
+
+/// Refresh tokens rotate: each use gives a new pair and ends the old one.
+/// A rotated-away refresh token coming back means someone kept a copy:
+/// every token of that device is revoked (the newest pair too) and its
+/// connections are closed; other devices are untouched.
+#[tokio::test]
+async fn refresh_rotates_and_a_reused_refresh_token_revokes_the_family() {
+    let api = start().await;
+    let user = api.register("quinn").await;
+    let laptop = api.login("quinn", "laptop").await;
+    let first = api.login("quinn", "tablet").await;
+    let refresh = |pair: &serde_json::Value| json!({"refresh_token": pair["refresh_token"]});
+
+    let second = api.post("/v1/auth/refresh", None, refresh(&first)).await;
+    assert_eq!(second.status, 200, "{second:?}");
+    let second = second.body;
+    api.get("/v1/me", first["token"].as_str())
+        .await
+        .assert_error(401, 10004);
+    assert_eq!(
+        api.get("/v1/me", second["token"].as_str()).await.status,
+        200
+    );
+    let third = api.post("/v1/auth/refresh", None, refresh(&second)).await;
+    assert_eq!(third.status, 200, "{third:?}");
+    let third = third.body;
+    assert!(api.outbox.disconnects.lock().unwrap().is_empty());
+
+    // The first refresh token again: a reuse.
+    api.post("/v1/auth/refresh", None, refresh(&first))
+        .await
+        .assert_error(401, 10004);
+    let disconnects = api.outbox.disconnects.lock().unwrap().clone();
+    assert_eq!(disconnects.len(), 1);
+    assert_eq!(
+        (disconnects[0].user, disconnects[0].device.as_deref()),
+        (user, Some("tablet"))
+    );
+    api.get("/v1/me", third["token"].as_str())
+        .await
+        .assert_error(401, 10004);
+    api.post("/v1/auth/refresh", None, refresh(&third))
+        .await
+        .assert_error(401, 10004);
+
+    assert_eq!(
+        api.get("/v1/me", laptop["token"].as_str()).await.status,
+        200
+    );
+    let again = api.login("quinn", "tablet").await;
+    assert_eq!(api.get("/v1/me", again["token"].as_str()).await.status, 200);
+}

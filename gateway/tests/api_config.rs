@@ -61,6 +61,8 @@ fn the_example_file_lists_every_section() {
             "otlp_endpoint",
             "otlp_service_name",
             "listeners",
+            "http",
+            "ops",
             "shards",
             "session",
             "auth",
@@ -171,7 +173,7 @@ fn a_file_sets_fields_and_keeps_defaults_elsewhere() {
     let path = dir.path().join("pingme.yaml");
     std::fs::write(
         &path,
-        "app:\n  port: 9999\n  env: production\nlog_format: json\nauth:\n  jwt_secret: 0123456789abcdef0123\n  access_token_ttl: 5m\ntask:\n  retry_initial_backoff: 250ms\n  fanout_batch_size: 200\nshards: 3\n",
+        "app:\n  port: 9999\n  env: production\nlog_format: json\nlisteners:\n  tls_cert: /etc/pingme/cert.pem\n  tls_key: /etc/pingme/key.pem\nauth:\n  jwt_secret: 0123456789abcdef0123\n  access_token_ttl: 5m\ntask:\n  retry_initial_backoff: 250ms\n  fanout_batch_size: 200\nshards: 3\n",
     )
     .unwrap();
     let c = Config::load_with_env(Some(&path), no_env).unwrap();
@@ -190,7 +192,11 @@ fn a_file_sets_fields_and_keeps_defaults_elsewhere() {
 fn environment_overrides_win_over_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pingme.yaml");
-    std::fs::write(&path, "app:\n  port: 9999\ndatabase:\n  name: fromfile\n").unwrap();
+    std::fs::write(
+        &path,
+        "app:\n  port: 9999\ndatabase:\n  name: fromfile\nlisteners:\n  tls_cert: c.pem\n  tls_key: k.pem\n",
+    )
+    .unwrap();
     let env = fake_env(&[
         ("APP_HOST", "0.0.0.0"),
         ("APP_PORT", "8181"),
@@ -299,15 +305,23 @@ fn bad_env_values_name_the_variable_and_the_field() {
 fn production_without_a_secret_is_refused() {
     let err = Config::load_with_env(None, fake_env(&[("APP_ENV", "production")])).unwrap_err();
     assert!(err.to_string().contains("auth.jwt_secret"), "{err}");
-    // A secret makes it valid; development needs none.
-    Config::load_with_env(
-        None,
+    let with_secret = || {
         fake_env(&[
             ("APP_ENV", "production"),
             ("JWT_SECRET", "0123456789abcdef"),
-        ]),
-    )
-    .unwrap();
+        ])
+    };
+    // A secret alone is not enough: production needs a real certificate.
+    let err = Config::load_with_env(None, with_secret()).unwrap_err();
+    assert!(err.to_string().contains("listeners.tls_cert"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pingme.yaml");
+    std::fs::write(&path, "listeners:\n  tls_cert: c.pem\n").unwrap();
+    let err = Config::load_with_env(Some(&path), no_env).unwrap_err();
+    assert!(err.to_string().contains("listeners.tls_key"), "{err}");
+    std::fs::write(&path, "listeners:\n  tls_cert: c.pem\n  tls_key: k.pem\n").unwrap();
+    Config::load_with_env(Some(&path), with_secret()).unwrap();
+    // Development needs neither.
     Config::load_with_env(None, no_env).unwrap();
 }
 
@@ -326,6 +340,22 @@ fn invalid_values_name_their_field() {
         ),
         ("auth:\n  jwt_secret: short\n", "auth.jwt_secret"),
         ("auth:\n  refresh_token_ttl: 1m\n", "auth.refresh_token_ttl"),
+        (
+            "auth:\n  max_registrations_per_ip: 0\n",
+            "auth.max_registrations_per_ip",
+        ),
+        (
+            "auth:\n  password_hash_queue_timeout: 0s\n",
+            "auth.password_hash_queue_timeout",
+        ),
+        (
+            "auth:\n  registration_window: 0s\n",
+            "auth.registration_window",
+        ),
+        (
+            "auth:\n  password_hash_concurrency: 5000\n",
+            "auth.password_hash_concurrency",
+        ),
         ("task:\n  retry_multiplier: 0.5\n", "task.retry_multiplier"),
         (
             "task:\n  retry_max_backoff: 10ms\n",

@@ -50,6 +50,7 @@ async fn metrics_show_counters_moving_and_process_memory() {
     tokio::spawn(ops::serve_ops(
         listener,
         ops::ops_router(readiness.clone()),
+        Default::default(),
         shutdown.clone(),
     ));
 
@@ -144,6 +145,7 @@ impl Server {
             .env("JWT_SECRET", "binary-test-secret-0123456789")
             .env_remove("APP_CONF")
             .env_remove("RUST_LOG")
+            .env_remove("PINGME_ADMIN_TOKEN")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -244,6 +246,9 @@ async fn the_binary_serves_keeps_data_and_stops_on_sigterm() {
         "stderr: {stderr}"
     );
 
+    // The store's directory and every file in it are the owner's alone.
+    assert_private_tree(&data);
+
     // Same data directory: the account survived the restart.
     let server = Server::start(&data, &config, free_port());
     server.wait_ready(&client).await;
@@ -256,6 +261,40 @@ async fn the_binary_serves_keeps_data_and_stops_on_sigterm() {
     assert_eq!(login.status(), 200);
     let (code, stderr) = server.terminate();
     assert_eq!(code, Some(0), "stderr: {stderr}");
+}
+
+/// Asserts `dir` is 0700 and everything under it is closed to group and
+/// others (directories 0700, files 0600).
+fn assert_private_tree(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    let mut files = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).unwrap() {
+            let path = entry.unwrap().path();
+            let kind = std::fs::symlink_metadata(&path).unwrap().file_type();
+            if kind.is_dir() {
+                assert_eq!(mode(&path), 0o700, "{}", path.display());
+                pending.push(path);
+            } else if kind.is_file() {
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+                files += 1;
+            }
+        }
+    }
+    assert!(
+        files > 0,
+        "the store wrote no files under {}",
+        dir.display()
+    );
 }
 
 #[test]
@@ -283,4 +322,234 @@ async fn production_without_a_secret_refuses_to_start() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth.jwt_secret"));
+}
+
+/// Production without a TLS certificate is a configuration error: exit 64
+/// (EX_USAGE, like every invalid setting), before anything is created.
+#[tokio::test]
+async fn production_without_a_certificate_exits_64_before_creating_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("never-created");
+    let out = Command::new(env!("CARGO_BIN_EXE_pingme"))
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .env("APP_ENV", "production")
+        .env("JWT_SECRET", "binary-test-secret-0123456789")
+        .env_remove("APP_CONF")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "stderr: {stderr}");
+    assert!(stderr.contains("listeners.tls_cert"), "stderr: {stderr}");
+    assert!(
+        !data.exists(),
+        "the data dir was created before the refusal"
+    );
+}
+
+/// One request to the ops port with a chosen `Host` (and optional admin
+/// token and content type): status and error code (0 when none).
+async fn ops_request(
+    client: &reqwest::Client,
+    server: &Server,
+    method: reqwest::Method,
+    path: &str,
+    host: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+) -> (u16, u64) {
+    let mut request = client
+        .request(method, format!("{}{path}", server.ops))
+        .header("host", host);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type).body("{}");
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    (status, body["code"].as_u64().unwrap_or(0))
+}
+
+const ADMIN_TOKEN: &str = "ops-admin-token-0123456789";
+
+/// The ops port answers only names of this machine, its admin routes only
+/// with the admin token, and state-changing requests only as JSON.
+#[tokio::test]
+async fn the_ops_port_checks_host_admin_token_and_content_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pingme.yaml");
+    let ops_port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "ops:\n  admin_token: {ADMIN_TOKEN}\n  allowed_hosts: [ops.internal]\n\
+             listeners:\n  metrics: 127.0.0.1:{ops_port}\n"
+        ),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let server = Server::start(&dir.path().join("data"), &config, free_port());
+    server.wait_ready(&client).await;
+    let local = format!("127.0.0.1:{ops_port}");
+    let get = reqwest::Method::GET;
+    let post = reqwest::Method::POST;
+
+    // Host: a foreign name is refused (DNS rebinding), ours are served.
+    for foreign in ["evil.example", &format!("evil.example:{ops_port}")] {
+        for path in ["/metrics", "/health", "/admin/dead-letters"] {
+            let answer = ops_request(
+                &client,
+                &server,
+                get.clone(),
+                path,
+                foreign,
+                Some(ADMIN_TOKEN),
+                None,
+            )
+            .await;
+            assert_eq!(answer, (403, 10009), "{path} for Host {foreign}");
+        }
+    }
+    for ours in [local.as_str(), "localhost", "ops.internal:9093"] {
+        let (status, _) =
+            ops_request(&client, &server, get.clone(), "/health", ours, None, None).await;
+        assert_eq!(status, 200, "Host {ours}");
+    }
+
+    // The admin token.
+    let list = "/admin/dead-letters";
+    assert_eq!(
+        ops_request(&client, &server, get.clone(), list, &local, None, None).await,
+        (401, 10001)
+    );
+    assert_eq!(
+        ops_request(
+            &client,
+            &server,
+            get.clone(),
+            list,
+            &local,
+            Some("a-wrong-admin-token-0000"),
+            None
+        )
+        .await,
+        (401, 10002)
+    );
+    assert_eq!(
+        ops_request(
+            &client,
+            &server,
+            get.clone(),
+            list,
+            &local,
+            Some(ADMIN_TOKEN),
+            None
+        )
+        .await,
+        (200, 0)
+    );
+
+    // POST: JSON only, whatever the token.
+    let replay = "/admin/dead-letters/1/replay";
+    for not_json in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        assert_eq!(
+            ops_request(
+                &client,
+                &server,
+                post.clone(),
+                replay,
+                &local,
+                Some(ADMIN_TOKEN),
+                not_json
+            )
+            .await,
+            (415, 20012),
+            "{not_json:?}"
+        );
+    }
+    // JSON with the token reaches the replay (there is no dead letter 1).
+    let (status, code) = ops_request(
+        &client,
+        &server,
+        post.clone(),
+        replay,
+        &local,
+        Some(ADMIN_TOKEN),
+        Some("application/json"),
+    )
+    .await;
+    assert!(
+        ![401, 403, 405, 415].contains(&status) && code != 0,
+        "{status} {code}"
+    );
+    // JSON without the token still needs it.
+    assert_eq!(
+        ops_request(
+            &client,
+            &server,
+            post.clone(),
+            replay,
+            &local,
+            None,
+            Some("application/json")
+        )
+        .await,
+        (401, 10001)
+    );
+    // A wrong method gets the JSON error body.
+    assert_eq!(
+        ops_request(
+            &client,
+            &server,
+            reqwest::Method::DELETE,
+            "/health",
+            &local,
+            None,
+            Some("application/json")
+        )
+        .await,
+        (405, 20010)
+    );
+    let (code, stderr) = server.terminate();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+}
+
+/// Without `ops.admin_token` the admin routes are disabled for everyone.
+#[tokio::test]
+async fn admin_routes_are_disabled_without_an_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pingme.yaml");
+    std::fs::write(
+        &config,
+        format!("listeners:\n  metrics: 127.0.0.1:{}\n", free_port()),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let server = Server::start(&dir.path().join("data"), &config, free_port());
+    server.wait_ready(&client).await;
+    let host = server.ops.trim_start_matches("http://").to_string();
+    for token in [None, Some(ADMIN_TOKEN), Some("")] {
+        assert_eq!(
+            ops_request(
+                &client,
+                &server,
+                reqwest::Method::GET,
+                "/admin/dead-letters",
+                &host,
+                token,
+                None
+            )
+            .await,
+            (403, 10009)
+        );
+    }
+    let (code, stderr) = server.terminate();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
 }

@@ -224,18 +224,84 @@ impl JwtAuthenticator {
         match self.store.device(claims.user, &claims.device).await {
             Ok(Some(device)) if device.token_generation == claims.generation => Ok(()),
             Ok(_) => Err(ErrorCode::TokenRevoked),
-            Err(StoreError::Unavailable(_)) => Err(ErrorCode::StorageUnavailable),
-            Err(StoreError::Corrupt(_)) => Err(ErrorCode::StorageCorrupt),
-            Err(_) => Err(ErrorCode::TokenRevoked),
+            Err(error) => Err(store_code(error)),
         }
     }
 
-    /// Exchanges a valid, unrevoked refresh token for a new pair (same
-    /// generation: the pair is revoked by the same logout).
-    pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, ErrorCode> {
+    /// Exchanges a valid, unrevoked refresh token for a new pair, and
+    /// rotates: the device's generation is bumped, so the presented pair
+    /// (refresh and access token) stops working and only the new one does.
+    ///
+    /// A refresh token of an older generation than the device's is a
+    /// reuse: it was rotated away (or logged out) already, so someone kept
+    /// a copy. The whole family is revoked (the generation is bumped again,
+    /// killing the newest pair too) and [`RefreshError::Reused`] says so,
+    /// for the caller to disconnect the device.
+    ///
+    /// Two refreshes racing with the same token both rotate; only the
+    /// later pair stays valid, and the other's next refresh is a reuse.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, RefreshError> {
         let claims = self.verify(refresh_token, TokenKind::Refresh)?;
-        self.check_not_revoked(&claims).await?;
-        Ok(self.issue(claims.user, &claims.device, claims.generation))
+        let device = self
+            .store
+            .device(claims.user, &claims.device)
+            .await
+            .map_err(store_code)?;
+        match device {
+            Some(device) if device.token_generation == claims.generation => {
+                let generation = self
+                    .store
+                    .bump_token_generation(claims.user, &claims.device)
+                    .await
+                    .map_err(store_code)?;
+                Ok(self.issue(claims.user, &claims.device, generation))
+            }
+            Some(device) if device.token_generation > claims.generation => {
+                self.store
+                    .bump_token_generation(claims.user, &claims.device)
+                    .await
+                    .map_err(store_code)?;
+                Err(RefreshError::Reused(claims))
+            }
+            _ => Err(RefreshError::Refused(ErrorCode::TokenRevoked)),
+        }
+    }
+}
+
+/// Why a refresh gave no new pair.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefreshError {
+    /// The token is invalid, expired or revoked, or the store failed.
+    #[error("{}", .0.name())]
+    Refused(ErrorCode),
+    /// A rotated-away refresh token came back: every token of the device
+    /// is now revoked (answered as `TOKEN_REVOKED`).
+    #[error("refresh token reused; every token of the device is revoked")]
+    Reused(Claims),
+}
+
+impl RefreshError {
+    /// The code the client gets.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RefreshError::Refused(code) => *code,
+            RefreshError::Reused(_) => ErrorCode::TokenRevoked,
+        }
+    }
+}
+
+impl From<ErrorCode> for RefreshError {
+    fn from(code: ErrorCode) -> Self {
+        RefreshError::Refused(code)
+    }
+}
+
+/// The code of a store failure met while checking tokens.
+fn store_code(error: StoreError) -> ErrorCode {
+    match error {
+        StoreError::Unavailable(_) => ErrorCode::StorageUnavailable,
+        StoreError::Corrupt(_) => ErrorCode::StorageCorrupt,
+        _ => ErrorCode::TokenRevoked,
     }
 }
 

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     ApiError, ApiJson, ApiPath, ApiResult, ApiStateExt, Caller, ClientIp, now_instant, now_ms,
 };
-use crate::auth::jwt::{TokenPair, valid_device_id};
-use crate::auth::password;
+use crate::auth::jwt::{RefreshError, TokenPair, valid_device_id};
+use crate::auth::password::{self, HashError};
 use crate::ops;
 
 /// Shortest username.
@@ -59,6 +59,7 @@ fn count_registration(result: &'static str) {
 
 pub(super) async fn register(
     state: ApiStateExt,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> ApiResult<(StatusCode, ApiJson<RegisterResponse>)> {
     if !valid_username(&req.username) {
@@ -68,15 +69,28 @@ pub(super) async fn register(
         ));
     }
     check_password_len(&req.password).inspect_err(|_| count_registration("invalid"))?;
-    let hash = state
-        .inner
-        .passwords
-        .hash(req.password)
-        .await
-        .map_err(|e| {
+    // The IP's slot is taken before hashing, so parallel registrations
+    // cannot all slip under the limit.
+    let Some(registration) = state.inner.registrations.begin(ip, now_instant()) else {
+        count_registration("rate_limited");
+        tracing::warn!(ip = ?ip, "registration refused: too many from this address");
+        return Err(ApiError::new(
+            ErrorCode::RateLimited,
+            "too many registrations from this address; try again later",
+        ));
+    };
+    let hash = match state.inner.passwords.hash(req.password).await {
+        Ok(hash) => hash,
+        Err(HashError::Busy(busy)) => {
+            count_registration("busy");
+            return Err(ApiError::new(ErrorCode::AuthBusy, busy.to_string()));
+        }
+        Err(e) => {
             count_registration("error");
-            ApiError::new(ErrorCode::Internal, e.to_string())
-        })?;
+            return Err(ApiError::new(ErrorCode::Internal, e.to_string()));
+        }
+    };
+    registration.spent(now_instant());
     match state
         .store()
         .create_user(&req.username, &hash, now_ms())
@@ -133,32 +147,45 @@ pub(super) async fn login(
     {
         return Err(ApiError::invalid("username or password too long"));
     }
-    let throttle = &state.inner.throttle;
-    if throttle.blocked(&req.username, ip, now_instant()) {
+    // A slot of the username's and the IP's failure budgets is taken
+    // before the password is verified, so parallel guesses cannot all be
+    // verified while the first failures are still being counted.
+    let Some(attempt) = state.inner.throttle.begin(&req.username, ip, now_instant()) else {
         count_login("rate_limited");
+        tracing::warn!(username = ?req.username, ip = ?ip, "login refused: too many failures");
         return Err(ApiError::new(
             ErrorCode::LoginRateLimited,
             "too many failed logins; try again later",
         ));
-    }
+    };
     let user = state
         .store()
         .user_by_name(&req.username)
         .await
         .inspect_err(|_| count_login("error"))?;
     let hash = user.as_ref().map(|u| u.password_hash.clone());
-    let user = match (state.inner.passwords.verify(req.password, hash).await, user) {
+    let verified = match state.inner.passwords.verify(req.password, hash).await {
+        Ok(verified) => verified,
+        Err(busy) => {
+            // Not the caller's failure: the attempt hands its slots back.
+            count_login("busy");
+            return Err(ApiError::new(ErrorCode::AuthBusy, busy.to_string()));
+        }
+    };
+    let user = match (verified, user) {
         (true, Some(user)) => user,
         _ => {
-            throttle.failed(&req.username, ip, now_instant());
+            attempt.failed(now_instant());
             count_login("bad_credentials");
+            // Who and from where, never what was typed.
+            tracing::warn!(username = ?req.username, ip = ?ip, "login failed: wrong username or password");
             return Err(ApiError::new(
                 ErrorCode::BadCredentials,
                 "wrong username or password",
             ));
         }
     };
-    throttle.succeeded(&req.username);
+    attempt.succeeded(now_instant());
     let device = state
         .store()
         .touch_device(user.id, &req.device_id, now_ms())
@@ -183,8 +210,29 @@ pub(super) async fn refresh(
     state: ApiStateExt,
     ApiJson(req): ApiJson<RefreshRequest>,
 ) -> ApiResult<ApiJson<TokenPair>> {
-    let pair = state.inner.auth.refresh(&req.refresh_token).await?;
-    Ok(ApiJson(pair))
+    match state.inner.auth.refresh(&req.refresh_token).await {
+        Ok(pair) => Ok(ApiJson(pair)),
+        Err(RefreshError::Reused(claims)) => {
+            // Someone holds a copy of a rotated refresh token: the device's
+            // tokens are revoked, so its connections go too, as on logout.
+            let disconnected = state.inner.outbox.disconnect(
+                claims.user,
+                Some(&claims.device),
+                logged_out_frame(),
+            );
+            tracing::warn!(
+                user = claims.user,
+                device = %claims.device,
+                disconnected,
+                "refresh token reused: every token of the device revoked"
+            );
+            Err(ApiError::new(
+                ErrorCode::TokenRevoked,
+                "refresh token already used; the device's tokens are revoked, log in again",
+            ))
+        }
+        Err(RefreshError::Refused(code)) => Err(ApiError::from_code(code)),
+    }
 }
 
 /// The frame a logged-out device's connections get before they close.

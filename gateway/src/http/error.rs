@@ -66,7 +66,11 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         E::Malformed | E::InvalidArgument => StatusCode::BAD_REQUEST,
         E::FrameTooLarge | E::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         E::NotFound => StatusCode::NOT_FOUND,
+        E::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        E::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+        E::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         E::StorageUnavailable
+        | E::AuthBusy
         | E::Overloaded
         | E::ShuttingDown
         | E::KafkaError

@@ -12,9 +12,11 @@ pub mod admin;
 mod conversations;
 pub mod error;
 mod groups;
+pub mod server;
 pub mod throttle;
 
 use std::net::{IpAddr, SocketAddr};
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,11 +33,11 @@ use tokio_util::sync::CancellationToken;
 pub use error::{ApiError, ApiResult, http_status};
 
 use crate::auth::jwt::JwtAuthenticator;
-use crate::auth::password::{HashError, PasswordHasher};
+use crate::auth::password::{HashError, HashLimits, PasswordHasher};
 use crate::auth::{Authenticator, Claims};
 use crate::config::AuthConfig;
 use crate::ops::{self, Readiness};
-use throttle::LoginThrottle;
+use throttle::{LoginThrottle, RegistrationThrottle};
 
 /// Largest request body accepted (a bulk member add of 10,000 ids fits).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -51,6 +53,7 @@ struct Inner {
     auth: Arc<JwtAuthenticator>,
     outbox: Arc<dyn Outbox>,
     throttle: LoginThrottle,
+    registrations: RegistrationThrottle,
     passwords: PasswordHasher,
     readiness: Readiness,
 }
@@ -76,6 +79,10 @@ impl ApiState {
         let passwords = PasswordHasher::new(
             config.password_hash_memory_kib,
             config.password_hash_iterations,
+            HashLimits::new(
+                config.password_hash_concurrency,
+                config.password_hash_queue_timeout,
+            ),
         )?;
         Ok(ApiState {
             inner: Arc::new(Inner {
@@ -83,10 +90,17 @@ impl ApiState {
                 auth,
                 outbox,
                 throttle: LoginThrottle::new(config),
+                registrations: RegistrationThrottle::new(config),
                 passwords,
                 readiness,
             }),
         })
+    }
+
+    /// The password hasher (its bound on concurrent hashes is observable
+    /// through [`PasswordHasher::peak_concurrent`]).
+    pub fn passwords(&self) -> &PasswordHasher {
+        &self.inner.passwords
     }
 
     fn store(&self) -> &dyn Store {
@@ -129,8 +143,18 @@ pub fn router(state: ApiState) -> Router {
         .with_state(readiness)
         .route("/version", get(ops::version));
     api.merge(ops_routes)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .layer(middleware::from_fn(count_requests))
+}
+
+/// The answer to a known route called with a method it does not take: the
+/// usual `{code, message}` body, not axum's empty one.
+pub async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        pingme_protocol::ErrorCode::MethodNotAllowed,
+        format!("method {method} is not allowed on this route"),
+    )
 }
 
 /// Counts every request by matched route and status, and logs it at debug.
@@ -159,18 +183,15 @@ async fn count_requests(request: Request, next: Next) -> Response {
 }
 
 /// Serves `app` on `listener` (with client addresses, for login throttling)
-/// until `shutdown` is cancelled; in-flight requests finish first.
+/// under `limits` until `shutdown` is cancelled; in-flight requests finish
+/// first. See [`server`] for what the limits bound.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: server::HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    server::serve(listener, app, limits, "http", shutdown).await
 }
 
 /// A JSON body whose rejections are [`ApiError`]s (bad JSON: `MALFORMED`,

@@ -11,6 +11,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::accept::AcceptBackoff;
 use crate::connection::{CloseReason, Conn, Transport, drive_stream};
 use crate::session::{FrameTransport, Refusal, handshake};
 use crate::shard::{ShardCtx, count_disconnect};
@@ -63,6 +64,7 @@ fn bind_reuseport_group<S>(
 
 /// Accepts plain TCP connections until shutdown.
 pub(crate) async fn accept_tcp(listener: TcpListener, ctx: Rc<ShardCtx>) {
+    let mut backoff = AcceptBackoff::new("tcp");
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -75,7 +77,7 @@ pub(crate) async fn accept_tcp(listener: TcpListener, ctx: Rc<ShardCtx>) {
                 // spawned directly so nothing wraps (and copies) its state.
                 tokio::task::spawn_local(serve_stream(stream, ctx.clone(), Transport::Tcp));
             }
-            Err(error) => accept_failed(&error).await,
+            Err(error) => backoff.failed(&error).await,
         }
     }
 }
@@ -87,6 +89,7 @@ pub(crate) async fn accept_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     ctx: Rc<ShardCtx>,
 ) {
+    let mut backoff = AcceptBackoff::new("tls");
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -110,16 +113,9 @@ pub(crate) async fn accept_tls(
                     }
                 });
             }
-            Err(error) => accept_failed(&error).await,
+            Err(error) => backoff.failed(&error).await,
         }
     }
-}
-
-/// Out of file descriptors (or another transient accept error): back off
-/// briefly instead of spinning.
-async fn accept_failed(error: &std::io::Error) {
-    tracing::warn!(%error, "accept failed");
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 }
 
 /// A byte stream during the handshake: its own small buffer, dropped

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use pingme_gateway::auth::jwt::JwtAuthenticator;
 use pingme_gateway::config::AuthConfig;
+use pingme_gateway::http::server::HttpLimits;
 use pingme_gateway::http::{self, ApiState};
 use pingme_gateway::ops::Readiness;
 use pingme_router::port::{ConnRef, Outbox, UserId};
@@ -63,6 +64,10 @@ pub struct TestApi {
     pub auth: Arc<JwtAuthenticator>,
     pub outbox: Arc<RecordingOutbox>,
     pub readiness: Readiness,
+    /// The API's state (its password hasher, for the hashing bound).
+    pub state: ApiState,
+    /// The API's address.
+    pub addr: std::net::SocketAddr,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -82,6 +87,9 @@ pub fn test_auth_config() -> AuthConfig {
         // Cheap hashes keep the tests fast; the cost is covered by a unit test.
         password_hash_memory_kib: 256,
         password_hash_iterations: 1,
+        // Never AUTH_BUSY on a loaded machine unless a test asks for it.
+        password_hash_queue_timeout: Duration::from_secs(300),
+        max_registrations_per_ip: 1000,
         ..AuthConfig::default()
     }
 }
@@ -93,6 +101,11 @@ pub async fn start() -> TestApi {
 
 /// Starts the API with the given auth settings.
 pub async fn start_with(config: AuthConfig) -> TestApi {
+    start_full(config, HttpLimits::default()).await
+}
+
+/// Starts the API with the given auth settings and HTTP limits.
+pub async fn start_full(config: AuthConfig, limits: HttpLimits) -> TestApi {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(dir.path(), Durability::Sync).unwrap());
@@ -106,9 +119,15 @@ pub async fn start_with(config: AuthConfig) -> TestApi {
     let readiness = Readiness::new();
     let state = ApiState::new(auth.clone(), outbox.clone(), &config, readiness.clone()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
     let shutdown = CancellationToken::new();
-    tokio::spawn(http::serve(listener, http::router(state), shutdown.clone()));
+    tokio::spawn(http::serve(
+        listener,
+        http::router(state.clone()),
+        limits,
+        shutdown.clone(),
+    ));
     readiness.set(true);
     TestApi {
         base,
@@ -120,6 +139,8 @@ pub async fn start_with(config: AuthConfig) -> TestApi {
         auth,
         outbox,
         readiness,
+        state,
+        addr,
         shutdown,
         _dir: dir,
     }

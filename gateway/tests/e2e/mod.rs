@@ -159,14 +159,16 @@ fn spawn(config: &Path) -> Child {
 
 /// The server's configuration for one test: every listener on its own port,
 /// a fixed JWT secret, limits generous enough for bursts, and cheap password
-/// hashing (the large-group test registers ten thousand users).
+/// hashing (the large-group test registers ten thousand users, all from
+/// 127.0.0.1, so the per-address limits are lifted).
 fn config_yaml(data_dir: &Path, http: u16, tcp: u16, tls: u16, metrics: u16) -> String {
     format!(
         "app:\n  host: 127.0.0.1\n  port: {http}\n  env: development\n\
          listeners:\n  tcp: 127.0.0.1:{tcp}\n  tls: 127.0.0.1:{tls}\n  quic: 127.0.0.1:{tls}\n  metrics: 127.0.0.1:{metrics}\n\
          shards: 2\n\
          session:\n  messages_per_second: 100000\n\
-         auth:\n  jwt_secret: e2e-secret-e2e-secret-e2e-secret\n  password_hash_memory_kib: 64\n  password_hash_iterations: 1\n\
+         auth:\n  jwt_secret: e2e-secret-e2e-secret-e2e-secret\n  password_hash_memory_kib: 64\n  password_hash_iterations: 1\n  max_registrations_per_ip: 1000000\n  max_login_failures_per_ip: 1000000\n\
+         http:\n  max_connections: 100000\n  max_connections_per_ip: 100000\n\
          storage:\n  data_dir: {}\n",
         data_dir.display()
     )

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Login throughput of one `pingme serve` at the default password-hashing
+# cost: one user, N logins (each on its own device id) P at a time, over
+# HTTP with curl. Prints how many succeeded and logins per second.
+#   benches/login_rate.sh PINGME_BINARY [N=200] [P=8] [BASE_PORT=20080]
+set -euo pipefail
+bin=${1:?usage: benches/login_rate.sh PINGME_BINARY [N] [P] [BASE_PORT]}
+n=${2:-200}
+parallel=${3:-8}
+port=${4:-20080}
+dir=$(mktemp -d)
+cat > "$dir/pingme.yaml" <<YAML
+app: { host: 127.0.0.1, port: $port }
+listeners: { tcp: 127.0.0.1:$((port + 1)), tls: 127.0.0.1:$((port + 2)), quic: 127.0.0.1:$((port + 2)), metrics: 127.0.0.1:$((port + 3)) }
+storage: { data_dir: $dir/data }
+YAML
+RUST_LOG=warn "$bin" serve --config "$dir/pingme.yaml" 2> "$dir/server.log" &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
+for _ in $(seq 300); do
+    curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+    sleep 0.1
+done
+api="http://127.0.0.1:$port/v1/auth"
+curl -sf -X POST -H 'content-type: application/json' \
+    -d '{"username":"bench","password":"bench-password"}' "$api/register" > /dev/null
+start=$(date +%s.%N)
+seq "$n" | xargs -P "$parallel" -I{} curl -s -o /dev/null -w '%{http_code}\n' -X POST \
+    -H 'content-type: application/json' \
+    -d '{"username":"bench","password":"bench-password","device_id":"d{}"}' "$api/login" > "$dir/codes"
+end=$(date +%s.%N)
+ok=$(grep -c '^200$' "$dir/codes" || true)
+rate=$(echo "$n / ($end - $start)" | bc -l)
+printf '%s/%s logins ok, %.1f logins/s (%s in parallel)\n' "$ok" "$n" "$rate" "$parallel"
