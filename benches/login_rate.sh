@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Login throughput of one `pingme serve` at the default password-hashing
-# cost: one user, N logins (each on its own device id) P at a time, over
-# HTTP with curl. Prints how many succeeded and logins per second.
+# cost: P users, N logins (login i as user i mod P, each on its own device
+# id) P at a time, over HTTP with curl. Prints how many succeeded, logins
+# per second and the answers' statuses.
 #   benches/login_rate.sh PINGME_BINARY [N=200] [P=8] [BASE_PORT=20080]
 set -euo pipefail
 bin=${1:?usage: benches/login_rate.sh PINGME_BINARY [N] [P] [BASE_PORT]}
@@ -22,13 +23,17 @@ for _ in $(seq 300); do
     sleep 0.1
 done
 api="http://127.0.0.1:$port/v1/auth"
-curl -sf -X POST -H 'content-type: application/json' \
-    -d '{"username":"bench","password":"bench-password"}' "$api/register" > /dev/null
+for u in $(seq 0 $((parallel - 1))); do
+    curl -sf -X POST -H 'content-type: application/json' \
+        -d "{\"username\":\"bench$u\",\"password\":\"bench-password\"}" "$api/register" > /dev/null
+done
 start=$(date +%s.%N)
-seq "$n" | xargs -P "$parallel" -I{} curl -s -o /dev/null -w '%{http_code}\n' -X POST \
-    -H 'content-type: application/json' \
-    -d '{"username":"bench","password":"bench-password","device_id":"d{}"}' "$api/login" > "$dir/codes"
+seq "$n" | awk -v p="$parallel" '{print $1 % p, $1}' | xargs -P "$parallel" -L1 sh -c \
+    'curl -s -o /dev/null -w "%{http_code}\n" -X POST -H "content-type: application/json" \
+        -d "{\"username\":\"bench$2\",\"password\":\"bench-password\",\"device_id\":\"d$3\"}" "$1/login"' \
+    _ "$api" > "$dir/codes"
 end=$(date +%s.%N)
 ok=$(grep -c '^200$' "$dir/codes" || true)
 rate=$(echo "$n / ($end - $start)" | bc -l)
-printf '%s/%s logins ok, %.1f logins/s (%s in parallel)\n' "$ok" "$n" "$rate" "$parallel"
+printf '%s/%s logins ok, %.1f logins/s (%s in parallel); answers: %s\n' "$ok" "$n" "$rate" "$parallel" \
+    "$(sort "$dir/codes" | uniq -c | awk '{printf "%s %s  ", $1, $2}')"
