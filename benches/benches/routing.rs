@@ -14,7 +14,7 @@ use pingme_protocol::v1::{ContentType, SendMessage, client_frame};
 use pingme_router::port::{ConnRef, Dispatch, Outbox, SessionInfo, UserId};
 use pingme_router::{Router, RouterConfig};
 use pingme_storage::embedded::{Durability, EmbeddedStore};
-use pingme_storage::{ConversationId, Store};
+use pingme_storage::{ConversationId, Stores, UserStore};
 use tokio::sync::Notify;
 
 /// Sends in flight per measured batch, over this many conversations.
@@ -68,8 +68,7 @@ fn routing(c: &mut Criterion) {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let (router, outbox, sessions) = runtime.block_on(async {
-            let store: Arc<dyn Store> =
-                Arc::new(EmbeddedStore::open(dir.path(), durability).unwrap());
+            let store = Arc::new(EmbeddedStore::open(dir.path(), durability).unwrap());
             // Users 1..=CONVERSATIONS each talk to user CONVERSATIONS + 1.
             let mut users = Vec::new();
             for i in 0..=CONVERSATIONS {
@@ -82,7 +81,11 @@ fn routing(c: &mut Criterion) {
                 );
             }
             let outbox = Arc::new(CountingOutbox::default());
-            let router = Router::start(store, outbox.clone(), RouterConfig::default());
+            let router = Router::start(
+                Stores::all_from(store),
+                outbox.clone(),
+                RouterConfig::default(),
+            );
             let peer = *users.last().unwrap();
             let sessions: Vec<(SessionInfo, String)> = users[..CONVERSATIONS as usize]
                 .iter()

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use pingme_router::Router;
 use pingme_router::port::Outbox;
-use pingme_storage::Store;
+use pingme_storage::Stores;
 use pingme_storage::embedded::{Durability, EmbeddedStore};
 use tokio_util::sync::CancellationToken;
 
@@ -49,11 +49,11 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
         "pingme starting"
     );
 
-    // 2. The store.
-    let store = open_store(&config).await?;
+    // 2. The stores.
+    let stores = open_stores(&config).await?;
 
     // 3. Authentication, shared by the HTTP API and the gateway sessions.
-    let (auth, generated) = JwtAuthenticator::from_config(&config.auth, store.clone());
+    let (auth, generated) = JwtAuthenticator::from_config(&config.auth, stores.users.clone());
     if generated {
         tracing::warn!(
             "auth.jwt_secret (JWT_SECRET) is not set: using a random secret; \
@@ -66,7 +66,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     //    router's outbox; the router is the shards' dispatch. The index
     //    exists first because the router needs it to be built.
     let connections = Arc::new(Connections::new());
-    let router = Router::start(store.clone(), connections.clone(), config.router());
+    let router = Router::start(stores.clone(), connections.clone(), config.router());
     let gateway = Gateway::start(
         config.gateway(),
         connections.clone(),
@@ -79,7 +79,13 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     let outbox: Arc<dyn Outbox> = connections.clone();
 
     // 5. HTTP API, with the WebSocket transport and the browser chat page.
-    let state = ApiState::new(auth.clone(), outbox, &config.auth, readiness.clone())?;
+    let state = ApiState::new(
+        stores.clone(),
+        auth.clone(),
+        outbox,
+        &config.auth,
+        readiness.clone(),
+    )?;
     let app = http::router(state)
         .merge(ws_router(connections.clone()))
         .merge(webchat_router())
@@ -133,15 +139,15 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
         Ok(result) => result?,
         Err(_) => tracing::warn!("shutdown grace period elapsed with requests in flight"),
     }
-    drop(store);
+    drop(stores);
     tracing::info!("pingme stopped");
     // Last, so the spans of the drain above are exported too.
     span_export.shutdown().await;
     Ok(())
 }
 
-/// Opens the configured store.
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the configured stores.
+pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
     match config.storage.backend {
         StorageBackend::Embedded => {
             let dir = &config.storage.data_dir;
@@ -156,7 +162,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             };
             let store = EmbeddedStore::open(dir, durability)
                 .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
-            Ok(Arc::new(store))
+            Ok(Stores::all_from(Arc::new(store)))
         }
         other => anyhow::bail!("storage.backend {other:?} is not available in this build yet"),
     }

@@ -5,7 +5,7 @@ mod api_support;
 
 use api_support::start;
 use bytes::Bytes;
-use pingme_storage::{ConversationId, NewMessage};
+use pingme_storage::{ConversationId, MessageStore, NewMessage, WatermarkStore};
 use serde_json::{Value, json};
 
 const FORBIDDEN: u64 = 10009;

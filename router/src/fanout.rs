@@ -25,7 +25,11 @@ pub(crate) async fn all_members(ctx: &Pipeline, group: GroupId) -> StoreResult<V
     let mut members = Vec::new();
     let mut after = 0;
     loop {
-        let page = ctx.store.members_page(group, after, MAX_PAGE).await?;
+        let page = ctx
+            .stores
+            .conversations
+            .members_page(group, after, MAX_PAGE)
+            .await?;
         let done = page.len() < MAX_PAGE;
         members.extend(page.iter().map(|m| m.user));
         match page.last() {
@@ -200,7 +204,8 @@ pub(crate) async fn run_fanout(
         let step = policy
             .run("fanout", || async {
                 let page = ctx
-                    .store
+                    .stores
+                    .conversations
                     .members_page(group, after, page_size)
                     .await
                     .map_err(|e| e.to_string())?;

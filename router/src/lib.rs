@@ -49,4 +49,4 @@ pub use stages::ReplayError;
 pub use transport::{
     InProcessTransport, Subscription, Topic, Transport, TransportError, conversation_key, text_key,
 };
-pub use wire::push_preview;
+pub use wire::{push_preview, store_error_code};

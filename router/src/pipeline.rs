@@ -1,4 +1,4 @@
-//! What every stage shares: the store, the transport, the directory, the
+//! What every stage shares: the stores, the transport, the directory, the
 //! push provider and the settings, plus the few helpers all stages use to
 //! publish (answers, frames for users, dead letters).
 
@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use pingme_protocol::ErrorCode;
-use pingme_storage::{Store, UserId};
+use pingme_storage::{Stores, UserId};
 use tracing::Instrument;
 
 use crate::config::RouterConfig;
@@ -23,7 +23,7 @@ use crate::watermarks::DeliveredAcks;
 
 /// The shared context of the stages.
 pub(crate) struct Pipeline {
-    pub store: Arc<dyn Store>,
+    pub stores: Stores,
     pub transport: Arc<dyn Transport>,
     pub directory: Arc<dyn Directory>,
     pub outbox: Arc<dyn Outbox>,

@@ -111,7 +111,7 @@ pub(crate) async fn check_member(
     {
         return Err(forbidden());
     }
-    match ctx.store.is_member(conversation, user).await {
+    match ctx.stores.conversations.is_member(conversation, user).await {
         Ok(true) => Ok(()),
         Ok(false) | Err(StoreError::NotFound(_)) | Err(StoreError::NotMember { .. }) => {
             Err(forbidden())
@@ -127,7 +127,7 @@ async fn clamp_seq(
     conversation: ConversationId,
     seq: Seq,
 ) -> Result<Seq, RequestError> {
-    let latest = ctx.store.latest_seqs(&[conversation]).await?;
+    let latest = ctx.stores.messages.latest_seqs(&[conversation]).await?;
     Ok(seq.min(latest.first().copied().unwrap_or(0)))
 }
 
@@ -141,7 +141,7 @@ async fn others(
     let members = match conversation {
         ConversationId::Direct { low, high } => vec![low, high],
         ConversationId::Group(group) => {
-            let record = ctx.store.group(group).await?;
+            let record = ctx.stores.conversations.group(group).await?;
             match record {
                 Some(record) if record.member_count <= ctx.config.large_group_threshold => {
                     all_members(ctx, group).await?
@@ -179,7 +179,10 @@ async fn read_marker(
 ) -> Result<(), RequestError> {
     let conversation = member_conversation(ctx, &marker.conversation_id, session.user).await?;
     let seq = clamp_seq(ctx, conversation, marker.seq).await?;
-    ctx.store.set_read(session.user, conversation, seq).await?;
+    ctx.stores
+        .watermarks
+        .set_read(session.user, conversation, seq)
+        .await?;
     let Some(others) = others(ctx, conversation, session.user).await? else {
         return Ok(());
     };
@@ -246,16 +249,18 @@ async fn sync(
     while states.len() < limit && has_more && scanned < SYNC_SCAN_PAGES {
         scanned += 1;
         let page = ctx
-            .store
+            .stores
+            .conversations
             .user_conversations(session.user, cursor, limit)
             .await?;
         has_more = page.len() >= limit;
         if page.is_empty() {
             break;
         }
-        let latest = ctx.store.latest_seqs(&page).await?;
+        let latest = ctx.stores.messages.latest_seqs(&page).await?;
         let marks = ctx
-            .store
+            .stores
+            .watermarks
             .watermarks(session.user, &session.device, &page)
             .await?;
         for (i, conversation) in page.iter().enumerate() {
@@ -295,7 +300,8 @@ async fn fetch(
     };
     // One more than the page, to know whether more remain.
     let stored = ctx
-        .store
+        .stores
+        .messages
         .messages(
             conversation,
             request.after_seq,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use pingme_protocol::ErrorCode;
 use pingme_protocol::v1::{self, client_frame, server_frame};
-use pingme_storage::{ConversationId, DeadLetter, Store, StoreError};
+use pingme_storage::{ConversationId, DeadLetter, StoreError, Stores};
 use tokio::runtime::Handle;
 use tokio::sync::{Mutex, Semaphore, oneshot};
 use tokio::task::JoinHandle;
@@ -69,18 +69,14 @@ impl Router {
     /// Starts the single-node pipeline (in-process transport, this
     /// gateway's outbox as the directory). Must be called inside a tokio
     /// runtime; the stages run on it.
-    pub fn start(
-        store: Arc<dyn Store>,
-        outbox: Arc<dyn Outbox>,
-        config: RouterConfig,
-    ) -> Arc<Router> {
+    pub fn start(stores: Stores, outbox: Arc<dyn Outbox>, config: RouterConfig) -> Arc<Router> {
         let config = config.normalised();
         let transport = Arc::new(InProcessTransport::new(config.queue_capacity));
         let directory = Arc::new(LocalDirectory::new(
             config.gateway_id.clone(),
             outbox.clone(),
         ));
-        Self::start_with(store, outbox, config, transport, directory)
+        Self::start_with(stores, outbox, config, transport, directory)
             .expect("the in-process transport declares every topic it is asked for")
     }
 
@@ -88,7 +84,7 @@ impl Router {
     /// Kafka and Redis). Every stage of this node joins its topic's
     /// consumers; this gateway consumes its own downstream topic.
     pub fn start_with(
-        store: Arc<dyn Store>,
+        stores: Stores,
         outbox: Arc<dyn Outbox>,
         config: RouterConfig,
         transport: Arc<dyn Transport>,
@@ -108,7 +104,7 @@ impl Router {
             transport.declare(topic, *partitions)?;
         }
         let ctx = Arc::new(Pipeline {
-            store,
+            stores,
             transport: transport.clone(),
             directory,
             outbox,
@@ -182,12 +178,16 @@ impl Router {
         after: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        self.ctx.store.dead_letters(after, limit).await
+        self.ctx
+            .stores
+            .dead_letters
+            .dead_letters(after, limit)
+            .await
     }
 
     /// How many dead letters are stored.
     pub async fn dead_letter_count(&self) -> Result<u64, StoreError> {
-        self.ctx.store.dead_letter_count().await
+        self.ctx.stores.dead_letters.dead_letter_count().await
     }
 
     /// Runs a dead letter's work once more and removes it on success.

@@ -103,7 +103,7 @@ async fn process_batch(
     let outcome = ctx
         .retry
         .run("append", || async {
-            match ctx.store.append(batch.clone()).await {
+            match ctx.stores.messages.append(batch.clone()).await {
                 Ok(results) => Ok(Ok(results)),
                 Err(error @ StoreError::Unavailable(_)) => Err(error),
                 Err(error) => Ok(Err(error)),
@@ -263,7 +263,8 @@ async fn plan_group(
     ctx.retry
         .run("plan", || async {
             let record = ctx
-                .store
+                .stores
+                .conversations
                 .group(group)
                 .await
                 .map_err(|e| e.to_string())?

@@ -73,7 +73,9 @@ pub(crate) async fn run_dead_letters(ctx: Arc<Pipeline>, mut subscription: Box<d
             };
             let stored = ctx
                 .retry
-                .run("dlq", || ctx.store.put_dead_letter(letter.clone()))
+                .run("dlq", || {
+                    ctx.stores.dead_letters.put_dead_letter(letter.clone())
+                })
                 .await;
             if let Err((error, _)) = stored {
                 telemetry::failed(ErrorCode::KafkaDlqSendFailed, 1);
@@ -89,7 +91,7 @@ pub(crate) async fn run_dead_letters(ctx: Arc<Pipeline>, mut subscription: Box<d
 }
 
 async fn update_dlq_gauge(ctx: &Pipeline) {
-    if let Ok(count) = ctx.store.dead_letter_count().await {
+    if let Ok(count) = ctx.stores.dead_letters.dead_letter_count().await {
         metrics::gauge!(telemetry::DLQ_SIZE).set(count as f64);
     }
 }
@@ -136,7 +138,8 @@ impl ReplayError {
 /// Runs a dead letter's work once more; removes the letter on success.
 pub(crate) async fn replay(ctx: &Pipeline, id: u64) -> Result<(), ReplayError> {
     let letter = ctx
-        .store
+        .stores
+        .dead_letters
         .dead_letters(id.saturating_sub(1), 1)
         .await?
         .into_iter()
@@ -164,7 +167,7 @@ pub(crate) async fn replay(ctx: &Pipeline, id: u64) -> Result<(), ReplayError> {
         }
     };
     outcome.map_err(|reason| ReplayError::Failed { id, reason })?;
-    ctx.store.remove_dead_letter(id).await?;
+    ctx.stores.dead_letters.remove_dead_letter(id).await?;
     update_dlq_gauge(ctx).await;
     Ok(())
 }

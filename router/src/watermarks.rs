@@ -103,14 +103,15 @@ pub(crate) async fn write(ctx: &Pipeline, batch: Vec<DeviceAcks>) {
         .collect();
     conversations.sort_unstable();
     conversations.dedup();
-    let latest: HashMap<ConversationId, Seq> = match ctx.store.latest_seqs(&conversations).await {
-        Ok(seqs) => conversations.iter().copied().zip(seqs).collect(),
-        Err(error) => {
-            // The window is dropped: a lower watermark only redelivers.
-            tracing::warn!(%error, "delivered watermarks not written");
-            return;
-        }
-    };
+    let latest: HashMap<ConversationId, Seq> =
+        match ctx.stores.messages.latest_seqs(&conversations).await {
+            Ok(seqs) => conversations.iter().copied().zip(seqs).collect(),
+            Err(error) => {
+                // The window is dropped: a lower watermark only redelivers.
+                tracing::warn!(%error, "delivered watermarks not written");
+                return;
+            }
+        };
     let mut written = 0u64;
     for (i, device) in batch.into_iter().enumerate() {
         if i % WRITES_PER_TURN == WRITES_PER_TURN - 1 {
@@ -147,7 +148,8 @@ async fn write_one(
         check_member(ctx, conversation, device.user).await?;
     }
     let seq = seq.min(latest.get(&conversation).copied().unwrap_or(0));
-    ctx.store
+    ctx.stores
+        .watermarks
         .set_delivered(device.user, &device.device, conversation, seq)
         .await?;
     Ok(())

@@ -71,7 +71,8 @@ pub fn error_frame(
     encode_frame(&error)
 }
 
-/// The code a client sees for a store failure.
+/// The code a client sees for a store failure: the one mapping, used by
+/// the router's answers and the gateway's HTTP API alike.
 pub fn store_error_code(error: &StoreError) -> ErrorCode {
     match error {
         StoreError::NotFound(_) => ErrorCode::NotFound,

@@ -15,7 +15,7 @@ use pingme_router::port::{Dispatch, UserId};
 use pingme_router::{
     Directory, InProcessTransport, LocalDirectory, Located, ReplayError, Router, RouterConfig,
 };
-use pingme_storage::Store;
+use pingme_storage::Stores;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -64,7 +64,7 @@ fn start_controlled(config: RouterConfig, cutoff: usize, gate_open: bool) -> Con
         large_lookups: AtomicUsize::new(0),
     });
     let router = Router::start_with(
-        store.clone() as Arc<dyn Store>,
+        Stores::all_from(store.clone()),
         outbox.clone(),
         config.clone(),
         Arc::new(InProcessTransport::new(config.queue_capacity)),

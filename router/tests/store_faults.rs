@@ -15,91 +15,16 @@ use pingme_router::{Router, RouterConfig};
 use pingme_storage::embedded::EmbeddedStore;
 use pingme_storage::*;
 
-/// The embedded store, with the next `failing_appends` appends failing.
-struct FlakyStore {
+/// The embedded store's messages, with the next `failing_appends` appends
+/// failing; every other role is the embedded store itself.
+struct FlakyMessages {
     inner: Arc<EmbeddedStore>,
     failing_appends: AtomicU32,
     appends: AtomicU32,
 }
 
 #[async_trait]
-impl UserStore for FlakyStore {
-    async fn create_user(
-        &self,
-        username: &str,
-        hash: &str,
-        now_ms: i64,
-    ) -> StoreResult<UserRecord> {
-        self.inner.create_user(username, hash, now_ms).await
-    }
-    async fn user_by_name(&self, username: &str) -> StoreResult<Option<UserRecord>> {
-        self.inner.user_by_name(username).await
-    }
-    async fn user_by_id(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
-        self.inner.user_by_id(id).await
-    }
-    async fn touch_device(
-        &self,
-        user: UserId,
-        device: &str,
-        now_ms: i64,
-    ) -> StoreResult<DeviceRecord> {
-        self.inner.touch_device(user, device, now_ms).await
-    }
-    async fn device(&self, user: UserId, device: &str) -> StoreResult<Option<DeviceRecord>> {
-        self.inner.device(user, device).await
-    }
-    async fn bump_token_generation(&self, user: UserId, device: &str) -> StoreResult<u64> {
-        self.inner.bump_token_generation(user, device).await
-    }
-}
-
-#[async_trait]
-impl ConversationStore for FlakyStore {
-    async fn create_group(
-        &self,
-        owner: UserId,
-        name: &str,
-        members: &[UserId],
-        now_ms: i64,
-    ) -> StoreResult<GroupRecord> {
-        self.inner.create_group(owner, name, members, now_ms).await
-    }
-    async fn group(&self, id: GroupId) -> StoreResult<Option<GroupRecord>> {
-        self.inner.group(id).await
-    }
-    async fn add_members(&self, group: GroupId, members: &[Member]) -> StoreResult<u64> {
-        self.inner.add_members(group, members).await
-    }
-    async fn remove_member(&self, group: GroupId, user: UserId) -> StoreResult<bool> {
-        self.inner.remove_member(group, user).await
-    }
-    async fn member_role(&self, group: GroupId, user: UserId) -> StoreResult<Option<Role>> {
-        self.inner.member_role(group, user).await
-    }
-    async fn is_member(&self, conversation: ConversationId, user: UserId) -> StoreResult<bool> {
-        self.inner.is_member(conversation, user).await
-    }
-    async fn members_page(
-        &self,
-        group: GroupId,
-        after: UserId,
-        limit: usize,
-    ) -> StoreResult<Vec<Member>> {
-        self.inner.members_page(group, after, limit).await
-    }
-    async fn user_conversations(
-        &self,
-        user: UserId,
-        after: Option<ConversationId>,
-        limit: usize,
-    ) -> StoreResult<Vec<ConversationId>> {
-        self.inner.user_conversations(user, after, limit).await
-    }
-}
-
-#[async_trait]
-impl MessageStore for FlakyStore {
+impl MessageStore for FlakyMessages {
     async fn append(&self, batch: Vec<NewMessage>) -> StoreResult<Vec<StoreResult<Appended>>> {
         self.appends.fetch_add(1, Ordering::SeqCst);
         let failing = self
@@ -125,64 +50,20 @@ impl MessageStore for FlakyStore {
     }
 }
 
-#[async_trait]
-impl WatermarkStore for FlakyStore {
-    async fn set_delivered(
-        &self,
-        user: UserId,
-        device: &str,
-        conversation: ConversationId,
-        seq: Seq,
-    ) -> StoreResult<()> {
-        self.inner
-            .set_delivered(user, device, conversation, seq)
-            .await
-    }
-    async fn set_read(
-        &self,
-        user: UserId,
-        conversation: ConversationId,
-        seq: Seq,
-    ) -> StoreResult<()> {
-        self.inner.set_read(user, conversation, seq).await
-    }
-    async fn watermarks(
-        &self,
-        user: UserId,
-        device: &str,
-        conversations: &[ConversationId],
-    ) -> StoreResult<Vec<Watermarks>> {
-        self.inner.watermarks(user, device, conversations).await
-    }
-}
-
-#[async_trait]
-impl DeadLetterStore for FlakyStore {
-    async fn put_dead_letter(&self, letter: DeadLetter) -> StoreResult<u64> {
-        self.inner.put_dead_letter(letter).await
-    }
-    async fn dead_letters(&self, after: u64, limit: usize) -> StoreResult<Vec<DeadLetter>> {
-        self.inner.dead_letters(after, limit).await
-    }
-    async fn remove_dead_letter(&self, id: u64) -> StoreResult<bool> {
-        self.inner.remove_dead_letter(id).await
-    }
-    async fn dead_letter_count(&self) -> StoreResult<u64> {
-        self.inner.dead_letter_count().await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_are_retried_and_an_outage_is_reported_not_acked() {
     let (_dir, inner) = open_store();
-    let store = Arc::new(FlakyStore {
+    let store = Arc::new(FlakyMessages {
         inner: inner.clone(),
         failing_appends: AtomicU32::new(0),
         appends: AtomicU32::new(0),
     });
     let outbox = Arc::new(RecordingOutbox::default());
     let router = Router::start(
-        store.clone() as Arc<dyn Store>,
+        Stores {
+            messages: store.clone(),
+            ..Stores::all_from(inner.clone())
+        },
         outbox.clone(),
         RouterConfig {
             retry_initial_backoff: Duration::from_millis(5),

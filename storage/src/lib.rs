@@ -1,12 +1,16 @@
-//! Everything pingme keeps, behind one set of async traits shaped by what
-//! the router and the HTTP API need (not by one database): users and their
-//! devices, conversations and membership, messages, per-device watermarks
-//! and the single-node dead-letter store.
+//! Everything pingme keeps, behind one async trait per role, shaped by what
+//! the router and the HTTP API need (not by one database): [`UserStore`]
+//! (users and devices), [`ConversationStore`] (groups and membership),
+//! [`MessageStore`], [`WatermarkStore`] and [`DeadLetterStore`]. [`Stores`]
+//! holds one handle per role, so each consumer takes only what it uses and
+//! a deployment can serve roles from different backends.
 //!
-//! Backends: [`embedded`] (the default: one process, crash-safe, group
-//! commit); MySQL and ScyllaDB follow the same traits (schemas in
-//! `docs/storage.md`). The [`conformance`] suite runs the same behaviour
-//! tests against every backend that is reachable.
+//! Backends: `embedded` (cargo feature `embedded`, on by default: fjall,
+//! one process, crash-safe, group commit); MySQL and ScyllaDB follow the
+//! same traits (schemas in `docs/storage.md`), and a build without the
+//! `embedded` feature does not compile fjall. The `conformance` suite
+//! (cargo feature `conformance`) runs the same behaviour tests, per role,
+//! against every backend that is reachable.
 //!
 //! Who assigns seq: the store, inside [`MessageStore::append`], atomically
 //! with the idempotency check. The router additionally makes one worker the
@@ -16,10 +20,14 @@
 //! lightweight transaction for MySQL/ScyllaDB) is the guarantee that two
 //! writers can never assign the same seq.
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "embedded")]
 pub mod embedded;
 mod error;
 mod model;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -171,14 +179,54 @@ pub trait DeadLetterStore: Send + Sync {
     async fn dead_letter_count(&self) -> StoreResult<u64>;
 }
 
-/// Everything pingme keeps: what the router and the API hold as
-/// `Arc<dyn Store>`.
-pub trait Store:
-    UserStore + ConversationStore + MessageStore + WatermarkStore + DeadLetterStore
-{
+/// The stores by role: each consumer keeps only the handles it uses (the
+/// conversation workers `messages`, the auth layer `users`, ...), and a
+/// deployment may mix backends (users and groups in MySQL, messages in
+/// ScyllaDB). Cloning copies five `Arc`s.
+///
+/// Why trait objects and not generics: every call already boxes its future
+/// (`async_trait`), and the hot path (`MessageStore::append`) takes a batch
+/// per call, so one indirect call per batch is noise; generics would put a
+/// type parameter on the router, the HTTP API and every test double.
+#[derive(Clone)]
+pub struct Stores {
+    /// Accounts: users, devices, token generations.
+    pub users: Arc<dyn UserStore>,
+    /// Groups and membership.
+    pub conversations: Arc<dyn ConversationStore>,
+    /// Messages and their seqs.
+    pub messages: Arc<dyn MessageStore>,
+    /// Delivered and read watermarks.
+    pub watermarks: Arc<dyn WatermarkStore>,
+    /// Work the router gave up on (see `docs/storage.md` on who owns dead
+    /// letters in a cluster).
+    pub dead_letters: Arc<dyn DeadLetterStore>,
 }
 
-impl<T: UserStore + ConversationStore + MessageStore + WatermarkStore + DeadLetterStore> Store
-    for T
-{
+impl Stores {
+    /// Every role served by one backend (the embedded store, or a MySQL
+    /// store that keeps everything).
+    pub fn all_from<S>(store: Arc<S>) -> Stores
+    where
+        S: UserStore
+            + ConversationStore
+            + MessageStore
+            + WatermarkStore
+            + DeadLetterStore
+            + 'static,
+    {
+        Stores {
+            users: store.clone(),
+            conversations: store.clone(),
+            messages: store.clone(),
+            watermarks: store.clone(),
+            dead_letters: store,
+        }
+    }
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores").finish_non_exhaustive()
+    }
 }

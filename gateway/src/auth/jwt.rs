@@ -16,7 +16,8 @@ use async_trait::async_trait;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use pingme_protocol::ErrorCode;
-use pingme_storage::{Store, StoreError, UserId};
+use pingme_router::store_error_code;
+use pingme_storage::{StoreError, UserId, UserStore};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -76,7 +77,7 @@ pub struct JwtAuthenticator {
     validation: Validation,
     access_ttl: Duration,
     refresh_ttl: Duration,
-    store: Arc<dyn Store>,
+    users: Arc<dyn UserStore>,
 }
 
 impl std::fmt::Debug for JwtAuthenticator {
@@ -106,12 +107,12 @@ fn now_secs() -> i64 {
 impl JwtAuthenticator {
     /// An authenticator signing with `secret` (HS256), issuing access
     /// tokens valid for `access_ttl` and refresh tokens for `refresh_ttl`,
-    /// checking generations in `store`.
+    /// checking generations in `users`.
     pub fn new(
         secret: &[u8],
         access_ttl: Duration,
         refresh_ttl: Duration,
-        store: Arc<dyn Store>,
+        users: Arc<dyn UserStore>,
     ) -> JwtAuthenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         // The server both issues and checks its tokens: no clock skew to forgive.
@@ -123,7 +124,7 @@ impl JwtAuthenticator {
             validation,
             access_ttl,
             refresh_ttl,
-            store,
+            users,
         }
     }
 
@@ -131,7 +132,7 @@ impl JwtAuthenticator {
     /// replaced by 32 random bytes (the caller refuses that in production
     /// through config validation); the flag says whether that happened, so
     /// the caller can warn that tokens die with the process.
-    pub fn from_config(config: &AuthConfig, store: Arc<dyn Store>) -> (JwtAuthenticator, bool) {
+    pub fn from_config(config: &AuthConfig, users: Arc<dyn UserStore>) -> (JwtAuthenticator, bool) {
         let generated = config.jwt_secret.is_empty();
         let secret = if generated {
             let mut secret = vec![0u8; 32];
@@ -144,14 +145,9 @@ impl JwtAuthenticator {
             &secret,
             config.access_token_ttl,
             config.refresh_token_ttl,
-            store,
+            users,
         );
         (auth, generated)
-    }
-
-    /// The store the generations are checked in.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
     }
 
     /// Issues a token pair for the device at `generation`.
@@ -221,7 +217,7 @@ impl JwtAuthenticator {
     /// Checks that the device's generation still is the token's (not
     /// logged out since).
     pub async fn check_not_revoked(&self, claims: &Claims) -> Result<(), ErrorCode> {
-        match self.store.device(claims.user, &claims.device).await {
+        match self.users.device(claims.user, &claims.device).await {
             Ok(Some(device)) if device.token_generation == claims.generation => Ok(()),
             Ok(_) => Err(ErrorCode::TokenRevoked),
             Err(error) => Err(store_code(error)),
@@ -243,21 +239,21 @@ impl JwtAuthenticator {
     pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, RefreshError> {
         let claims = self.verify(refresh_token, TokenKind::Refresh)?;
         let device = self
-            .store
+            .users
             .device(claims.user, &claims.device)
             .await
             .map_err(store_code)?;
         match device {
             Some(device) if device.token_generation == claims.generation => {
                 let generation = self
-                    .store
+                    .users
                     .bump_token_generation(claims.user, &claims.device)
                     .await
                     .map_err(store_code)?;
                 Ok(self.issue(claims.user, &claims.device, generation))
             }
             Some(device) if device.token_generation > claims.generation => {
-                self.store
+                self.users
                     .bump_token_generation(claims.user, &claims.device)
                     .await
                     .map_err(store_code)?;
@@ -296,11 +292,12 @@ impl From<ErrorCode> for RefreshError {
     }
 }
 
-/// The code of a store failure met while checking tokens.
+/// The code of a store failure met while checking tokens: the store being
+/// down is not the token's fault; any other store answer (an unknown user
+/// or device) means the token is no good.
 fn store_code(error: StoreError) -> ErrorCode {
-    match error {
-        StoreError::Unavailable(_) => ErrorCode::StorageUnavailable,
-        StoreError::Corrupt(_) => ErrorCode::StorageCorrupt,
+    match store_error_code(&error) {
+        code @ (ErrorCode::StorageUnavailable | ErrorCode::StorageCorrupt) => code,
         _ => ErrorCode::TokenRevoked,
     }
 }

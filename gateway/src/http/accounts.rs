@@ -92,7 +92,8 @@ pub(super) async fn register(
     };
     registration.spent(now_instant());
     match state
-        .store()
+        .stores()
+        .users
         .create_user(&req.username, &hash, now_ms())
         .await
     {
@@ -159,7 +160,8 @@ pub(super) async fn login(
         ));
     };
     let user = state
-        .store()
+        .stores()
+        .users
         .user_by_name(&req.username)
         .await
         .inspect_err(|_| count_login("error"))?;
@@ -187,7 +189,8 @@ pub(super) async fn login(
     };
     attempt.succeeded(now_instant());
     let device = state
-        .store()
+        .stores()
+        .users
         .touch_device(user.id, &req.device_id, now_ms())
         .await
         .inspect_err(|_| count_login("error"))?;
@@ -259,7 +262,8 @@ pub(super) async fn logout(
     Caller(claims): Caller,
 ) -> ApiResult<ApiJson<LogoutResponse>> {
     state
-        .store()
+        .stores()
+        .users
         .bump_token_generation(claims.user, &claims.device)
         .await?;
     let disconnected =
@@ -301,7 +305,8 @@ pub(super) async fn me(
     Caller(claims): Caller,
 ) -> ApiResult<ApiJson<MeResponse>> {
     let user = state
-        .store()
+        .stores()
+        .users
         .user_by_id(claims.user)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "user not found"))?;
@@ -321,7 +326,8 @@ pub(super) async fn user_by_name(
         return Err(ApiError::invalid("username: not a valid username"));
     }
     let user = state
-        .store()
+        .stores()
+        .users
         .user_by_name(&username)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no user {username:?}")))?;
@@ -336,7 +342,8 @@ pub(super) async fn user_by_id(
     ApiPath(user_id): ApiPath<UserId>,
 ) -> ApiResult<ApiJson<UserView>> {
     let user = state
-        .store()
+        .stores()
+        .users
         .user_by_id(user_id)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no user {user_id}")))?;

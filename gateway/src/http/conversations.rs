@@ -64,10 +64,16 @@ pub(super) async fn list(
         .as_deref()
         .map(|a| parse_conversation(a, "after"))
         .transpose()?;
-    let store = state.store();
-    let ids = store.user_conversations(caller.user, after, limit).await?;
-    let last = store.latest_seqs(&ids).await?;
-    let marks = store.watermarks(caller.user, &caller.device, &ids).await?;
+    let stores = state.stores();
+    let ids = stores
+        .conversations
+        .user_conversations(caller.user, after, limit)
+        .await?;
+    let last = stores.messages.latest_seqs(&ids).await?;
+    let marks = stores
+        .watermarks
+        .watermarks(caller.user, &caller.device, &ids)
+        .await?;
     let next_after = (ids.len() == limit)
         .then(|| ids.last().map(ToString::to_string))
         .flatten();
@@ -154,14 +160,20 @@ pub(super) async fn history(
             "until: must be greater than after (or 0)",
         ));
     }
-    if !state.store().is_member(conversation, caller.user).await? {
+    if !state
+        .stores()
+        .conversations
+        .is_member(conversation, caller.user)
+        .await?
+    {
         return Err(ApiError::forbidden(format!(
             "not a member of {conversation}"
         )));
     }
     // One extra message tells whether another page exists.
     let mut messages = state
-        .store()
+        .stores()
+        .messages
         .messages(conversation, query.after, query.until, limit + 1)
         .await?;
     let has_more = messages.len() > limit;

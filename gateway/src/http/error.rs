@@ -7,6 +7,7 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use pingme_protocol::ErrorCode;
+use pingme_router::store_error_code;
 use pingme_storage::StoreError;
 use serde::Serialize;
 
@@ -98,14 +99,7 @@ impl From<ErrorCode> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        let code = match &error {
-            StoreError::NotFound(_) => ErrorCode::NotFound,
-            StoreError::NotMember { .. } => ErrorCode::Forbidden,
-            StoreError::Conflict(_) => ErrorCode::Conflict,
-            StoreError::Invalid(_) => ErrorCode::InvalidArgument,
-            StoreError::Unavailable(_) => ErrorCode::StorageUnavailable,
-            StoreError::Corrupt(_) => ErrorCode::StorageCorrupt,
-        };
+        let code = store_error_code(&error);
         if matches!(
             code,
             ErrorCode::StorageUnavailable | ErrorCode::StorageCorrupt

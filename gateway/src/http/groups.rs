@@ -46,10 +46,15 @@ impl From<GroupRecord> for GroupView {
 /// The caller's role in the group: `NOT_FOUND` if there is no such group,
 /// `FORBIDDEN` if the caller is not a member.
 async fn role_of(state: &ApiState, group: GroupId, user: UserId) -> ApiResult<Role> {
-    if let Some(role) = state.store().member_role(group, user).await? {
+    if let Some(role) = state
+        .stores()
+        .conversations
+        .member_role(group, user)
+        .await?
+    {
         return Ok(role);
     }
-    match state.store().group(group).await? {
+    match state.stores().conversations.group(group).await? {
         Some(_) => Err(ApiError::forbidden(format!("not a member of g:{group}"))),
         None => Err(ApiError::new(
             ErrorCode::NotFound,
@@ -96,12 +101,13 @@ pub(super) async fn create(
     // store never sees more than one page per call.
     let (first, rest) = req.members.split_at(req.members.len().min(MAX_PAGE));
     let mut group = state
-        .store()
+        .stores()
+        .conversations
         .create_group(caller.user, name, first, now_ms())
         .await?;
     if !rest.is_empty() {
         add_in_pages(&state, group.id, rest, Role::Member).await?;
-        if let Some(updated) = state.store().group(group.id).await? {
+        if let Some(updated) = state.stores().conversations.group(group.id).await? {
             group = updated;
         }
     }
@@ -121,7 +127,8 @@ pub(super) async fn get(
 ) -> ApiResult<ApiJson<GroupView>> {
     role_of(&state, group_id, caller.user).await?;
     let group = state
-        .store()
+        .stores()
+        .conversations
         .group(group_id)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no group g:{group_id}")))?;
@@ -162,7 +169,8 @@ pub(super) async fn members(
     }
     role_of(&state, group_id, caller.user).await?;
     let page = state
-        .store()
+        .stores()
+        .conversations
         .members_page(group_id, query.after, limit)
         .await?;
     let next_after = (page.len() == limit)
@@ -210,7 +218,11 @@ async fn add_in_pages(
     let mut added = 0;
     for page in users.chunks(MAX_PAGE) {
         let members: Vec<Member> = page.iter().map(|&user| Member { user, role }).collect();
-        added += state.store().add_members(group, &members).await?;
+        added += state
+            .stores()
+            .conversations
+            .add_members(group, &members)
+            .await?;
     }
     Ok(added)
 }
@@ -237,7 +249,8 @@ pub(super) async fn add_members(
     }
     let added = add_in_pages(&state, group_id, &req.user_ids, req.role).await?;
     let member_count = state
-        .store()
+        .stores()
+        .conversations
         .group(group_id)
         .await?
         .map_or(0, |g| g.member_count);
@@ -262,7 +275,8 @@ pub(super) async fn remove_member(
         ));
     }
     let target_role = state
-        .store()
+        .stores()
+        .conversations
         .member_role(group_id, user_id)
         .await?
         .ok_or_else(|| {
@@ -278,7 +292,11 @@ pub(super) async fn remove_member(
         }
         _ => {}
     }
-    state.store().remove_member(group_id, user_id).await?;
+    state
+        .stores()
+        .conversations
+        .remove_member(group_id, user_id)
+        .await?;
     tracing::info!(
         group = group_id,
         user = user_id,
@@ -309,6 +327,10 @@ async fn leave_group(
             "the owner cannot leave the group",
         ));
     }
-    state.store().remove_member(group, user).await?;
+    state
+        .stores()
+        .conversations
+        .remove_member(group, user)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -27,7 +27,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use pingme_router::port::Outbox;
-use pingme_storage::Store;
+use pingme_storage::Stores;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{ApiError, ApiResult, http_status};
@@ -49,7 +49,7 @@ pub struct ApiState {
 }
 
 struct Inner {
-    store: Arc<dyn Store>,
+    stores: Stores,
     auth: Arc<JwtAuthenticator>,
     outbox: Arc<dyn Outbox>,
     throttle: LoginThrottle,
@@ -65,12 +65,12 @@ impl std::fmt::Debug for ApiState {
 }
 
 impl ApiState {
-    /// The API's state: tokens and store through `auth` (its store is the
-    /// API's store), `outbox` to disconnect devices on logout, login
+    /// The API's state: what it keeps in `stores`, tokens through `auth`, `outbox` to disconnect devices on logout, login
     /// throttling limits and password hashing cost from `config`, and the
     /// readiness flag `/health` reports. Fails only if the hashing cost is
     /// invalid (config validation prevents that).
     pub fn new(
+        stores: Stores,
         auth: Arc<JwtAuthenticator>,
         outbox: Arc<dyn Outbox>,
         config: &AuthConfig,
@@ -86,7 +86,7 @@ impl ApiState {
         )?;
         Ok(ApiState {
             inner: Arc::new(Inner {
-                store: auth.store().clone(),
+                stores,
                 auth,
                 outbox,
                 throttle: LoginThrottle::new(config),
@@ -103,8 +103,8 @@ impl ApiState {
         &self.inner.passwords
     }
 
-    fn store(&self) -> &dyn Store {
-        self.inner.store.as_ref()
+    fn stores(&self) -> &Stores {
+        &self.inner.stores
     }
 }
 

@@ -14,8 +14,8 @@ use pingme_gateway::http::server::HttpLimits;
 use pingme_gateway::http::{self, ApiState};
 use pingme_gateway::ops::Readiness;
 use pingme_router::port::{ConnRef, Outbox, UserId};
-use pingme_storage::Store;
 use pingme_storage::embedded::{Durability, EmbeddedStore};
+use pingme_storage::{Stores, UserStore};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +60,7 @@ impl Outbox for RecordingOutbox {
 pub struct TestApi {
     pub base: String,
     pub client: reqwest::Client,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<EmbeddedStore>,
     pub auth: Arc<JwtAuthenticator>,
     pub outbox: Arc<RecordingOutbox>,
     pub readiness: Readiness,
@@ -107,17 +107,24 @@ pub async fn start_with(config: AuthConfig) -> TestApi {
 /// Starts the API with the given auth settings and HTTP limits.
 pub async fn start_full(config: AuthConfig, limits: HttpLimits) -> TestApi {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(dir.path(), Durability::Sync).unwrap());
+    let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Sync).unwrap());
     let auth = Arc::new(JwtAuthenticator::new(
         config.jwt_secret.as_bytes(),
         config.access_token_ttl,
         config.refresh_token_ttl,
         store.clone(),
     ));
+    let stores = Stores::all_from(store.clone());
     let outbox = Arc::new(RecordingOutbox::default());
     let readiness = Readiness::new();
-    let state = ApiState::new(auth.clone(), outbox.clone(), &config, readiness.clone()).unwrap();
+    let state = ApiState::new(
+        stores,
+        auth.clone(),
+        outbox.clone(),
+        &config,
+        readiness.clone(),
+    )
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let base = format!("http://{addr}");

@@ -14,7 +14,7 @@ use pingme_protocol::{ServerFrame, decode_message, split_frame};
 use pingme_router::port::{ConnRef, Dispatch, Outbox, SessionInfo, UserId};
 use pingme_router::{Router, RouterConfig};
 use pingme_storage::embedded::{Durability, EmbeddedStore};
-use pingme_storage::{ConversationStore, Member, Role, Store, UserStore};
+use pingme_storage::{ConversationStore, Member, Role, Stores, UserStore};
 
 /// How long a test waits for something that must happen.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -145,7 +145,7 @@ impl Harness {
     pub fn start(config: RouterConfig) -> Harness {
         let (dir, store) = open_store();
         let outbox = Arc::new(RecordingOutbox::default());
-        let router = Router::start(store.clone() as Arc<dyn Store>, outbox.clone(), config);
+        let router = Router::start(Stores::all_from(store.clone()), outbox.clone(), config);
         Harness {
             dir,
             store,

@@ -1,0 +1,124 @@
+//! [`MessageStore`] on fjall: `append` checks each message on the caller's
+//! task and hands it to the group-commit writer ([`super::writer`]), the
+//! single owner of seq assignment; timeline reads are range scans of
+//! `messages/(conversation, seq)`.
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+
+use super::keys::{self, ConversationKey};
+use super::writer::{self, AppendRequest};
+use super::{EmbeddedStore, Inner, check_id, db};
+use crate::{
+    Appended, ConversationId, MAX_BODY_BYTES, MAX_PAGE, MessageStore, NewMessage, Seq, StoreError,
+    StoreResult, StoredMessage,
+};
+
+impl Inner {
+    /// The checks `append` makes before a message reaches the writer.
+    fn check_new_message(&self, message: &NewMessage) -> StoreResult<()> {
+        check_id("client_msg_id", &message.client_msg_id, false)?;
+        check_id("msg_id", &message.msg_id, false)?;
+        check_id("sender_device", &message.sender_device, true)?;
+        if message.body.len() > MAX_BODY_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "body of {} bytes exceeds {MAX_BODY_BYTES}",
+                message.body.len()
+            )));
+        }
+        if self.is_member(message.conversation, message.sender)? {
+            Ok(())
+        } else {
+            Err(StoreError::NotMember {
+                user: message.sender,
+                conversation: message.conversation.to_string(),
+            })
+        }
+    }
+
+    fn messages(
+        &self,
+        conversation: ConversationId,
+        after: Seq,
+        until: Seq,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        self.require_conversation(conversation)?;
+        let limit = limit.min(MAX_PAGE);
+        if limit == 0 || after == u64::MAX || (until != 0 && until <= after) {
+            return Ok(Vec::new());
+        }
+        let last = if until == 0 { u64::MAX } else { until };
+        let range =
+            keys::message_key(conversation, after + 1)..=keys::message_key(conversation, last);
+        let prefix_len = ConversationKey::new(conversation).as_bytes().len();
+        let mut page = Vec::with_capacity(limit.min(64));
+        for guard in self.tables.messages.range(range).take(limit) {
+            let (key, value) = db(guard.into_inner())?;
+            let seq = key
+                .get(prefix_len..)
+                .filter(|s| s.len() == 8)
+                .map(keys::be_u64)
+                .ok_or_else(|| keys::corrupt("message key"))?;
+            page.push(keys::decode_message(conversation, seq, &value)?);
+        }
+        Ok(page)
+    }
+
+    fn latest_seqs(&self, conversations: &[ConversationId]) -> StoreResult<Vec<Seq>> {
+        let mut seqs = Vec::with_capacity(conversations.len());
+        let mut missing = Vec::new();
+        {
+            let published = self.published.read().unwrap_or_else(|p| p.into_inner());
+            for (i, conversation) in conversations.iter().enumerate() {
+                match published.get(conversation) {
+                    Some(&seq) => seqs.push(seq),
+                    None => {
+                        seqs.push(0);
+                        missing.push(i);
+                    }
+                }
+            }
+        }
+        // Not touched since open: the timeline's last key is the committed
+        // latest (the writer publishes only after its commit).
+        for i in missing {
+            seqs[i] = writer::last_seq_on_disk(&self.tables, conversations[i])?;
+        }
+        Ok(seqs)
+    }
+}
+
+#[async_trait]
+impl MessageStore for EmbeddedStore {
+    async fn append(&self, batch: Vec<NewMessage>) -> StoreResult<Vec<StoreResult<Appended>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let messages = batch
+            .into_iter()
+            .map(|message| self.inner.check_new_message(&message).map(|()| message))
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        if !self.inner.appends.push(AppendRequest { messages, reply }) {
+            return Err(StoreError::Unavailable("store is closing".into()));
+        }
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+
+    async fn messages(
+        &self,
+        conversation: ConversationId,
+        after: Seq,
+        until: Seq,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        self.inner.messages(conversation, after, until, limit)
+    }
+
+    async fn latest_seqs(&self, conversations: &[ConversationId]) -> StoreResult<Vec<Seq>> {
+        self.inner.latest_seqs(conversations)
+    }
+}
