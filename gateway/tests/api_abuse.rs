@@ -72,6 +72,60 @@ async fn parallel_guesses_for_one_user_get_at_most_the_limit_verified() {
         .assert_error(429, LOGIN_RATE_LIMITED);
 }
 
+/// The race of the issue: the right password sent while the limit's worth
+/// of wrong guesses are still being verified gets no token, because those
+/// guesses hold every slot. Determinism: the only hashing slot is held by
+/// the test, so the guesses wait inside verification until it lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_right_password_behind_guesses_in_flight_gets_no_token() {
+    let api = start_with(AuthConfig {
+        max_login_failures_per_user: 5,
+        max_login_failures_per_ip: 1000,
+        password_hash_concurrency: 1,
+        ..test_auth_config()
+    })
+    .await;
+    api.register("lena").await;
+    let held = api.state.passwords().slot().await.unwrap();
+    let guesses: Vec<_> = (0..20)
+        .map(|_| {
+            let client = api.client.clone();
+            let url = format!("{}/v1/auth/login", api.base);
+            tokio::spawn(async move {
+                let body =
+                    json!({"username": "lena", "password": "a wrong guess", "device_id": "d"});
+                let response = client.post(url).json(&body).send().await.unwrap();
+                let status = response.status().as_u16();
+                let body: serde_json::Value = response.json().await.unwrap();
+                (status, body["code"].as_u64().unwrap())
+            })
+        })
+        .collect();
+    // Wait (bounded) until five guesses hold lena's five slots.
+    let throttle = api.state.login_throttle();
+    let filled = tokio::time::timeout(GENEROUS, async {
+        while throttle.in_flight("lena") < 5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(filled.is_ok(), "the guesses never reached verification");
+    login(&api, "lena", "password-lena")
+        .await
+        .assert_error(429, LOGIN_RATE_LIMITED);
+    drop(held);
+    let mut verified = 0;
+    for guess in guesses {
+        match guess.await.unwrap() {
+            (401, BAD_CREDENTIALS) => verified += 1,
+            (429, LOGIN_RATE_LIMITED) => {}
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(verified, 5);
+    assert_eq!(throttle.in_flight("lena"), 0);
+}
+
 /// 30 wrong guesses from one address for 30 usernames at once, limit 8:
 /// exactly 8 verified; a real user's right password is refused after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

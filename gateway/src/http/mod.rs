@@ -103,6 +103,11 @@ impl ApiState {
         &self.inner.passwords
     }
 
+    /// The login throttle (tests watch its attempts in flight).
+    pub fn login_throttle(&self) -> &LoginThrottle {
+        &self.inner.throttle
+    }
+
     fn stores(&self) -> &Stores {
         &self.inner.stores
     }

@@ -100,6 +100,11 @@ impl<K: Eq + Hash + Clone> Counter<K> {
             .remove_if(key, |_, w| w.in_flight == 0 && w.spent == 0);
     }
 
+    /// Slots of `key` taken and not yet settled.
+    fn in_flight(&self, key: &K) -> u32 {
+        self.windows.get(key).map_or(0, |w| w.in_flight)
+    }
+
     /// Forgets what `key` spent (attempts in flight stay counted).
     fn forgive(&self, key: &K) {
         if let Some(mut entry) = self.windows.get_mut(key) {
@@ -199,6 +204,11 @@ impl LoginThrottle {
             ip,
             settled: false,
         })
+    }
+
+    /// Logins of `username` holding a slot now (being verified).
+    pub fn in_flight(&self, username: &str) -> u32 {
+        self.per_user.in_flight(&username.to_string())
     }
 }
 
