@@ -1011,6 +1011,16 @@ impl Config {
             retry_max_backoff: task.retry_max_backoff,
             retry_multiplier: task.retry_multiplier,
             enable_dlq: task.enable_dlq,
+            topics: pingme_router::BusTopics {
+                persistence_topic: task.persistence_topic.clone(),
+                persistence_group: task.persistence_group.clone(),
+                task_topic: task.task_topic.clone(),
+                consumer_group: task.consumer_group.clone(),
+                push_topic: self.kafka.push_topic.clone(),
+                dlq_topic: self.kafka.dlq_topic.clone(),
+                downstream_topic_prefix: self.kafka.downstream_topic_prefix.clone(),
+                ..pingme_router::BusTopics::default()
+            },
             ..pingme_router::RouterConfig::default()
         }
     }
@@ -1042,5 +1052,35 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn the_router_gets_the_topic_names_and_groups() {
+        let mut config = Config::default();
+        config.task.persistence_topic = "p".into();
+        config.task.persistence_group = "pg".into();
+        config.task.task_topic = "t".into();
+        config.task.consumer_group = "tg".into();
+        config.kafka.push_topic = "push".into();
+        config.kafka.dlq_topic = "dlq".into();
+        config.kafka.downstream_topic_prefix = "down-".into();
+        let topics = config.router().topics;
+        assert_eq!(
+            (
+                topics.persistence_topic.as_str(),
+                topics.persistence_group.as_str(),
+                topics.task_topic.as_str(),
+                topics.consumer_group.as_str(),
+                topics.push_topic.as_str(),
+                topics.dlq_topic.as_str(),
+                topics.downstream_topic_prefix.as_str(),
+            ),
+            ("p", "pg", "t", "tg", "push", "dlq", "down-")
+        );
+        // The seed's names are the defaults on both sides.
+        assert_eq!(
+            Config::default().router().topics,
+            pingme_router::BusTopics::default()
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The router's settings: one plain struct with defaults that suit a single
-//! node. The binary fills it from its YAML/env config; tests build it
-//! directly.
+//! node, and the bus layout (topic names, consumer groups, partition
+//! counts) a cluster's nodes share. The binary fills them from its YAML/env
+//! config; tests build them directly.
 
 use std::time::Duration;
 
@@ -10,13 +11,17 @@ use std::time::Duration;
 pub struct RouterConfig {
     /// This gateway's id: names its downstream topic (`downstream-topic-{id}`).
     pub gateway_id: String,
-    /// Conversation workers (sequencers): partitions of the accepted topic.
-    /// Every conversation is owned by exactly one of them.
+    /// Conversation workers this node runs: members of the persistence
+    /// group. Each owns the conversations of the partitions it is assigned.
+    /// Also the consumers of this gateway's downstream topic.
     pub workers: usize,
-    /// Fanout workers: partitions of the fanout task topic.
+    /// Fanout workers this node runs: members of the task topic's group.
     pub fanout_workers: usize,
-    /// Push workers: partitions of the push topic.
+    /// Push workers this node runs: members of the push group.
     pub push_workers: usize,
+    /// The topics, groups and partition counts (shared by every node).
+    /// Single node ([`crate::Router::start`]): one partition per worker.
+    pub topics: BusTopics,
     /// Records each in-process topic partition holds before publishers wait
     /// (internal stages) or sends are refused with `OVERLOADED` (ingress).
     pub queue_capacity: usize,
@@ -73,6 +78,7 @@ impl Default for RouterConfig {
             workers: 4,
             fanout_workers: 2,
             push_workers: 1,
+            topics: BusTopics::default(),
             queue_capacity: 8192,
             max_append_batch: 256,
             large_group_threshold: 500,
@@ -103,6 +109,7 @@ impl RouterConfig {
         self.workers = self.workers.max(1);
         self.fanout_workers = self.fanout_workers.max(1);
         self.push_workers = self.push_workers.max(1);
+        self.topics = self.topics.normalised();
         self.queue_capacity = self.queue_capacity.max(1);
         self.max_append_batch = self.max_append_batch.max(1);
         self.fanout_batch_size = self.fanout_batch_size.clamp(1, pingme_storage::MAX_PAGE);
@@ -114,6 +121,94 @@ impl RouterConfig {
         self.max_inflight_requests = self.max_inflight_requests.max(1);
         if !self.retry_multiplier.is_finite() || self.retry_multiplier < 1.0 {
             self.retry_multiplier = 1.0;
+        }
+        self
+    }
+
+    /// The same settings laid out for the single-node bus: every stage's
+    /// topic has one partition per worker of this node, so each worker owns
+    /// exactly one.
+    pub(crate) fn single_node(mut self) -> Self {
+        let partitions = |workers: usize| u32::try_from(workers).unwrap_or(u32::MAX);
+        self.topics.persistence_partitions = partitions(self.workers);
+        self.topics.task_partitions = partitions(self.fanout_workers);
+        self.topics.push_partitions = partitions(self.push_workers);
+        self.topics.dlq_partitions = 1;
+        self.topics.downstream_partitions = partitions(self.workers);
+        self
+    }
+}
+
+/// The bus layout: topic names, consumer groups and partition counts.
+/// Every node of a cluster must agree on it (a topic's partition count is
+/// a property of the topic, not of one node). The defaults are the seed's
+/// names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusTopics {
+    /// Accepted sends, keyed by conversation (the seed's persistence topic).
+    pub persistence_topic: String,
+    /// Consumer group of the conversation workers (persist, ack, deliver).
+    pub persistence_group: String,
+    /// Partitions of the persistence topic: at most this many conversation
+    /// workers run in parallel across the cluster.
+    pub persistence_partitions: u32,
+    /// Large-group fanout tasks, keyed by conversation (the seed's task
+    /// topic).
+    pub task_topic: String,
+    /// Consumer group of the fanout workers (the seed's `consumer_group`).
+    pub consumer_group: String,
+    /// Partitions of the task topic.
+    pub task_partitions: u32,
+    /// Offline-push events.
+    pub push_topic: String,
+    /// Consumer group of the push workers.
+    pub push_group: String,
+    /// Partitions of the push topic.
+    pub push_partitions: u32,
+    /// Work that exhausted its retries.
+    pub dlq_topic: String,
+    /// Consumer group of the dead-letter consumers.
+    pub dlq_group: String,
+    /// Partitions of the dead-letter topic.
+    pub dlq_partitions: u32,
+    /// Each gateway's downstream topic is `{prefix}{gateway_id}`, consumed
+    /// by that gateway alone (its group is the topic's name).
+    pub downstream_topic_prefix: String,
+    /// Partitions of each downstream topic.
+    pub downstream_partitions: u32,
+}
+
+impl Default for BusTopics {
+    fn default() -> Self {
+        Self {
+            persistence_topic: "im-persistence".into(),
+            persistence_group: "im-persistence-group".into(),
+            persistence_partitions: 12,
+            task_topic: "im-task".into(),
+            consumer_group: "im-task-group".into(),
+            task_partitions: 12,
+            push_topic: "im-push".into(),
+            push_group: "im-push-group".into(),
+            push_partitions: 4,
+            dlq_topic: "im-dlq".into(),
+            dlq_group: "im-dlq-group".into(),
+            dlq_partitions: 1,
+            downstream_topic_prefix: "downstream-topic-".into(),
+            downstream_partitions: 4,
+        }
+    }
+}
+
+impl BusTopics {
+    fn normalised(mut self) -> Self {
+        for partitions in [
+            &mut self.persistence_partitions,
+            &mut self.task_partitions,
+            &mut self.push_partitions,
+            &mut self.dlq_partitions,
+            &mut self.downstream_partitions,
+        ] {
+            *partitions = (*partitions).max(1);
         }
         self
     }

@@ -14,11 +14,11 @@ use futures::FutureExt;
 use pingme_protocol::ErrorCode;
 use pingme_storage::{ConversationId, GroupId, MAX_PAGE, StoreResult, UserId};
 
+use crate::bus::{BusError, GroupMember, Polled, conversation_key};
 use crate::pipeline::Pipeline;
-use crate::records::{FanoutTask, PushEvent, Record};
+use crate::records::{FanoutTask, PushEvent};
 use crate::retry::RetryPolicy;
 use crate::telemetry;
-use crate::transport::{Subscription, Topic, TransportError, conversation_key};
 
 /// Every member of a group (small groups only: one or a few pages).
 pub(crate) async fn all_members(ctx: &Pipeline, group: GroupId) -> StoreResult<Vec<UserId>> {
@@ -157,12 +157,9 @@ pub(crate) async fn deliver_page(
         // that is full because the provider is slow or down drops the
         // notification rather than holding up deliveries and, behind them,
         // new sends.
-        match ctx
-            .transport
-            .try_publish(&Topic::Push, key, Record::Push(event))
-        {
+        match ctx.bus.try_publish(&ctx.topics.push, key, event) {
             Ok(()) => {}
-            Err(TransportError::Full(topic)) => {
+            Err(BusError::Full(topic)) => {
                 telemetry::failed(ErrorCode::KafkaProducerError, 1);
                 tracing::warn!(topic, "push queue full; notification dropped");
             }
@@ -234,55 +231,47 @@ pub(crate) async fn run_fanout(
 /// one merged delivery can hold).
 const TASKS_PER_ROUND: usize = 64;
 
-/// One fanout worker: runs tasks of its partition in order until closed.
-pub(crate) async fn run(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
+/// One fanout worker: runs the tasks of its partitions in order until it
+/// leaves its group. Fanout keeps no state per partition.
+pub(crate) async fn run(ctx: Arc<Pipeline>, mut member: Box<dyn GroupMember<FanoutTask>>) {
+    let mut next = None;
     loop {
-        let mut records = subscription.next_batch(TASKS_PER_ROUND).await;
-        if records.is_empty() {
-            break;
-        }
-        if records.len() < TASKS_PER_ROUND {
+        let polled = match next.take() {
+            Some(polled) => polled,
+            None => member.poll(TASKS_PER_ROUND).await,
+        };
+        let mut tasks: Vec<FanoutTask> = match polled {
+            Polled::Records(records) => records.into_iter().map(|c| c.record).collect(),
+            Polled::Assigned(_) | Polled::Revoked(_) => continue,
+            Polled::Left => break,
+        };
+        if tasks.len() < TASKS_PER_ROUND {
             // A conversation worker publishes a burst's tasks one after
             // another, and this worker wakes at the first: one turn for
             // the rest to arrive lets the burst merge into one delivery
             // instead of its first task alone, then the others.
             tokio::task::yield_now().await;
-            if let Some(more) = subscription
-                .next_batch(TASKS_PER_ROUND - records.len())
-                .now_or_never()
-            {
-                records.extend(more);
+            match member.poll(TASKS_PER_ROUND - tasks.len()).now_or_never() {
+                Some(Polled::Records(more)) => tasks.extend(more.into_iter().map(|c| c.record)),
+                // A rebalance event waits until this round is done.
+                Some(other) => next = Some(other),
+                None => {}
             }
         }
-        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "fanout")
-            .set(ctx.transport.depth(&Topic::Fanout) as f64);
-        let tasks: Vec<FanoutTask> = records
-            .into_iter()
-            .filter_map(|record| match record {
-                Record::Fanout(task) => Some(task),
-                _ => {
-                    tracing::warn!("unexpected record on the fanout topic");
-                    None
-                }
-            })
-            .collect();
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "fanout").set(
+            ctx.bus
+                .lag(&ctx.topics.tasks, &ctx.config.topics.consumer_group) as f64,
+        );
         for batch in FanoutBatch::split(tasks) {
             if let Err((tasks, error, attempts)) = run_fanout(&ctx, batch, ctx.retry).await {
                 for task in tasks {
                     let key = conversation_key(&task.conversation);
-                    ctx.dead_letter(
-                        "fanout",
-                        key,
-                        &Record::Fanout(task),
-                        error.clone(),
-                        attempts,
-                    )
-                    .await;
+                    ctx.dead_letter(key, &task, error.clone(), attempts).await;
                 }
             }
         }
-        if let Err(error) = subscription.commit().await {
-            tracing::warn!(%error, "commit of the fanout topic failed");
+        if let Err(error) = member.commit().await {
+            tracing::warn!(%error, "commit of the task topic failed");
         }
     }
 }

@@ -9,14 +9,16 @@
 //! router and the router's tests a double of the gateway.
 //!
 //! Inside, the router is one pipeline of stages that only talk through a
-//! [`Transport`] (`docs/router.md` draws it): ingress checks ->
-//! accepted topic -> conversation workers (seq, durable append, ack,
-//! small-conversation delivery) -> fanout topic -> fanout workers (large
-//! groups) -> push topic -> push workers; downstream topics carry frames to
-//! each gateway's connections and the dead-letter topic carries what
-//! exhausted its retries. [`Router::start`] runs it over tokio channels;
-//! [`Router::start_with`] over any transport (Kafka in cluster mode).
+//! [`Bus`] of typed topics (`docs/router.md` draws it): ingress checks ->
+//! persistence topic -> conversation workers (durable append with its
+//! seq, ack, small-conversation delivery) -> task topic -> fanout workers
+//! (large groups) -> push topic -> push workers; downstream topics carry
+//! frames to each gateway's connections and the dead-letter topic carries
+//! what exhausted its retries. [`Router::start`] runs it over tokio
+//! channels; [`Router::start_with`] over any bus: [`SerialisedBus`] for
+//! several nodes in one process, Kafka in a cluster.
 
+mod bus;
 mod config;
 mod directory;
 mod fanout;
@@ -31,22 +33,22 @@ mod router;
 mod sequencer;
 mod stages;
 pub mod telemetry;
-mod transport;
 mod watermarks;
 mod wire;
 
-pub use config::RouterConfig;
+pub use bus::{
+    Bus, BusCluster, BusError, BusRecord, Consumed, GroupMember, InProcessBus, Partition,
+    PipelineBus, Polled, RecordError, SerialisedBus, Topic, conversation_key, text_key,
+};
+pub use config::{BusTopics, RouterConfig};
 pub use directory::{Directory, LocalDirectory, Located};
 pub use presence::{Presence, PresenceMap};
 pub use push::{PushProvider, WebhookPush};
 pub use records::{
-    AcceptedSend, ConnAddress, DeadLetterRecord, DownstreamEnvelope, DownstreamTarget, FanoutTask,
-    Origin, PushEvent, PushPreview, Record,
+    AcceptedSend, ConnAddress, DeadLetterRecord, DeadWork, DownstreamEnvelope, DownstreamTarget,
+    FanoutTask, Origin, PushEvent, PushPreview,
 };
 pub use retry::RetryPolicy;
 pub use router::Router;
 pub use stages::ReplayError;
-pub use transport::{
-    InProcessTransport, Subscription, Topic, Transport, TransportError, conversation_key, text_key,
-};
 pub use wire::{push_preview, store_error_code};

@@ -1,6 +1,6 @@
-//! What every stage shares: the stores, the transport, the directory, the
-//! push provider and the settings, plus the few helpers all stages use to
-//! publish (answers, frames for users, dead letters).
+//! What every stage shares: the stores, the bus and its typed topics, the
+//! directory, the push provider and the settings, plus the few helpers all
+//! stages use to publish (answers, frames for users, dead letters).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -10,21 +10,78 @@ use pingme_protocol::ErrorCode;
 use pingme_storage::{Stores, UserId};
 use tracing::Instrument;
 
-use crate::config::RouterConfig;
+use crate::bus::{BusError, BusRecord, PipelineBus, Topic};
+use crate::config::{BusTopics, RouterConfig};
 use crate::directory::Directory;
 use crate::port::Outbox;
 use crate::push::PushProvider;
 use crate::records::{
-    ConnAddress, DeadLetterRecord, DownstreamEnvelope, DownstreamTarget, Origin, Record,
+    AcceptedSend, ConnAddress, DeadLetterRecord, DeadWork, DownstreamEnvelope, DownstreamTarget,
+    FanoutTask, Origin, PushEvent,
 };
 use crate::retry::RetryPolicy;
-use crate::transport::{Topic, Transport, TransportError};
 use crate::watermarks::DeliveredAcks;
+
+/// The pipeline's topics, typed by the record each carries.
+pub(crate) struct Topics {
+    pub accepted: Topic<AcceptedSend>,
+    pub tasks: Topic<FanoutTask>,
+    pub push: Topic<PushEvent>,
+    pub dead_letters: Topic<DeadLetterRecord>,
+    downstream_prefix: String,
+    downstream_partitions: u32,
+}
+
+impl Topics {
+    pub fn new(layout: &BusTopics) -> Self {
+        Self {
+            accepted: Topic::new(
+                layout.persistence_topic.as_str(),
+                layout.persistence_partitions,
+            ),
+            tasks: Topic::new(layout.task_topic.as_str(), layout.task_partitions),
+            push: Topic::new(layout.push_topic.as_str(), layout.push_partitions),
+            dead_letters: Topic::new(layout.dlq_topic.as_str(), layout.dlq_partitions),
+            downstream_prefix: layout.downstream_topic_prefix.clone(),
+            downstream_partitions: layout.downstream_partitions,
+        }
+    }
+
+    /// The downstream topic of `gateway`.
+    pub fn downstream(&self, gateway: &str) -> Topic<DownstreamEnvelope> {
+        Topic::new(
+            format!("{}{gateway}", self.downstream_prefix),
+            self.downstream_partitions,
+        )
+    }
+}
+
+/// Work that can become a dead letter.
+pub(crate) trait DeadLetterWork: BusRecord {
+    const KIND: DeadWork;
+    /// The message the work is about (tracing spans carry it).
+    fn msg_id(&self) -> &str;
+}
+
+impl DeadLetterWork for FanoutTask {
+    const KIND: DeadWork = DeadWork::Fanout;
+    fn msg_id(&self) -> &str {
+        &self.msg_id
+    }
+}
+
+impl DeadLetterWork for PushEvent {
+    const KIND: DeadWork = DeadWork::Push;
+    fn msg_id(&self) -> &str {
+        &self.preview.msg_id
+    }
+}
 
 /// The shared context of the stages.
 pub(crate) struct Pipeline {
     pub stores: Stores,
-    pub transport: Arc<dyn Transport>,
+    pub bus: Arc<dyn PipelineBus>,
+    pub topics: Topics,
     pub directory: Arc<dyn Directory>,
     pub outbox: Arc<dyn Outbox>,
     pub push: Option<Arc<dyn PushProvider>>,
@@ -50,12 +107,8 @@ impl Pipeline {
             frame,
             messages: 0,
         };
-        let topic = Topic::Downstream(origin.gateway.clone());
-        if let Err(error) = self
-            .transport
-            .publish(&topic, key, Record::Downstream(envelope))
-            .await
-        {
+        let topic = self.topics.downstream(&origin.gateway);
+        if let Err(error) = self.bus.publish(&topic, key, envelope).await {
             tracing::warn!(%error, "answer to a connection dropped");
         }
     }
@@ -86,33 +139,25 @@ impl Pipeline {
                 frame: frame.clone(),
                 messages,
             };
-            self.transport
-                .publish(
-                    &Topic::Downstream(gateway),
-                    key,
-                    Record::Downstream(envelope),
-                )
+            self.bus
+                .publish(&self.topics.downstream(&gateway), key, envelope)
                 .await
-                .map_err(|e: TransportError| e.to_string())?;
+                .map_err(|e: BusError| e.to_string())?;
         }
         Ok(located.offline)
     }
 
     /// Hands work that exhausted its retries to the dead-letter stage.
-    pub async fn dead_letter(
+    pub async fn dead_letter<W: DeadLetterWork>(
         &self,
-        kind: &str,
         key: u64,
-        work: &Record,
+        work: &W,
         error: String,
         attempts: u32,
     ) {
-        let span = tracing::debug_span!(
-            "dead_letter",
-            kind,
-            msg_id = work.msg_id().unwrap_or_default(),
-        );
-        self.dead_letter_in_span(kind, key, work, error, attempts)
+        let kind = W::KIND.as_str();
+        let span = tracing::debug_span!("dead_letter", kind, msg_id = work.msg_id());
+        self.dead_letter_in_span(kind, key, work.encode(), error, attempts)
             .instrument(span)
             .await
     }
@@ -121,7 +166,7 @@ impl Pipeline {
         &self,
         kind: &str,
         key: u64,
-        work: &Record,
+        payload: Bytes,
         error: String,
         attempts: u32,
     ) {
@@ -135,14 +180,14 @@ impl Pipeline {
             "retries exhausted; sent to the dead-letter queue");
         let letter = DeadLetterRecord {
             kind: kind.to_string(),
-            payload: work.encode(),
+            payload,
             code: ErrorCode::KafkaRetryExhaustedSentToDlq.code(),
             error,
             attempts,
         };
         if let Err(error) = self
-            .transport
-            .publish(&Topic::DeadLetter, key, Record::DeadLetter(letter))
+            .bus
+            .publish(&self.topics.dead_letters, key, letter)
             .await
         {
             crate::telemetry::failed(ErrorCode::KafkaDlqSendFailed, 1);

@@ -9,10 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tracing::Instrument;
 
+use crate::bus::{GroupMember, Polled, text_key};
 use crate::pipeline::Pipeline;
-use crate::records::{PushEvent, Record};
+use crate::records::PushEvent;
 use crate::telemetry;
-use crate::transport::{Subscription, Topic};
 
 /// Where offline-push events go (APNs/FCM bridges, a webhook, ...).
 #[async_trait]
@@ -60,20 +60,17 @@ impl PushProvider for WebhookPush {
 /// One push worker: sends the events of its partition until closed. The
 /// events of one batch are sent concurrently (order does not matter for
 /// notifications), so one slow call does not serialise the rest.
-pub(crate) async fn run(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
+pub(crate) async fn run(ctx: Arc<Pipeline>, mut member: Box<dyn GroupMember<PushEvent>>) {
     loop {
-        let records = subscription.next_batch(64).await;
-        if records.is_empty() {
-            break;
-        }
+        let events = match member.poll(64).await {
+            Polled::Records(events) => events,
+            Polled::Assigned(_) | Polled::Revoked(_) => continue,
+            Polled::Left => break,
+        };
         metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "push")
-            .set(ctx.transport.depth(&Topic::Push) as f64);
+            .set(ctx.bus.lag(&ctx.topics.push, &ctx.config.topics.push_group) as f64);
         let mut calls = tokio::task::JoinSet::new();
-        for record in records {
-            let Record::Push(event) = record else {
-                tracing::warn!("unexpected record on the push topic");
-                continue;
-            };
+        for event in events.into_iter().map(|consumed| consumed.record) {
             let span = tracing::debug_span!(
                 "push",
                 msg_id = %event.preview.msg_id,
@@ -84,7 +81,7 @@ pub(crate) async fn run(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscripti
             calls.spawn(notify(ctx.clone(), event).instrument(span));
         }
         calls.join_all().await;
-        if let Err(error) = subscription.commit().await {
+        if let Err(error) = member.commit().await {
             tracing::warn!(%error, "commit of the push topic failed");
         }
     }
@@ -98,9 +95,8 @@ async fn notify(ctx: Arc<Pipeline>, event: PushEvent) {
     match ctx.retry.run("push", || provider.notify(&event)).await {
         Ok(()) => metrics::counter!(telemetry::PUSHED).increment(event.recipients.len() as u64),
         Err((error, attempts)) => {
-            let key = crate::transport::text_key(&event.conversation_id);
-            ctx.dead_letter("push", key, &Record::Push(event), error, attempts)
-                .await;
+            let key = text_key(&event.conversation_id);
+            ctx.dead_letter(key, &event, error, attempts).await;
         }
     }
 }

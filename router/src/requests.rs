@@ -11,10 +11,10 @@ use pingme_protocol::{ErrorCode, MAX_DOWNSTREAM_FRAME_SIZE};
 use pingme_storage::{ConversationId, Seq, StoreError, UserId};
 use prost::Message as _;
 
+use crate::bus::conversation_key;
 use crate::fanout::all_members;
 use crate::pipeline::Pipeline;
 use crate::port::SessionInfo;
-use crate::transport::conversation_key;
 use crate::watermarks;
 use crate::wire::{error_frame, frame, store_error_code, wire_message};
 

@@ -1,4 +1,4 @@
-//! [`Router`]: starts the pipeline's stages over a transport, implements
+//! [`Router`]: starts the pipeline's stages over a bus, implements
 //! [`Dispatch`] for the gateway (stateless checks at ingress, everything
 //! slow on the router's own tasks), shuts down by draining stage after
 //! stage, and offers the dead-letter admin functions.
@@ -14,24 +14,64 @@ use pingme_storage::{ConversationId, DeadLetter, StoreError, Stores};
 use tokio::runtime::Handle;
 use tokio::sync::{Mutex, Semaphore, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
+use crate::bus::{
+    Bus, BusError, BusRecord, GroupMember, InProcessBus, PipelineBus, Topic, conversation_key,
+};
 use crate::config::RouterConfig;
 use crate::directory::{Directory, LocalDirectory};
-use crate::pipeline::{Pipeline, now_ms};
+use crate::pipeline::{Pipeline, Topics, now_ms};
 use crate::port::{ConnRef, Dispatch, Outbox, SessionInfo};
 use crate::presence::PresenceMap;
 use crate::push::{PushProvider, WebhookPush};
-use crate::records::{AcceptedSend, Origin, Record};
+use crate::records::{AcceptedSend, Origin};
 use crate::retry::RetryPolicy;
 use crate::stages::ReplayError;
-use crate::transport::{InProcessTransport, Topic, Transport, TransportError, conversation_key};
 use crate::wire::{content_type_is_valid, error_frame, frame};
 use crate::{fanout, push, requests, sequencer, stages, watermarks};
 
-/// The consumers of one topic, closed and drained together at shutdown.
+/// This node's consumers of one topic, stopped together at shutdown.
 struct Stage {
-    topic: Topic,
+    /// The topic's name (logs).
+    topic: String,
+    /// This node stops producing to the topic.
+    stop_producing: Box<dyn Fn() + Send + Sync>,
+    /// Tells the members to finish what is queued for them and leave.
+    leave: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl Stage {
+    /// Joins `members` members of `group` on `topic` (over `bus`, the
+    /// pipeline's bus seen for this record type), each run by `worker`.
+    fn start<R: BusRecord, Fut>(
+        ctx: &Arc<Pipeline>,
+        topic: &Topic<R>,
+        bus: Arc<dyn Bus<R>>,
+        group: &str,
+        members: usize,
+        worker: fn(Arc<Pipeline>, Box<dyn GroupMember<R>>) -> Fut,
+    ) -> Result<Stage, BusError>
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        bus.declare(topic)?;
+        let leave = CancellationToken::new();
+        let mut tasks = Vec::with_capacity(members);
+        for index in 0..members {
+            let name = format!("{}-{}-{index}", ctx.config.gateway_id, topic.name());
+            let member = bus.join(topic, group, &name, leave.clone())?;
+            tasks.push(tokio::spawn(worker(ctx.clone(), member)));
+        }
+        let stop_topic = topic.clone();
+        Ok(Stage {
+            topic: topic.name().to_string(),
+            stop_producing: Box::new(move || bus.stop_producing(&stop_topic)),
+            leave,
+            tasks,
+        })
+    }
 }
 
 /// A connection's typing budget: a one-second window and its count.
@@ -66,46 +106,47 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
-    /// Starts the single-node pipeline (in-process transport, this
-    /// gateway's outbox as the directory). Must be called inside a tokio
-    /// runtime; the stages run on it.
+    /// Starts the single-node pipeline (in-process bus with one partition
+    /// per worker, this gateway's outbox as the directory). Must be called
+    /// inside a tokio runtime; the stages run on it.
     pub fn start(stores: Stores, outbox: Arc<dyn Outbox>, config: RouterConfig) -> Arc<Router> {
-        let config = config.normalised();
-        let transport = Arc::new(InProcessTransport::new(config.queue_capacity));
         let directory = Arc::new(LocalDirectory::new(
             config.gateway_id.clone(),
             outbox.clone(),
         ));
-        Self::start_with(stores, outbox, config, transport, directory)
-            .expect("the in-process transport declares every topic it is asked for")
+        Self::start_single_node(stores, outbox, config, directory)
     }
 
-    /// Starts the pipeline over any transport and directory (cluster mode:
-    /// Kafka and Redis). Every stage of this node joins its topic's
-    /// consumers; this gateway consumes its own downstream topic.
+    /// [`Router::start`] with another directory (tests put faults in it).
+    pub fn start_single_node(
+        stores: Stores,
+        outbox: Arc<dyn Outbox>,
+        config: RouterConfig,
+        directory: Arc<dyn Directory>,
+    ) -> Arc<Router> {
+        let config = config.normalised().single_node();
+        let bus = Arc::new(InProcessBus::new(config.queue_capacity));
+        Self::start_with(stores, outbox, config, bus, directory)
+            .expect("the in-process bus has a partition for every worker")
+    }
+
+    /// Starts the pipeline over any bus and directory (several nodes over
+    /// a [`crate::BusCluster`] in tests, Kafka and Redis in a cluster).
+    /// Every stage of this node joins its topic's consumer group; this
+    /// gateway consumes its own downstream topic.
     pub fn start_with(
         stores: Stores,
         outbox: Arc<dyn Outbox>,
         config: RouterConfig,
-        transport: Arc<dyn Transport>,
+        bus: Arc<dyn PipelineBus>,
         directory: Arc<dyn Directory>,
-    ) -> Result<Arc<Router>, TransportError> {
+    ) -> Result<Arc<Router>, BusError> {
         let config = config.normalised();
         let push = push_provider(&config);
-        let downstream = Topic::Downstream(config.gateway_id.clone());
-        let layout = [
-            (Topic::Accepted, config.workers),
-            (Topic::Fanout, config.fanout_workers),
-            (Topic::Push, config.push_workers),
-            (Topic::DeadLetter, 1),
-            (downstream.clone(), config.workers),
-        ];
-        for (topic, partitions) in &layout {
-            transport.declare(topic, *partitions)?;
-        }
         let ctx = Arc::new(Pipeline {
             stores,
-            transport: transport.clone(),
+            bus: bus.clone(),
+            topics: Topics::new(&config.topics),
             directory,
             outbox,
             push,
@@ -115,22 +156,50 @@ impl Router {
         });
         // Shutdown order: upstream stages first, so each stage drains into
         // a downstream one that is still running; answers go out last.
-        let mut stages = Vec::new();
-        for (topic, _) in layout {
-            let mut tasks = Vec::new();
-            for member in 0..transport.partitions(&topic) {
-                let subscription = transport.subscribe(&topic, member)?;
-                let ctx = ctx.clone();
-                tasks.push(match &topic {
-                    Topic::Accepted => tokio::spawn(sequencer::run(ctx, subscription)),
-                    Topic::Fanout => tokio::spawn(fanout::run(ctx, subscription)),
-                    Topic::Push => tokio::spawn(push::run(ctx, subscription)),
-                    Topic::DeadLetter => tokio::spawn(stages::run_dead_letters(ctx, subscription)),
-                    Topic::Downstream(_) => tokio::spawn(stages::run_downstream(ctx, subscription)),
-                });
-            }
-            stages.push(Stage { topic, tasks });
-        }
+        let (topics, layout) = (&ctx.topics, &ctx.config.topics);
+        let downstream = topics.downstream(&ctx.config.gateway_id);
+        let stages = vec![
+            Stage::start(
+                &ctx,
+                &topics.accepted,
+                bus.clone(),
+                &layout.persistence_group,
+                ctx.config.workers,
+                sequencer::run,
+            )?,
+            Stage::start(
+                &ctx,
+                &topics.tasks,
+                bus.clone(),
+                &layout.consumer_group,
+                ctx.config.fanout_workers,
+                fanout::run,
+            )?,
+            Stage::start(
+                &ctx,
+                &topics.push,
+                bus.clone(),
+                &layout.push_group,
+                ctx.config.push_workers,
+                push::run,
+            )?,
+            Stage::start(
+                &ctx,
+                &topics.dead_letters,
+                bus.clone(),
+                &layout.dlq_group,
+                1,
+                stages::run_dead_letters,
+            )?,
+            Stage::start(
+                &ctx,
+                &downstream,
+                bus,
+                downstream.name(),
+                ctx.config.workers,
+                stages::run_downstream,
+            )?,
+        ];
         let (stop_watermarks, stopped) = oneshot::channel();
         let watermark_writer = tokio::spawn(watermarks::run(ctx.clone(), stopped));
         let max_requests = ctx.config.max_inflight_requests;
@@ -147,9 +216,12 @@ impl Router {
     }
 
     /// Stops taking work (new sends get `SHUTTING_DOWN`), waits for
-    /// requests in flight, then closes and drains every stage in pipeline
-    /// order: every accepted send is stored and answered, every delivery,
-    /// push and dead letter it caused is handed on. Idempotent.
+    /// requests in flight, then stops every stage in pipeline order: this
+    /// node stops producing to the stage's topic, and the stage's members
+    /// finish what is queued for them and leave their group. Single node:
+    /// every accepted send is stored and answered, every delivery, push and
+    /// dead letter it caused is handed on. In a cluster what other nodes
+    /// publish later goes to the members that stay. Idempotent.
     pub async fn shutdown(&self) {
         self.accepting.store(false, Ordering::SeqCst);
         let permits = self.ctx.config.max_inflight_requests as u32;
@@ -162,10 +234,11 @@ impl Router {
         }
         let stages = std::mem::take(&mut *self.stages.lock().await);
         for stage in stages {
-            self.ctx.transport.close(&stage.topic);
+            (stage.stop_producing)();
+            stage.leave.cancel();
             for task in stage.tasks {
                 if let Err(error) = task.await {
-                    tracing::error!(%error, topic = stage.topic.name(), "stage task failed");
+                    tracing::error!(%error, topic = stage.topic, "stage task failed");
                 }
             }
         }
@@ -253,7 +326,7 @@ impl Router {
                 "the body exceeds the maximum body size",
             );
         }
-        let record = Record::Accepted(AcceptedSend {
+        let send = AcceptedSend {
             origin: Origin {
                 gateway: config.gateway_id.clone(),
                 conn: session.conn.into(),
@@ -265,11 +338,11 @@ impl Router {
             conversation,
             content_type: send.content_type,
             body: send.body,
-        });
-        if let Err(error) = self.ctx.transport.try_publish(
-            &Topic::Accepted,
+        };
+        if let Err(error) = self.ctx.bus.try_publish(
+            &self.ctx.topics.accepted,
             conversation_key(&conversation),
-            record,
+            send,
         ) {
             refuse(error.code(), &error.to_string());
         }

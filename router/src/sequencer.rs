@@ -1,12 +1,19 @@
-//! The conversation workers. Each owns the conversations hashed to its
-//! partition of the accepted topic: it drains what is queued, appends it in
-//! one store call (dense seqs, idempotency, durability; the store
-//! group-commits across workers), answers every sender, then plans
-//! delivery in seq order: direct conversations and small groups right here,
-//! large groups as fanout tasks so their size never holds this worker up.
+//! The conversation workers. Each owns the conversations hashed to the
+//! partitions of the persistence topic it is assigned: it drains what is
+//! queued, appends it in one store call (dense seqs, idempotency,
+//! durability; the store group-commits across workers), answers every
+//! sender, then plans delivery in seq order: direct conversations and small
+//! groups right here, large groups as fanout tasks so their size never
+//! holds this worker up. It commits a batch only after all of that, so a
+//! worker that dies mid-batch leaves it to the partition's next owner.
+//!
+//! A send the store already holds (a client retry, or a batch read again
+//! after a rebalance) is acked with the stored message and delivered
+//! again: whoever appended it may have died before delivering, and
+//! clients drop seqs they already hold.
 
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,11 +22,11 @@ use pingme_storage::{Appended, ConversationId, GroupId, NewMessage, StoreError, 
 
 use tracing::Instrument;
 
+use crate::bus::{Consumed, GroupMember, Partition, Polled, conversation_key};
 use crate::fanout::{all_members, deliver_page};
 use crate::pipeline::{Pipeline, now_ms};
-use crate::records::{AcceptedSend, FanoutTask, PushPreview, Record};
+use crate::records::{AcceptedSend, FanoutTask, PushPreview};
 use crate::telemetry;
-use crate::transport::{Subscription, Topic, conversation_key};
 use crate::wire::{ack_frame, deliver_frame, error_frame, push_preview, store_error_code};
 
 /// How one group is delivered, decided once per batch.
@@ -30,43 +37,68 @@ enum GroupPlan {
     Large,
 }
 
-/// One conversation worker: runs until its partition is closed and drained.
-pub(crate) async fn run(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
-    // Groups that once took the fanout path keep it, so a group shrinking
-    // below the threshold cannot overtake deliveries still queued as tasks.
-    let mut large_groups = HashSet::new();
+/// Groups that once took the fanout path, with the partition of their
+/// conversation. They keep that path, so a group shrinking below the
+/// threshold cannot overtake deliveries still queued as tasks. Per
+/// partition: a revoked partition's groups are forgotten (its next owner
+/// decides afresh).
+#[derive(Debug, Default)]
+pub(crate) struct LargeGroups {
+    groups: HashMap<GroupId, Partition>,
+}
+
+impl LargeGroups {
+    fn contains(&self, group: GroupId) -> bool {
+        self.groups.contains_key(&group)
+    }
+
+    fn insert(&mut self, group: GroupId, partition: Partition) {
+        self.groups.insert(group, partition);
+    }
+
+    /// Forgets the groups of partitions this worker no longer owns.
+    pub(crate) fn revoke(&mut self, partitions: &[Partition]) {
+        self.groups
+            .retain(|_, partition| !partitions.contains(partition));
+    }
+}
+
+/// One conversation worker: runs until it leaves its group.
+pub(crate) async fn run(ctx: Arc<Pipeline>, mut member: Box<dyn GroupMember<AcceptedSend>>) {
+    let mut large_groups = LargeGroups::default();
     loop {
-        let records = subscription.next_batch(ctx.config.max_append_batch).await;
-        if records.is_empty() {
-            break;
-        }
-        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "accepted")
-            .set(ctx.transport.depth(&Topic::Accepted) as f64);
-        let sends: Vec<AcceptedSend> = records
-            .into_iter()
-            .filter_map(|record| match record {
-                Record::Accepted(send) => Some(send),
-                other => {
-                    tracing::warn!(?other, "unexpected record on the accepted topic");
-                    None
-                }
-            })
-            .collect();
+        let sends = match member.poll(ctx.config.max_append_batch).await {
+            Polled::Records(sends) => sends,
+            Polled::Assigned(_) => continue,
+            Polled::Revoked(partitions) => {
+                large_groups.revoke(&partitions);
+                continue;
+            }
+            Polled::Left => break,
+        };
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "accepted").set(
+            ctx.bus
+                .lag(&ctx.topics.accepted, &ctx.config.topics.persistence_group) as f64,
+        );
         process_batch(&ctx, sends, &mut large_groups).await;
-        if let Err(error) = subscription.commit().await {
-            tracing::warn!(%error, "commit of the accepted topic failed");
+        if let Err(error) = member.commit().await {
+            tracing::warn!(%error, "commit of the persistence topic failed");
         }
     }
 }
 
 async fn process_batch(
     ctx: &Pipeline,
-    sends: Vec<AcceptedSend>,
-    large_groups: &mut HashSet<GroupId>,
+    sends: Vec<Consumed<AcceptedSend>>,
+    large_groups: &mut LargeGroups,
 ) {
     if sends.is_empty() {
         return;
     }
+    let (partitions, sends): (Vec<Partition>, Vec<AcceptedSend>) = sends
+        .into_iter()
+        .map(|consumed| (consumed.partition, consumed.record))
+        .unzip();
     let now = now_ms();
     let batch: Vec<NewMessage> = sends
         .iter()
@@ -137,7 +169,7 @@ async fn process_batch(
     // Answers first (they are what the senders wait for), then deliveries.
     let mut stored = Vec::new();
     let mut results = results.into_iter();
-    for (send, span) in sends.into_iter().zip(append_spans) {
+    for ((send, span), partition) in sends.into_iter().zip(append_spans).zip(partitions) {
         let key = conversation_key(&send.conversation);
         let result = results
             .next()
@@ -156,8 +188,8 @@ async fn process_batch(
                     metrics::counter!(telemetry::DUPLICATES).increment(1);
                 } else {
                     metrics::counter!(telemetry::ACCEPTED).increment(1);
-                    stored.push((send, message));
                 }
+                stored.push((send, message, partition));
             }
             Err(error) => {
                 let code = store_error_code(&error);
@@ -174,7 +206,7 @@ async fn process_batch(
     }
 
     let mut plans: HashMap<GroupId, GroupPlan> = HashMap::new();
-    for (send, message) in stored {
+    for (send, message, partition) in stored {
         let task = FanoutTask {
             conversation: message.conversation,
             seq: message.seq,
@@ -195,7 +227,7 @@ async fn process_batch(
             conversation = %task.conversation,
             seq = task.seq,
         );
-        deliver(ctx, task, &mut plans, large_groups)
+        deliver(ctx, task, partition, &mut plans, large_groups)
             .instrument(span)
             .await;
     }
@@ -205,8 +237,9 @@ async fn process_batch(
 async fn deliver(
     ctx: &Pipeline,
     task: FanoutTask,
+    partition: Partition,
     plans: &mut HashMap<GroupId, GroupPlan>,
-    large_groups: &mut HashSet<GroupId>,
+    large_groups: &mut LargeGroups,
 ) {
     let key = conversation_key(&task.conversation);
     let members = match task.conversation {
@@ -217,8 +250,7 @@ async fn deliver(
                 Entry::Vacant(unknown) => match plan_group(ctx, group, large_groups).await {
                     Ok(plan) => unknown.insert(plan),
                     Err((error, attempts)) => {
-                        ctx.dead_letter("fanout", key, &Record::Fanout(task), error, attempts)
-                            .await;
+                        ctx.dead_letter(key, &task, error, attempts).await;
                         return;
                     }
                 },
@@ -226,12 +258,8 @@ async fn deliver(
             match plan {
                 GroupPlan::Small(members) => members.clone(),
                 GroupPlan::Large => {
-                    large_groups.insert(group);
-                    if let Err(error) = ctx
-                        .transport
-                        .publish(&Topic::Fanout, key, Record::Fanout(task))
-                        .await
-                    {
+                    large_groups.insert(group, partition);
+                    if let Err(error) = ctx.bus.publish(&ctx.topics.tasks, key, task).await {
                         telemetry::failed(ErrorCode::KafkaProducerError, 1);
                         tracing::error!(%error, "fanout task not queued; members will sync");
                     }
@@ -247,17 +275,16 @@ async fn deliver(
         })
         .await
     {
-        ctx.dead_letter("fanout", key, &Record::Fanout(task), error, attempts)
-            .await;
+        ctx.dead_letter(key, &task, error, attempts).await;
     }
 }
 
 async fn plan_group(
     ctx: &Pipeline,
     group: GroupId,
-    large_groups: &HashSet<GroupId>,
+    large_groups: &LargeGroups,
 ) -> Result<GroupPlan, (String, u32)> {
-    if large_groups.contains(&group) {
+    if large_groups.contains(group) {
         return Ok(GroupPlan::Large);
     }
     ctx.retry
@@ -276,4 +303,21 @@ async fn plan_group(
             Ok(GroupPlan::Small(Arc::new(members)))
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoked_partition_forgets_its_large_groups() {
+        let mut large = LargeGroups::default();
+        large.insert(1, 0);
+        large.insert(2, 1);
+        large.insert(3, 2);
+        large.revoke(&[0, 2]);
+        assert!(!large.contains(1));
+        assert!(large.contains(2));
+        assert!(!large.contains(3));
+    }
 }

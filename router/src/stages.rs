@@ -8,29 +8,30 @@ use std::sync::Arc;
 use pingme_protocol::ErrorCode;
 use pingme_storage::{DeadLetter, StoreError};
 
+use crate::bus::{BusRecord, GroupMember, Polled};
 use crate::fanout::{FanoutBatch, run_fanout};
 use crate::pipeline::{Pipeline, now_ms};
-use crate::records::{DownstreamTarget, Record};
+use crate::records::{
+    DeadLetterRecord, DeadWork, DownstreamEnvelope, DownstreamTarget, FanoutTask, PushEvent,
+};
 use crate::retry::RetryPolicy;
 use crate::telemetry;
-use crate::transport::{Subscription, Topic};
 
 /// Applies downstream envelopes to this gateway's connections.
-pub(crate) async fn run_downstream(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
+pub(crate) async fn run_downstream(
+    ctx: Arc<Pipeline>,
+    mut member: Box<dyn GroupMember<DownstreamEnvelope>>,
+) {
+    let topic = ctx.topics.downstream(&ctx.config.gateway_id);
     loop {
-        let records = subscription.next_batch(256).await;
-        if records.is_empty() {
-            break;
-        }
-        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "downstream").set(
-            ctx.transport
-                .depth(&Topic::Downstream(ctx.config.gateway_id.clone())) as f64,
-        );
-        for record in records {
-            let Record::Downstream(envelope) = record else {
-                tracing::warn!("unexpected record on the downstream topic");
-                continue;
-            };
+        let envelopes = match member.poll(256).await {
+            Polled::Records(envelopes) => envelopes,
+            Polled::Assigned(_) | Polled::Revoked(_) => continue,
+            Polled::Left => break,
+        };
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "downstream")
+            .set(ctx.bus.lag(&topic, topic.name()) as f64);
+        for envelope in envelopes.into_iter().map(|consumed| consumed.record) {
             match envelope.target {
                 DownstreamTarget::Connection(conn) => {
                     ctx.outbox.to_connection(conn.into(), envelope.frame);
@@ -44,28 +45,28 @@ pub(crate) async fn run_downstream(ctx: Arc<Pipeline>, mut subscription: Box<dyn
                 }
             }
         }
-        if let Err(error) = subscription.commit().await {
+        if let Err(error) = member.commit().await {
             tracing::warn!(%error, "commit of the downstream topic failed");
         }
     }
 }
 
 /// Keeps dead letters in the store, where operators list and replay them.
-pub(crate) async fn run_dead_letters(ctx: Arc<Pipeline>, mut subscription: Box<dyn Subscription>) {
+pub(crate) async fn run_dead_letters(
+    ctx: Arc<Pipeline>,
+    mut member: Box<dyn GroupMember<DeadLetterRecord>>,
+) {
     loop {
-        let records = subscription.next_batch(64).await;
-        if records.is_empty() {
-            break;
-        }
-        for record in records {
-            let Record::DeadLetter(letter) = record else {
-                tracing::warn!("unexpected record on the dead-letter topic");
-                continue;
-            };
+        let letters = match member.poll(64).await {
+            Polled::Records(letters) => letters,
+            Polled::Assigned(_) | Polled::Revoked(_) => continue,
+            Polled::Left => break,
+        };
+        for letter in letters.into_iter().map(|consumed| consumed.record) {
             let letter = DeadLetter {
                 id: 0,
                 kind: letter.kind,
-                payload: letter.payload,
+                payload: letter.payload.to_vec(),
                 code: letter.code,
                 error: letter.error,
                 attempts: letter.attempts,
@@ -84,7 +85,7 @@ pub(crate) async fn run_dead_letters(ctx: Arc<Pipeline>, mut subscription: Box<d
             }
         }
         update_dlq_gauge(&ctx).await;
-        if let Err(error) = subscription.commit().await {
+        if let Err(error) = member.commit().await {
             tracing::warn!(%error, "commit of the dead-letter topic failed");
         }
     }
@@ -145,26 +146,23 @@ pub(crate) async fn replay(ctx: &Pipeline, id: u64) -> Result<(), ReplayError> {
         .into_iter()
         .find(|letter| letter.id == id)
         .ok_or(ReplayError::NotFound(id))?;
-    let record = Record::decode(&letter.payload).map_err(|e| ReplayError::Unreadable {
-        id,
-        reason: e.to_string(),
-    })?;
-    let outcome = match record {
-        Record::Fanout(task) => {
+    let unreadable = |reason: String| ReplayError::Unreadable { id, reason };
+    let payload = bytes::Bytes::from(letter.payload);
+    let outcome = match DeadWork::parse(&letter.kind) {
+        Some(DeadWork::Fanout) => {
+            let task = FanoutTask::decode(payload).map_err(|e| unreadable(e.to_string()))?;
             run_fanout(ctx, FanoutBatch { tasks: vec![task] }, RetryPolicy::once())
                 .await
                 .map_err(|(_, error, _)| error)
         }
-        Record::Push(event) => match &ctx.push {
-            Some(provider) => provider.notify(&event).await,
-            None => Err("push is disabled".to_string()),
-        },
-        other => {
-            return Err(ReplayError::Unreadable {
-                id,
-                reason: format!("not replayable: {other:?}"),
-            });
+        Some(DeadWork::Push) => {
+            let event = PushEvent::decode(payload).map_err(|e| unreadable(e.to_string()))?;
+            match &ctx.push {
+                Some(provider) => provider.notify(&event).await,
+                None => Err("push is disabled".to_string()),
+            }
         }
+        None => return Err(unreadable(format!("no replay for kind {:?}", letter.kind))),
     };
     outcome.map_err(|reason| ReplayError::Failed { id, reason })?;
     ctx.stores.dead_letters.remove_dead_letter(id).await?;

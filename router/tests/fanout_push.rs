@@ -12,9 +12,7 @@ use common::*;
 use pingme_protocol::ErrorCode;
 use pingme_protocol::v1::{self, client_frame, server_frame};
 use pingme_router::port::{Dispatch, UserId};
-use pingme_router::{
-    Directory, InProcessTransport, LocalDirectory, Located, ReplayError, Router, RouterConfig,
-};
+use pingme_router::{Directory, LocalDirectory, Located, ReplayError, Router, RouterConfig};
 use pingme_storage::Stores;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -63,14 +61,12 @@ fn start_controlled(config: RouterConfig, cutoff: usize, gate_open: bool) -> Con
         failing: AtomicBool::new(false),
         large_lookups: AtomicUsize::new(0),
     });
-    let router = Router::start_with(
+    let router = Router::start_single_node(
         Stores::all_from(store.clone()),
         outbox.clone(),
         config.clone(),
-        Arc::new(InProcessTransport::new(config.queue_capacity)),
         directory.clone(),
-    )
-    .unwrap();
+    );
     Controlled {
         h: Harness {
             dir,

@@ -284,7 +284,7 @@ async fn the_senders_other_devices_get_the_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeated_client_msg_id_is_stored_once_and_acked_identically() {
+async fn a_repeated_client_msg_id_is_stored_once_acked_identically_and_delivered_again() {
     let h = Harness::start(RouterConfig::default());
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let a = h.online(alice, "phone", 1);
@@ -295,12 +295,16 @@ async fn a_repeated_client_msg_id_is_stored_once_and_acked_identically() {
     h.send(&a, 2, &conversation, "same", "once");
     let second = ack(&h.answer(a.conn, 2).await);
     assert_eq!(first, second);
-    // A later message: deliveries are in seq order, so once it arrived a
-    // duplicate delivery would have arrived before it.
+    // Whoever stored the first try may have died before delivering it, so
+    // the retry delivers the stored message again (same seq, same id);
+    // the client drops the seq it already holds.
     h.send(&a, 3, &conversation, "other", "twice?");
     assert_eq!(ack(&h.answer(a.conn, 3).await).seq, 2);
-    let got = h.deliveries(b.conn, 2).await;
-    assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+    let got = h.deliveries(b.conn, 3).await;
+    let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 1, 2]);
+    assert_eq!(got[0], got[1]);
+    assert_eq!(got[0].msg_id, first.msg_id);
     let conv: ConversationId = conversation.parse().unwrap();
     assert_eq!(h.store.messages(conv, 0, 0, 100).await.unwrap().len(), 2);
     h.router.shutdown().await;
