@@ -20,7 +20,7 @@ use pingme_protocol::ErrorCode;
 use pingme_router::port::{ConnRef, Dispatch, Outbox, SessionInfo, UserId};
 use pingme_router::{BusCluster, BusTopics, Directory, Located, Router, RouterConfig, text_key};
 use pingme_storage::embedded::EmbeddedStore;
-use pingme_storage::{ConversationStore, Member, MessageStore, Role, Stores, UserStore};
+use pingme_storage::{MessageStore, Stores, UserStore};
 
 /// Who is connected where: every live node's connections (the shared
 /// directory of a cluster; a node leaves it when it dies or stops).
@@ -292,22 +292,26 @@ impl TestCluster {
     }
 
     async fn group(&self, members: &[UserId]) -> String {
-        let group = self
-            .store
-            .create_group(members[0], "g", &[], 1)
-            .await
-            .unwrap();
-        let others: Vec<Member> = members[1..]
+        create_group(&self.store, members[0], &members[1..]).await
+    }
+
+    /// `count` users, connected round robin to gw-a, gw-b and gw-c
+    /// (connection ids from 100).
+    async fn spread_users(&self, count: usize) -> (Vec<UserId>, Vec<(&'static str, SessionInfo)>) {
+        let users = self.users(count).await;
+        let sessions = users
             .iter()
-            .map(|&user| Member {
-                user,
-                role: Role::Member,
+            .enumerate()
+            .map(|(i, &user)| {
+                let gateway = GATEWAYS[i % GATEWAYS.len()];
+                (gateway, self.node(gateway).online(user, 100 + i as u64))
             })
             .collect();
-        self.store.add_members(group.id, &others).await.unwrap();
-        format!("g:{}", group.id)
+        (users, sessions)
     }
 }
+
+const GATEWAYS: [&str; 3] = ["gw-a", "gw-b", "gw-c"];
 
 fn uuid_like(index: usize) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -328,20 +332,11 @@ fn expected(conversation: &str, seqs: impl IntoIterator<Item = u64>) -> BTreeSet
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_different_gateways_chat_one_to_one_and_in_small_and_large_groups() {
     let mut cluster = TestCluster::new();
-    for name in ["gw-a", "gw-b", "gw-c"] {
+    for name in GATEWAYS {
         cluster.start(name, None);
     }
     cluster.settled().await;
-    let gateways = ["gw-a", "gw-b", "gw-c"];
-    let users = cluster.users(9).await;
-    let sessions: Vec<(&str, SessionInfo)> = users
-        .iter()
-        .enumerate()
-        .map(|(i, &user)| {
-            let gateway = gateways[i % 3];
-            (gateway, cluster.node(gateway).online(user, 100 + i as u64))
-        })
-        .collect();
+    let (users, sessions) = cluster.spread_users(9).await;
     let (a, b, c) = (&sessions[0].1, &sessions[1].1, &sessions[2].1);
 
     // 1:1 from gw-a to gw-b.
@@ -389,7 +384,7 @@ async fn users_on_different_gateways_chat_one_to_one_and_in_small_and_large_grou
             .iter()
             .any(|(conversation, _)| *conversation == large)
     );
-    for name in gateways {
+    for name in GATEWAYS {
         cluster.node(name).router.shutdown().await;
     }
 }
@@ -402,16 +397,7 @@ async fn a_node_dropped_mid_fanout_loses_no_acked_message() {
     cluster.start("gw-b", Some(1));
     cluster.start("gw-c", None);
     cluster.settled().await;
-    let gateways = ["gw-a", "gw-b", "gw-c"];
-    let users = cluster.users(9).await;
-    let sessions: Vec<(&str, SessionInfo)> = users
-        .iter()
-        .enumerate()
-        .map(|(i, &user)| {
-            let gateway = gateways[i % 3];
-            (gateway, cluster.node(gateway).online(user, 100 + i as u64))
-        })
-        .collect();
+    let (users, sessions) = cluster.spread_users(9).await;
     // A large group whose fanout tasks are gw-b's.
     let tasks_of_b = cluster
         .holders(TASKS, "im-task-group")
@@ -480,7 +466,7 @@ async fn a_rebalance_while_sending_duplicates_no_seq_and_loses_no_acked_message(
     cluster.settled().await;
     let users = cluster.users(6).await;
     // Senders 0..3 on gw-a and gw-b; recipients 3..6 on gw-b and gw-a.
-    let place = |i: usize| if i % 2 == 0 { "gw-a" } else { "gw-b" };
+    let place = |i: usize| if i.is_multiple_of(2) { "gw-a" } else { "gw-b" };
     let sessions: Vec<SessionInfo> = users
         .iter()
         .enumerate()
@@ -560,7 +546,7 @@ async fn a_rebalance_while_sending_duplicates_no_seq_and_loses_no_acked_message(
         })
         .await;
     }
-    for name in ["gw-a", "gw-b", "gw-c"] {
+    for name in GATEWAYS {
         cluster.node(name).router.shutdown().await;
     }
 }
@@ -568,7 +554,7 @@ async fn a_rebalance_while_sending_duplicates_no_seq_and_loses_no_acked_message(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_shut_down_gracefully_drains_and_its_partitions_move() {
     let mut cluster = TestCluster::new();
-    for name in ["gw-a", "gw-b", "gw-c"] {
+    for name in GATEWAYS {
         cluster.start(name, None);
     }
     cluster.settled().await;

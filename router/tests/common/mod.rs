@@ -126,6 +126,22 @@ impl Outbox for RecordingOutbox {
     }
 }
 
+/// Creates a group of `owner` and `members` in `store`; its conversation id.
+pub async fn create_group(store: &EmbeddedStore, owner: UserId, members: &[UserId]) -> String {
+    let group = store.create_group(owner, "g", &[], 1).await.unwrap();
+    for page in members.chunks(1000) {
+        let page: Vec<Member> = page
+            .iter()
+            .map(|&user| Member {
+                user,
+                role: Role::Member,
+            })
+            .collect();
+        store.add_members(group.id, &page).await.unwrap();
+    }
+    format!("g:{}", group.id)
+}
+
 /// A router over an embedded store in a temp dir, with a recording outbox.
 pub struct Harness {
     pub dir: tempfile::TempDir,
@@ -179,18 +195,7 @@ impl Harness {
 
     /// Creates a group of `owner` and `members`.
     pub async fn group(&self, owner: UserId, members: &[UserId]) -> String {
-        let group = self.store.create_group(owner, "g", &[], 1).await.unwrap();
-        for page in members.chunks(1000) {
-            let page: Vec<Member> = page
-                .iter()
-                .map(|&user| Member {
-                    user,
-                    role: Role::Member,
-                })
-                .collect();
-            self.store.add_members(group.id, &page).await.unwrap();
-        }
-        format!("g:{}", group.id)
+        create_group(&self.store, owner, members).await
     }
 
     /// An online session of `user` on connection `conn_id`.
