@@ -1,7 +1,9 @@
 //! Operations: `/health` follows the readiness flag, `/version` reports the
 //! build, `/metrics` shows counters moving and process memory, and the real
 //! `pingme serve` binary starts, serves (the API and the embedded chat
-//! page), keeps data across a restart and stops cleanly on SIGTERM.
+//! page), keeps data across a restart and stops cleanly on SIGTERM; its
+//! configuration refusals, the ops port's guards, and its HTTP listener
+//! running out of file descriptors and recovering.
 
 mod api_support;
 
@@ -552,4 +554,99 @@ async fn admin_routes_are_disabled_without_an_admin_token() {
     }
     let (code, stderr) = server.terminate();
     assert_eq!(code, Some(0), "stderr: {stderr}");
+}
+
+/// Polls `url` until it answers 200 (bounded: only a dead server takes a
+/// minute).
+async fn wait_healthy(client: &reqwest::Client, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = client.get(url).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} never answered 200");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Out of file descriptors (the child's RLIMIT_NOFILE lowered with
+/// `prlimit`, then exhausted with idle connections): the HTTP accept loop
+/// logs the failure, keeps going, and serves again once descriptors are
+/// free, with a handful of log lines rather than one per failed accept.
+#[tokio::test]
+async fn the_http_listener_serves_again_after_running_out_of_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pingme.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "shards: 1\nlisteners:\n  metrics: 127.0.0.1:{}\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let api_port = free_port();
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=128:128")
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_pingme"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("APP_PORT", api_port.to_string())
+        .env("RUST_LOG", "warn")
+        .env_remove("APP_CONF")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux) runs the server");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let health = format!("http://127.0.0.1:{api_port}/health");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    wait_healthy(&client, &health).await;
+
+    // More idle connections than the server has descriptors left.
+    let hogs: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", api_port)).unwrap())
+        .collect();
+    let mut seen = Vec::new();
+    let out_of_files = loop {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains("accept failed") => break line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no accept failure logged; stderr:\n{}", seen.join("\n")),
+        }
+    };
+    assert!(out_of_files.contains("os error 24"), "{out_of_files}");
+
+    drop(hogs);
+    wait_healthy(&client, &health).await;
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    reader.join().unwrap();
+    let failures_logged = 1 + lines
+        .try_iter()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    assert!(
+        failures_logged <= 12,
+        "{failures_logged} accept-failure lines: not rate-limited"
+    );
 }
