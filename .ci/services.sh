@@ -26,5 +26,13 @@ if ! port_open 6379; then
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no
     for _ in $(seq 50); do port_open 6379 && break; sleep 0.2; done
 fi
+# The MySQL tests log in over TCP as an application user that may create
+# and drop its own `pingme_*` databases (root may only log in over the
+# local socket on a plain machine).
+mysql -uroot <<'SQL'
+CREATE USER IF NOT EXISTS 'pingme'@'127.0.0.1' IDENTIFIED BY 'pingme';
+CREATE USER IF NOT EXISTS 'pingme'@'localhost' IDENTIFIED BY 'pingme';
+GRANT ALL PRIVILEGES ON `pingme\_%`.* TO 'pingme'@'127.0.0.1', 'pingme'@'localhost';
+SQL
 port_open 3306 && echo "MariaDB up on 127.0.0.1:3306"
 port_open 6379 && echo "Redis up on 127.0.0.1:6379"

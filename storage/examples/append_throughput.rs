@@ -1,20 +1,25 @@
-//! Durable append throughput of the embedded store.
+//! Durable append throughput of the embedded store, or of the MySQL store.
 //!
 //! `cargo run --release -p pingme-storage --example append_throughput --
-//!  [writers] [conversations] [messages] [sync|nosync] [batch]`
+//!  [writers] [conversations] [messages] [sync|nosync] [batch] [embedded|mysql]`
 //!
 //! `writers` tasks append `messages` messages in total (100-byte bodies)
 //! to `conversations` groups, `batch` messages per `append` call, and the
 //! example prints acknowledged appends per second, the average group-commit
-//! round size and append call latency percentiles.
+//! round size and append call latency percentiles. `mysql` uses the server
+//! `MYSQL_URL` names, in a database of its own (`pingme_t_bench_<pid>`,
+//! dropped at the end); `sync|nosync` applies to the embedded store only
+//! (MySQL is as durable as the server is configured).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pingme_storage::embedded::{Durability, EmbeddedStore};
+use pingme_storage::mysql::{MysqlConfig, MysqlStore};
 use pingme_storage::{
-    ConversationId, ConversationStore, Member, MessageStore, NewMessage, Role, UserStore,
+    CommitStats, ConversationId, ConversationStore, Member, MessageStore, NewMessage, Role,
+    UserStore,
 };
 
 /// The gateway binary runs on mimalloc; measure with the same allocator.
@@ -46,38 +51,38 @@ async fn main() {
         Err(_) => std::env::temp_dir().join(format!("pingme-append-{}", std::process::id())),
     };
 
-    // Set-up without fsync (it is not what is measured), then reopen.
-    let groups = {
-        let store = EmbeddedStore::open(&dir, Durability::UnsafeNoSyncForBenchmarks).unwrap();
-        let mut senders = Vec::with_capacity(SENDERS);
-        for n in 0..SENDERS {
-            senders.push(
-                store
-                    .create_user(&format!("sender{n}"), "h", 0)
-                    .await
-                    .unwrap()
-                    .id,
-            );
+    let mysql = match std::env::args().nth(6).as_deref() {
+        Some("mysql") => {
+            let url = std::env::var("MYSQL_URL")
+                .expect("the mysql backend needs MYSQL_URL=mysql://user:password@host:port");
+            let mut config = MysqlConfig::from_url(&url).expect("MYSQL_URL");
+            config.database = format!("pingme_t_bench_{}", std::process::id());
+            config.pool_size = 32;
+            Some(config)
         }
-        let members: Vec<Member> = senders
-            .iter()
-            .map(|&user| Member {
-                user,
-                role: Role::Member,
-            })
-            .collect();
-        let mut groups = Vec::with_capacity(conversations);
-        for _ in 0..conversations {
-            let group = store
-                .create_group(senders[0], "bench", &[], 0)
-                .await
-                .unwrap();
-            store.add_members(group.id, &members).await.unwrap();
-            groups.push((ConversationId::Group(group.id), senders.clone()));
-        }
-        groups
+        _ => None,
     };
-    let store = Arc::new(EmbeddedStore::open(&dir, durability).unwrap());
+
+    let (groups, store, commit_stats): (_, Arc<dyn MessageStore>, Box<dyn Fn() -> CommitStats>) =
+        match &mysql {
+            Some(config) => {
+                let store = Arc::new(MysqlStore::connect(config).await.expect("MySQL"));
+                let groups = set_up(&*store, conversations).await;
+                let stats = store.clone();
+                (groups, store, Box::new(move || stats.commit_stats()))
+            }
+            None => {
+                // Set-up without fsync (it is not what is measured), then reopen.
+                let groups = {
+                    let store =
+                        EmbeddedStore::open(&dir, Durability::UnsafeNoSyncForBenchmarks).unwrap();
+                    set_up(&store, conversations).await
+                };
+                let store = Arc::new(EmbeddedStore::open(&dir, durability).unwrap());
+                let stats = store.clone();
+                (groups, store, Box::new(move || stats.commit_stats()))
+            }
+        };
     let groups = Arc::new(groups);
     let body = Bytes::from(vec![b'x'; 100]);
 
@@ -128,9 +133,14 @@ async fn main() {
     let appended = per_writer * writers;
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
-    let stats = store.commit_stats();
+    let stats = commit_stats();
+    let backend = if mysql.is_some() {
+        "mysql".to_string()
+    } else {
+        format!("{durability:?}")
+    };
     println!(
-        "{durability:?}: {appended} appends by {writers} writers to {conversations} conversations, \
+        "{backend}: {appended} appends by {writers} writers to {conversations} conversations, \
          {batch} per call, in {:.2}s = {:.0} appends/s; {} rounds, {:.0} messages/round; \
          call latency p50 {:?} p99 {:?} max {:?}; \
          CPU per append: {:.1} us in all threads, {:.1} us in the writer thread",
@@ -145,8 +155,63 @@ async fn main() {
         (cpu.1 - cpu_before.1) * 1e6 / appended as f64,
     );
     drop(store);
-    if std::env::var("PINGME_BENCH_DIR").is_err() {
+    if let Some(config) = mysql {
+        drop_database(&config).await;
+    } else if std::env::var("PINGME_BENCH_DIR").is_err() {
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// `SENDERS` users and `conversations` groups with all of them as members.
+async fn set_up<S: UserStore + ConversationStore>(
+    store: &S,
+    conversations: usize,
+) -> Vec<(ConversationId, Vec<u64>)> {
+    let run = std::process::id();
+    let mut senders = Vec::with_capacity(SENDERS);
+    for n in 0..SENDERS {
+        senders.push(
+            store
+                .create_user(&format!("sender{n}-{run}"), "h", 0)
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let members: Vec<Member> = senders
+        .iter()
+        .map(|&user| Member {
+            user,
+            role: Role::Member,
+        })
+        .collect();
+    let mut groups = Vec::with_capacity(conversations);
+    for _ in 0..conversations {
+        let group = store
+            .create_group(senders[0], "bench", &[], 0)
+            .await
+            .unwrap();
+        store.add_members(group.id, &members).await.unwrap();
+        groups.push((ConversationId::Group(group.id), senders.clone()));
+    }
+    groups
+}
+
+/// Drops the benchmark's own database.
+async fn drop_database(config: &MysqlConfig) {
+    use sqlx::{ConnectOptions, Executor};
+    let connection = sqlx::mysql::MySqlConnectOptions::new()
+        .host(&config.host)
+        .port(config.port)
+        .username(&config.username)
+        .password(&config.password)
+        .ssl_mode(sqlx::mysql::MySqlSslMode::Disabled)
+        .connect()
+        .await;
+    if let Ok(mut connection) = connection {
+        let _ = connection
+            .execute(format!("DROP DATABASE IF EXISTS `{}`", config.database).as_str())
+            .await;
     }
 }
 

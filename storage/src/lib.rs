@@ -5,10 +5,11 @@
 //! holds one handle per role, so each consumer takes only what it uses and
 //! a deployment can serve roles from different backends.
 //!
-//! Backends: `embedded` (cargo feature `embedded`, on by default: fjall,
-//! one process, crash-safe, group commit); MySQL and ScyllaDB follow the
-//! same traits (schemas in `docs/storage.md`), and a build without the
-//! `embedded` feature does not compile fjall. The `conformance` suite
+//! Backends, each a cargo feature on by default: `embedded` (fjall, one
+//! process, crash-safe, group commit), `mysql` (MySQL/MariaDB, shared by
+//! many processes, group commit in transactions) and `scylla` (ScyllaDB,
+//! bucketed timelines; see `docs/storage.md` for what has run against a
+//! cluster). A build without `embedded` compiles no fjall. The `conformance` suite
 //! (cargo feature `conformance`) runs the same behaviour tests, per role,
 //! against every backend that is reachable.
 //!
@@ -20,17 +21,24 @@
 //! lightweight transaction for MySQL/ScyllaDB) is the guarantee that two
 //! writers can never assign the same seq.
 
+mod checks;
+mod codec;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 #[cfg(feature = "embedded")]
 pub mod embedded;
 mod error;
 mod model;
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "scylla")]
+pub mod scylla;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use checks::MAX_ID_BYTES;
 pub use error::{StoreError, StoreResult};
 pub use model::*;
 
@@ -39,6 +47,16 @@ pub use model::*;
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Largest page any paged read returns, whatever the caller asks.
 pub const MAX_PAGE: usize = 1000;
+
+/// Group-commit counters of a store since it opened: `messages / rounds`
+/// is the average round size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Committed rounds (one write and one sync, or one transaction, each).
+    pub rounds: u64,
+    /// Append items answered by those rounds.
+    pub messages: u64,
+}
 
 /// Accounts: users and their devices.
 #[async_trait]

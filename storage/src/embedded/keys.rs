@@ -8,69 +8,12 @@
 
 use bytes::Bytes;
 
-use crate::{ConversationId, Seq, StoreError, StoreResult, StoredMessage, UserId};
+use crate::{ConversationId, Seq, StoreResult, StoredMessage, UserId};
 
-/// Longest encoded conversation key: tag + two user ids.
-pub const CONVERSATION_KEY_MAX: usize = 17;
+pub use crate::codec::{ConversationKey, be_u64, corrupt, decode_conversation, idempotency_key};
 
-const TAG_DIRECT: u8 = b'd';
-const TAG_GROUP: u8 = b'g';
 /// First byte of an encoded message value, so the layout can evolve.
 const MESSAGE_VALUE_V1: u8 = 1;
-
-/// A conversation as a key prefix: `d` + low + high, or `g` + group id.
-/// `d` sorts before `g`, matching `ConversationId`'s derived `Ord`.
-#[derive(Clone, Copy)]
-pub struct ConversationKey {
-    bytes: [u8; CONVERSATION_KEY_MAX],
-    len: u8,
-}
-
-impl ConversationKey {
-    pub fn new(conversation: ConversationId) -> Self {
-        let mut bytes = [0u8; CONVERSATION_KEY_MAX];
-        let len = match conversation {
-            ConversationId::Direct { low, high } => {
-                bytes[0] = TAG_DIRECT;
-                bytes[1..9].copy_from_slice(&low.to_be_bytes());
-                bytes[9..17].copy_from_slice(&high.to_be_bytes());
-                17
-            }
-            ConversationId::Group(id) => {
-                bytes[0] = TAG_GROUP;
-                bytes[1..9].copy_from_slice(&id.to_be_bytes());
-                9
-            }
-        };
-        ConversationKey { bytes, len }
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len as usize]
-    }
-}
-
-/// Decodes a conversation key from the front of `bytes`, returning it and
-/// the rest.
-pub fn decode_conversation(bytes: &[u8]) -> StoreResult<(ConversationId, &[u8])> {
-    match bytes.first() {
-        Some(&TAG_DIRECT) if bytes.len() >= 17 => {
-            let low = be_u64(&bytes[1..9]);
-            let high = be_u64(&bytes[9..17]);
-            Ok((ConversationId::Direct { low, high }, &bytes[17..]))
-        }
-        Some(&TAG_GROUP) if bytes.len() >= 9 => {
-            Ok((ConversationId::Group(be_u64(&bytes[1..9])), &bytes[9..]))
-        }
-        _ => Err(corrupt("conversation key")),
-    }
-}
-
-pub fn be_u64(bytes: &[u8]) -> u64 {
-    let mut buf = [0u8; 8];
-    buf.copy_from_slice(&bytes[..8]);
-    u64::from_be_bytes(buf)
-}
 
 /// Reads a big-endian u64 value, checking its length.
 pub fn value_u64(bytes: &[u8]) -> StoreResult<u64> {
@@ -80,24 +23,12 @@ pub fn value_u64(bytes: &[u8]) -> StoreResult<u64> {
     Ok(be_u64(bytes))
 }
 
-pub fn corrupt(what: &str) -> StoreError {
-    StoreError::Corrupt(format!("undecodable {what}"))
-}
-
 /// `(conversation, seq)`: the timeline key of one message.
 pub fn message_key(conversation: ConversationId, seq: Seq) -> Vec<u8> {
     let conv = ConversationKey::new(conversation);
     let mut key = Vec::with_capacity(conv.as_bytes().len() + 8);
     key.extend_from_slice(conv.as_bytes());
     key.extend_from_slice(&seq.to_be_bytes());
-    key
-}
-
-/// `(sender, client_msg_id)`: the idempotency key.
-pub fn idempotency_key(sender: UserId, client_msg_id: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(8 + client_msg_id.len());
-    key.extend_from_slice(&sender.to_be_bytes());
-    key.extend_from_slice(client_msg_id.as_bytes());
     key
 }
 

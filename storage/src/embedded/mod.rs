@@ -43,9 +43,7 @@ use crate::{
     ConversationId, GroupId, GroupRecord, Role, StoreError, StoreResult, UserId, UserRecord,
 };
 
-/// Longest `client_msg_id`, `msg_id`, `sender_device` and device id the
-/// store accepts, in bytes (they are length-prefixed with one byte).
-pub const MAX_ID_BYTES: usize = 255;
+pub use crate::checks::MAX_ID_BYTES;
 
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,14 +55,7 @@ pub enum Durability {
     UnsafeNoSyncForBenchmarks,
 }
 
-/// Group-commit counters since open (see [`EmbeddedStore::commit_stats`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CommitStats {
-    /// Committed rounds (one batch write and, with `Sync`, one fsync each).
-    pub rounds: u64,
-    /// Append items answered by those rounds.
-    pub messages: u64,
-}
+pub use crate::CommitStats;
 
 /// The keyspaces of the database (see `docs/storage.md` for encodings).
 #[derive(Clone)]
@@ -159,33 +150,17 @@ fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> StoreR
 }
 
 fn role_byte(role: Role) -> u8 {
-    match role {
-        Role::Owner => 1,
-        Role::Admin => 2,
-        Role::Member => 3,
-    }
+    crate::codec::role_code(role)
 }
 
 fn role_from(bytes: &[u8]) -> StoreResult<Role> {
     match bytes {
-        [1] => Ok(Role::Owner),
-        [2] => Ok(Role::Admin),
-        [3] => Ok(Role::Member),
+        [code] => crate::codec::role_from_code(*code),
         _ => Err(keys::corrupt("role")),
     }
 }
 
-fn check_id(what: &str, value: &str, allow_empty: bool) -> StoreResult<()> {
-    if value.is_empty() && !allow_empty {
-        return Err(StoreError::Invalid(format!("{what} must not be empty")));
-    }
-    if value.len() > MAX_ID_BYTES {
-        return Err(StoreError::Invalid(format!(
-            "{what} is longer than {MAX_ID_BYTES} bytes"
-        )));
-    }
-    Ok(())
-}
+use crate::checks::check_id;
 
 /// The key after every key starting with the 8-byte id `prefix_id`.
 fn id_prefix_end(prefix_id: u64) -> Vec<u8> {
