@@ -7,7 +7,15 @@
 //! field it is about; the binary exits with code 64 on any of them.
 //!
 //! `config/pingme.example.yaml` lists every field with its default; a test
-//! keeps the two in step.
+//! keeps the two in step. The defaults of settings a component also has
+//! (session limits, the router's task settings) are that component's own
+//! defaults, read from it, so the YAML, `Config::default()` and a component
+//! built with `Default` cannot disagree.
+//!
+//! Sections this build parses but does not use yet (`kafka`, `redis`,
+//! `database`) must keep their defaults: a value there would be silently
+//! ignored, so it is refused ([`Config::refuse_unwired`]) until the
+//! cluster work wires the section.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -446,14 +454,16 @@ impl Default for HttpConfig {
 }
 
 impl Default for SessionConfig {
+    /// The gateway's own session defaults.
     fn default() -> Self {
+        let limits = crate::SessionLimits::default();
         SessionConfig {
-            max_frame_size: 64 * 1024,
-            auth_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(90),
-            heartbeat_interval: Duration::from_secs(30),
-            messages_per_second: 50,
-            max_queued_bytes: 1024 * 1024,
+            max_frame_size: limits.max_frame_size,
+            auth_timeout: limits.auth_timeout,
+            idle_timeout: limits.idle_timeout,
+            heartbeat_interval: limits.heartbeat_interval,
+            messages_per_second: limits.messages_per_second,
+            max_queued_bytes: limits.max_queued_bytes,
         }
     }
 }
@@ -521,21 +531,25 @@ impl Default for KafkaConfig {
 }
 
 impl Default for TaskConfig {
+    /// The seed's names, and the router's own defaults for what it runs.
     fn default() -> Self {
+        let router = pingme_router::RouterConfig::default();
         TaskConfig {
             task_topic: "im-task".into(),
             persistence_topic: "im-persistence".into(),
             consumer_group: "im-task-group".into(),
             persistence_group: "im-persistence-group".into(),
-            large_group_threshold: 500,
-            fanout_batch_size: 1000,
+            large_group_threshold: router.large_group_threshold,
+            fanout_batch_size: router.fanout_batch_size,
+            // On, but push only runs with `push.webhook_url` set (the
+            // router's own default has no webhook, so it says off).
             push_notification_enabled: true,
-            message_retry_attempts: 3,
+            message_retry_attempts: router.message_retry_attempts,
             retry_max_attempts: 3,
-            retry_initial_backoff: Duration::from_millis(100),
-            retry_max_backoff: Duration::from_secs(10),
-            retry_multiplier: 2.0,
-            enable_dlq: true,
+            retry_initial_backoff: router.retry_initial_backoff,
+            retry_max_backoff: router.retry_max_backoff,
+            retry_multiplier: router.retry_multiplier,
+            enable_dlq: router.enable_dlq,
         }
     }
 }
@@ -887,6 +901,68 @@ impl Config {
             url.is_empty() || url.starts_with("http://") || url.starts_with("https://"),
             "push.webhook_url",
             "must be empty or an http(s) URL",
+        )?;
+        self.refuse_unwired()
+    }
+
+    /// Refuses a non-default value in a section this build parses but does
+    /// not use yet, naming the field (the binary exits with 64), rather than
+    /// ignoring it. Each section's lines go when the section is wired:
+    /// `database` by the MySQL store, `redis` by the Redis directory,
+    /// `kafka` by the Kafka bus.
+    pub fn refuse_unwired(&self) -> Result<(), ConfigError> {
+        fn unwired(field: &'static str, changed: bool, wired_by: &str) -> Result<(), ConfigError> {
+            if !changed {
+                return Ok(());
+            }
+            Err(ConfigError::Invalid {
+                field,
+                reason: format!(
+                    "is not used by this build yet (it comes with {wired_by}); \
+                     leave it at its default or remove it (and its environment variable)"
+                ),
+            })
+        }
+        const MYSQL: &str = "the MySQL store";
+        let (db, default_db) = (&self.database, DatabaseConfig::default());
+        unwired("database.host", db.host != default_db.host, MYSQL)?;
+        unwired("database.port", db.port != default_db.port, MYSQL)?;
+        unwired(
+            "database.username",
+            db.username != default_db.username,
+            MYSQL,
+        )?;
+        unwired(
+            "database.password",
+            db.password != default_db.password,
+            MYSQL,
+        )?;
+        unwired("database.name", db.name != default_db.name, MYSQL)?;
+        const REDIS: &str = "the Redis directory";
+        let (redis, default_redis) = (&self.redis, RedisConfig::default());
+        unwired("redis.host", redis.host != default_redis.host, REDIS)?;
+        unwired("redis.port", redis.port != default_redis.port, REDIS)?;
+        const KAFKA: &str = "the Kafka bus";
+        let (kafka, default_kafka) = (&self.kafka, KafkaConfig::default());
+        unwired(
+            "kafka.brokers",
+            kafka.brokers != default_kafka.brokers,
+            KAFKA,
+        )?;
+        unwired(
+            "kafka.downstream_topic_prefix",
+            kafka.downstream_topic_prefix != default_kafka.downstream_topic_prefix,
+            KAFKA,
+        )?;
+        unwired(
+            "kafka.push_topic",
+            kafka.push_topic != default_kafka.push_topic,
+            KAFKA,
+        )?;
+        unwired(
+            "kafka.dlq_topic",
+            kafka.dlq_topic != default_kafka.dlq_topic,
+            KAFKA,
         )?;
         Ok(())
     }

@@ -48,12 +48,12 @@ impl Default for SessionLimits {
     fn default() -> Self {
         Self {
             max_frame_size: pingme_protocol::DEFAULT_MAX_FRAME_SIZE,
-            auth_timeout: Duration::from_secs(5),
+            auth_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             heartbeat_interval: Duration::from_secs(30),
             messages_per_second: 50,
             burst: 100,
-            max_queued_bytes: 4 * 1024 * 1024,
+            max_queued_bytes: 1024 * 1024,
             close_linger: Duration::from_secs(2),
             shutdown_retry_after: Duration::from_secs(5),
         }

@@ -197,6 +197,10 @@ fn environment_overrides_win_over_the_file() {
         "app:\n  port: 9999\ndatabase:\n  name: fromfile\nlisteners:\n  tls_cert: c.pem\n  tls_key: k.pem\n",
     )
     .unwrap();
+    // Parsed and overridden without validation: the unwired sections would
+    // be refused (see `unwired_sections_are_refused_not_ignored`).
+    let mut c = Config::parse_yaml(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(c.database.name, "fromfile");
     let env = fake_env(&[
         ("APP_HOST", "0.0.0.0"),
         ("APP_PORT", "8181"),
@@ -213,7 +217,7 @@ fn environment_overrides_win_over_the_file() {
         ("JWT_SECRET", "a-very-long-test-secret"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
     ]);
-    let c = Config::load_with_env(Some(&path), env).unwrap();
+    c.apply_env(env).unwrap();
     assert_eq!(c.app.host, "0.0.0.0");
     assert_eq!(c.app.port, 8181);
     assert_eq!(c.http_bind(), "0.0.0.0:8181");
@@ -265,6 +269,95 @@ fn the_deployment_files_load() {
     assert_eq!(image.storage.data_dir, Path::new("/var/lib/pingme"));
     let cluster = Config::load_with_env(Some(&deploy.join("pingme.cluster.yaml")), no_env).unwrap();
     assert_eq!(cluster.storage.backend, StorageBackend::Mysql);
+}
+
+/// Sections parsed but not used yet: a changed value, from the file or the
+/// environment, is refused naming its field, not ignored; the defaults (or
+/// the section spelled out with them, as in the example) are fine.
+#[test]
+fn unwired_sections_are_refused_not_ignored() {
+    for (yaml, field) in [
+        ("database:\n  host: db.internal\n", "database.host"),
+        ("database:\n  port: 3307\n", "database.port"),
+        ("database:\n  username: pingme\n", "database.username"),
+        ("database:\n  password: s3cret\n", "database.password"),
+        ("database:\n  name: im\n", "database.name"),
+        ("redis:\n  host: redis.internal\n", "redis.host"),
+        ("redis:\n  port: 6380\n", "redis.port"),
+        ("kafka:\n  brokers: k1:9092\n", "kafka.brokers"),
+        (
+            "kafka:\n  downstream_topic_prefix: down-\n",
+            "kafka.downstream_topic_prefix",
+        ),
+        ("kafka:\n  push_topic: push\n", "kafka.push_topic"),
+        ("kafka:\n  dlq_topic: dlq\n", "kafka.dlq_topic"),
+    ] {
+        let message = error_of(yaml);
+        assert!(
+            message.contains(field) && message.contains("not used by this build yet"),
+            "error for {yaml:?} must name {field}: {message}"
+        );
+    }
+    for (var, value, field) in [
+        ("DB_HOST", "db.internal", "database.host"),
+        ("REDIS_PORT", "6380", "redis.port"),
+        ("KAFKA_BROKERS", "k1:9092", "kafka.brokers"),
+    ] {
+        let err = Config::load_with_env(None, fake_env(&[(var, value)])).unwrap_err();
+        assert!(err.to_string().contains(field), "{var}: {err}");
+    }
+    Config::parse_yaml(
+        "database:\n  host: 127.0.0.1\nredis:\n  port: 6379\nkafka:\n  brokers: \"\"\n",
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+}
+
+/// The YAML defaults are the components' own defaults: a gateway or router
+/// built with `Default` (tests, examples, embedders) behaves like `pingme
+/// serve` with an empty config.
+#[test]
+fn the_yaml_defaults_are_the_components_defaults() {
+    let config = Config::default();
+    let limits = pingme_gateway::SessionLimits::default();
+    assert_eq!(config.session.auth_timeout, limits.auth_timeout);
+    assert_eq!(config.session.max_queued_bytes, limits.max_queued_bytes);
+    assert_eq!(config.session.max_frame_size, limits.max_frame_size);
+    assert_eq!(config.session.idle_timeout, limits.idle_timeout);
+    assert_eq!(config.session.heartbeat_interval, limits.heartbeat_interval);
+    assert_eq!(
+        config.session.messages_per_second,
+        limits.messages_per_second
+    );
+    let router = pingme_router::RouterConfig::default();
+    assert_eq!(config.task.fanout_batch_size, router.fanout_batch_size);
+    assert_eq!(
+        config.task.large_group_threshold,
+        router.large_group_threshold
+    );
+    assert_eq!(
+        config.task.message_retry_attempts,
+        router.message_retry_attempts
+    );
+    assert_eq!(
+        config.task.retry_initial_backoff,
+        router.retry_initial_backoff
+    );
+    assert_eq!(config.task.retry_max_backoff, router.retry_max_backoff);
+    assert_eq!(config.task.retry_multiplier, router.retry_multiplier);
+    assert_eq!(config.task.enable_dlq, router.enable_dlq);
+    // And what the binary hands the components equals their defaults.
+    let gateway = config.gateway().limits;
+    assert_eq!(
+        (gateway.auth_timeout, gateway.max_queued_bytes),
+        (limits.auth_timeout, limits.max_queued_bytes)
+    );
+    assert_eq!(config.router().fanout_batch_size, router.fanout_batch_size);
+    // The values the seeds and the example file name.
+    assert_eq!(limits.auth_timeout, Duration::from_secs(10));
+    assert_eq!(limits.max_queued_bytes, 1024 * 1024);
+    assert_eq!(router.fanout_batch_size, 1000);
 }
 
 /// Tests that touch the real process environment (setting it, or spawning
@@ -417,6 +510,21 @@ fn the_binary_exits_64_naming_the_bad_field() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("app.port") && stderr.contains("APP_PORT"),
+        "stderr: {stderr}"
+    );
+
+    // A value in a section this build does not use yet is refused too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingme"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .env("REDIS_HOST", "redis.internal")
+        .env_remove("APP_CONF")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("redis.host") && stderr.contains("not used by this build yet"),
         "stderr: {stderr}"
     );
 

@@ -82,7 +82,7 @@ impl Default for RouterConfig {
             queue_capacity: 8192,
             max_append_batch: 256,
             large_group_threshold: 500,
-            fanout_batch_size: 500,
+            fanout_batch_size: 1000,
             push_notification_enabled: false,
             push_webhook_url: None,
             push_timeout: Duration::from_secs(5),

@@ -24,7 +24,6 @@ mod directory;
 mod fanout;
 mod pipeline;
 pub mod port;
-mod presence;
 mod push;
 mod records;
 mod requests;
@@ -41,8 +40,10 @@ pub use bus::{
     PipelineBus, Polled, RecordError, SerialisedBus, Topic, conversation_key, text_key,
 };
 pub use config::{BusTopics, RouterConfig};
-pub use directory::{Directory, LocalDirectory, Located};
-pub use presence::{Presence, PresenceMap};
+pub use directory::{
+    Clock, Directory, DirectoryError, LocalDirectory, Located, ManualClock, Presence, Registration,
+    SharedDirectory, SystemClock,
+};
 pub use push::{PushProvider, WebhookPush};
 pub use records::{
     AcceptedSend, ConnAddress, DeadLetterRecord, DeadWork, DownstreamEnvelope, DownstreamTarget,

@@ -129,7 +129,11 @@ impl Pipeline {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let located = self.directory.locate(users, need_offline).await?;
+        let located = self
+            .directory
+            .locate(users, need_offline)
+            .await
+            .map_err(|e| e.to_string())?;
         for (gateway, users) in located.online {
             let skip = skip
                 .filter(|(skip_gateway, _)| *skip_gateway == gateway)

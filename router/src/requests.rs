@@ -62,6 +62,7 @@ pub(crate) async fn handle(
             typing_event(ctx, session, typing).await.map(|()| None)
         }
         client_frame::Body::Sync(request) => sync(ctx, session, request).await.map(Some),
+        client_frame::Body::PresenceQuery(query) => presence(ctx, query).await.map(Some),
         client_frame::Body::Fetch(request) => fetch(ctx, session, request).await.map(Some),
         _ => Err(RequestError::new(
             ErrorCode::UnexpectedMessage,
@@ -77,6 +78,30 @@ pub(crate) async fn handle(
         }
     };
     ctx.outbox.to_connection(session.conn, reply);
+}
+
+/// Presence and last-seen of the users asked about, from the directory
+/// (any gateway). The count was bounded at ingress.
+async fn presence(
+    ctx: &Pipeline,
+    query: v1::PresenceQuery,
+) -> Result<server_frame::Body, RequestError> {
+    let presence = ctx
+        .directory
+        .presence(&query.user_ids)
+        .await
+        .map_err(|error| RequestError::new(ErrorCode::DirectoryUnavailable, error.to_string()))?;
+    let users = query
+        .user_ids
+        .iter()
+        .zip(presence)
+        .map(|(user, presence)| v1::PresenceEvent {
+            user_id: *user,
+            online: presence.online,
+            last_seen_ms: presence.last_seen_ms,
+        })
+        .collect();
+    Ok(server_frame::Body::PresenceList(v1::PresenceList { users }))
 }
 
 /// Parses a conversation id and checks that `user` belongs to it.

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use futures::FutureExt;
 use pingme_protocol::ErrorCode;
-use pingme_protocol::v1::{self, client_frame, server_frame};
+use pingme_protocol::v1::{self, client_frame};
 use pingme_storage::{ConversationId, DeadLetter, StoreError, Stores};
 use tokio::runtime::Handle;
 use tokio::sync::{Mutex, Semaphore, oneshot};
@@ -20,15 +21,14 @@ use crate::bus::{
     Bus, BusError, BusRecord, GroupMember, InProcessBus, PipelineBus, Topic, conversation_key,
 };
 use crate::config::RouterConfig;
-use crate::directory::{Directory, LocalDirectory};
-use crate::pipeline::{Pipeline, Topics, now_ms};
+use crate::directory::{Directory, LocalDirectory, Registration};
+use crate::pipeline::{Pipeline, Topics};
 use crate::port::{ConnRef, Dispatch, Outbox, SessionInfo};
-use crate::presence::PresenceMap;
 use crate::push::{PushProvider, WebhookPush};
 use crate::records::{AcceptedSend, Origin};
 use crate::retry::RetryPolicy;
 use crate::stages::ReplayError;
-use crate::wire::{content_type_is_valid, error_frame, frame};
+use crate::wire::{content_type_is_valid, error_frame};
 use crate::{fanout, push, requests, sequencer, stages, watermarks};
 
 /// This node's consumers of one topic, stopped together at shutdown.
@@ -85,7 +85,13 @@ struct TypingWindow {
 /// gateway holds it as `Arc<dyn Dispatch>`.
 pub struct Router {
     ctx: Arc<Pipeline>,
-    presence: PresenceMap,
+    /// This gateway's id, shared by every registration.
+    gateway: Arc<str>,
+    /// Registrations still on their way to the directory, so a connection's
+    /// unregister never overtakes its register.
+    registering: DashMap<ConnRef, JoinHandle<()>>,
+    /// Renews this gateway's directory lease, if the directory has leases.
+    lease_renewer: Option<JoinHandle<()>>,
     typing: DashMap<ConnRef, TypingWindow>,
     accepting: AtomicBool,
     requests: Arc<Semaphore>,
@@ -203,9 +209,16 @@ impl Router {
         let (stop_watermarks, stopped) = oneshot::channel();
         let watermark_writer = tokio::spawn(watermarks::run(ctx.clone(), stopped));
         let max_requests = ctx.config.max_inflight_requests;
+        let gateway: Arc<str> = Arc::from(ctx.config.gateway_id.as_str());
+        let lease_renewer = ctx
+            .directory
+            .renew_every()
+            .map(|every| tokio::spawn(renew_lease(ctx.directory.clone(), gateway.clone(), every)));
         Ok(Arc::new(Router {
             ctx,
-            presence: PresenceMap::default(),
+            gateway,
+            registering: DashMap::new(),
+            lease_renewer,
             typing: DashMap::new(),
             accepting: AtomicBool::new(true),
             requests: Arc::new(Semaphore::new(max_requests)),
@@ -242,6 +255,11 @@ impl Router {
                 }
             }
         }
+        // The gateway unregistered its connections as they closed; the
+        // lease may lapse now.
+        if let Some(renewer) = &self.lease_renewer {
+            renewer.abort();
+        }
     }
 
     /// Dead letters with id greater than `after`, oldest first, at most
@@ -266,11 +284,6 @@ impl Router {
     /// Runs a dead letter's work once more and removes it on success.
     pub async fn replay_dead_letter(&self, id: u64) -> Result<(), ReplayError> {
         stages::replay(&self.ctx, id).await
-    }
-
-    /// Whether `user` is connected here and when they were last seen.
-    pub fn presence(&self, user: u64) -> (bool, i64) {
-        self.presence.get(user, now_ms())
     }
 
     /// The settings in effect (after normalisation).
@@ -378,7 +391,9 @@ impl Router {
         window.count <= self.ctx.config.typing_max_per_second
     }
 
-    fn presence_list(&self, session: &SessionInfo, request_id: u64, query: v1::PresenceQuery) {
+    /// Bounds a presence query here; the directory answers it on the
+    /// router's tasks (it may be remote).
+    fn presence_query(&self, session: &SessionInfo, request_id: u64, query: v1::PresenceQuery) {
         if query.user_ids.len() > self.ctx.config.presence_query_max {
             return self.refuse(
                 session,
@@ -388,26 +403,20 @@ impl Router {
                 "",
             );
         }
-        let now = now_ms();
-        let users = query
-            .user_ids
-            .iter()
-            .map(|user| {
-                let (online, last_seen_ms) = self.presence.get(*user, now);
-                v1::PresenceEvent {
-                    user_id: *user,
-                    online,
-                    last_seen_ms,
-                }
-            })
-            .collect();
-        self.answer(
+        self.spawn_request(
             session,
-            frame(
-                request_id,
-                server_frame::Body::PresenceList(v1::PresenceList { users }),
-            ),
+            request_id,
+            client_frame::Body::PresenceQuery(query),
         );
+    }
+
+    fn registration(&self, session: &SessionInfo) -> Registration {
+        Registration {
+            user: session.user,
+            device: session.device.clone(),
+            gateway: self.gateway.clone(),
+            conn: session.conn.into(),
+        }
     }
 
     /// Runs a request on the router's runtime, bounded by the in-flight limit.
@@ -439,13 +448,48 @@ impl Router {
     }
 }
 
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Some(renewer) = &self.lease_renewer {
+            renewer.abort();
+        }
+    }
+}
+
 impl Dispatch for Router {
     fn connected(&self, session: &SessionInfo) {
-        self.presence.connected(session.user, now_ms());
+        let directory = self.ctx.directory.clone();
+        let registration = self.registration(session);
+        let mut register = Box::pin(async move {
+            if let Err(error) = directory.register(&registration).await {
+                crate::telemetry::failed(ErrorCode::DirectoryUnavailable, 1);
+                tracing::error!(%error, user = registration.user, "connection not registered in the directory");
+            }
+        });
+        // The local directory answers at once: no task, and presence is
+        // current when this returns. A remote one finishes on a task.
+        if (&mut register).now_or_never().is_none() {
+            self.registering
+                .insert(session.conn, self.runtime.spawn(register));
+        }
     }
 
     fn disconnected(&self, session: &SessionInfo) {
-        self.presence.disconnected(session.user, now_ms());
+        let pending = self.registering.remove(&session.conn).map(|(_, task)| task);
+        let directory = self.ctx.directory.clone();
+        let registration = self.registration(session);
+        let mut unregister = Box::pin(async move {
+            if let Some(register) = pending {
+                let _ = register.await;
+            }
+            if let Err(error) = directory.unregister(&registration).await {
+                crate::telemetry::failed(ErrorCode::DirectoryUnavailable, 1);
+                tracing::error!(%error, user = registration.user, "connection not unregistered from the directory");
+            }
+        });
+        if (&mut unregister).now_or_never().is_none() {
+            self.runtime.spawn(unregister);
+        }
         self.typing.remove(&session.conn);
         // The device's next session syncs from what it acknowledged here.
         let acks = self
@@ -463,7 +507,7 @@ impl Dispatch for Router {
         match body {
             client_frame::Body::Send(send) => self.accept_send(session, request_id, send),
             client_frame::Body::PresenceQuery(query) => {
-                self.presence_list(session, request_id, query)
+                self.presence_query(session, request_id, query)
             }
             client_frame::Body::Typing(typing) => {
                 if self.typing_allowed(session.conn) {
@@ -514,6 +558,28 @@ fn addressable(
         return Err((ErrorCode::Forbidden, "not a member of this conversation"));
     }
     Ok(conversation)
+}
+
+/// Renews `gateway`'s directory lease every `every` until aborted at
+/// shutdown. A failed renewal is retried at the next tick (the lease
+/// outlasts two missed ones).
+async fn renew_lease(directory: Arc<dyn Directory>, gateway: Arc<str>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match directory.renew_lease(&gateway).await {
+            Ok(true) => {}
+            Ok(false) => tracing::error!(
+                %gateway,
+                "the directory lease had lapsed: connections registered before are unknown to other gateways until they reconnect"
+            ),
+            Err(error) => {
+                crate::telemetry::failed(ErrorCode::DirectoryUnavailable, 1);
+                tracing::warn!(%error, %gateway, "directory lease not renewed; retrying");
+            }
+        }
+    }
 }
 
 /// The push provider the config asks for, if any.

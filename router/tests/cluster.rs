@@ -18,7 +18,10 @@ use async_trait::async_trait;
 use common::*;
 use pingme_protocol::ErrorCode;
 use pingme_router::port::{ConnRef, Dispatch, Outbox, SessionInfo, UserId};
-use pingme_router::{BusCluster, BusTopics, Directory, Located, Router, RouterConfig, text_key};
+use pingme_router::{
+    BusCluster, BusTopics, Directory, DirectoryError, Located, Presence, Registration, Router,
+    RouterConfig, text_key,
+};
 use pingme_storage::embedded::EmbeddedStore;
 use pingme_storage::{MessageStore, Stores, UserStore};
 
@@ -65,9 +68,27 @@ struct NodeDirectory {
     held: AtomicUsize,
 }
 
+/// Who is connected is read from the live nodes' outboxes, so
+/// registrations need no bookkeeping here.
 #[async_trait]
 impl Directory for NodeDirectory {
-    async fn locate(&self, users: &[UserId], _need_offline: bool) -> Result<Located, String> {
+    async fn register(&self, _connection: &Registration) -> Result<(), DirectoryError> {
+        Ok(())
+    }
+    async fn unregister(&self, _connection: &Registration) -> Result<(), DirectoryError> {
+        Ok(())
+    }
+    fn renew_every(&self) -> Option<Duration> {
+        None
+    }
+    async fn renew_lease(&self, _gateway: &str) -> Result<bool, DirectoryError> {
+        Ok(true)
+    }
+    async fn locate(
+        &self,
+        users: &[UserId],
+        _need_offline: bool,
+    ) -> Result<Located, DirectoryError> {
         if users.len() >= self.page {
             let seen = self.pages.fetch_add(1, Ordering::SeqCst);
             if self.pass.is_some_and(|pass| seen >= pass) {
@@ -76,6 +97,16 @@ impl Directory for NodeDirectory {
             }
         }
         Ok(self.shared.locate_now(users))
+    }
+    async fn presence(&self, users: &[UserId]) -> Result<Vec<Presence>, DirectoryError> {
+        let located = self.shared.locate_now(users);
+        Ok(users
+            .iter()
+            .map(|user| Presence {
+                online: !located.offline.contains(user),
+                last_seen_ms: 0,
+            })
+            .collect())
     }
 }
 

@@ -12,7 +12,10 @@ use common::*;
 use pingme_protocol::ErrorCode;
 use pingme_protocol::v1::{self, client_frame, server_frame};
 use pingme_router::port::{Dispatch, UserId};
-use pingme_router::{Directory, LocalDirectory, Located, ReplayError, Router, RouterConfig};
+use pingme_router::{
+    Directory, DirectoryError, LocalDirectory, Located, Presence, Registration, ReplayError,
+    Router, RouterConfig,
+};
 use pingme_storage::Stores;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -29,15 +32,36 @@ struct ControlledDirectory {
 
 #[async_trait]
 impl Directory for ControlledDirectory {
-    async fn locate(&self, users: &[UserId], need_offline: bool) -> Result<Located, String> {
+    async fn register(&self, connection: &Registration) -> Result<(), DirectoryError> {
+        self.inner.register(connection).await
+    }
+    async fn unregister(&self, connection: &Registration) -> Result<(), DirectoryError> {
+        self.inner.unregister(connection).await
+    }
+    fn renew_every(&self) -> Option<Duration> {
+        self.inner.renew_every()
+    }
+    async fn renew_lease(&self, gateway: &str) -> Result<bool, DirectoryError> {
+        self.inner.renew_lease(gateway).await
+    }
+    async fn presence(&self, users: &[UserId]) -> Result<Vec<Presence>, DirectoryError> {
+        self.inner.presence(users).await
+    }
+    async fn locate(
+        &self,
+        users: &[UserId],
+        need_offline: bool,
+    ) -> Result<Located, DirectoryError> {
         if users.len() >= self.cutoff {
             self.large_lookups.fetch_add(1, Ordering::SeqCst);
             let mut gate = self.gate.clone();
             gate.wait_for(|open| *open)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| DirectoryError::Unavailable(e.to_string()))?;
             if self.failing.load(Ordering::SeqCst) {
-                return Err("injected directory failure".into());
+                return Err(DirectoryError::Unavailable(
+                    "injected directory failure".into(),
+                ));
             }
         }
         self.inner.locate(users, need_offline).await

@@ -73,6 +73,7 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         E::StorageUnavailable
         | E::AuthBusy
         | E::Overloaded
+        | E::DirectoryUnavailable
         | E::ShuttingDown
         | E::KafkaError
         | E::KafkaProducerError => StatusCode::SERVICE_UNAVAILABLE,
