@@ -5,6 +5,19 @@
 
 use std::time::Duration;
 
+/// Room a `MessagePage` frame needs for everything but its messages.
+pub const PAGE_OVERHEAD_BYTES: usize = 1024;
+/// Room one message in a page needs beyond its body: ids, sender, client
+/// message id (at most 128 bytes), times and protobuf tags (well under 1 KiB).
+pub const MESSAGE_OVERHEAD_BYTES: usize = 1024;
+
+/// The largest `MessagePage` frame holding one message of `max_body_bytes`:
+/// a page budget must allow at least this, or a maximum-size message could
+/// never be fetched.
+pub const fn single_message_page_bytes(max_body_bytes: usize) -> usize {
+    max_body_bytes + MESSAGE_OVERHEAD_BYTES + PAGE_OVERHEAD_BYTES
+}
+
 /// Everything the router can be tuned with. `RouterConfig::default()` is a
 /// working single-node setup (push disabled).
 #[derive(Debug, Clone)]
@@ -58,9 +71,15 @@ pub struct RouterConfig {
     pub max_client_msg_id_len: usize,
     /// Most conversations in one `SyncResponse` (also the default).
     pub sync_page_max: usize,
-    /// Most messages in one `MessagePage` (also the default); pages also
-    /// stay under `pingme_protocol::MAX_DOWNSTREAM_FRAME_SIZE`.
+    /// Most messages in one `MessagePage` (also the default).
     pub fetch_page_max: usize,
+    /// Most bytes of one `MessagePage` frame (a page always holds at least
+    /// one message; at least [`single_message_page_bytes`] of
+    /// `max_body_bytes`, at most `pingme_protocol::MAX_DOWNSTREAM_FRAME_SIZE`).
+    /// The gateway sets it to a quarter of a connection's outbound budget
+    /// (`session.max_queued_bytes`), so pages cannot cut a prompt reader
+    /// off as a slow consumer.
+    pub fetch_page_max_bytes: usize,
     /// Typing frames accepted per connection per second; more get
     /// `RATE_LIMITED`.
     pub typing_max_per_second: u32,
@@ -95,6 +114,7 @@ impl Default for RouterConfig {
             max_client_msg_id_len: 128,
             sync_page_max: 500,
             fetch_page_max: 200,
+            fetch_page_max_bytes: 256 * 1024,
             typing_max_per_second: 5,
             presence_query_max: 500,
             max_inflight_requests: 4096,
@@ -118,6 +138,10 @@ impl RouterConfig {
         // One below the store cap: fetch reads one extra message to know `has_more`.
         self.fetch_page_max = self.fetch_page_max.clamp(1, pingme_storage::MAX_PAGE - 1);
         self.max_body_bytes = self.max_body_bytes.min(pingme_storage::MAX_BODY_BYTES);
+        self.fetch_page_max_bytes = self.fetch_page_max_bytes.clamp(
+            single_message_page_bytes(self.max_body_bytes),
+            pingme_protocol::MAX_DOWNSTREAM_FRAME_SIZE,
+        );
         self.max_inflight_requests = self.max_inflight_requests.max(1);
         if !self.retry_multiplier.is_finite() || self.retry_multiplier < 1.0 {
             self.retry_multiplier = 1.0;

@@ -32,6 +32,7 @@ mod router;
 mod sequencer;
 mod stages;
 pub mod telemetry;
+mod visibility;
 mod watermarks;
 mod wire;
 
@@ -39,7 +40,7 @@ pub use bus::{
     Bus, BusCluster, BusError, BusRecord, Consumed, GroupMember, InProcessBus, Partition,
     PipelineBus, Polled, RecordError, SerialisedBus, Topic, conversation_key, text_key,
 };
-pub use config::{BusTopics, RouterConfig};
+pub use config::{BusTopics, RouterConfig, single_message_page_bytes};
 pub use directory::{
     Clock, Directory, DirectoryError, LocalDirectory, Located, ManualClock, Presence, Registration,
     SharedDirectory, SystemClock,

@@ -1,29 +1,28 @@
 //! Requests answered on the node that received them: read markers (with
-//! receipts), typing, sync and fetch. Each one that names a
+//! receipts), typing, sync, fetch and presence queries. Each one that names a
 //! conversation is checked for membership first; a non-member gets
 //! `FORBIDDEN` and nothing else. Receipts and typing reach the other
 //! members' connected devices only, and are not relayed in groups above
 //! the large-group threshold.
 
 use bytes::Bytes;
+use pingme_protocol::ErrorCode;
 use pingme_protocol::v1::{self, client_frame, server_frame};
-use pingme_protocol::{ErrorCode, MAX_DOWNSTREAM_FRAME_SIZE};
 use pingme_storage::{ConversationId, Seq, StoreError, UserId};
 use prost::Message as _;
 
 use crate::bus::conversation_key;
+use crate::config::PAGE_OVERHEAD_BYTES;
 use crate::fanout::all_members;
 use crate::pipeline::Pipeline;
 use crate::port::SessionInfo;
-use crate::watermarks;
 use crate::wire::{error_frame, frame, store_error_code, wire_message};
+use crate::{visibility, watermarks};
 
 /// Store pages one `SyncRequest` may scan looking for conversations with
 /// news, so a user with thousands of quiet conversations cannot make one
 /// request unbounded (the answer then has `has_more` and a cursor).
 const SYNC_SCAN_PAGES: usize = 4;
-/// Room kept in a `MessagePage` frame for everything but the messages.
-const PAGE_OVERHEAD: usize = 1024;
 
 /// A request's failure, as the client sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +61,7 @@ pub(crate) async fn handle(
             typing_event(ctx, session, typing).await.map(|()| None)
         }
         client_frame::Body::Sync(request) => sync(ctx, session, request).await.map(Some),
-        client_frame::Body::PresenceQuery(query) => presence(ctx, query).await.map(Some),
+        client_frame::Body::PresenceQuery(query) => presence(ctx, session, query).await.map(Some),
         client_frame::Body::Fetch(request) => fetch(ctx, session, request).await.map(Some),
         _ => Err(RequestError::new(
             ErrorCode::UnexpectedMessage,
@@ -81,24 +80,43 @@ pub(crate) async fn handle(
 }
 
 /// Presence and last-seen of the users asked about, from the directory
-/// (any gateway). The count was bounded at ingress.
+/// (any gateway), for those who share a conversation with the asker; the
+/// others answer like unknown ids. The count was bounded at ingress.
 async fn presence(
     ctx: &Pipeline,
+    session: &SessionInfo,
     query: v1::PresenceQuery,
 ) -> Result<server_frame::Body, RequestError> {
-    let presence = ctx
-        .directory
-        .presence(&query.user_ids)
-        .await
-        .map_err(|error| RequestError::new(ErrorCode::DirectoryUnavailable, error.to_string()))?;
+    let visible = visibility::visible_to(ctx, session.user, &query.user_ids).await?;
+    let shown: Vec<UserId> = query
+        .user_ids
+        .iter()
+        .copied()
+        .filter(|user| visible.contains(user))
+        .collect();
+    let presence =
+        ctx.directory.presence(&shown).await.map_err(|error| {
+            RequestError::new(ErrorCode::DirectoryUnavailable, error.to_string())
+        })?;
+    let mut presence = shown.into_iter().zip(presence);
+    let mut next = presence.next();
     let users = query
         .user_ids
         .iter()
-        .zip(presence)
-        .map(|(user, presence)| v1::PresenceEvent {
-            user_id: *user,
-            online: presence.online,
-            last_seen_ms: presence.last_seen_ms,
+        .map(|user| {
+            let (online, last_seen_ms) = match &next {
+                Some((shown, found)) if shown == user => {
+                    let answer = (found.online, found.last_seen_ms);
+                    next = presence.next();
+                    answer
+                }
+                _ => (false, 0),
+            };
+            v1::PresenceEvent {
+                user_id: *user,
+                online,
+                last_seen_ms,
+            }
         })
         .collect();
     Ok(server_frame::Body::PresenceList(v1::PresenceList { users }))
@@ -335,7 +353,10 @@ async fn fetch(
         )
         .await?;
     let mut has_more = stored.len() > limit;
-    let budget = MAX_DOWNSTREAM_FRAME_SIZE - PAGE_OVERHEAD;
+    // Bounded by bytes too: a page must fit the connection's outbound
+    // budget (see `RouterConfig::fetch_page_max_bytes`); the first message
+    // always goes in, and the configuration guarantees it fits.
+    let budget = ctx.config.fetch_page_max_bytes - PAGE_OVERHEAD_BYTES;
     let mut used = 0;
     let mut messages = Vec::new();
     for message in stored.iter().take(limit) {

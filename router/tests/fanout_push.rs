@@ -340,39 +340,62 @@ async fn read_receipts_and_typing_reach_the_other_members_only() {
     h.router.shutdown().await;
 }
 
+/// Presence follows connections, and is shown only to users who share a
+/// conversation with the asked user (a DM with a message, or a group):
+/// a stranger reads exactly like an unknown id, online or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_answers_follow_connections() {
+async fn presence_answers_follow_connections_for_contacts_only() {
     let h = Harness::start(RouterConfig::default());
     let (a_id, b_id) = (h.user("a").await, h.user("b").await);
+    let (member_id, stranger_id) = (h.user("member").await, h.user("stranger").await);
+    h.group(a_id, &[member_id]).await;
     let a = h.online(a_id, "phone", 1);
     let b = h.online(b_id, "phone", 2);
+    h.online(member_id, "phone", 3);
+    h.online(stranger_id, "phone", 4);
     h.router.disconnected(&b);
-    let query = |request_id| {
+    let (h, a) = (&h, &a);
+    let ask = |request_id| async move {
         h.request(
-            &a,
+            a,
             request_id,
             client_frame::Body::PresenceQuery(v1::PresenceQuery {
-                user_ids: vec![a_id, b_id, 424242],
+                user_ids: vec![a_id, b_id, member_id, stranger_id, 424242],
             }),
-        )
+        );
+        let Some(server_frame::Body::PresenceList(list)) = h.answer(a.conn, request_id).await.body
+        else {
+            panic!("expected a PresenceList")
+        };
+        list.users
+            .iter()
+            .map(|p| (p.user_id, p.online, p.last_seen_ms > 0))
+            .collect::<Vec<_>>()
     };
-    query(1);
-    let Some(server_frame::Body::PresenceList(list)) = h.answer(a.conn, 1).await.body else {
-        panic!("expected a PresenceList")
-    };
-    let states: Vec<(u64, bool)> = list.users.iter().map(|p| (p.user_id, p.online)).collect();
-    assert_eq!(states, vec![(a_id, true), (b_id, false), (424242, false)]);
-    assert!(list.users[1].last_seen_ms > 0, "b was seen");
-    assert_eq!(list.users[2].last_seen_ms, 0, "never seen");
+    // b shares only the implicit, empty DM: nothing is shown about b.
+    assert_eq!(
+        ask(1).await,
+        vec![
+            (a_id, true, true),
+            (b_id, false, false),
+            (member_id, true, true),
+            (stranger_id, false, false),
+            (424242, false, false),
+        ]
+    );
+    // Once the DM has a message, b's last-seen time is shown.
+    h.send(a, 2, &dm(a_id, b_id), "c-1", "hi");
+    h.answer(a.conn, 2).await;
+    assert_eq!(ask(3).await[1], (b_id, false, true));
     h.request(
-        &a,
-        2,
+        a,
+        4,
         client_frame::Body::PresenceQuery(v1::PresenceQuery {
             user_ids: (0..501).collect(),
         }),
     );
     assert_eq!(
-        error(&h.answer(a.conn, 2).await).code,
+        error(&h.answer(a.conn, 4).await).code,
         ErrorCode::InvalidArgument.code()
     );
     h.router.shutdown().await;

@@ -6,8 +6,8 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
+use pingme_protocol::ErrorCode;
 use pingme_protocol::v1::{self, client_frame, server_frame};
-use pingme_protocol::{ErrorCode, MAX_DOWNSTREAM_FRAME_SIZE};
 use pingme_router::RouterConfig;
 use pingme_storage::{ConversationId, MessageStore, WatermarkStore};
 
@@ -187,17 +187,74 @@ async fn eventually_sync(
     }
 }
 
+/// Pages are bounded by bytes, not only by count: each page fits
+/// `fetch_page_max_bytes` (the gateway's quarter of a connection's outbound
+/// budget), and walking the pages yields every message once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fetch_pages_stay_under_the_downstream_frame_limit() {
-    let h = Harness::start(RouterConfig::default());
+async fn fetch_pages_stay_within_their_byte_budget() {
+    let budget = 200 * 1024;
+    let h = Harness::start(RouterConfig {
+        fetch_page_max_bytes: budget,
+        ..RouterConfig::default()
+    });
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let a = h.online(alice, "phone", 1);
     let conversation = dm(alice, bob);
     let big = "x".repeat(60 * 1024);
-    for i in 0..80u64 {
+    for i in 0..20u64 {
         h.send(&a, i + 1, &conversation, &format!("c-{i}"), &big);
     }
-    h.answer(a.conn, 80).await;
+    h.answer(a.conn, 20).await;
+    let b = h.online(bob, "phone", 2);
+    let mut seqs = Vec::new();
+    for request_id in 1..=20u64 {
+        h.request(
+            &b,
+            request_id,
+            client_frame::Body::Fetch(v1::FetchMessages {
+                conversation_id: conversation.clone(),
+                after_seq: seqs.last().copied().unwrap_or(0),
+                until_seq: 0,
+                limit: 100,
+            }),
+        );
+        let frame = h.answer(b.conn, request_id).await;
+        let raw = h.outbox.raw(b.conn).pop().unwrap();
+        assert!(
+            raw.len() <= budget,
+            "page frame is {} bytes, budget {budget}",
+            raw.len()
+        );
+        let Some(server_frame::Body::Page(page)) = frame.body else {
+            panic!("expected a MessagePage")
+        };
+        assert!(!page.messages.is_empty());
+        seqs.extend(page.messages.iter().map(|m| m.seq));
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    h.router.shutdown().await;
+}
+
+/// However small the configured budget, a page holds one message of the
+/// maximum body size: such a message is never stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maximum_size_message_always_fits_a_page() {
+    let h = Harness::start(RouterConfig {
+        fetch_page_max_bytes: 1,
+        ..RouterConfig::default()
+    });
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    let a = h.online(alice, "phone", 1);
+    let conversation = dm(alice, bob);
+    let max_body = h.router.config().max_body_bytes;
+    let big = "x".repeat(max_body);
+    for i in 0..2u64 {
+        h.send(&a, i + 1, &conversation, &format!("c-{i}"), &big);
+    }
+    h.answer(a.conn, 2).await;
     let b = h.online(bob, "phone", 2);
     h.request(
         &b,
@@ -206,26 +263,18 @@ async fn fetch_pages_stay_under_the_downstream_frame_limit() {
             conversation_id: conversation,
             after_seq: 0,
             until_seq: 0,
-            limit: 100,
+            limit: 0,
         }),
     );
     let frame = h.answer(b.conn, 1).await;
     let raw = h.outbox.raw(b.conn).pop().unwrap();
-    assert!(
-        raw.len() - 4 <= MAX_DOWNSTREAM_FRAME_SIZE,
-        "page frame is {} bytes",
-        raw.len()
-    );
+    assert!(raw.len() <= pingme_router::single_message_page_bytes(max_body));
     let Some(server_frame::Body::Page(page)) = frame.body else {
         panic!("expected a MessagePage")
     };
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].body.len(), max_body);
     assert!(page.has_more);
-    assert!(
-        page.messages.len() > 40 && page.messages.len() < 80,
-        "{} messages",
-        page.messages.len()
-    );
-    assert_eq!(page.messages[0].seq, 1);
     h.router.shutdown().await;
 }
 
