@@ -15,7 +15,7 @@
 //!   `GoAway` is obeyed (wait `retry_after_ms`, go to `reconnect_to`), and
 //!   `REPLACED`/`LOGGED_OUT` or a rejected token stop for good.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +39,11 @@ use crate::watermark::{Arrival, Watermarks};
 
 /// Messages per `FetchMessages` page the client asks for (the server caps).
 const FETCH_LIMIT: u32 = 200;
+/// `FetchMessages` requests in flight at once. The server keeps each page
+/// under a quarter of the connection's outbound budget, so two pages and
+/// the live traffic fit and a prompt reader is never cut off as a slow
+/// consumer (docs/protocol.md, "Paging").
+const MAX_FETCHES_IN_FLIGHT: usize = 2;
 /// Events buffered before the driver waits for the application.
 const EVENT_BUFFER: usize = 4096;
 /// Request ids below this are the handshake's.
@@ -199,6 +204,8 @@ impl Client {
             watermarks,
             acked: HashMap::new(),
             fetching: HashSet::new(),
+            fetches_in_flight: 0,
+            waiting_fetches: VecDeque::new(),
             sync_pages_done: false,
             synced_emitted: false,
         };
@@ -399,8 +406,12 @@ struct Driver {
     watermarks: Arc<Mutex<Watermarks>>,
     /// Highest seq acknowledged to the server per conversation.
     acked: HashMap<String, u64>,
-    /// Conversations with a gap fetch in flight.
+    /// Conversations with a gap fetch in flight or waiting for a slot.
     fetching: HashSet<String>,
+    /// Driver fetches sent and not answered yet.
+    fetches_in_flight: usize,
+    /// Fetches waiting for one of the [`MAX_FETCHES_IN_FLIGHT`] slots.
+    waiting_fetches: VecDeque<FetchMessages>,
     /// The sync's `SyncRequest` pages are all answered on this connection.
     sync_pages_done: bool,
     /// `Event::Synced` was emitted on this connection.
@@ -543,6 +554,8 @@ impl Driver {
         let (mut sink, mut stream) = (connection.sink, connection.stream);
         self.internal.clear();
         self.fetching.clear();
+        self.fetches_in_flight = 0;
+        self.waiting_fetches.clear();
         self.sync_pages_done = false;
         self.synced_emitted = false;
         self.emit(Event::Connected {
@@ -682,6 +695,9 @@ impl Driver {
         body: server_frame::Body,
         sink: &mut FrameSink,
     ) -> Result<()> {
+        if matches!(internal, Internal::Fetch { .. }) {
+            self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
+        }
         match (internal, body) {
             (Internal::Sync, server_frame::Body::Sync(response)) => {
                 self.sync_page(response, sink).await?;
@@ -720,6 +736,12 @@ impl Driver {
                 tracing::warn!(answer = ?other, "sync failed");
                 self.sync_pages_done = true;
             }
+        }
+        while self.fetches_in_flight < MAX_FETCHES_IN_FLIGHT {
+            let Some(request) = self.waiting_fetches.pop_front() else {
+                break;
+            };
+            self.send_fetch(sink, request).await?;
         }
         self.maybe_synced().await;
         Ok(())
@@ -780,24 +802,34 @@ impl Driver {
         after_seq: u64,
         until_seq: u64,
     ) -> Result<()> {
-        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let frame = ClientFrame {
-            request_id,
-            body: Some(client_frame::Body::Fetch(FetchMessages {
-                conversation_id: conversation_id.clone(),
-                after_seq,
-                until_seq,
-                limit: FETCH_LIMIT,
-            })),
+        let request = FetchMessages {
+            conversation_id,
+            after_seq,
+            until_seq,
+            limit: FETCH_LIMIT,
         };
+        if self.fetches_in_flight >= MAX_FETCHES_IN_FLIGHT {
+            self.waiting_fetches.push_back(request);
+            return Ok(());
+        }
+        self.send_fetch(sink, request).await
+    }
+
+    async fn send_fetch(&mut self, sink: &mut FrameSink, request: FetchMessages) -> Result<()> {
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         self.internal.insert(
             request_id,
             Internal::Fetch {
-                conversation_id,
-                until_seq,
+                conversation_id: request.conversation_id.clone(),
+                until_seq: request.until_seq,
             },
         );
-        sink.send(frame).await
+        self.fetches_in_flight += 1;
+        sink.send(ClientFrame {
+            request_id,
+            body: Some(client_frame::Body::Fetch(request)),
+        })
+        .await
     }
 
     /// Fetches the first remaining gap of a conversation, if any and if no

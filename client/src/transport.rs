@@ -325,7 +325,8 @@ async fn quic_connect(
     trust: &Trust,
     options: &ConnectOptions,
 ) -> Result<Connection> {
-    let tls = tls_config(trust, true)?;
+    let mut tls = tls_config(trust, true)?;
+    tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Quic(e.to_string()))?;
     let bind_ip = options.local_ip.unwrap_or(if addr.is_ipv4() {

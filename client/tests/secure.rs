@@ -19,6 +19,7 @@ fn answer(frame: ClientFrame) -> Option<ServerFrame> {
             max_frame_size: 65536,
             heartbeat_interval_ms: 60_000,
             idle_timeout_ms: 180_000,
+            ..Default::default()
         }),
         client_frame::Body::Authenticate(_) => server_frame::Body::AuthOk(AuthOk {
             user_id: 5,

@@ -289,7 +289,9 @@ fn client(args: &[String]) -> anyhow::Result<()> {
         };
         let quic_endpoint = match &tls {
             Some(tls) if transport == "quic" => {
-                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from((**tls).clone())?;
+                let mut quic_tls = (**tls).clone();
+                quic_tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
+                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(quic_tls)?;
                 let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 2], 0)))?;
                 endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
                 Some(endpoint)

@@ -226,9 +226,16 @@ pub struct SessionConfig {
     pub heartbeat_interval: Duration,
     /// Sustained messages per second one session may send.
     pub messages_per_second: u32,
-    /// Bytes queued to a slow reader before it is disconnected.
+    /// Bytes queued to a slow reader before it is disconnected (the
+    /// connection's outbound budget). A fetch page is at most a quarter of
+    /// it, so it must hold four pages of one maximum-size message
+    /// (at least 264 KiB with the 64 KiB body limit).
     pub max_queued_bytes: usize,
 }
+
+/// How many fetch pages fit a connection's outbound budget: the SDK keeps
+/// two fetches in flight, the other half is for live traffic.
+pub const PAGES_PER_OUTBOUND_BUDGET: usize = 4;
 
 /// Tokens, passwords and login throttling.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -772,6 +779,13 @@ impl Config {
             "session.max_queued_bytes",
             "must be at least session.max_frame_size",
         )?;
+        check(
+            s.max_queued_bytes
+                >= PAGES_PER_OUTBOUND_BUDGET
+                    * pingme_router::single_message_page_bytes(self.router().max_body_bytes),
+            "session.max_queued_bytes",
+            "must hold four fetch pages of one maximum-size message (at least 270336 bytes)",
+        )?;
         let a = &self.auth;
         check(
             self.app.env == AppEnv::Development || !a.jwt_secret.is_empty(),
@@ -1065,6 +1079,7 @@ impl Config {
                 // of burst on top of the sustained rate.
                 burst: self.session.messages_per_second,
                 max_queued_bytes: self.session.max_queued_bytes,
+                max_body_bytes: self.router().max_body_bytes,
                 ..crate::SessionLimits::default()
             },
             ..crate::GatewayConfig::default()
@@ -1097,6 +1112,7 @@ impl Config {
                 downstream_topic_prefix: self.kafka.downstream_topic_prefix.clone(),
                 ..pingme_router::BusTopics::default()
             },
+            fetch_page_max_bytes: self.session.max_queued_bytes / PAGES_PER_OUTBOUND_BUDGET,
             ..pingme_router::RouterConfig::default()
         }
     }

@@ -28,8 +28,12 @@ pub(crate) enum ShardCommand {
         frame: Bytes,
         reason: CloseReason,
     },
-    /// Serve a WebSocket accepted by the HTTP server.
-    AdoptWebSocket(Box<WebSocket>),
+    /// Shutdown: every frame queued before this command (the router's last
+    /// acks) is on its connection; the go-away may follow.
+    Drained,
+    /// Serve a WebSocket accepted by the HTTP server; it must authenticate
+    /// by `deadline` (set when its upgrade request was handled).
+    AdoptWebSocket(Box<WebSocket>, tokio::time::Instant),
 }
 
 /// One connected device of a user.
@@ -55,11 +59,16 @@ impl ShardLinks {
         }
     }
 
-    /// Hands a WebSocket to the next shard, round robin.
-    pub(crate) fn adopt_websocket(&self, socket: WebSocket) -> bool {
+    /// Hands a WebSocket to the next shard, round robin; it must
+    /// authenticate by `deadline`.
+    pub(crate) fn adopt_websocket(
+        &self,
+        socket: WebSocket,
+        deadline: tokio::time::Instant,
+    ) -> bool {
         let shard = self.next_ws_shard.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
         self.inboxes[shard]
-            .send(ShardCommand::AdoptWebSocket(Box::new(socket)))
+            .send(ShardCommand::AdoptWebSocket(Box::new(socket), deadline))
             .is_ok()
     }
 }
@@ -161,6 +170,14 @@ impl Connections {
             .get()
             .and_then(|links| links.inboxes.get(usize::from(shard)))
             .is_some_and(|inbox| inbox.send(command).is_ok())
+    }
+
+    /// Puts [`ShardCommand::Drained`] behind everything already in every
+    /// shard's inbox.
+    pub(crate) fn mark_drained(&self) {
+        for shard in 0..self.shard_count() {
+            self.send(shard as u16, ShardCommand::Drained);
+        }
     }
 
     fn shard_count(&self) -> usize {

@@ -1,8 +1,11 @@
 //! `pingme serve`: starts the parts in order, marks the process ready, and
 //! waits for SIGTERM/SIGINT. One shutdown path: a [`CancellationToken`]
-//! cancelled by the signal (or by the caller of [`run_until`]) that every
-//! server loop watches; then readiness is cleared, in-flight HTTP requests
-//! finish within [`SHUTDOWN_GRACE`], and the store is dropped last.
+//! cancelled by the signal (or by the caller of [`run_until`]); then, in
+//! this order: readiness is cleared (`/health` answers 503 while the rest
+//! drains), the router answers every send it accepted, the gateway sends
+//! go-away after those answers, the HTTP API finishes its requests within
+//! [`SHUTDOWN_GRACE`], the ops port (health, metrics) stops, and the store
+//! is dropped last.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,8 +104,11 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
         .with_context(|| format!("binding the metrics port {}", config.listeners.metrics))?;
     let ops_addr = ops_listener.local_addr()?;
 
+    // The servers stop late in the drain, each on its own signal, so
+    // `/health` keeps answering (503) while the rest drains.
+    let (http_stop, ops_stop) = (CancellationToken::new(), CancellationToken::new());
     let limits = config.http_limits();
-    let http_task = tokio::spawn(http::serve(http_listener, app, limits, shutdown.clone()));
+    let http_task = tokio::spawn(http::serve(http_listener, app, limits, http_stop.clone()));
     // Operators only: metrics, health and the dead-letter admin routes.
     let ops_app = ops::ops_app(
         readiness.clone(),
@@ -113,31 +119,37 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
         ops_listener,
         ops_app,
         limits,
-        shutdown.clone(),
+        ops_stop.clone(),
     ));
 
     // 7. Everything is up.
     readiness.set(true);
     tracing::info!(%http_addr, %ops_addr, "pingme ready");
 
-    // 8. Wait, then drain: clients get a go-away and their queued frames,
-    //    the router finishes what it accepted, the HTTP server its requests,
-    //    and the store closes last.
+    // 8. Wait, then drain: `/health` says 503 from the first moment; the
+    //    router refuses new sends (SHUTTING_DOWN) and stores and answers
+    //    what it accepted; only then do clients get a go-away (behind those
+    //    answers) and their queued frames; then the HTTP server finishes its
+    //    requests, the ops port stops, and the store closes last.
     shutdown.cancelled().await;
     readiness.set(false);
     tracing::info!("pingme shutting down");
-    gateway.shutdown(SHUTDOWN_GRACE).await;
     router.shutdown().await;
+    gateway.shutdown(SHUTDOWN_GRACE).await;
+    http_stop.cancel();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        let (http_result, ops_result) = tokio::join!(http_task, ops_task);
-        http_result??;
-        ops_result??;
+        http_task.await??;
         anyhow::Ok(())
     })
     .await;
     match drained {
         Ok(result) => result?,
         Err(_) => tracing::warn!("shutdown grace period elapsed with requests in flight"),
+    }
+    ops_stop.cancel();
+    match tokio::time::timeout(SHUTDOWN_GRACE, ops_task).await {
+        Ok(result) => result??,
+        Err(_) => tracing::warn!("the ops port did not stop within the grace period"),
     }
     drop(stores);
     tracing::info!("pingme stopped");

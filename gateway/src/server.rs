@@ -199,9 +199,8 @@ impl Gateway {
         let mut quic: Vec<Option<(std::net::UdpSocket, quinn::ServerConfig)>> =
             match (config.listeners.quic, &tls_config) {
                 (Some(addr), Some(tls_config)) => {
-                    let server_config =
-                        quic::server_config(tls_config.clone(), config.limits.idle_timeout)
-                            .map_err(StartError::Quic)?;
+                    let server_config = quic::server_config(tls_config, config.limits.idle_timeout)
+                        .map_err(StartError::Quic)?;
                     let group =
                         bind_udp_group(addr, shard_count).map_err(bind_error(addr, "quic"))?;
                     addrs.quic = group.first().and_then(|s| s.local_addr().ok());
@@ -289,11 +288,14 @@ impl Gateway {
         self.shard_count
     }
 
-    /// Stops accepting, sends GoAway{SHUTDOWN} to every client, lets the
-    /// queues flush and returns once every shard stopped or `grace` passed.
+    /// Stops accepting, sends GoAway{SHUTDOWN} to every client after the
+    /// frames already handed to the outbox (so call it after the router's
+    /// shutdown: every accepted send is answered first), lets the queues
+    /// flush and returns once every shard stopped or `grace` passed.
     pub async fn shutdown(mut self, grace: Duration) {
         self.grace_ms
             .store(grace.as_millis() as u64, Ordering::Relaxed);
+        self.connections.mark_drained();
         self.shutdown.cancel();
         let threads = std::mem::take(&mut self.threads);
         let joined = tokio::task::spawn_blocking(move || {
@@ -334,6 +336,7 @@ pub(crate) fn describe_metrics() {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        self.connections.mark_drained();
         self.shutdown.cancel();
     }
 }

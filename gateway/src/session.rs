@@ -37,6 +37,9 @@ pub struct SessionLimits {
     /// Bytes queued for a session that does not read fast enough; above
     /// this the session is closed with SLOW_CONSUMER.
     pub max_queued_bytes: usize,
+    /// The router's largest message body (announced in `HelloAck`; the
+    /// router enforces it).
+    pub max_body_bytes: usize,
     /// How long a closing connection may take to flush its last frames
     /// (the fatal error or go-away) before it is dropped.
     pub close_linger: Duration,
@@ -54,6 +57,7 @@ impl Default for SessionLimits {
             messages_per_second: 50,
             burst: 100,
             max_queued_bytes: 1024 * 1024,
+            max_body_bytes: pingme_storage::MAX_BODY_BYTES,
             close_linger: Duration::from_secs(2),
             shutdown_retry_after: Duration::from_secs(5),
         }
@@ -70,10 +74,17 @@ const MAX_FRAMES_BEFORE_AUTH: u32 = 8;
 pub(crate) enum Refusal {
     /// The peer closed or the transport failed: nobody to tell.
     Gone,
-    /// A fatal error frame, then close.
-    Fatal(ErrorCode, &'static str, CloseReason),
-    /// The auth token was refused: the authenticator's code.
-    BadToken(ErrorCode),
+    /// A fatal error frame answering `request_id` (0: no request to
+    /// answer, e.g. an undecodable frame), then close.
+    Fatal {
+        code: ErrorCode,
+        message: &'static str,
+        reason: CloseReason,
+        request_id: u64,
+    },
+    /// The auth token of request `request_id` was refused: the
+    /// authenticator's code.
+    BadToken { code: ErrorCode, request_id: u64 },
     /// The gateway is shutting down.
     ShuttingDown,
 }
@@ -82,8 +93,8 @@ impl Refusal {
     pub(crate) fn reason(&self) -> CloseReason {
         match self {
             Refusal::Gone => CloseReason::PeerClosed,
-            Refusal::Fatal(_, _, reason) => *reason,
-            Refusal::BadToken(_) => CloseReason::AuthFailed,
+            Refusal::Fatal { reason, .. } => *reason,
+            Refusal::BadToken { .. } => CloseReason::AuthFailed,
             Refusal::ShuttingDown => CloseReason::Shutdown,
         }
     }
@@ -92,13 +103,19 @@ impl Refusal {
     pub(crate) fn frame(&self, retry_after: Duration) -> Option<Bytes> {
         match self {
             Refusal::Gone => None,
-            Refusal::Fatal(code, message, _) => {
-                Some(encode_frame(&ServerFrame::fatal(*code, *message)))
-            }
-            Refusal::BadToken(code) => Some(encode_frame(&ServerFrame::fatal(
+            Refusal::Fatal {
+                code,
+                message,
+                request_id,
+                ..
+            } => Some(encode_frame(&ServerFrame::fatal_answer(
+                *request_id,
                 *code,
-                "authentication failed",
+                *message,
             ))),
+            Refusal::BadToken { code, request_id } => Some(encode_frame(
+                &ServerFrame::fatal_answer(*request_id, *code, "authentication failed"),
+            )),
             Refusal::ShuttingDown => Some(go_away(
                 v1::GoAwayReason::Shutdown,
                 retry_after,
@@ -125,6 +142,7 @@ pub(crate) async fn handshake<T: FrameTransport>(
 ) -> Result<(Claims, u64), Refusal> {
     let limits = &ctx.limits;
     let mut greeted = false;
+    let mut last_request_id = 0;
     for _ in 0..MAX_FRAMES_BEFORE_AUTH {
         let payload = match transport.next_payload(limits.max_frame_size).await {
             Ok(Some(payload)) => payload,
@@ -134,30 +152,39 @@ pub(crate) async fn handshake<T: FrameTransport>(
         let frame: ClientFrame =
             decode_message(payload).map_err(|_| fatal_for(ErrorCode::Malformed))?;
         let request_id = frame.request_id;
+        last_request_id = request_id;
         let reply = match (greeted, frame.body) {
             (false, Some(client_frame::Body::Hello(hello))) => {
                 let Some(version) = negotiate_version(hello.min_version, hello.max_version) else {
-                    return Err(Refusal::Fatal(
-                        ErrorCode::UnsupportedVersion,
-                        "no common protocol version",
-                        CloseReason::UnsupportedVersion,
-                    ));
+                    return Err(Refusal::Fatal {
+                        code: ErrorCode::UnsupportedVersion,
+                        message: "no common protocol version",
+                        reason: CloseReason::UnsupportedVersion,
+                        request_id,
+                    });
                 };
                 greeted = true;
                 ServerFrame {
                     request_id,
                     body: Some(server_frame::Body::HelloAck(v1::HelloAck {
                         version,
-                        max_frame_size: u32::try_from(limits.max_frame_size).unwrap_or(u32::MAX),
+                        max_frame_size: u32_or_max(limits.max_frame_size),
                         heartbeat_interval_ms: millis_u32(limits.heartbeat_interval),
                         idle_timeout_ms: millis_u32(limits.idle_timeout),
+                        messages_per_second: limits.messages_per_second,
+                        send_burst: limits.burst,
+                        // See `TokenBucket::admit`: a flood is a refusal
+                        // beyond `burst` in a row.
+                        refusals_before_disconnect: limits.burst.max(1),
+                        max_body_bytes: u32_or_max(limits.max_body_bytes),
+                        max_queued_bytes: u32_or_max(limits.max_queued_bytes),
                     })),
                 }
             }
             (true, Some(client_frame::Body::Authenticate(auth))) => {
                 return match ctx.authenticator.authenticate(&auth.token).await {
                     Ok(claims) => Ok((claims, request_id)),
-                    Err(code) => Err(Refusal::BadToken(code)),
+                    Err(code) => Err(Refusal::BadToken { code, request_id }),
                 };
             }
             (false, _) => ServerFrame::error(
@@ -176,25 +203,30 @@ pub(crate) async fn handshake<T: FrameTransport>(
             .await
             .map_err(|_| Refusal::Gone)?;
     }
-    Err(Refusal::Fatal(
-        ErrorCode::UnexpectedMessage,
-        "too many frames before authentication",
-        CloseReason::UnexpectedMessage,
-    ))
+    Err(Refusal::Fatal {
+        code: ErrorCode::UnexpectedMessage,
+        message: "too many frames before authentication",
+        reason: CloseReason::UnexpectedMessage,
+        request_id: last_request_id,
+    })
 }
 
+/// The refusal of a frame that could not be read at all: there is no
+/// request id to echo.
 fn fatal_for(code: ErrorCode) -> Refusal {
     match code {
-        ErrorCode::FrameTooLarge => Refusal::Fatal(
+        ErrorCode::FrameTooLarge => Refusal::Fatal {
             code,
-            "frame exceeds the maximum frame size",
-            CloseReason::FrameTooLarge,
-        ),
-        _ => Refusal::Fatal(
-            ErrorCode::Malformed,
-            "frame could not be decoded",
-            CloseReason::Malformed,
-        ),
+            message: "frame exceeds the maximum frame size",
+            reason: CloseReason::FrameTooLarge,
+            request_id: 0,
+        },
+        _ => Refusal::Fatal {
+            code: ErrorCode::Malformed,
+            message: "frame could not be decoded",
+            reason: CloseReason::Malformed,
+            request_id: 0,
+        },
     }
 }
 
@@ -358,6 +390,10 @@ impl TokenBucket {
             }
         }
     }
+}
+
+fn u32_or_max(value: usize) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
 }
 
 fn millis_u32(duration: Duration) -> u32 {

@@ -71,6 +71,8 @@ pub(crate) struct ShardCtx {
     conns: RefCell<HashMap<u64, Rc<Conn>>>,
     epoch: Instant,
     drained: Notify,
+    /// Notified when [`ShardCommand::Drained`] comes out of the inbox.
+    inbox_drained: Notify,
     shard_label: String,
 }
 
@@ -230,6 +232,7 @@ async fn run(setup: ShardSetup) {
         conns: RefCell::new(HashMap::new()),
         epoch: Instant::now(),
         drained: Notify::new(),
+        inbox_drained: Notify::new(),
         shard_label: id.to_string(),
     });
     if let Some(listener) = tcp {
@@ -264,6 +267,10 @@ async fn run(setup: ShardSetup) {
     ctx.shutdown.cancelled().await;
     let grace = Duration::from_millis(grace_ms.load(Ordering::Relaxed));
     let deadline = tokio::time::Instant::now() + grace;
+    // The go-away goes out after what the router answered before shutdown
+    // (its acks are ahead of the marker in the inbox), so a send in flight
+    // at shutdown gets its ack before the go-away.
+    let _ = tokio::time::timeout_at(deadline, ctx.inbox_drained.notified()).await;
     let open: Vec<Rc<Conn>> = ctx.conns.borrow().values().cloned().collect();
     tracing::info!(shard = id, connections = open.len(), "shard draining");
     for conn in open {
@@ -308,8 +315,9 @@ async fn run_inbox(ctx: Rc<ShardCtx>, mut inbox: UnboundedReceiver<ShardCommand>
                         }
                     }
                 }
-                ShardCommand::AdoptWebSocket(socket) => {
-                    tokio::task::spawn_local(ws::serve_websocket(*socket, ctx.clone()));
+                ShardCommand::Drained => ctx.inbox_drained.notify_one(),
+                ShardCommand::AdoptWebSocket(socket, deadline) => {
+                    tokio::task::spawn_local(ws::serve_websocket(*socket, ctx.clone(), deadline));
                 }
             }
         }

@@ -147,6 +147,24 @@ fn the_example_file_spells_out_every_field() {
     }
 }
 
+/// A fetch page is a quarter of the connection's outbound budget, and a
+/// page of one maximum-size message fits that quarter at the smallest
+/// accepted budget.
+#[test]
+fn fetch_pages_fit_the_outbound_budget() {
+    let c = Config::default();
+    let router = c.router();
+    assert_eq!(router.fetch_page_max_bytes, c.session.max_queued_bytes / 4);
+    let smallest = 4 * pingme_router::single_message_page_bytes(router.max_body_bytes);
+    let config =
+        Config::parse_yaml(&format!("session:\n  max_queued_bytes: {smallest}\n")).unwrap();
+    config.validate().unwrap();
+    assert!(
+        config.router().fetch_page_max_bytes
+            >= pingme_router::single_message_page_bytes(router.max_body_bytes)
+    );
+}
+
 #[test]
 fn the_seed_defaults_hold() {
     let c = Config::default();
@@ -427,6 +445,11 @@ fn invalid_values_name_their_field() {
         ("session:\n  max_frame_size: 10\n", "session.max_frame_size"),
         ("session:\n  auth_timeout: 10\n", "session.auth_timeout"),
         ("session:\n  idle_timeout: 5s\n", "session.idle_timeout"),
+        // Too small for four pages of one maximum-size message.
+        (
+            "session:\n  max_queued_bytes: 200000\n",
+            "session.max_queued_bytes",
+        ),
         (
             "session:\n  messages_per_second: 0\n",
             "session.messages_per_second",

@@ -19,6 +19,18 @@ async fn round_trip(kind: Kind) {
     let ack = alice.hello().await;
     assert_eq!(ack.version, 1);
     assert_eq!(ack.max_frame_size, 64 * 1024);
+    // The limits an SDK cannot learn otherwise.
+    let limits = limits();
+    assert_eq!(
+        (
+            ack.messages_per_second,
+            ack.send_burst,
+            ack.refusals_before_disconnect
+        ),
+        (limits.messages_per_second, limits.burst, limits.burst)
+    );
+    assert_eq!(ack.max_body_bytes, 64 * 1024);
+    assert_eq!(ack.max_queued_bytes as usize, limits.max_queued_bytes);
     let ok = {
         let id = alice
             .send(client_frame::Body::Authenticate(v1::Authenticate {
@@ -92,14 +104,37 @@ async fn websocket_round_trip() {
     round_trip(Kind::Ws).await;
 }
 
-/// Expects a fatal error with `code` and then the end of the stream.
-async fn expect_fatal(client: &mut TestClient, code: ErrorCode) {
+/// QUIC stacks require ALPN: the server speaks only `pingme/1` and refuses
+/// a handshake that offers nothing or something else.
+#[tokio::test]
+async fn quic_requires_the_pingme_alpn() {
+    let harness = Harness::start(limits(), 1).await;
+    let addr = harness.gateway().local_addrs().quic.unwrap();
+    let (_endpoint, connection) =
+        common::quic_connect(addr, &harness.cert, &[b"h3", pingme_protocol::QUIC_ALPN])
+            .await
+            .expect("pingme/1 is accepted");
+    let negotiated = connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol);
+    assert_eq!(negotiated.as_deref(), Some(pingme_protocol::QUIC_ALPN));
+    for offered in [&[][..], &[&b"h3"[..]][..]] {
+        let refused = common::quic_connect(addr, &harness.cert, offered).await;
+        assert!(refused.is_err(), "ALPN {offered:?} must be refused");
+    }
+}
+
+/// Expects a fatal error with `code` and then the end of the stream;
+/// returns the error's request id.
+async fn expect_fatal(client: &mut TestClient, code: ErrorCode) -> u64 {
     let frames = client.drain_to_end().await;
     let last = frames
         .last()
         .and_then(|f| f.body.as_ref())
         .and_then(error_of);
     assert_eq!(last, Some((code, true)), "frames before close: {frames:?}");
+    frames.last().map_or(0, |f| f.request_id)
 }
 
 #[tokio::test]
@@ -113,21 +148,68 @@ async fn silent_after_hello_gets_auth_timeout() {
     assert!(harness.dispatch.connected_sessions().is_empty());
 }
 
+/// One deadline from accept: time spent in the TLS handshake or before
+/// the QUIC stream opens counts against `auth_timeout`. The client uses
+/// 80% of the timeout before its first frame and authenticates at 160%:
+/// with a deadline restarted after the transport handshake it would be let
+/// in; with one deadline it is refused. (Scheduling delays only make the
+/// client later, so they cannot turn a refusal into a success.)
+#[tokio::test]
+async fn the_auth_deadline_covers_the_transport_handshake() {
+    let auth_timeout = Duration::from_secs(2);
+    let harness = Harness::start(
+        SessionLimits {
+            auth_timeout,
+            ..limits()
+        },
+        1,
+    )
+    .await;
+    let addrs = harness.gateway().local_addrs();
+    let pause = auth_timeout * 4 / 5;
+    let late_login = |client: TestClient, start: tokio::time::Instant| async move {
+        let mut client = client;
+        client.hello().await;
+        tokio::time::sleep_until(start + pause * 2).await;
+        client
+            .send(client_frame::Body::Authenticate(v1::Authenticate {
+                token: "1:d".into(),
+            }))
+            .await;
+        expect_fatal(&mut client, ErrorCode::AuthTimeout).await;
+    };
+    let tls = async {
+        let start = tokio::time::Instant::now();
+        let client = TestClient::tls_after_pause(addrs.tls.unwrap(), &harness.cert, pause).await;
+        late_login(client, start).await;
+    };
+    let quic = async {
+        let start = tokio::time::Instant::now();
+        let client = TestClient::quic_after_pause(addrs.quic.unwrap(), &harness.cert, pause).await;
+        late_login(client, start).await;
+    };
+    tokio::join!(tls, quic);
+    assert!(harness.dispatch.connected_sessions().is_empty());
+}
+
 #[tokio::test]
 async fn bad_tokens_are_refused_with_their_code() {
     let harness = Harness::start(limits(), 1).await;
     for (token, code) in [
         ("not-a-token", ErrorCode::TokenInvalid),
         ("expired", ErrorCode::TokenExpired),
+        ("revoked", ErrorCode::TokenRevoked),
     ] {
         let mut client = harness.connect(Kind::Tcp).await;
         client.hello().await;
-        client
+        let request_id = client
             .send(client_frame::Body::Authenticate(v1::Authenticate {
                 token: token.into(),
             }))
             .await;
-        expect_fatal(&mut client, code).await;
+        // The refusal answers the Authenticate: an SDK matching replies by
+        // request id learns why it was refused.
+        assert_eq!(expect_fatal(&mut client, code).await, request_id, "{token}");
     }
     assert!(harness.dispatch.connected_sessions().is_empty());
 }
@@ -160,14 +242,18 @@ async fn frames_before_hello_or_auth_are_unexpected() {
 async fn unsupported_version_is_fatal() {
     let harness = Harness::start(limits(), 1).await;
     let mut client = harness.connect(Kind::Tcp).await;
-    client
+    let request_id = client
         .send(client_frame::Body::Hello(v1::Hello {
             max_version: 9,
             min_version: 5,
             client_name: String::new(),
         }))
         .await;
-    expect_fatal(&mut client, ErrorCode::UnsupportedVersion).await;
+    assert_eq!(
+        expect_fatal(&mut client, ErrorCode::UnsupportedVersion).await,
+        request_id,
+        "the refusal answers the Hello"
+    );
 }
 
 #[tokio::test]
@@ -203,6 +289,29 @@ async fn oversize_frame_is_refused_from_its_prefix() {
     before_auth
         .send_raw(Bytes::from(u32::MAX.to_be_bytes().to_vec()))
         .await;
+    expect_fatal(&mut before_auth, ErrorCode::FrameTooLarge).await;
+}
+
+/// WebSocket: a message over the maximum frame size gets FRAME_TOO_LARGE
+/// before the close (the WebSocket library's own limit sits above pingme's),
+/// before and after authentication.
+#[tokio::test]
+async fn websocket_oversize_frame_gets_frame_too_large() {
+    let harness = Harness::start(limits(), 1).await;
+    let max = limits().max_frame_size;
+    let oversize = |len: usize| {
+        let mut message = BytesMut::new();
+        message.put_u32(len as u32);
+        message.put_bytes(0, len);
+        message.freeze()
+    };
+    let mut client = harness.connect(Kind::Ws).await;
+    client.login(1, "d").await;
+    client.send_raw(oversize(max + 1)).await;
+    expect_fatal(&mut client, ErrorCode::FrameTooLarge).await;
+
+    let mut before_auth = harness.connect(Kind::Ws).await;
+    before_auth.send_raw(oversize(max + 1024)).await;
     expect_fatal(&mut before_auth, ErrorCode::FrameTooLarge).await;
 }
 

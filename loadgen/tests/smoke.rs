@@ -48,6 +48,7 @@ async fn gateway() -> std::net::SocketAddr {
                     max_frame_size: 65536,
                     heartbeat_interval_ms: 1000,
                     idle_timeout_ms: 3000,
+                    ..Default::default()
                 };
                 framed
                     .send(frame(1, server_frame::Body::HelloAck(ack)))

@@ -70,9 +70,20 @@ impl ServerFrame {
         }
     }
 
-    /// An error after which the server closes the connection.
+    /// An error after which the server closes the connection, answering
+    /// no particular request (`request_id` 0).
     pub fn fatal(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
-        let mut frame = ServerFrame::error(0, code, message);
+        ServerFrame::fatal_answer(0, code, message)
+    }
+
+    /// A fatal error answering request `request_id` (a refused `Hello` or
+    /// `Authenticate`): clients match it to their request like any answer.
+    pub fn fatal_answer(
+        request_id: u64,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> ServerFrame {
+        let mut frame = ServerFrame::error(request_id, code, message);
         if let Some(server_frame::Body::Error(error)) = frame.body.as_mut() {
             error.fatal = true;
         }

@@ -32,6 +32,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
+/// The QUIC application protocol (ALPN) of this protocol version. A QUIC
+/// client must offer it; the server refuses a handshake without it (QUIC
+/// requires ALPN, RFC 9001 section 8.1). TCP+TLS does not use ALPN.
+pub const QUIC_ALPN: &[u8] = b"pingme/1";
+
 /// Picks the version both sides speak: the highest version in the overlap of
 /// the client's `[min, max]` range and ours, or `None` if they do not overlap.
 pub fn negotiate_version(client_min: u32, client_max: u32) -> Option<u32> {

@@ -159,6 +159,7 @@ fn server_body() -> impl Strategy<Value = server_frame::Body> {
                     max_frame_size,
                     heartbeat_interval_ms,
                     idle_timeout_ms,
+                    ..Default::default()
                 })
             }
         ),

@@ -145,6 +145,7 @@ impl FakeServer {
             max_frame_size: 65536,
             heartbeat_interval_ms: 60_000,
             idle_timeout_ms: 180_000,
+            ..Default::default()
         };
         if framed
             .send(reply(1, server_frame::Body::HelloAck(ack)))

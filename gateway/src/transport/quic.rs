@@ -1,7 +1,8 @@
 //! QUIC: each shard runs its own quinn endpoint on its own UDP socket
 //! (SO_REUSEPORT on a shared port). A client opens one bidirectional stream
 //! right after the handshake and both sides write frames on it as on TCP,
-//! so the session code is the same as for TCP.
+//! so the session code is the same as for TCP. The handshake must
+//! negotiate ALPN `pingme/1` ([`pingme_protocol::QUIC_ALPN`]).
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -9,16 +10,20 @@ use std::time::Duration;
 
 use crate::connection::{CloseReason, Transport};
 use crate::shard::{ShardCtx, count_disconnect};
-use crate::transport::tcp::serve_stream;
+use crate::transport::tcp::{auth_deadline, serve_stream};
 
 /// A quinn server configuration over a rustls one. QUIC's own idle timeout
-/// sits a little above the session's, so the session decides.
+/// sits a little above the session's, so the session decides. The TLS
+/// configuration is the TCP+TLS one plus ALPN `pingme/1`: rustls then
+/// refuses a QUIC client that offers no ALPN or only others.
 pub(crate) fn server_config(
-    tls: Arc<rustls::ServerConfig>,
+    tls: &rustls::ServerConfig,
     idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, String> {
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
+        .map_err(|e| e.to_string())?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(idle_timeout + Duration::from_secs(5))
@@ -59,13 +64,15 @@ pub(crate) async fn accept_quic(endpoint: quinn::Endpoint, ctx: Rc<ShardCtx>) {
 }
 
 async fn serve_quic(incoming: quinn::Incoming, ctx: Rc<ShardCtx>) {
-    let auth_timeout = ctx.limits.auth_timeout;
-    let connection = match tokio::time::timeout(auth_timeout, incoming).await {
+    // One deadline from the first packet: QUIC handshake, stream, Hello
+    // and Authenticate.
+    let deadline = auth_deadline(&ctx);
+    let connection = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(_)) => return count_disconnect(Transport::Quic, CloseReason::IoError),
         Err(_) => return count_disconnect(Transport::Quic, CloseReason::AuthTimeout),
     };
-    let (send, recv) = match tokio::time::timeout(auth_timeout, connection.accept_bi()).await {
+    let (send, recv) = match tokio::time::timeout_at(deadline, connection.accept_bi()).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(_)) => return count_disconnect(Transport::Quic, CloseReason::PeerClosed),
         Err(_) => {
@@ -73,7 +80,13 @@ async fn serve_quic(incoming: quinn::Incoming, ctx: Rc<ShardCtx>) {
             return count_disconnect(Transport::Quic, CloseReason::AuthTimeout);
         }
     };
-    let io = serve_stream(tokio::io::join(recv, send), ctx.clone(), Transport::Quic).await;
+    let io = serve_stream(
+        tokio::io::join(recv, send),
+        ctx.clone(),
+        Transport::Quic,
+        deadline,
+    )
+    .await;
     let (_recv, send) = io.into_inner();
     // The stream is finished; dropping the connection now could lose its
     // last frames, so wait (bounded) until the client has them.

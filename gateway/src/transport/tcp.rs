@@ -73,13 +73,25 @@ pub(crate) async fn accept_tcp(listener: TcpListener, ctx: Rc<ShardCtx>) {
         match accepted {
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
+                let deadline = auth_deadline(&ctx);
                 // The task is the connection's only per-connection future:
                 // spawned directly so nothing wraps (and copies) its state.
-                tokio::task::spawn_local(serve_stream(stream, ctx.clone(), Transport::Tcp));
+                tokio::task::spawn_local(serve_stream(
+                    stream,
+                    ctx.clone(),
+                    Transport::Tcp,
+                    deadline,
+                ));
             }
             Err(error) => backoff.failed(&error).await,
         }
     }
+}
+
+/// When a connection accepted now must have authenticated: one deadline
+/// from accept covers the TLS or QUIC handshake, Hello and Authenticate.
+pub(crate) fn auth_deadline(ctx: &ShardCtx) -> tokio::time::Instant {
+    tokio::time::Instant::now() + ctx.limits.auth_timeout
 }
 
 /// Accepts TLS connections until shutdown; the TLS handshake counts
@@ -98,15 +110,14 @@ pub(crate) async fn accept_tls(
         match accepted {
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
+                let deadline = auth_deadline(&ctx);
                 let ctx = ctx.clone();
                 let acceptor = acceptor.clone();
                 tokio::task::spawn_local(async move {
-                    let tls =
-                        tokio::time::timeout(ctx.limits.auth_timeout, acceptor.accept(stream))
-                            .await;
+                    let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
                     match tls {
                         Ok(Ok(stream)) => {
-                            serve_stream(stream, ctx, Transport::Tls).await;
+                            serve_stream(stream, ctx, Transport::Tls, deadline).await;
                         }
                         Ok(Err(_)) => count_disconnect(Transport::Tls, CloseReason::IoError),
                         Err(_) => count_disconnect(Transport::Tls, CloseReason::AuthTimeout),
@@ -153,10 +164,11 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     mut io: S,
     ctx: Rc<ShardCtx>,
     transport: Transport,
+    deadline: tokio::time::Instant,
 ) -> S {
     // Boxed: the handshake's buffers, timers and refusal path live only
     // while it runs, so the connection's task stays small afterwards.
-    let Some(conn) = Box::pin(admit(&mut io, &ctx, transport)).await else {
+    let Some(conn) = Box::pin(admit(&mut io, &ctx, transport, deadline)).await else {
         return io;
     };
     drive_stream(&mut io, &conn, &ctx).await;
@@ -171,8 +183,9 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     ctx: &ShardCtx,
     transport: Transport,
+    deadline: tokio::time::Instant,
 ) -> Option<Rc<Conn>> {
-    match open(io, ctx).await {
+    match open(io, ctx, deadline).await {
         Ok((claims, request_id, leftover)) => {
             Some(ctx.open_session(&claims, request_id, transport, leftover))
         }
@@ -193,12 +206,13 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
 async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     ctx: &ShardCtx,
+    deadline: tokio::time::Instant,
 ) -> Result<(crate::auth::Claims, u64, BytesMut), Refusal> {
     let mut transport = StreamHandshake {
         io,
         buf: BytesMut::new(),
     };
-    let (claims, request_id) = guarded_handshake(&mut transport, ctx).await?;
+    let (claims, request_id) = guarded_handshake(&mut transport, ctx, deadline).await?;
     // Keep frames pipelined after Authenticate, in a buffer of their own.
     let leftover = if transport.buf.is_empty() {
         BytesMut::new()
@@ -208,18 +222,21 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     Ok((claims, request_id, leftover))
 }
 
-/// The handshake under the auth timeout and the shutdown signal.
+/// The handshake under the connection's auth deadline (see
+/// [`auth_deadline`]) and the shutdown signal.
 pub(crate) async fn guarded_handshake<T: FrameTransport>(
     transport: &mut T,
     ctx: &ShardCtx,
+    deadline: tokio::time::Instant,
 ) -> Result<(crate::auth::Claims, u64), Refusal> {
     tokio::select! {
-        outcome = tokio::time::timeout(ctx.limits.auth_timeout, handshake(transport, ctx)) => {
-            outcome.unwrap_or(Err(Refusal::Fatal(
-                ErrorCode::AuthTimeout,
-                "no successful Authenticate within the auth timeout",
-                CloseReason::AuthTimeout,
-            )))
+        outcome = tokio::time::timeout_at(deadline, handshake(transport, ctx)) => {
+            outcome.unwrap_or(Err(Refusal::Fatal {
+                code: ErrorCode::AuthTimeout,
+                message: "no successful Authenticate within the auth timeout",
+                reason: CloseReason::AuthTimeout,
+                request_id: 0,
+            }))
         }
         _ = ctx.shutdown.cancelled() => Err(Refusal::ShuttingDown),
     }

@@ -42,10 +42,14 @@ async fn upgrade(
     State(connections): State<Arc<Connections>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // The unauthenticated deadline starts with the upgrade request, not
+    // when a shard adopts the socket.
+    let deadline = tokio::time::Instant::now();
     let Some(links) = connections.links().cloned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "gateway not started").into_response();
     };
-    let max_message = links.limits.max_frame_size + pingme_protocol::LENGTH_PREFIX;
+    let deadline = deadline + links.limits.auth_timeout;
+    let max_message = websocket_message_limit(links.limits.max_frame_size);
     upgrade
         // tungstenite's defaults (128 KiB read and write buffers) would cost
         // far more than the rest of an idle session; writes are flushed per
@@ -56,10 +60,19 @@ async fn upgrade(
         .max_message_size(max_message)
         .max_frame_size(max_message)
         .on_upgrade(move |socket| async move {
-            if !links.adopt_websocket(socket) {
+            if !links.adopt_websocket(socket, deadline) {
                 count_disconnect(Transport::WebSocket, CloseReason::Shutdown);
             }
         })
+}
+
+/// tungstenite's own message limit: twice a maximum frame (prefix
+/// included). Above pingme's limit, so an oversize frame reaches pingme's
+/// check and gets `FRAME_TOO_LARGE` before the close; still a bound, so a
+/// peer cannot make us buffer an unbounded message (beyond it the library
+/// closes the socket with 1009, message too big).
+fn websocket_message_limit(max_frame_size: usize) -> usize {
+    2 * (max_frame_size + pingme_protocol::LENGTH_PREFIX)
 }
 
 struct WsHandshake<'a> {
@@ -89,12 +102,16 @@ impl FrameTransport for WsHandshake<'_> {
 }
 
 /// Serves one WebSocket on this shard.
-pub(crate) async fn serve_websocket(mut socket: WebSocket, ctx: Rc<ShardCtx>) {
+pub(crate) async fn serve_websocket(
+    mut socket: WebSocket,
+    ctx: Rc<ShardCtx>,
+    deadline: tokio::time::Instant,
+) {
     let outcome = Box::pin(async {
         let mut transport = WsHandshake {
             socket: &mut socket,
         };
-        guarded_handshake(&mut transport, &ctx).await
+        guarded_handshake(&mut transport, &ctx, deadline).await
     })
     .await;
     match outcome {

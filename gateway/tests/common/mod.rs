@@ -22,14 +22,17 @@ use pingme_router::port::{Dispatch, Outbox, SessionInfo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::Framed;
 
-/// Tokens are "user:device"; "expired" is expired; anything else is invalid.
+/// Tokens are "user:device"; "expired" is expired, "revoked" revoked;
+/// anything else is invalid.
 pub struct TestAuth;
 
 #[async_trait]
 impl Authenticator for TestAuth {
     async fn authenticate(&self, token: &str) -> Result<Claims, ErrorCode> {
-        if token == "expired" {
-            return Err(ErrorCode::TokenExpired);
+        match token {
+            "expired" => return Err(ErrorCode::TokenExpired),
+            "revoked" => return Err(ErrorCode::TokenRevoked),
+            _ => {}
         }
         let (user, device) = token.split_once(':').ok_or(ErrorCode::TokenInvalid)?;
         Ok(Claims {
@@ -237,6 +240,21 @@ fn client_tls(cert: &rustls::pki_types::CertificateDer<'static>) -> rustls::Clie
         .with_no_client_auth()
 }
 
+/// A QUIC connection offering `alpn` (nothing if empty).
+pub async fn quic_connect(
+    addr: SocketAddr,
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
+    let mut tls = client_tls(cert);
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = endpoint.connect(addr, "localhost").unwrap().await?;
+    Ok((endpoint, connection))
+}
+
 impl TestClient {
     fn over(io: Pin<Box<dyn Io>>) -> Self {
         Self {
@@ -260,17 +278,36 @@ impl TestClient {
     }
 
     pub async fn tls(addr: SocketAddr, cert: &rustls::pki_types::CertificateDer<'static>) -> Self {
+        Self::tls_after_pause(addr, cert, Duration::ZERO).await
+    }
+
+    /// TLS that connects, waits `pause`, then does the TLS handshake.
+    pub async fn tls_after_pause(
+        addr: SocketAddr,
+        cert: &rustls::pki_types::CertificateDer<'static>,
+        pause: Duration,
+    ) -> Self {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(cert)));
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(pause).await;
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         Self::over(Box::pin(connector.connect(name, tcp).await.unwrap()))
     }
 
     pub async fn quic(addr: SocketAddr, cert: &rustls::pki_types::CertificateDer<'static>) -> Self {
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(cert)).unwrap();
-        let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-        let connection = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        Self::quic_after_pause(addr, cert, Duration::ZERO).await
+    }
+
+    /// QUIC that does its handshake, waits `pause`, then opens the stream.
+    pub async fn quic_after_pause(
+        addr: SocketAddr,
+        cert: &rustls::pki_types::CertificateDer<'static>,
+        pause: Duration,
+    ) -> Self {
+        let (endpoint, connection) = quic_connect(addr, cert, &[pingme_protocol::QUIC_ALPN])
+            .await
+            .unwrap();
+        tokio::time::sleep(pause).await;
         let (send, recv) = connection.open_bi().await.unwrap();
         let mut client = Self::over(Box::pin(tokio::io::join(recv, send)));
         client._quic = Some((endpoint, connection));

@@ -120,6 +120,12 @@ impl Server {
 
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal_term();
+        self.child.wait().unwrap()
+    }
+
+    /// Sends SIGTERM without waiting: the shutdown begins.
+    pub fn signal_term(&self) {
         // kill(1) rather than libc::kill: the workspace denies unsafe code.
         let sent = Command::new("kill")
             .arg("-TERM")
@@ -127,7 +133,11 @@ impl Server {
             .status()
             .unwrap();
         assert!(sent.success());
-        self.child.wait().unwrap()
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
     }
 
     pub fn http(&self) -> Http {
