@@ -1,6 +1,7 @@
 //! TLS and QUIC transports against a self-signed certificate (rcgen): the
 //! development trust policy and a pinned CA both connect, an unrelated CA is
-//! refused. The server side answers the handshake and a send.
+//! refused; QUIC negotiates ALPN `pingme/1`. The server side answers the
+//! handshake and a send.
 
 use std::sync::Arc;
 
@@ -119,14 +120,24 @@ async fn tls_with_dev_trust_or_the_right_ca_connects_and_a_wrong_ca_is_refused()
     );
 }
 
+/// The SDK offers ALPN `pingme/1`, which a pingme QUIC server requires
+/// (this server, like pingme's, refuses a handshake without it).
 #[tokio::test]
 async fn quic_carries_frames_on_one_bidirectional_stream() {
     let cert = self_signed();
-    let server_config = quinn::ServerConfig::with_single_cert(
-        vec![cert.der.clone()],
-        PrivateKeyDer::Pkcs8(cert.key.clone_key()),
-    )
-    .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der.clone()],
+            PrivateKeyDer::Pkcs8(cert.key.clone_key()),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let endpoint = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
     tokio::spawn(async move {
