@@ -146,7 +146,8 @@ async fn fanout_pages_and_dead_letters_carry_the_msg_id() {
             "otlp_endpoint: {endpoint}\n\
              task:\n  large_group_threshold: 1\n  message_retry_attempts: 2\n  retry_max_attempts: 2\n  \
              retry_initial_backoff: 10ms\n  retry_max_backoff: 20ms\n  enable_dlq: true\n\
-             push:\n  webhook_url: {endpoint}/push-down\n"
+             push:\n  webhook_url: {endpoint}/push-down\n\
+             ops:\n  admin_token: otlp-test-admin-token\n"
         ),
     )
     .await;
@@ -164,7 +165,15 @@ async fn fanout_pages_and_dead_letters_carry_the_msg_id() {
     let admin = format!("http://{}/admin/dead-letters", server.metrics);
     let mut letters = serde_json::Value::Null;
     for _ in 0..200 {
-        letters = reqwest::get(&admin).await.unwrap().json().await.unwrap();
+        letters = reqwest::Client::new()
+            .get(&admin)
+            .bearer_auth("otlp-test-admin-token")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if letters.to_string().contains("push") {
             break;
         }
