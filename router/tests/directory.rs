@@ -17,7 +17,7 @@ use pingme_router::{
     Clock, Directory, DirectoryError, Located, ManualClock, Presence, Registration, Router,
     RouterConfig, SharedDirectory,
 };
-use pingme_storage::Stores;
+use pingme_storage::{Stores, UserStore};
 use tokio::sync::watch;
 
 /// A router of gateway `gateway` over `directory`, with its own outbox.
@@ -45,12 +45,19 @@ fn presence_list(frame: &pingme_protocol::ServerFrame) -> Vec<v1::PresenceEvent>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_register_and_presence_spans_gateways() {
     let (_dir, store) = open_store();
-    let stores = Stores::all_from(store);
+    let stores = Stores::all_from(store.clone());
     let clock = Arc::new(ManualClock::new(1_700_000_000_000));
     let directory = Arc::new(SharedDirectory::new(Duration::from_secs(30), clock.clone()));
     let (_, gw_a) = router_on(&stores, "gw-a", directory.clone());
     let (outbox_b, gw_b) = router_on(&stores, "gw-b", directory.clone());
-    let (alice, bob) = (1, 2);
+    // Presence is shown only to users who share a conversation.
+    let alice = store
+        .create_user("alice", "$argon2id$x", 1)
+        .await
+        .unwrap()
+        .id;
+    let bob = store.create_user("bob", "$argon2id$x", 1).await.unwrap().id;
+    common::create_group(&store, alice, &[bob]).await;
 
     let alice_phone = offline_session(alice, "phone", 1);
     let bob_laptop = offline_session(bob, "laptop", 1);
