@@ -8,7 +8,7 @@
 //! direct conversations before all groups, then by id), which is the order
 //! `user_conversations` pages in.
 
-use crate::{ConversationId, Role, StoreError, StoreResult, UserId};
+use crate::{ConversationId, Member, Role, StoreError, StoreResult, UserId};
 
 /// Longest encoded conversation key: tag + two user ids.
 pub const CONVERSATION_KEY_MAX: usize = 17;
@@ -104,6 +104,14 @@ pub fn role_from_code(code: u8) -> StoreResult<Role> {
         3 => Ok(Role::Member),
         _ => Err(corrupt("role")),
     }
+}
+
+/// A member from its stored columns (user id, role code).
+pub fn member(user: UserId, role: u8) -> StoreResult<Member> {
+    Ok(Member {
+        user,
+        role: role_from_code(role)?,
+    })
 }
 
 /// The big-endian u64 at the front of `bytes` (at least 8 long).

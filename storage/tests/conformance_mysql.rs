@@ -13,84 +13,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use pingme_storage::conformance;
-use pingme_storage::mysql::{MysqlConfig, MysqlStore};
+use pingme_storage::mysql::{MysqlConfig, MysqlStore, TestDatabase, server_from_env};
 use pingme_storage::{ConversationId, MessageStore, StoreResult, Stores};
-use sqlx::{ConnectOptions, Executor};
 
 /// The server under test, or `None` (skip) outside CI without `MYSQL_URL`.
 fn server() -> Option<MysqlConfig> {
-    match std::env::var("MYSQL_URL") {
-        Ok(url) => Some(MysqlConfig::from_url(&url).expect("MYSQL_URL")),
-        Err(_) if std::env::var("CI").is_ok_and(|ci| ci == "true" || ci == "1") => {
-            panic!("CI is set but MYSQL_URL is not: the MySQL conformance tests must run in CI")
-        }
-        Err(_) => {
-            eprintln!(
-                "skipped: set MYSQL_URL=mysql://root@127.0.0.1:3306 to run the MySQL conformance tests"
-            );
-            None
-        }
-    }
-}
-
-/// A database of this test's own; dropped when the guard goes, also when
-/// the test panics.
-struct TestDatabase {
-    config: MysqlConfig,
-}
-
-impl TestDatabase {
-    fn new(server: MysqlConfig) -> TestDatabase {
-        let name = format!(
-            "pingme_t_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..16]
-        );
-        TestDatabase {
-            config: MysqlConfig {
-                database: name,
-                pool_size: 8,
-                ..server
-            },
-        }
-    }
-
-    async fn store(&self) -> Arc<MysqlStore> {
-        Arc::new(
-            MysqlStore::connect(&self.config)
-                .await
-                .unwrap_or_else(|e| panic!("MySQL at {:?} (MYSQL_URL): {e}", self.config)),
-        )
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        // Drop runs outside async: a thread with its own small runtime.
-        let config = self.config.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-            runtime.block_on(async {
-                let mut conn = sqlx::mysql::MySqlConnectOptions::new()
-                    .host(&config.host)
-                    .port(config.port)
-                    .username(&config.username)
-                    .password(&config.password)
-                    .ssl_mode(sqlx::mysql::MySqlSslMode::Disabled)
-                    .connect()
-                    .await?;
-                conn.execute(format!("DROP DATABASE IF EXISTS `{}`", config.database).as_str())
-                    .await?;
-                Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test database {}", self.config.database);
-        }
-    }
+    server_from_env("the MySQL conformance tests")
 }
 
 macro_rules! conformance_test {
@@ -99,7 +27,7 @@ macro_rules! conformance_test {
         async fn $name() {
             let Some(server) = server() else { return };
             let database = TestDatabase::new(server);
-            let store = database.store().await;
+            let store = Arc::new(database.store().await);
             conformance::$name(&Stores::all_from(store.clone()) $(, $arg)*).await;
             store.close().await;
         }
@@ -127,7 +55,10 @@ conformance_test!(huge_group_member_paging, 3_000);
 async fn racing_appenders() {
     let Some(server) = server() else { return };
     let database = TestDatabase::new(server);
-    let (a, b) = (database.store().await, database.store().await);
+    let (a, b) = (
+        Arc::new(database.store().await),
+        Arc::new(database.store().await),
+    );
     conformance::racing_appenders(
         &Stores::all_from(a.clone()),
         &Stores::all_from(b.clone()),
@@ -145,7 +76,10 @@ async fn racing_appenders() {
 async fn two_servers_share_seqs_and_idempotency() {
     let Some(server) = server() else { return };
     let database = TestDatabase::new(server);
-    let (a, b) = (database.store().await, database.store().await);
+    let (a, b) = (
+        Arc::new(database.store().await),
+        Arc::new(database.store().await),
+    );
     let users = {
         let mut users = Vec::new();
         for i in 0..8 {

@@ -8,32 +8,20 @@ use tokio::sync::oneshot;
 
 use super::keys::{self, ConversationKey};
 use super::writer::{self, AppendRequest};
-use super::{EmbeddedStore, Inner, check_id, db};
+use super::{EmbeddedStore, Inner, db};
+use crate::checks::{admit_sender, check_message_shape, timeline_page};
 use crate::{
-    Appended, ConversationId, MAX_BODY_BYTES, MAX_PAGE, MessageStore, NewMessage, Seq, StoreError,
-    StoreResult, StoredMessage,
+    Appended, ConversationId, MessageStore, NewMessage, Seq, StoreError, StoreResult, StoredMessage,
 };
 
 impl Inner {
     /// The checks `append` makes before a message reaches the writer.
     fn check_new_message(&self, message: &NewMessage) -> StoreResult<()> {
-        check_id("client_msg_id", &message.client_msg_id, false)?;
-        check_id("msg_id", &message.msg_id, false)?;
-        check_id("sender_device", &message.sender_device, true)?;
-        if message.body.len() > MAX_BODY_BYTES {
-            return Err(StoreError::Invalid(format!(
-                "body of {} bytes exceeds {MAX_BODY_BYTES}",
-                message.body.len()
-            )));
-        }
-        if self.is_member(message.conversation, message.sender)? {
-            Ok(())
-        } else {
-            Err(StoreError::NotMember {
-                user: message.sender,
-                conversation: message.conversation.to_string(),
-            })
-        }
+        check_message_shape(message)?;
+        admit_sender(
+            message,
+            self.is_member(message.conversation, message.sender)?,
+        )
     }
 
     fn messages(
@@ -44,10 +32,9 @@ impl Inner {
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>> {
         self.require_conversation(conversation)?;
-        let limit = limit.min(MAX_PAGE);
-        if limit == 0 || after == u64::MAX || (until != 0 && until <= after) {
+        let Some(limit) = timeline_page(after, until, limit) else {
             return Ok(Vec::new());
-        }
+        };
         let last = if until == 0 { u64::MAX } else { until };
         let range =
             keys::message_key(conversation, after + 1)..=keys::message_key(conversation, last);

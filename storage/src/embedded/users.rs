@@ -6,6 +6,7 @@ use async_trait::async_trait;
 
 use super::keys;
 use super::{EmbeddedStore, Inner, check_id, db, from_json, to_json};
+use crate::checks::check_username;
 use crate::{DeviceRecord, StoreError, StoreResult, UserId, UserRecord, UserStore};
 
 impl Inner {
@@ -15,9 +16,7 @@ impl Inner {
         password_hash: &str,
         now_ms: i64,
     ) -> StoreResult<UserRecord> {
-        if username.is_empty() {
-            return Err(StoreError::Invalid("username must not be empty".into()));
-        }
+        check_username(username)?;
         let mut counters = self.admin();
         if db(self.tables.usernames.contains_key(username))? {
             return Err(StoreError::Conflict(format!(

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::records::{self, MESSAGE_COLUMNS};
 use super::{ER_DUP_ENTRY, MysqlStore, error_number, page_limit, push_in_list, sql};
-use crate::checks::check_message_shape;
+use crate::checks::{RecordLookups, check_message_shape, not_member, timeline_page};
 use crate::codec::{ConversationKey, conversation_from_key, idempotency_key};
 use crate::{
     Appended, CommitStats, ConversationId, MAX_PAGE, MessageStore, NewMessage, Seq, StoreError,
@@ -461,10 +461,7 @@ impl MysqlStore {
         conversation: ConversationId,
         users: &[UserId],
     ) -> StoreResult<Vec<StoreResult<()>>> {
-        let not_member = |user| StoreError::NotMember {
-            user,
-            conversation: conversation.to_string(),
-        };
+        let not_member = |user| not_member(conversation, user);
         match conversation {
             ConversationId::Direct { .. } => match self.require_conversation(conversation).await {
                 Ok(()) => Ok(users
@@ -531,9 +528,9 @@ impl MessageStore for MysqlStore {
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>> {
         self.require_conversation(conversation).await?;
-        if limit == 0 || after == u64::MAX || (until != 0 && until <= after) {
+        let Some(limit) = timeline_page(after, until, limit) else {
             return Ok(Vec::new());
-        }
+        };
         let until = if until == 0 { u64::MAX } else { until };
         sqlx::query(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? \

@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use sqlx::{MySql, Row, Transaction};
 
-use super::{MysqlStore, conversation_column, page_limit, records, sql};
-use crate::codec::{ConversationKey, role_code, role_from_code};
+use super::{MysqlStore, conversation_column, page_limit, push_in_list, records, sql};
+use crate::checks::RecordLookups;
+use crate::codec::{ConversationKey, member, role_code, role_from_code};
 use crate::{
     ConversationId, ConversationStore, GroupId, GroupRecord, MAX_PAGE, Member, Role, StoreError,
     StoreResult, UserId,
@@ -16,8 +17,9 @@ use crate::{
 
 const GROUP_COLUMNS: &str = "SELECT id, name, owner_id, member_count, created_ms FROM chat_groups";
 
-impl MysqlStore {
-    pub(super) async fn group_record(&self, id: GroupId) -> StoreResult<Option<GroupRecord>> {
+#[async_trait]
+impl RecordLookups for MysqlStore {
+    async fn group_record(&self, id: GroupId) -> StoreResult<Option<GroupRecord>> {
         sqlx::query(&format!("{GROUP_COLUMNS} WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.pool)
@@ -27,25 +29,27 @@ impl MysqlStore {
             .transpose()
     }
 
-    async fn require_group(&self, id: GroupId) -> StoreResult<()> {
-        match self.group_record(id).await? {
-            Some(_) => Ok(()),
-            None => Err(StoreError::NotFound(format!("group {id}"))),
+    async fn require_distinct_users(&self, users: &[UserId]) -> StoreResult<()> {
+        for chunk in users.chunks(MAX_PAGE) {
+            let mut query = sqlx::QueryBuilder::new("SELECT COUNT(*) FROM users WHERE id IN ");
+            push_in_list(&mut query, chunk.iter().copied());
+            let found: i64 = query
+                .build()
+                .fetch_one(&self.pool)
+                .await
+                .map_err(sql)?
+                .try_get(0)
+                .map_err(sql)?;
+            if found as usize != chunk.len() {
+                let missing = self.first_unknown_user(chunk).await?;
+                return Err(StoreError::NotFound(format!("user {missing}")));
+            }
         }
+        Ok(())
     }
+}
 
-    /// `NotFound` unless the conversation exists (group created, or both
-    /// users of a direct conversation registered).
-    pub(super) async fn require_conversation(
-        &self,
-        conversation: ConversationId,
-    ) -> StoreResult<()> {
-        match conversation {
-            ConversationId::Group(id) => self.require_group(id).await,
-            ConversationId::Direct { low, high } => self.require_users(&[low, high]).await,
-        }
-    }
-
+impl MysqlStore {
     /// The group's row, locked for the rest of `tx`; `NotFound` if missing.
     async fn lock_group(
         tx: &mut Transaction<'static, MySql>,
@@ -216,19 +220,7 @@ impl ConversationStore for MysqlStore {
     }
 
     async fn is_member(&self, conversation: ConversationId, user: UserId) -> StoreResult<bool> {
-        match conversation {
-            ConversationId::Group(id) => {
-                if self.member_role(id, user).await?.is_some() {
-                    return Ok(true);
-                }
-                self.require_group(id).await?;
-                Ok(false)
-            }
-            ConversationId::Direct { low, high } => {
-                self.require_users(&[low, high]).await?;
-                Ok(conversation.is_direct_party(user))
-            }
-        }
+        self.member_of(conversation, user).await
     }
 
     async fn members_page(
@@ -237,7 +229,8 @@ impl ConversationStore for MysqlStore {
         after: UserId,
         limit: usize,
     ) -> StoreResult<Vec<Member>> {
-        self.require_group(group).await?;
+        self.require_conversation(ConversationId::Group(group))
+            .await?;
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -252,12 +245,7 @@ impl ConversationStore for MysqlStore {
         .await
         .map_err(sql)?
         .iter()
-        .map(|row| {
-            Ok(Member {
-                user: row.try_get(0).map_err(sql)?,
-                role: role_from_code(row.try_get(1).map_err(sql)?)?,
-            })
-        })
+        .map(|row| member(row.try_get(0).map_err(sql)?, row.try_get(1).map_err(sql)?))
         .collect()
     }
 

@@ -24,6 +24,11 @@
 mod append;
 mod conversations;
 mod records;
+#[cfg(feature = "conformance")]
+mod test_database;
+
+#[cfg(feature = "conformance")]
+pub use test_database::{TestDatabase, server_from_env};
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -32,7 +37,7 @@ use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlSslMode};
 use sqlx::{ConnectOptions, Executor, Row};
 
-use crate::checks::check_id;
+use crate::checks::{RecordLookups, check_id, check_username};
 use crate::codec::{ConversationKey, conversation_from_key};
 use crate::{
     ConversationId, DeadLetter, DeadLetterStore, DeviceRecord, MAX_PAGE, StoreError, StoreResult,
@@ -138,9 +143,10 @@ impl MysqlConfig {
     }
 }
 
-/// Whether `name` is safe to splice into `CREATE DATABASE` (identifiers
-/// cannot be bound as parameters).
-fn is_plain_identifier(name: &str) -> bool {
+/// Whether `name` may name the database: 1-64 of `[A-Za-z0-9_]`, safe to
+/// splice into `CREATE DATABASE` (identifiers cannot be bound as
+/// parameters).
+pub fn is_valid_database_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -200,6 +206,13 @@ fn error_number(error: &sqlx::Error) -> Option<u16> {
 
 /// ER_DUP_ENTRY: a unique or primary key already holds the value.
 const ER_DUP_ENTRY: u16 = 1062;
+/// ER_ACCESS_DENIED_ERROR: wrong user name or password.
+const ER_ACCESS_DENIED: u16 = 1045;
+/// ER_DBACCESS_DENIED_ERROR: the user may not use (or create) the database.
+const ER_DB_ACCESS_DENIED: u16 = 1044;
+/// ER_ACCESS_DENIED_NO_PASSWORD_ERROR: e.g. MariaDB's root, which logs in
+/// over the local socket only.
+const ER_ACCESS_DENIED_NO_PASSWORD: u16 = 1698;
 /// ER_DATA_TOO_LONG: a value is longer than its column.
 const ER_DATA_TOO_LONG: u16 = 1406;
 
@@ -225,17 +238,28 @@ fn page_limit(limit: usize) -> i64 {
 impl MysqlStore {
     /// Connects, creates the database if it is missing, applies the
     /// migrations, and starts the append writer. Fails (with the server's
-    /// reason) when the server cannot be reached within
-    /// `config.connect_timeout`.
+    /// reason) with `Unavailable` when the server cannot be reached within
+    /// `config.connect_timeout`, and with `Invalid` when it refuses the
+    /// login or the database (retrying would not help).
     pub async fn connect(config: &MysqlConfig) -> StoreResult<MysqlStore> {
-        if !is_plain_identifier(&config.database) {
+        if !is_valid_database_name(&config.database) {
             return Err(StoreError::Invalid(format!(
                 "database name {:?} must be 1-64 of [A-Za-z0-9_]",
                 config.database
             )));
         }
-        let unavailable = |e: sqlx::Error| {
-            StoreError::Unavailable(format!("mysql {}:{}: {e}", config.host, config.port))
+        // A refused login is the configuration's fault, and waiting will not
+        // mend it: `Invalid`, so a server starting up exits instead of
+        // retrying. Everything else (no route, refused connection, timeout)
+        // may pass.
+        let unavailable = |e: sqlx::Error| match error_number(&e) {
+            Some(ER_ACCESS_DENIED | ER_DB_ACCESS_DENIED | ER_ACCESS_DENIED_NO_PASSWORD) => {
+                StoreError::Invalid(format!(
+                    "mysql {}:{} refused user {:?}: {e}",
+                    config.host, config.port, config.username
+                ))
+            }
+            _ => StoreError::Unavailable(format!("mysql {}:{}: {e}", config.host, config.port)),
         };
         // The database may not exist yet: create it over a connection that
         // names none.
@@ -287,46 +311,14 @@ impl MysqlStore {
         self.appends.stats()
     }
 
-    async fn require_users(&self, users: &[UserId]) -> StoreResult<()> {
-        let mut distinct = users.to_vec();
-        distinct.sort_unstable();
-        distinct.dedup();
-        for chunk in distinct.chunks(MAX_PAGE) {
-            let mut query = sqlx::QueryBuilder::new("SELECT COUNT(*) FROM users WHERE id IN ");
-            push_in_list(&mut query, chunk.iter().copied());
-            let found: i64 = query
-                .build()
-                .fetch_one(&self.pool)
-                .await
-                .map_err(sql)?
-                .try_get(0)
-                .map_err(sql)?;
-            if found as usize != chunk.len() {
-                let missing = self.first_unknown_user(chunk).await?;
-                return Err(StoreError::NotFound(format!("user {missing}")));
-            }
-        }
-        Ok(())
-    }
-
     /// The first of `users` that does not exist (for the error message).
     async fn first_unknown_user(&self, users: &[UserId]) -> StoreResult<UserId> {
         for &user in users {
-            if self.user(user).await?.is_none() {
+            if self.user_by_id(user).await?.is_none() {
                 return Ok(user);
             }
         }
         Ok(0)
-    }
-
-    async fn user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
-        sqlx::query("SELECT id, username, password_hash, created_ms FROM users WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(sql)?
-            .map(|row| records::user(&row))
-            .transpose()
     }
 }
 
@@ -338,9 +330,7 @@ impl UserStore for MysqlStore {
         password_hash: &str,
         now_ms: i64,
     ) -> StoreResult<UserRecord> {
-        if username.is_empty() {
-            return Err(StoreError::Invalid("username must not be empty".into()));
-        }
+        check_username(username)?;
         let inserted =
             sqlx::query("INSERT INTO users (username, password_hash, created_ms) VALUES (?, ?, ?)")
                 .bind(username)
@@ -373,7 +363,13 @@ impl UserStore for MysqlStore {
     }
 
     async fn user_by_id(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
-        self.user(id).await
+        sqlx::query("SELECT id, username, password_hash, created_ms FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql)?
+            .map(|row| records::user(&row))
+            .transpose()
     }
 
     async fn touch_device(
@@ -382,8 +378,7 @@ impl UserStore for MysqlStore {
         device_id: &str,
         now_ms: i64,
     ) -> StoreResult<DeviceRecord> {
-        check_id("device_id", device_id, false)?;
-        self.require_users(&[user]).await?;
+        self.check_device_owner(user, device_id).await?;
         sqlx::query(
             "INSERT INTO devices (user_id, device_id, token_generation, last_login_ms) \
              VALUES (?, ?, 0, ?) ON DUPLICATE KEY UPDATE last_login_ms = VALUES(last_login_ms)",
@@ -434,6 +429,91 @@ impl UserStore for MysqlStore {
     }
 }
 
+/// A watermark table: `delivered` is kept per device, `read_marks` per
+/// user; both only move forward.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MarkTable {
+    Delivered,
+    Read,
+}
+
+impl MarkTable {
+    fn name(self) -> &'static str {
+        match self {
+            MarkTable::Delivered => "delivered",
+            MarkTable::Read => "read_marks",
+        }
+    }
+
+    /// `user_id = ? [AND device_id = ?]`: the key columns before the
+    /// conversation.
+    fn push_owner<'a>(
+        self,
+        query: &mut sqlx::QueryBuilder<'a, sqlx::MySql>,
+        user: UserId,
+        device_id: &'a str,
+    ) {
+        query.push("user_id = ").push_bind(user);
+        if self == MarkTable::Delivered {
+            query.push(" AND device_id = ").push_bind(device_id);
+        }
+    }
+
+    /// Raises the mark of (owner, conversation) to `seq`, inserting it if
+    /// missing, never lowering it: one statement, no read-then-write race.
+    async fn raise(
+        self,
+        pool: &MySqlPool,
+        user: UserId,
+        device_id: &str,
+        conversation: ConversationId,
+        seq: u64,
+    ) -> StoreResult<()> {
+        let device = self == MarkTable::Delivered;
+        let mut upsert = sqlx::QueryBuilder::new(format!(
+            "INSERT INTO {} (user_id, {}conversation_id, seq) VALUES (",
+            self.name(),
+            if device { "device_id, " } else { "" }
+        ));
+        let mut values = upsert.separated(", ");
+        values.push_bind(user);
+        if device {
+            values.push_bind(device_id);
+        }
+        values.push_bind(ConversationKey::new(conversation).to_vec());
+        values.push_bind(seq);
+        upsert.push(") ON DUPLICATE KEY UPDATE seq = GREATEST(seq, VALUES(seq))");
+        upsert.build().execute(pool).await.map_err(sql)?;
+        Ok(())
+    }
+
+    /// The marks of `conversations` (encoded keys, at most [`MAX_PAGE`])
+    /// that exist, as (key, seq).
+    async fn of(
+        self,
+        pool: &MySqlPool,
+        user: UserId,
+        device_id: &str,
+        conversations: &[Vec<u8>],
+    ) -> StoreResult<Vec<(Vec<u8>, u64)>> {
+        let mut select = sqlx::QueryBuilder::new(format!(
+            "SELECT conversation_id, seq FROM {} WHERE ",
+            self.name()
+        ));
+        self.push_owner(&mut select, user, device_id);
+        select.push(" AND conversation_id IN ");
+        push_in_list(&mut select, conversations.iter().map(Vec::as_slice));
+        select
+            .build()
+            .fetch_all(pool)
+            .await
+            .map_err(sql)?
+            .iter()
+            .map(|row| Ok((row.try_get(0).map_err(sql)?, row.try_get(1).map_err(sql)?)))
+            .collect()
+    }
+}
+
 #[async_trait]
 impl WatermarkStore for MysqlStore {
     async fn set_delivered(
@@ -444,18 +524,9 @@ impl WatermarkStore for MysqlStore {
         seq: u64,
     ) -> StoreResult<()> {
         check_id("device_id", device_id, false)?;
-        sqlx::query(
-            "INSERT INTO delivered (user_id, device_id, conversation_id, seq) VALUES (?, ?, ?, ?) \
-             ON DUPLICATE KEY UPDATE seq = GREATEST(seq, VALUES(seq))",
-        )
-        .bind(user)
-        .bind(device_id)
-        .bind(ConversationKey::new(conversation).as_bytes())
-        .bind(seq)
-        .execute(&self.pool)
-        .await
-        .map_err(sql)?;
-        Ok(())
+        MarkTable::Delivered
+            .raise(&self.pool, user, device_id, conversation, seq)
+            .await
     }
 
     async fn set_read(
@@ -464,17 +535,9 @@ impl WatermarkStore for MysqlStore {
         conversation: ConversationId,
         seq: u64,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO read_marks (user_id, conversation_id, seq) VALUES (?, ?, ?) \
-             ON DUPLICATE KEY UPDATE seq = GREATEST(seq, VALUES(seq))",
-        )
-        .bind(user)
-        .bind(ConversationKey::new(conversation).as_bytes())
-        .bind(seq)
-        .execute(&self.pool)
-        .await
-        .map_err(sql)?;
-        Ok(())
+        MarkTable::Read
+            .raise(&self.pool, user, "", conversation, seq)
+            .await
     }
 
     async fn watermarks(
@@ -489,33 +552,15 @@ impl WatermarkStore for MysqlStore {
             .map(|&c| ConversationKey::new(c).to_vec())
             .collect();
         for (start, chunk) in (0..).step_by(MAX_PAGE).zip(keys.chunks(MAX_PAGE)) {
-            let mut delivered = sqlx::QueryBuilder::new(
-                "SELECT conversation_id, seq FROM delivered WHERE user_id = ",
-            );
-            delivered.push_bind(user);
-            delivered.push(" AND device_id = ").push_bind(device_id);
-            delivered.push(" AND conversation_id IN ");
-            push_in_list(&mut delivered, chunk.iter().map(Vec::as_slice));
-            let mut read = sqlx::QueryBuilder::new(
-                "SELECT conversation_id, seq FROM read_marks WHERE user_id = ",
-            );
-            read.push_bind(user);
-            read.push(" AND conversation_id IN ");
-            push_in_list(&mut read, chunk.iter().map(Vec::as_slice));
-            let delivered = delivered.build().fetch_all(&self.pool).await.map_err(sql)?;
-            let read = read.build().fetch_all(&self.pool).await.map_err(sql)?;
-            for (rows, is_read) in [(delivered, false), (read, true)] {
-                for row in rows {
-                    let key: Vec<u8> = row.try_get(0).map_err(sql)?;
-                    let seq: u64 = row.try_get(1).map_err(sql)?;
+            for table in [MarkTable::Delivered, MarkTable::Read] {
+                for (key, seq) in table.of(&self.pool, user, device_id, chunk).await? {
                     // The same conversation may be asked twice: fill every slot.
                     for (i, asked) in chunk.iter().enumerate() {
                         if *asked == key {
                             let mark = &mut marks[start + i];
-                            if is_read {
-                                mark.read = seq;
-                            } else {
-                                mark.delivered = seq;
+                            match table {
+                                MarkTable::Delivered => mark.delivered = seq,
+                                MarkTable::Read => mark.read = seq,
                             }
                         }
                     }
@@ -630,9 +675,9 @@ mod tests {
 
     #[test]
     fn only_plain_database_names_are_spliced_into_sql() {
-        assert!(is_plain_identifier("pingme_t_01ab"));
+        assert!(is_valid_database_name("pingme_t_01ab"));
         for bad in ["", "a`b", "x; DROP DATABASE y", "a-b", &"x".repeat(65)] {
-            assert!(!is_plain_identifier(bad), "{bad:?}");
+            assert!(!is_valid_database_name(bad), "{bad:?}");
         }
     }
 }

@@ -40,8 +40,10 @@ use ::scylla::value::{CqlValue, Row};
 use async_trait::async_trait;
 
 use self::rows::{MessageRow, id_to_i64};
-use crate::checks::{check_id, check_message_shape};
-use crate::codec::{ConversationKey, role_code, role_from_code};
+use crate::checks::{
+    RecordLookups, admit_sender, check_id, check_message_shape, check_username, timeline_page,
+};
+use crate::codec::{ConversationKey, member, role_code, role_from_code};
 use crate::{
     Appended, ConversationId, ConversationStore, DeadLetter, DeadLetterStore, DeviceRecord,
     GroupId, GroupRecord, MAX_PAGE, Member, MessageStore, NewMessage, Role, Seq, StoreError,
@@ -74,6 +76,16 @@ impl Default for ScyllaConfig {
             timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// Whether `name` may name the keyspace: 1-48 of `[a-z0-9_]` (it is
+/// spliced into `CREATE KEYSPACE`; identifiers cannot be bound).
+pub fn is_valid_keyspace(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 48
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
@@ -125,12 +137,7 @@ impl ScyllaStore {
     /// every statement. Consistency: `LOCAL_QUORUM`, LWT at `LOCAL_SERIAL`.
     pub async fn connect(config: &ScyllaConfig) -> StoreResult<ScyllaStore> {
         let keyspace = &config.keyspace;
-        if keyspace.is_empty()
-            || keyspace.len() > 48
-            || !keyspace
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        {
+        if !is_valid_keyspace(keyspace) {
             return Err(StoreError::Invalid(format!(
                 "keyspace {keyspace:?} must be 1-48 of [a-z0-9_]"
             )));
@@ -236,49 +243,6 @@ impl ScyllaStore {
                     }
                 }
             }
-        }
-    }
-
-    async fn user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
-        Ok(self
-            .first::<rows::UserRow>(cql::USER_BY_ID, (id_to_i64(id),))
-            .await?
-            .map(rows::user))
-    }
-
-    async fn require_users(&self, users: &[UserId]) -> StoreResult<()> {
-        let mut distinct = users.to_vec();
-        distinct.sort_unstable();
-        distinct.dedup();
-        for user in distinct {
-            if self.user(user).await?.is_none() {
-                return Err(StoreError::NotFound(format!("user {user}")));
-            }
-        }
-        Ok(())
-    }
-
-    async fn group_record(&self, id: GroupId) -> StoreResult<Option<GroupRecord>> {
-        let Some(row) = self
-            .first::<rows::GroupRow>(cql::GROUP, (id_to_i64(id),))
-            .await?
-        else {
-            return Ok(None);
-        };
-        let count = self
-            .first::<(i64,)>(cql::MEMBER_COUNT, (id_to_i64(id),))
-            .await?
-            .map_or(0, |(c,)| c);
-        Ok(Some(rows::group(row, count)))
-    }
-
-    async fn require_conversation(&self, conversation: ConversationId) -> StoreResult<()> {
-        match conversation {
-            ConversationId::Group(id) => match self.group_record(id).await? {
-                Some(_) => Ok(()),
-                None => Err(StoreError::NotFound(format!("group {id}"))),
-            },
-            ConversationId::Direct { low, high } => self.require_users(&[low, high]).await,
         }
     }
 
@@ -450,14 +414,8 @@ impl ScyllaStore {
 
     async fn check_member(&self, message: &NewMessage) -> StoreResult<()> {
         check_message_shape(message)?;
-        if self.is_member(message.conversation, message.sender).await? {
-            Ok(())
-        } else {
-            Err(StoreError::NotMember {
-                user: message.sender,
-                conversation: message.conversation.to_string(),
-            })
-        }
+        let is_member = self.member_of(message.conversation, message.sender).await?;
+        admit_sender(message, is_member)
     }
 }
 
@@ -517,6 +475,32 @@ impl RaiseKey for MarkKey {
 }
 
 #[async_trait]
+impl RecordLookups for ScyllaStore {
+    async fn group_record(&self, id: GroupId) -> StoreResult<Option<GroupRecord>> {
+        let Some(row) = self
+            .first::<rows::GroupRow>(cql::GROUP, (id_to_i64(id),))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let count = self
+            .first::<(i64,)>(cql::MEMBER_COUNT, (id_to_i64(id),))
+            .await?
+            .map_or(0, |(c,)| c);
+        Ok(Some(rows::group(row, count)))
+    }
+
+    async fn require_distinct_users(&self, users: &[UserId]) -> StoreResult<()> {
+        for &user in users {
+            if self.user_by_id(user).await?.is_none() {
+                return Err(StoreError::NotFound(format!("user {user}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl UserStore for ScyllaStore {
     async fn create_user(
         &self,
@@ -524,9 +508,7 @@ impl UserStore for ScyllaStore {
         password_hash: &str,
         now_ms: i64,
     ) -> StoreResult<UserRecord> {
-        if username.is_empty() {
-            return Err(StoreError::Invalid("username must not be empty".into()));
-        }
+        check_username(username)?;
         // The id is drawn first; a name lost to a racing registration
         // leaves a gap, which ids may have (they only ascend).
         let id = self.next_id("user").await?;
@@ -556,13 +538,16 @@ impl UserStore for ScyllaStore {
             .first::<(i64,)>(cql::USER_ID_BY_NAME, (username,))
             .await?
         {
-            Some((id,)) => self.user(id as u64).await,
+            Some((id,)) => self.user_by_id(id as u64).await,
             None => Ok(None),
         }
     }
 
     async fn user_by_id(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
-        self.user(id).await
+        Ok(self
+            .first::<rows::UserRow>(cql::USER_BY_ID, (id_to_i64(id),))
+            .await?
+            .map(rows::user))
     }
 
     async fn touch_device(
@@ -571,8 +556,7 @@ impl UserStore for ScyllaStore {
         device_id: &str,
         now_ms: i64,
     ) -> StoreResult<DeviceRecord> {
-        check_id("device_id", device_id, false)?;
-        self.require_users(&[user]).await?;
+        self.check_device_owner(user, device_id).await?;
         let user_key = id_to_i64(user);
         if !self
             .lwt(cql::CREATE_DEVICE, (user_key, device_id, now_ms))
@@ -717,19 +701,7 @@ impl ConversationStore for ScyllaStore {
     }
 
     async fn is_member(&self, conversation: ConversationId, user: UserId) -> StoreResult<bool> {
-        match conversation {
-            ConversationId::Group(id) => {
-                if self.member_role(id, user).await?.is_some() {
-                    return Ok(true);
-                }
-                self.require_conversation(conversation).await?;
-                Ok(false)
-            }
-            ConversationId::Direct { low, high } => {
-                self.require_users(&[low, high]).await?;
-                Ok(conversation.is_direct_party(user))
-            }
-        }
+        self.member_of(conversation, user).await
     }
 
     async fn members_page(
@@ -750,12 +722,7 @@ impl ConversationStore for ScyllaStore {
         )
         .await?
         .into_iter()
-        .map(|(user, code)| {
-            Ok(Member {
-                user: user as u64,
-                role: role_from_code(code as u8)?,
-            })
-        })
+        .map(|(user, code)| member(user as u64, code as u8))
         .collect()
     }
 
@@ -813,10 +780,9 @@ impl MessageStore for ScyllaStore {
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>> {
         self.require_conversation(conversation).await?;
-        let limit = limit.min(MAX_PAGE);
-        if limit == 0 || after == u64::MAX || (until != 0 && until <= after) {
+        let Some(limit) = timeline_page(after, until, limit) else {
             return Ok(Vec::new());
-        }
+        };
         let key = ConversationKey::new(conversation).to_vec();
         let until = if until == 0 {
             self.latest_seq(&key).await?
