@@ -2,7 +2,7 @@
 //! field optional, defaults below), then the environment overrides named by
 //! the seeds (`APP_HOST`, `APP_PORT`, `APP_ENV`, `DB_*`, `REDIS_*`,
 //! `KAFKA_BROKERS`, `JWT_SECRET`, `OTEL_EXPORTER_OTLP_ENDPOINT` and
-//! `PINGME_ADMIN_TOKEN`), then
+//! `PINGME_ADMIN_TOKEN`, `SCYLLA_URI`), then
 //! validation. Every error names the
 //! field it is about; the binary exits with code 64 on any of them.
 //!
@@ -12,8 +12,8 @@
 //! defaults, read from it, so the YAML, `Config::default()` and a component
 //! built with `Default` cannot disagree.
 //!
-//! Sections this build parses but does not use yet (`kafka`, `redis`,
-//! `database`) must keep their defaults: a value there would be silently
+//! Sections this build parses but does not use yet (`kafka`, `redis`)
+//! must keep their defaults: a value there would be silently
 //! ignored, so it is refused ([`Config::refuse_unwired`]) until the
 //! cluster work wires the section.
 
@@ -292,7 +292,19 @@ pub struct StorageConfig {
     /// process crash, not a power loss).
     pub durability: StorageDurability,
     /// ScyllaDB contact points (`host:port`), for the `scylla` backend.
+    /// Env `SCYLLA_URI` (comma-separated).
     pub scylla_nodes: Vec<String>,
+    /// The ScyllaDB keyspace (`[a-z0-9_]`, at most 48), created if missing.
+    pub scylla_keyspace: String,
+    /// Replicas per partition when the keyspace is created.
+    pub scylla_replication_factor: u32,
+    /// `mysql` and `scylla`: how long `pingme serve` keeps trying to reach
+    /// the store at start (attempts 0.5 s apart, doubling to 5 s, each
+    /// failure logged) before it exits with code 69; `0s`: one attempt.
+    /// A refused login or a database the login may not create is a
+    /// configuration error: no retry, exit code 64.
+    #[serde(deserialize_with = "duration")]
+    pub startup_timeout: Duration,
 }
 
 /// Which store implementation runs.
@@ -329,8 +341,17 @@ pub struct DatabaseConfig {
     pub username: String,
     /// Env `DB_PASSWORD`.
     pub password: String,
-    /// Database name. Env `DB_NAME`.
+    /// Database name (`[A-Za-z0-9_]`, at most 64), created if missing.
+    /// Env `DB_NAME`.
     pub name: String,
+    /// Most connections open at once (at least 2: the append writer holds
+    /// one per commit round, reads and account writes share the rest).
+    pub pool_size: u32,
+    /// How long a new connection may take to be established, and a call
+    /// may wait for a free pooled connection, before it fails (the client
+    /// sees `STORAGE_UNAVAILABLE`).
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
 }
 
 /// Redis.
@@ -495,24 +516,33 @@ impl Default for AuthConfig {
 }
 
 impl Default for StorageConfig {
+    /// The ScyllaDB store's own defaults for its settings.
     fn default() -> Self {
+        let scylla = pingme_storage::scylla::ScyllaConfig::default();
         StorageConfig {
             backend: StorageBackend::Embedded,
             data_dir: PathBuf::from("./data"),
             durability: StorageDurability::Sync,
             scylla_nodes: Vec::new(),
+            scylla_keyspace: scylla.keyspace,
+            scylla_replication_factor: scylla.replication_factor,
+            startup_timeout: Duration::from_secs(30),
         }
     }
 }
 
 impl Default for DatabaseConfig {
+    /// The MySQL store's own defaults.
     fn default() -> Self {
+        let mysql = pingme_storage::mysql::MysqlConfig::default();
         DatabaseConfig {
-            host: "127.0.0.1".into(),
-            port: 3306,
-            username: "root".into(),
-            password: String::new(),
-            name: "pingme".into(),
+            host: mysql.host,
+            port: mysql.port,
+            username: mysql.username,
+            password: mysql.password,
+            name: mysql.database,
+            pool_size: mysql.pool_size,
+            connect_timeout: mysql.connect_timeout,
         }
     }
 }
@@ -650,6 +680,13 @@ impl Config {
         }
         if let Some(v) = env("DB_NAME") {
             self.database.name = v;
+        }
+        if let Some(v) = env("SCYLLA_URI") {
+            self.storage.scylla_nodes = v
+                .split(',')
+                .map(|node| node.trim().to_string())
+                .filter(|node| !node.is_empty())
+                .collect();
         }
         if let Some(v) = env("REDIS_HOST") {
             self.redis.host = v;
@@ -872,8 +909,9 @@ impl Config {
         check(
             self.storage.backend != StorageBackend::Scylla || !self.storage.scylla_nodes.is_empty(),
             "storage.scylla_nodes",
-            "must list at least one node for the scylla backend",
+            "must list at least one node for the scylla backend (or set SCYLLA_URI)",
         )?;
+        self.validate_stores()?;
         let t = &self.task;
         check(
             t.large_group_threshold > 0,
@@ -922,8 +960,8 @@ impl Config {
     /// Refuses a non-default value in a section this build parses but does
     /// not use yet, naming the field (the binary exits with 64), rather than
     /// ignoring it. Each section's lines go when the section is wired:
-    /// `database` by the MySQL store, `redis` by the Redis directory,
-    /// `kafka` by the Kafka bus.
+    /// `redis` by the Redis directory, `kafka` by the Kafka bus (`database`
+    /// is wired: see [`Config::validate_stores`]).
     pub fn refuse_unwired(&self) -> Result<(), ConfigError> {
         fn unwired(field: &'static str, changed: bool, wired_by: &str) -> Result<(), ConfigError> {
             if !changed {
@@ -937,21 +975,6 @@ impl Config {
                 ),
             })
         }
-        const MYSQL: &str = "the MySQL store";
-        let (db, default_db) = (&self.database, DatabaseConfig::default());
-        unwired("database.host", db.host != default_db.host, MYSQL)?;
-        unwired("database.port", db.port != default_db.port, MYSQL)?;
-        unwired(
-            "database.username",
-            db.username != default_db.username,
-            MYSQL,
-        )?;
-        unwired(
-            "database.password",
-            db.password != default_db.password,
-            MYSQL,
-        )?;
-        unwired("database.name", db.name != default_db.name, MYSQL)?;
         const REDIS: &str = "the Redis directory";
         let (redis, default_redis) = (&self.redis, RedisConfig::default());
         unwired("redis.host", redis.host != default_redis.host, REDIS)?;
@@ -979,6 +1002,106 @@ impl Config {
             KAFKA,
         )?;
         Ok(())
+    }
+
+    /// The store settings: the `database` section must name a usable
+    /// database when `storage.backend` is `mysql`, and is refused (naming
+    /// the field) when another backend would silently ignore it; the
+    /// ScyllaDB settings likewise for `scylla`.
+    fn validate_stores(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        let storage = &self.storage;
+        if storage.startup_timeout > Duration::from_secs(3600) {
+            return invalid("storage.startup_timeout", "must be at most 1h");
+        }
+        let (db, default_db) = (&self.database, DatabaseConfig::default());
+        if storage.backend != StorageBackend::Mysql {
+            let changed = [
+                ("database.host", db.host != default_db.host),
+                ("database.port", db.port != default_db.port),
+                ("database.username", db.username != default_db.username),
+                ("database.password", db.password != default_db.password),
+                ("database.name", db.name != default_db.name),
+                ("database.pool_size", db.pool_size != default_db.pool_size),
+                (
+                    "database.connect_timeout",
+                    db.connect_timeout != default_db.connect_timeout,
+                ),
+            ];
+            if let Some((field, _)) = changed.into_iter().find(|(_, changed)| *changed) {
+                return invalid(
+                    field,
+                    "is used only by storage.backend: mysql; set the backend or leave \
+                     the database section (and the DB_* variables) at their defaults",
+                );
+            }
+        } else {
+            if db.host.trim().is_empty() {
+                return invalid("database.host", "must not be empty (DB_HOST)");
+            }
+            if db.port == 0 {
+                return invalid("database.port", "must not be 0 (DB_PORT)");
+            }
+            if db.username.is_empty() {
+                return invalid("database.username", "must not be empty (DB_USERNAME)");
+            }
+            if !pingme_storage::mysql::is_valid_database_name(&db.name) {
+                return invalid(
+                    "database.name",
+                    "must be 1-64 of [A-Za-z0-9_] (DB_NAME): it is spliced into CREATE DATABASE",
+                );
+            }
+            if !(2..=1000).contains(&db.pool_size) {
+                return invalid("database.pool_size", "must be between 2 and 1000");
+            }
+            if db.connect_timeout < Duration::from_millis(100)
+                || db.connect_timeout > Duration::from_secs(300)
+            {
+                return invalid("database.connect_timeout", "must be between 100ms and 5m");
+            }
+        }
+        if storage.backend == StorageBackend::Scylla {
+            if !pingme_storage::scylla::is_valid_keyspace(&storage.scylla_keyspace) {
+                return invalid("storage.scylla_keyspace", "must be 1-48 of [a-z0-9_]");
+            }
+            if !(1..=15).contains(&storage.scylla_replication_factor) {
+                return invalid(
+                    "storage.scylla_replication_factor",
+                    "must be between 1 and 15",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The MySQL store's settings (the `database` section).
+    pub fn mysql(&self) -> pingme_storage::mysql::MysqlConfig {
+        let db = &self.database;
+        pingme_storage::mysql::MysqlConfig {
+            host: db.host.clone(),
+            port: db.port,
+            username: db.username.clone(),
+            password: db.password.clone(),
+            database: db.name.clone(),
+            pool_size: db.pool_size,
+            connect_timeout: db.connect_timeout,
+        }
+    }
+
+    /// The ScyllaDB store's settings (the `storage.scylla_*` fields, the
+    /// store's own request timeout).
+    pub fn scylla(&self) -> pingme_storage::scylla::ScyllaConfig {
+        pingme_storage::scylla::ScyllaConfig {
+            nodes: self.storage.scylla_nodes.clone(),
+            keyspace: self.storage.scylla_keyspace.clone(),
+            replication_factor: self.storage.scylla_replication_factor,
+            ..pingme_storage::scylla::ScyllaConfig::default()
+        }
     }
 
     /// Number of connection shards to run: `shards`, or one per core.

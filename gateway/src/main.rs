@@ -1,12 +1,14 @@
 //! The `pingme` binary: parses the command line, loads the configuration
-//! (exit code 64 when it is invalid) and hands over to
-//! [`pingme_gateway::serve::run`].
+//! (exit code 64 when it is invalid, or when the store refuses it) and
+//! hands over to [`pingme_gateway::serve::run`] (exit code 69 when the
+//! store stays unreachable for `storage.startup_timeout`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pingme_gateway::config::{Config, EXIT_CONFIG};
+use pingme_gateway::serve::{EXIT_STORE_UNREACHABLE, StoreStartError};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -84,7 +86,13 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pingme: {e:#}");
-                    ExitCode::FAILURE
+                    match e.downcast_ref::<StoreStartError>() {
+                        Some(StoreStartError::Refused { .. }) => ExitCode::from(EXIT_CONFIG as u8),
+                        Some(StoreStartError::Unreachable { .. }) => {
+                            ExitCode::from(EXIT_STORE_UNREACHABLE as u8)
+                        }
+                        _ => ExitCode::FAILURE,
+                    }
                 }
             }
         }

@@ -13,8 +13,10 @@ use std::time::Duration;
 use anyhow::Context;
 use pingme_router::Router;
 use pingme_router::port::Outbox;
-use pingme_storage::Stores;
 use pingme_storage::embedded::{Durability, EmbeddedStore};
+use pingme_storage::mysql::MysqlStore;
+use pingme_storage::scylla::ScyllaStore;
+use pingme_storage::{StoreError, StoreResult, Stores};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::jwt::JwtAuthenticator;
@@ -53,7 +55,8 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     );
 
     // 2. The stores.
-    let stores = open_stores(&config).await?;
+    let opened = open_stores(&config, &shutdown).await?;
+    let stores = opened.stores.clone();
 
     // 3. Authentication, shared by the HTTP API and the gateway sessions.
     let (auth, generated) = JwtAuthenticator::from_config(&config.auth, stores.users.clone());
@@ -152,14 +155,86 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
         Err(_) => tracing::warn!("the ops port did not stop within the grace period"),
     }
     drop(stores);
+    opened.close().await;
     tracing::info!("pingme stopped");
     // Last, so the spans of the drain above are exported too.
     span_export.shutdown().await;
     Ok(())
 }
 
-/// Opens the configured stores.
-pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
+/// Exit code of the binary when the store stays unreachable for
+/// `storage.startup_timeout` at start (EX_UNAVAILABLE): a supervisor may
+/// restart the process later.
+pub const EXIT_STORE_UNREACHABLE: i32 = 69;
+
+/// Why `pingme serve` could not open its store. The binary exits with
+/// [`EXIT_STORE_UNREACHABLE`] for `Unreachable` and with
+/// [`crate::config::EXIT_CONFIG`] for `Refused`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreStartError {
+    /// Every attempt within `storage.startup_timeout` failed; the last
+    /// reason is kept.
+    #[error(
+        "the {backend} store was unreachable for {waited:?} (storage.startup_timeout {window:?}); \
+         last error: {reason}"
+    )]
+    Unreachable {
+        /// `mysql` or `scylla`.
+        backend: &'static str,
+        /// How long start-up tried.
+        waited: Duration,
+        /// The configured window.
+        window: Duration,
+        /// The last attempt's error.
+        reason: StoreError,
+    },
+    /// The store answered and refused the configuration (login, database
+    /// or keyspace): retrying would not help.
+    #[error("the {backend} store refused the configuration ({fields}): {reason}")]
+    Refused {
+        /// `mysql` or `scylla`.
+        backend: &'static str,
+        /// The settings to look at.
+        fields: &'static str,
+        /// What the store said.
+        reason: StoreError,
+    },
+    /// The shutdown signal came while start-up was still retrying.
+    #[error("shutdown requested while the {backend} store was still unreachable")]
+    Cancelled {
+        /// `mysql` or `scylla`.
+        backend: &'static str,
+    },
+}
+
+/// The stores `pingme serve` opened, and what closing them needs.
+pub struct OpenStores {
+    /// One handle per role.
+    pub stores: Stores,
+    /// The MySQL store, when it serves: closed at shutdown so its append
+    /// writer finishes its last round before the pool goes.
+    mysql: Option<MysqlStore>,
+}
+
+impl OpenStores {
+    /// Closes the stores (the embedded and ScyllaDB stores close on drop).
+    pub async fn close(self) {
+        drop(self.stores);
+        if let Some(mysql) = self.mysql {
+            mysql.close().await;
+        }
+    }
+}
+
+/// Opens the configured stores. A remote store (MySQL, ScyllaDB) is tried
+/// until `storage.startup_timeout` (or `shutdown`) while it is unreachable,
+/// each failure logged, so processes started together with their database
+/// wait for it; a refused login fails at once.
+pub async fn open_stores(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<OpenStores> {
+    let window = config.storage.startup_timeout;
     match config.storage.backend {
         StorageBackend::Embedded => {
             let dir = &config.storage.data_dir;
@@ -174,10 +249,99 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
             };
             let store = EmbeddedStore::open(dir, durability)
                 .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
-            Ok(Stores::all_from(Arc::new(store)))
+            Ok(OpenStores {
+                stores: Stores::all_from(Arc::new(store)),
+                mysql: None,
+            })
         }
-        other => anyhow::bail!("storage.backend {other:?} is not available in this build yet"),
+        StorageBackend::Mysql => {
+            let mysql = config.mysql();
+            tracing::info!(host = %mysql.host, port = mysql.port, database = %mysql.database, pool_size = mysql.pool_size, "connecting to MySQL");
+            let store = connect_with_retries(
+                "mysql",
+                "database.host, database.port, database.username, database.password, database.name",
+                window,
+                shutdown,
+                || MysqlStore::connect(&mysql),
+            )
+            .await?;
+            Ok(OpenStores {
+                stores: Stores::all_from(Arc::new(store.clone())),
+                mysql: Some(store),
+            })
+        }
+        StorageBackend::Scylla => {
+            let scylla = config.scylla();
+            tracing::info!(nodes = ?scylla.nodes, keyspace = %scylla.keyspace, "connecting to ScyllaDB");
+            let store = connect_with_retries(
+                "scylla",
+                "storage.scylla_nodes, storage.scylla_keyspace",
+                window,
+                shutdown,
+                || ScyllaStore::connect(&scylla),
+            )
+            .await?;
+            Ok(OpenStores {
+                stores: Stores::all_from(Arc::new(store)),
+                mysql: None,
+            })
+        }
     }
+}
+
+/// First pause between start-up attempts; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Calls `connect` until it succeeds, fails other than `Unavailable`, the
+/// next attempt would start after `window`, or `shutdown` comes.
+async fn connect_with_retries<T, F, Fut>(
+    backend: &'static str,
+    fields: &'static str,
+    window: Duration,
+    shutdown: &CancellationToken,
+    mut connect: F,
+) -> Result<T, StoreStartError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = RETRY_FIRST;
+    for attempt in 1u32.. {
+        let reason = match connect().await {
+            Ok(store) => {
+                if attempt > 1 {
+                    tracing::info!(backend, attempt, "store reachable");
+                }
+                return Ok(store);
+            }
+            Err(reason @ StoreError::Unavailable(_)) => reason,
+            Err(reason) => {
+                return Err(StoreStartError::Refused {
+                    backend,
+                    fields,
+                    reason,
+                });
+            }
+        };
+        let waited = started.elapsed();
+        if waited + pause > window {
+            return Err(StoreStartError::Unreachable {
+                backend,
+                waited,
+                window,
+                reason,
+            });
+        }
+        tracing::warn!(backend, attempt, error = %reason, retry_in = ?pause, "store unreachable at start; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(StoreStartError::Cancelled { backend }),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+    unreachable!("the attempt counter does not run out")
 }
 
 /// Creates `dir` (and its parents) readable by the owner only: it holds

@@ -295,11 +295,6 @@ fn the_deployment_files_load() {
 #[test]
 fn unwired_sections_are_refused_not_ignored() {
     for (yaml, field) in [
-        ("database:\n  host: db.internal\n", "database.host"),
-        ("database:\n  port: 3307\n", "database.port"),
-        ("database:\n  username: pingme\n", "database.username"),
-        ("database:\n  password: s3cret\n", "database.password"),
-        ("database:\n  name: im\n", "database.name"),
         ("redis:\n  host: redis.internal\n", "redis.host"),
         ("redis:\n  port: 6380\n", "redis.port"),
         ("kafka:\n  brokers: k1:9092\n", "kafka.brokers"),
@@ -317,7 +312,6 @@ fn unwired_sections_are_refused_not_ignored() {
         );
     }
     for (var, value, field) in [
-        ("DB_HOST", "db.internal", "database.host"),
         ("REDIS_PORT", "6380", "redis.port"),
         ("KAFKA_BROKERS", "k1:9092", "kafka.brokers"),
     ] {
@@ -330,6 +324,93 @@ fn unwired_sections_are_refused_not_ignored() {
     .unwrap()
     .validate()
     .unwrap();
+}
+
+/// The `database` section (and `DB_*`) configures the MySQL store; with
+/// another backend it would be ignored, so a changed value is refused
+/// naming its field and the backend it belongs to.
+#[test]
+fn the_database_section_configures_the_mysql_backend_only() {
+    for (yaml, field) in [
+        ("database:\n  host: db.internal\n", "database.host"),
+        ("database:\n  port: 3307\n", "database.port"),
+        ("database:\n  username: pingme\n", "database.username"),
+        ("database:\n  password: s3cret\n", "database.password"),
+        ("database:\n  name: im\n", "database.name"),
+        ("database:\n  pool_size: 4\n", "database.pool_size"),
+        (
+            "database:\n  connect_timeout: 1s\n",
+            "database.connect_timeout",
+        ),
+    ] {
+        let message = error_of(yaml);
+        assert!(
+            message.contains(field) && message.contains("storage.backend: mysql"),
+            "error for {yaml:?} must name {field}: {message}"
+        );
+    }
+    let err = Config::load_with_env(None, fake_env(&[("DB_HOST", "db.internal")])).unwrap_err();
+    assert!(err.to_string().contains("database.host"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mysql.yaml");
+    std::fs::write(&path, "storage:\n  backend: mysql\n").unwrap();
+    let config = Config::load_with_env(
+        Some(&path),
+        fake_env(&[
+            ("DB_HOST", "db.internal"),
+            ("DB_PORT", "3307"),
+            ("DB_USERNAME", "app"),
+            ("DB_PASSWORD", "s3cret"),
+            ("DB_NAME", "im"),
+        ]),
+    )
+    .unwrap();
+    let mysql = config.mysql();
+    assert_eq!(
+        (
+            mysql.host.as_str(),
+            mysql.port,
+            mysql.username.as_str(),
+            mysql.password.as_str(),
+            mysql.database.as_str(),
+        ),
+        ("db.internal", 3307, "app", "s3cret", "im")
+    );
+    // The stated defaults are the store's own.
+    let defaults = pingme_storage::mysql::MysqlConfig::default();
+    assert_eq!(
+        (mysql.pool_size, mysql.connect_timeout),
+        (defaults.pool_size, defaults.connect_timeout)
+    );
+    assert_eq!(
+        (mysql.pool_size, mysql.connect_timeout),
+        (16, Duration::from_secs(5))
+    );
+
+    let config = Config::parse_yaml(
+        "storage:\n  backend: mysql\ndatabase:\n  pool_size: 64\n  connect_timeout: 2s\n",
+    )
+    .unwrap();
+    config.validate().unwrap();
+    assert_eq!(
+        (config.mysql().pool_size, config.mysql().connect_timeout),
+        (64, Duration::from_secs(2))
+    );
+}
+
+/// `SCYLLA_URI` lists the ScyllaDB nodes (comma-separated), as the
+/// conformance tests take it.
+#[test]
+fn scylla_uri_names_the_nodes() {
+    let mut config = Config::parse_yaml("storage:\n  backend: scylla\n").unwrap();
+    config
+        .apply_env(fake_env(&[("SCYLLA_URI", "10.0.0.1:9042, 10.0.0.2:9042")]))
+        .unwrap();
+    config.validate().unwrap();
+    let scylla = config.scylla();
+    assert_eq!(scylla.nodes, ["10.0.0.1:9042", "10.0.0.2:9042"]);
+    assert_eq!(scylla.keyspace, "pingme");
 }
 
 /// The YAML defaults are the components' own defaults: a gateway or router
@@ -484,6 +565,46 @@ fn invalid_values_name_their_field() {
         ),
         ("storage:\n  backend: postgres\n", "storage.backend"),
         ("storage:\n  backend: scylla\n", "storage.scylla_nodes"),
+        (
+            "storage:\n  backend: scylla\n  scylla_nodes: [db:9042]\n  scylla_keyspace: Bad-Name\n",
+            "storage.scylla_keyspace",
+        ),
+        (
+            "storage:\n  backend: scylla\n  scylla_nodes: [db:9042]\n  scylla_replication_factor: 0\n",
+            "storage.scylla_replication_factor",
+        ),
+        (
+            "storage:\n  startup_timeout: 2h\n",
+            "storage.startup_timeout",
+        ),
+        (
+            "storage:\n  backend: mysql\ndatabase:\n  name: \"im; DROP DATABASE x\"\n",
+            "database.name",
+        ),
+        (
+            "storage:\n  backend: mysql\ndatabase:\n  pool_size: 1\n",
+            "database.pool_size",
+        ),
+        (
+            "storage:\n  backend: mysql\ndatabase:\n  connect_timeout: 0s\n",
+            "database.connect_timeout",
+        ),
+        (
+            "storage:\n  backend: mysql\ndatabase:\n  connect_timeout: five\n",
+            "database.connect_timeout",
+        ),
+        (
+            "storage:\n  backend: mysql\ndatabase:\n  host: \"\"\n",
+            "database.host",
+        ),
+        (
+            "storage:\n  backend: mysql\ndatabase:\n  username: \"\"\n",
+            "database.username",
+        ),
+        (
+            "storage:\n  backend: mysql\ndatabase:\n  port: 0\n",
+            "database.port",
+        ),
         ("listeners:\n  tcp: not-an-address\n", "listeners.tcp"),
         ("log_format: xml\n", "log_format"),
         ("push:\n  webhook_url: ftp://x\n", "push.webhook_url"),

@@ -1,5 +1,6 @@
 //! End-to-end harness: starts a real `pingme serve` process on free ports
-//! with its own data directory, and drives it over real sockets with a
+//! with its own data directory (or its own MySQL database), and drives it
+//! over real sockets with a
 //! minimal client written directly on the protocol codec (deliberately not
 //! the SDK, so these tests judge the server alone).
 
@@ -17,6 +18,7 @@ use pingme_protocol::v1::{
     self, ContentType, FetchMessages, Hello, SendAck, SyncRequest, client_frame, server_frame,
 };
 use pingme_protocol::{ClientCodec, ClientFrame, ErrorCode, ServerFrame};
+use pingme_storage::mysql::MysqlConfig;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
@@ -53,13 +55,26 @@ impl Server {
     /// [`Server::start`] with `extra` (whole top-level YAML lines, e.g.
     /// `otlp_endpoint: ...\n`) appended to the test configuration.
     pub async fn start_with(data_dir: &Path, extra: &str) -> Server {
+        Server::start_configured(data_dir, "", extra).await
+    }
+
+    /// A server on the MySQL backend (`storage.backend: mysql`, the
+    /// `database` section naming `mysql`'s server and database); `data_dir`
+    /// only holds its configuration file.
+    pub async fn start_on_mysql(data_dir: &Path, mysql: &MysqlConfig) -> Server {
+        Server::start_configured(data_dir, "  backend: mysql\n", &database_yaml(mysql)).await
+    }
+
+    /// The test configuration with `storage_lines` (indented lines of the
+    /// `storage` section) and `extra` (top-level lines).
+    async fn start_configured(data_dir: &Path, storage_lines: &str, extra: &str) -> Server {
         // Free ports are picked by binding port 0 and letting go, which can
         // race with a parallel test; a server that could not bind exits, and
         // is started again on other ports.
         for _ in 0..3 {
             let (http, tcp, tls, metrics) = (free_port(), free_port(), free_port(), free_port());
             let config_path = data_dir.with_extension("yaml");
-            let yaml = config_yaml(data_dir, http, tcp, tls, metrics) + extra;
+            let yaml = config_yaml(data_dir, http, tcp, tls, metrics) + storage_lines + extra;
             std::fs::write(&config_path, yaml).unwrap();
             let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
             let mut server = Server {
@@ -181,6 +196,18 @@ fn config_yaml(data_dir: &Path, http: u16, tcp: u16, tls: u16, metrics: u16) -> 
          http:\n  max_connections: 100000\n  max_connections_per_ip: 100000\n\
          storage:\n  data_dir: {}\n",
         data_dir.display()
+    )
+}
+
+/// The `database` section naming `mysql` (strings as JSON, which YAML reads).
+pub fn database_yaml(mysql: &MysqlConfig) -> String {
+    format!(
+        "database:\n  host: {}\n  port: {}\n  username: {}\n  password: {}\n  name: {}\n  pool_size: 4\n",
+        json!(mysql.host),
+        mysql.port,
+        json!(mysql.username),
+        json!(mysql.password),
+        json!(mysql.database),
     )
 }
 
