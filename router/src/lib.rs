@@ -40,6 +40,8 @@ pub use bus::{
     Bus, BusCluster, BusError, BusRecord, Consumed, GroupMember, InProcessBus, Partition,
     PipelineBus, Polled, RecordError, SerialisedBus, Topic, conversation_key, text_key,
 };
+#[cfg(feature = "kafka")]
+pub use bus::{KafkaBus, KafkaSettings};
 pub use config::{BusTopics, RouterConfig, single_message_page_bytes};
 pub use directory::{
     Clock, Directory, DirectoryError, LocalDirectory, Located, ManualClock, Presence, Registration,

@@ -3,19 +3,20 @@
 //! keeps. Stages only talk through it, so the same pipeline runs over
 //! [`InProcessBus`] (single node: bounded tokio channels, records moved as
 //! they are), [`SerialisedBus`] (several nodes in one process: every record
-//! encoded and decoded, partitions moved by a coordinator) or Kafka.
+//! encoded and decoded, partitions moved by a coordinator) or Kafka
+//! (`KafkaBus`, feature `kafka`: several processes sharing a broker).
 //!
 //! | bus call | in-process | serialised (tests) | Kafka (rdkafka) |
 //! |---|---|---|---|
-//! | [`Bus::declare`] | channels per partition | a log per partition | admin client: create the topic with its partitions |
-//! | [`Bus::try_publish`] / [`Bus::publish`] | `try_send` / `send` | encode, append to the partition's log | produce to partition `key % partitions`; queue full vs. wait |
-//! | [`Bus::stop_producing`] | drop this node's senders | refuse this node's publishes | flush, then refuse |
+//! | [`Bus::declare`] | channels per partition | a log per partition | admin client: create the topic with its partitions (another count found: refused) |
+//! | [`Bus::try_publish`] / [`Bus::publish`] | `try_send` / `send` | encode, append to the partition's log | idempotent produce (`acks=all`) to partition `key % partitions`; producer queue full vs. wait for room |
+//! | [`Bus::stop_producing`] | drop this node's senders | refuse this node's publishes | refuse this node's publishes, flush |
 //! | [`Bus::join`] | member k owns partition k | coordinator assigns, rebalances on join, leave, drop | `subscribe` in the group; `ConsumerContext` rebalance callbacks |
-//! | [`Polled::Assigned`] / [`Polled::Revoked`] | once, at start | on every rebalance | post-/pre-rebalance callbacks, queued into the poll |
-//! | [`GroupMember::poll`] | `recv_many` | read from the committed offset on | `recv`, up to `max` |
-//! | [`GroupMember::commit`] | nothing | offsets to the coordinator | `commit_consumer_state(Sync)` |
-//! | leave token | nobody to hand over to: consume until this node stopped producing and the queue is empty | finish what is queued for the member, leave, rebalance | `unsubscribe`, close |
-//! | [`Bus::lag`] | queued records | log end - committed | high watermark - committed |
+//! | [`Polled::Assigned`] / [`Polled::Revoked`] | once, at start | on every rebalance | post-rebalance callbacks, queued into the next poll (fetched records of revoked partitions dropped) |
+//! | [`GroupMember::poll`] | `recv_many` | read from the committed offset on | `recv`, then what is already fetched, up to `max` |
+//! | [`GroupMember::commit`] | nothing | offsets to the coordinator | wait until this node's earlier publishes are acknowledged, then commit the polled offsets (sync) |
+//! | leave token | nobody to hand over to: consume until this node stopped producing and the queue is empty | finish what is queued for the member, leave, rebalance | return what the consumer already fetched, then `unsubscribe`, close |
+//! | [`Bus::lag`] | queued records | log end - committed | high watermark of fetch responses (statistics) - committed, this node's members |
 //!
 //! Delivery is at least once: a member commits only after the effects of
 //! what it polled are durable (stored, or handed to the next topic), so a
@@ -24,6 +25,8 @@
 //! de-duplicates sends; clients drop seqs they already hold).
 
 mod in_process;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod serialised;
 
 use std::fmt;
@@ -37,6 +40,8 @@ use pingme_storage::ConversationId;
 use tokio_util::sync::CancellationToken;
 
 pub use in_process::InProcessBus;
+#[cfg(feature = "kafka")]
+pub use kafka::{KafkaBus, KafkaSettings};
 pub use serialised::{BusCluster, SerialisedBus};
 
 use crate::records::{AcceptedSend, DeadLetterRecord, DownstreamEnvelope, FanoutTask, PushEvent};

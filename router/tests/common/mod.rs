@@ -315,3 +315,45 @@ pub fn error(frame: &ServerFrame) -> v1::Error {
 pub fn dm(a: UserId, b: UserId) -> String {
     format!("dm:{}:{}", a.min(b), a.max(b))
 }
+
+/// Settings for the broker in `KAFKA_BROKERS`, tuned for tests (Tansu's
+/// group join takes about half the session timeout), or `None` when it is
+/// unset or unreachable: only outside CI, where the test then skips and
+/// says why; under `CI=true` the test fails.
+#[cfg(feature = "kafka")]
+pub fn kafka_from_env() -> Option<pingme_router::KafkaSettings> {
+    use std::net::ToSocketAddrs;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_default();
+    let reachable = brokers.split(',').next().is_some_and(|first| {
+        first
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .is_some_and(|addr| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+            })
+    });
+    if !reachable {
+        let state = if brokers.is_empty() {
+            "unset".to_string()
+        } else {
+            format!("{brokers:?}, unreachable")
+        };
+        let why = format!("KAFKA_BROKERS is {state} (start a broker: `bash .ci/kafka.sh`)");
+        assert!(!ci, "the Kafka tests need a broker under CI=true: {why}");
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let mut settings = pingme_router::KafkaSettings::new(brokers);
+    settings.session_timeout_ms = 3_000;
+    settings.heartbeat_interval_ms = 500;
+    settings.request_timeout = Duration::from_secs(10);
+    Some(settings)
+}
+
+/// A suffix that keeps one test's topics and groups apart from every
+/// other run's on a shared broker.
+pub fn unique_suffix() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}

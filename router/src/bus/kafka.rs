@@ -1,0 +1,804 @@
+//! The bus over Kafka (rdkafka, the bundled librdkafka): what several
+//! `pingme` processes share. One idempotent producer per node (`acks=all`,
+//! so a record is on the broker, in order per partition, once it is
+//! reported delivered), one consumer per group member (classic group
+//! protocol, eager rebalances), an admin client that creates topics.
+//!
+//! - Partitions are picked here, `key % partitions` ([`Topic::partition_of`]),
+//!   never by librdkafka's partitioner, so every bus implementation and
+//!   every node agree on where a conversation's records go.
+//! - [`Bus::publish`] hands the record to the producer's queue (waiting
+//!   for room), [`Bus::try_publish`] answers `Full` when the queue is
+//!   full. A member's [`GroupMember::commit`] first waits until everything
+//!   this node published before it is acknowledged by the broker, then
+//!   commits its offsets synchronously: "handed to the next topic" means
+//!   on the broker, so a crash after a commit loses nothing.
+//! - Rebalance callbacks ([`ConsumerContext::post_rebalance`], run inside
+//!   the member's own poll) are queued and returned by the next
+//!   [`GroupMember::poll`] as [`Polled::Assigned`] / [`Polled::Revoked`],
+//!   before any record; records of a revoked partition fetched but not yet
+//!   returned are dropped (the next owner reads them again from the
+//!   committed offset).
+//! - Leaving: the member returns the records its consumer already fetched,
+//!   then unsubscribes and closes (on a blocking thread: librdkafka's
+//!   close waits for the group to let it go); its partitions move to the
+//!   members that stay, from its last commit.
+//! - Lag comes from the consumers' statistics (`statistics.interval.ms`):
+//!   the high watermark that fetch responses carry minus the committed
+//!   offset, per partition this node's members hold. Not from
+//!   `fetch_watermarks` (ListOffsets): Tansu answers it wrongly after
+//!   batched produce.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::FutureExt;
+use pingme_protocol::ErrorCode;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, DeliveryResult, Message};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{Bus, BusError, BusRecord, Consumed, GroupMember, Partition, Polled, Topic};
+
+/// How a node talks to Kafka. The defaults are chosen for latency on a
+/// small cluster (figures in docs/benchmarks.md, "Kafka bus latency").
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`: comma-separated `host:port` list.
+    pub brokers: String,
+    /// `linger.ms`: how long the producer waits to fill a batch.
+    pub linger_ms: u32,
+    /// `batch.num.messages`: records per produce batch at most.
+    pub batch_num_messages: u32,
+    /// `queue.buffering.max.messages`: the producer queue's bound, past
+    /// which `try_publish` answers `Full` and `publish` waits.
+    pub queue_max_messages: u32,
+    /// `fetch.wait.max.ms`: how long the broker may hold an empty fetch.
+    pub fetch_wait_max_ms: u32,
+    /// `session.timeout.ms`: a member silent this long is dropped from its
+    /// group. Tansu's joins take about half of it.
+    pub session_timeout_ms: u32,
+    /// `heartbeat.interval.ms`.
+    pub heartbeat_interval_ms: u32,
+    /// `statistics.interval.ms` of consumers: how fresh [`Bus::lag`] is.
+    pub stats_interval_ms: u32,
+    /// Bound on admin requests, on waiting for deliveries before a commit,
+    /// and on `publish` waiting for room.
+    pub request_timeout: Duration,
+}
+
+impl KafkaSettings {
+    /// The defaults with `brokers`.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            linger_ms: 1,
+            batch_num_messages: 10_000,
+            queue_max_messages: 100_000,
+            fetch_wait_max_ms: 10,
+            session_timeout_ms: 10_000,
+            heartbeat_interval_ms: 1_000,
+            stats_interval_ms: 1_000,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Settings every client of the node shares.
+    fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            // Small records, each waited for: no Nagle delay on either side.
+            .set("socket.nagle.disable", "true");
+        config
+    }
+
+    fn producer(&self) -> ClientConfig {
+        let mut config = self.client();
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", self.linger_ms.to_string())
+            .set("batch.num.messages", self.batch_num_messages.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                self.queue_max_messages.to_string(),
+            );
+        config
+    }
+
+    fn consumer(&self, group: &str, member: &str) -> ClientConfig {
+        let mut config = self.client();
+        config
+            .set("group.id", group)
+            .set("client.id", member)
+            // Eager rebalances of the classic protocol (Tansu gives no
+            // assignment under KIP-848's `consumer` protocol).
+            .set("group.protocol", "classic")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
+            .set("session.timeout.ms", self.session_timeout_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                self.heartbeat_interval_ms.to_string(),
+            )
+            .set("statistics.interval.ms", self.stats_interval_ms.to_string());
+        config
+    }
+}
+
+/// Records handed to the producer and not yet reported delivered (or
+/// failed), by ticket, so a commit can wait for exactly those published
+/// before it.
+#[derive(Default)]
+struct Deliveries {
+    pending: Mutex<BTreeSet<u64>>,
+    next: AtomicU64,
+    /// Woken on every delivery report.
+    reported: Notify,
+}
+
+impl Deliveries {
+    fn lock(&self) -> MutexGuard<'_, BTreeSet<u64>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until every record ticketed before now is reported.
+    async fn settled(&self, timeout: Duration) -> Result<(), BusError> {
+        let issued = self.next.load(Ordering::SeqCst);
+        let wait = async {
+            loop {
+                let reported = self.reported.notified();
+                tokio::pin!(reported);
+                reported.as_mut().enable();
+                if self.lock().first().is_none_or(|oldest| *oldest >= issued) {
+                    return;
+                }
+                reported.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| BusError::Broker("records not acknowledged in time".into()))
+    }
+}
+
+/// The producer's callbacks (on librdkafka's polling thread).
+struct ProducerEvents {
+    deliveries: Arc<Deliveries>,
+}
+
+impl ClientContext for ProducerEvents {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka producer");
+    }
+}
+
+impl ProducerContext for ProducerEvents {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ticket: usize) {
+        if let Err((error, message)) = result {
+            // Retries (idempotent, in order) ran out: the record is lost to
+            // the bus. Whatever consumed its cause commits anyway once this
+            // is reported: the failure is logged and counted.
+            let code = ErrorCode::KafkaProducerError;
+            crate::telemetry::failed(code, 1);
+            tracing::error!(%error, topic = message.topic(), partition = message.partition(),
+                code = code.code(), "record not delivered");
+        }
+        self.deliveries.lock().remove(&(ticket as u64));
+        self.deliveries.reported.notify_waiters();
+    }
+}
+
+/// Each member's lag (records fetched-visible and not committed), by
+/// (topic, group) then member.
+type LagBoard = Arc<Mutex<HashMap<(String, String), HashMap<u64, u64>>>>;
+
+fn lock_board(board: &LagBoard) -> MutexGuard<'_, HashMap<(String, String), HashMap<u64, u64>>> {
+    board
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One node's client of a Kafka cluster.
+pub struct KafkaBus {
+    settings: KafkaSettings,
+    producer: ThreadedProducer<ProducerEvents>,
+    deliveries: Arc<Deliveries>,
+    admin: AdminClient<DefaultClientContext>,
+    /// Topics this node created or found.
+    declared: Mutex<HashSet<String>>,
+    /// Topics this node stopped producing to.
+    stopped: RwLock<HashSet<String>>,
+    lags: LagBoard,
+    next_member: AtomicU64,
+}
+
+impl std::fmt::Debug for KafkaBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBus")
+            .field("brokers", &self.settings.brokers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBus {
+    /// Creates the node's producer and admin client (no broker is
+    /// contacted yet: librdkafka connects in the background).
+    pub fn new(settings: KafkaSettings) -> Result<KafkaBus, BusError> {
+        let deliveries = Arc::new(Deliveries::default());
+        let producer = settings
+            .producer()
+            .create_with_context(ProducerEvents {
+                deliveries: deliveries.clone(),
+            })
+            .map_err(broker_error)?;
+        let admin = settings.client().create().map_err(broker_error)?;
+        Ok(KafkaBus {
+            settings,
+            producer,
+            deliveries,
+            admin,
+            declared: Mutex::new(HashSet::new()),
+            stopped: RwLock::new(HashSet::new()),
+            lags: Arc::default(),
+            next_member: AtomicU64::new(0),
+        })
+    }
+
+    /// The settings this bus runs with.
+    pub fn settings(&self) -> &KafkaSettings {
+        &self.settings
+    }
+
+    /// Hands one record to the producer: `Full` when its queue is.
+    fn send(
+        &self,
+        topic: &str,
+        partition: Partition,
+        key: u64,
+        payload: &[u8],
+    ) -> Result<(), BusError> {
+        if self
+            .stopped
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(topic)
+        {
+            return Err(BusError::Closed(topic.to_string()));
+        }
+        let key = key.to_be_bytes();
+        let mut pending = self.deliveries.lock();
+        let ticket = self.deliveries.next.fetch_add(1, Ordering::SeqCst);
+        pending.insert(ticket);
+        let record = BaseRecord::with_opaque_to(topic, ticket as usize)
+            .partition(partition as i32)
+            .key(&key[..])
+            .payload(payload);
+        match self.producer.send(record) {
+            Ok(()) => Ok(()),
+            Err((error, _)) => {
+                pending.remove(&ticket);
+                Err(match error {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                        BusError::Full(topic.to_string())
+                    }
+                    error => BusError::Broker(format!("{topic}: {error}")),
+                })
+            }
+        }
+    }
+
+    /// Waits until what this node published is on the broker (up to the
+    /// request timeout); stopping nodes call it so nothing stays queued.
+    pub fn flush(&self) -> Result<(), BusError> {
+        self.producer
+            .flush(self.settings.request_timeout)
+            .map_err(broker_error)
+    }
+}
+
+impl Drop for KafkaBus {
+    fn drop(&mut self) {
+        // librdkafka's producer purges what is still queued when it is
+        // destroyed: send it first.
+        if let Err(error) = self.flush() {
+            tracing::error!(%error, "records still queued when the Kafka bus closed");
+        }
+    }
+}
+
+fn broker_error(error: KafkaError) -> BusError {
+    BusError::Broker(error.to_string())
+}
+
+#[async_trait]
+impl<R: BusRecord> Bus<R> for KafkaBus {
+    fn declare(&self, topic: &Topic<R>) -> Result<(), BusError> {
+        let mut declared = self
+            .declared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if declared.contains(topic.name()) {
+            return Ok(());
+        }
+        let new = NewTopic::new(
+            topic.name(),
+            topic.partitions() as i32,
+            TopicReplication::Fixed(-1),
+        );
+        let options = AdminOptions::new().request_timeout(Some(self.settings.request_timeout));
+        // The admin client's own thread completes the future: blocking here
+        // needs no runtime (declarations happen at start).
+        let results = futures::executor::block_on(self.admin.create_topics([&new], &options))
+            .map_err(broker_error)?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(BusError::Broker(format!("creating {name}: {code}")));
+                }
+            }
+        }
+        // Producers on every node pick partitions by `key % partitions`:
+        // a topic with another count would split conversations.
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic.name()), self.settings.request_timeout)
+            .map_err(broker_error)?;
+        let found = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic.name())
+            .map_or(0, |t| t.partitions().len());
+        if found != topic.partitions() as usize {
+            return Err(BusError::Unknown(format!(
+                "{} has {found} partitions, not {}",
+                topic.name(),
+                topic.partitions()
+            )));
+        }
+        declared.insert(topic.name().to_string());
+        Ok(())
+    }
+
+    fn try_publish(&self, topic: &Topic<R>, key: u64, record: R) -> Result<(), BusError> {
+        self.send(topic.name(), topic.partition_of(key), key, &record.encode())
+    }
+
+    async fn publish(&self, topic: &Topic<R>, key: u64, record: R) -> Result<(), BusError> {
+        let payload = record.encode();
+        let partition = topic.partition_of(key);
+        let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
+        loop {
+            // Registered before trying, so a delivery in between (which
+            // frees room) is not missed.
+            let reported = self.deliveries.reported.notified();
+            tokio::pin!(reported);
+            reported.as_mut().enable();
+            match self.send(topic.name(), partition, key, &payload) {
+                Err(BusError::Full(name)) => {
+                    if tokio::time::timeout_at(deadline, reported).await.is_err() {
+                        return Err(BusError::Broker(format!(
+                            "{name}: producer queue still full"
+                        )));
+                    }
+                }
+                sent => return sent,
+            }
+        }
+    }
+
+    fn stop_producing(&self, topic: &Topic<R>) {
+        self.stopped
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(topic.name().to_string());
+        if let Err(error) = self.flush() {
+            tracing::error!(%error, topic = topic.name(), "records still queued at stop");
+        }
+    }
+
+    fn join(
+        &self,
+        topic: &Topic<R>,
+        group: &str,
+        member: &str,
+        leave: CancellationToken,
+    ) -> Result<Box<dyn GroupMember<R>>, BusError> {
+        let id = self.next_member.fetch_add(1, Ordering::Relaxed);
+        let board_key = (topic.name().to_string(), group.to_string());
+        let events = MemberEvents {
+            topic: topic.name().to_string(),
+            changes: Mutex::new(VecDeque::new()),
+            changed: Notify::new(),
+            lags: self.lags.clone(),
+            board_key: board_key.clone(),
+            id,
+        };
+        let consumer: StreamConsumer<MemberEvents> = self
+            .settings
+            .consumer(group, member)
+            .create_with_context(events)
+            .map_err(broker_error)?;
+        consumer.subscribe(&[topic.name()]).map_err(broker_error)?;
+        let consumer = Arc::new(consumer);
+        Ok(Box::new(KafkaMember {
+            events: consumer.context().clone(),
+            consumer: Some(consumer),
+            topic: topic.name().to_string(),
+            group: group.to_string(),
+            leave,
+            positions: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            ready: VecDeque::new(),
+            deliveries: self.deliveries.clone(),
+            timeout: self.settings.request_timeout,
+            record: PhantomData,
+        }))
+    }
+
+    fn lag(&self, topic: &Topic<R>, group: &str) -> u64 {
+        lock_board(&self.lags)
+            .get(&(topic.name().to_string(), group.to_string()))
+            .map_or(0, |members| members.values().sum())
+    }
+}
+
+/// A partition change seen by a rebalance callback.
+enum Change {
+    Assigned(Vec<Partition>),
+    Revoked(Vec<Partition>),
+}
+
+/// A member's consumer callbacks (run inside its own poll).
+struct MemberEvents {
+    topic: String,
+    changes: Mutex<VecDeque<Change>>,
+    /// Wakes the member's poll when a change is queued.
+    changed: Notify,
+    lags: LagBoard,
+    board_key: (String, String),
+    id: u64,
+}
+
+impl MemberEvents {
+    fn partitions(&self, list: &TopicPartitionList) -> Vec<Partition> {
+        let mut partitions: Vec<Partition> = list
+            .elements_for_topic(&self.topic)
+            .iter()
+            .filter_map(|element| Partition::try_from(element.partition()).ok())
+            .collect();
+        partitions.sort_unstable();
+        partitions
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Change>> {
+        self.changes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl ClientContext for MemberEvents {
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        // Partitions this member fetches: the high watermark its fetch
+        // responses carried minus what the group committed.
+        let lag: u64 = topic
+            .partitions
+            .values()
+            .filter(|p| p.partition >= 0 && p.desired && p.hi_offset >= 0)
+            .map(|p| {
+                let committed = if p.committed_offset >= 0 {
+                    p.committed_offset
+                } else {
+                    p.lo_offset.max(0)
+                };
+                (p.hi_offset - committed).max(0) as u64
+            })
+            .sum();
+        lock_board(&self.lags)
+            .entry(self.board_key.clone())
+            .or_default()
+            .insert(self.id, lag);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, topic = self.topic, "kafka consumer");
+    }
+}
+
+impl ConsumerContext for MemberEvents {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let change = match rebalance {
+            Rebalance::Assign(list) => Change::Assigned(self.partitions(list)),
+            Rebalance::Revoke(list) => Change::Revoked(self.partitions(list)),
+            Rebalance::Error(error) => {
+                let code = ErrorCode::KafkaConsumerGroupError;
+                crate::telemetry::failed(code, 1);
+                tracing::error!(%error, topic = self.topic, code = code.code(), "rebalance failed");
+                return;
+            }
+        };
+        self.lock().push_back(change);
+        self.changed.notify_one();
+    }
+}
+
+/// A record fetched and not yet returned by a poll.
+struct Fetched<R> {
+    partition: Partition,
+    offset: i64,
+    /// `None`: undecodable (logged, skipped, its offset still committed).
+    record: Option<R>,
+}
+
+/// One member of a consumer group on Kafka.
+struct KafkaMember<R> {
+    /// `None` once it left.
+    consumer: Option<Arc<StreamConsumer<MemberEvents>>>,
+    events: Arc<MemberEvents>,
+    topic: String,
+    group: String,
+    leave: CancellationToken,
+    /// Assigned partitions and the offset after the last record returned.
+    positions: BTreeMap<Partition, Option<i64>>,
+    /// What this member committed per partition.
+    committed: BTreeMap<Partition, i64>,
+    ready: VecDeque<Fetched<R>>,
+    deliveries: Arc<Deliveries>,
+    timeout: Duration,
+    record: PhantomData<fn() -> R>,
+}
+
+impl<R: BusRecord> KafkaMember<R> {
+    /// Keeps a fetched record for the next poll (synchronously, so a poll
+    /// dropped after `recv` loses nothing).
+    fn accept(&mut self, message: Result<BorrowedMessage<'_>, KafkaError>) -> bool {
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, topic = self.topic, group = self.group, "consume failed");
+                return false;
+            }
+        };
+        let Ok(partition) = Partition::try_from(message.partition()) else {
+            return true;
+        };
+        // A record of a partition revoked meanwhile is the next owner's.
+        if message.topic() != self.topic || !self.positions.contains_key(&partition) {
+            return true;
+        }
+        let bytes = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+        let record = match R::decode(bytes) {
+            Ok(record) => Some(record),
+            Err(error) => {
+                crate::telemetry::failed(error.code(), 1);
+                tracing::error!(%error, topic = self.topic, partition, offset = message.offset(),
+                    code = error.code().code(), "record skipped");
+                None
+            }
+        };
+        self.ready.push_back(Fetched {
+            partition,
+            offset: message.offset(),
+            record,
+        });
+        true
+    }
+
+    /// Takes what the consumer already fetched, without waiting.
+    fn take_fetched(&mut self, consumer: &StreamConsumer<MemberEvents>, max: usize) -> usize {
+        let mut taken = 0;
+        while taken < max {
+            match consumer.recv().now_or_never() {
+                Some(message) => {
+                    self.accept(message);
+                    taken += 1;
+                }
+                None => break,
+            }
+        }
+        taken
+    }
+
+    /// Returns up to `max` ready records; skipped ones only move positions.
+    fn take_ready(&mut self, max: usize) -> Vec<Consumed<R>> {
+        let mut records = Vec::new();
+        while records.len() < max {
+            let Some(fetched) = self.ready.pop_front() else {
+                break;
+            };
+            self.positions
+                .insert(fetched.partition, Some(fetched.offset + 1));
+            if let Some(record) = fetched.record {
+                records.push(Consumed {
+                    partition: fetched.partition,
+                    record,
+                });
+            }
+        }
+        records
+    }
+
+    /// Unsubscribes and closes the consumer on a blocking thread
+    /// (librdkafka's close waits for the group coordinator).
+    fn close(&mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            lock_board(&self.events.lags)
+                .entry(self.events.board_key.clone())
+                .or_default()
+                .remove(&self.events.id);
+            let close = move || {
+                consumer.unsubscribe();
+                drop(consumer);
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn_blocking(close);
+                }
+                Err(_) => close(),
+            }
+        }
+        self.positions.clear();
+        self.ready.clear();
+    }
+}
+
+impl<R> Drop for KafkaMember<R> {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            lock_board(&self.events.lags)
+                .entry(self.events.board_key.clone())
+                .or_default()
+                .remove(&self.events.id);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn_blocking(move || drop(consumer));
+                }
+                Err(_) => drop(consumer),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<R: BusRecord> GroupMember<R> for KafkaMember<R> {
+    async fn poll(&mut self, max: usize) -> Polled<R> {
+        let max = max.max(1);
+        loop {
+            // Partition changes first: state of a revoked partition goes
+            // before any record is processed.
+            let change = self.events.lock().pop_front();
+            match change {
+                Some(Change::Assigned(partitions)) => {
+                    for partition in &partitions {
+                        self.positions.insert(*partition, None);
+                    }
+                    return Polled::Assigned(partitions);
+                }
+                Some(Change::Revoked(partitions)) => {
+                    for partition in &partitions {
+                        self.positions.remove(partition);
+                        self.committed.remove(partition);
+                    }
+                    self.ready
+                        .retain(|fetched| !partitions.contains(&fetched.partition));
+                    return Polled::Revoked(partitions);
+                }
+                None => {}
+            }
+            let records = self.take_ready(max);
+            if !records.is_empty() {
+                return Polled::Records(records);
+            }
+            if !self.ready.is_empty() {
+                // Only skipped records were ready: look again.
+                continue;
+            }
+            let Some(consumer) = self.consumer.clone() else {
+                return Polled::Left;
+            };
+            if self.leave.is_cancelled() {
+                // What the consumer already fetched is this member's to
+                // finish; the rest goes to the next owner.
+                if self.take_fetched(&consumer, max) > 0 {
+                    continue;
+                }
+                self.close();
+                return Polled::Left;
+            }
+            tokio::select! {
+                biased;
+                _ = self.events.changed.notified() => {}
+                _ = self.leave.cancelled() => {}
+                message = consumer.recv() => {
+                    if self.accept(message) {
+                        self.take_fetched(&consumer, max.saturating_sub(1));
+                    } else {
+                        // A broker or partition error: not a hot loop.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn commit(&mut self) -> Result<(), BusError> {
+        let Some(consumer) = self.consumer.clone() else {
+            return Err(BusError::Fenced(format!(
+                "{} left {}",
+                self.topic, self.group
+            )));
+        };
+        let mut offsets = TopicPartitionList::new();
+        let mut advanced = Vec::new();
+        for (partition, position) in &self.positions {
+            if let Some(next) = position
+                && self.committed.get(partition) != Some(next)
+            {
+                offsets
+                    .add_partition_offset(&self.topic, *partition as i32, Offset::Offset(*next))
+                    .map_err(broker_error)?;
+                advanced.push((*partition, *next));
+            }
+        }
+        if advanced.is_empty() {
+            return Ok(());
+        }
+        // What the polled records caused on other topics is on the broker
+        // before their offsets are.
+        self.deliveries.settled(self.timeout).await?;
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync))
+                .await
+                .map_err(|error| BusError::Broker(error.to_string()))?;
+        match committed {
+            Ok(()) => {
+                self.committed.extend(advanced);
+                Ok(())
+            }
+            Err(KafkaError::ConsumerCommit(code)) if fenced(code) => Err(BusError::Fenced(
+                format!("{} in {}: {code}", self.topic, self.group),
+            )),
+            Err(error) => Err(broker_error(error)),
+        }
+    }
+}
+
+/// Commit errors that mean the member's generation is over (a rebalance
+/// took its partitions): its commit is refused, as a fenced member's.
+fn fenced(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::IllegalGeneration
+            | RDKafkaErrorCode::UnknownMemberId
+            | RDKafkaErrorCode::RebalanceInProgress
+            | RDKafkaErrorCode::FencedInstanceId
+    )
+}
