@@ -1,10 +1,11 @@
 //! The bus contract, one body run over every implementation: the
 //! in-process bus (single node), the serialising bus (several nodes in one
 //! process) and Kafka (`KafkaBus` against the broker in `KAFKA_BROKERS`,
-//! Tansu in CI). What each test needs of the implementation is in its
-//! name: order per key runs on all three; resuming from the committed
-//! offset, rebalancing to a second member and stopping apart from leaving
-//! need several nodes, so they run on the serialising bus and Kafka.
+//! Tansu in CI). Order per key runs on all three; resuming from the
+//! committed offset, rebalancing to a second member and stopping apart
+//! from leaving need several nodes, and lag as published minus committed
+//! needs committed offsets, so they run on the serialising bus and Kafka
+//! (the in-process bus has its own tests of its fixed group).
 //!
 //! Nothing waits a fixed time: every step waits for an event (an
 //! assignment, a record, the member's leave), bounded by a timeout that
@@ -338,6 +339,44 @@ async fn stop_producing_is_apart_from_leaving<C: Cluster>(cluster: C) {
     assert_eq!(records(&mut staying, 10, 1).await, vec![3]);
 }
 
+/// Lag is what was published and not yet committed by the group: it
+/// falls as the member commits. (Kafka reports it from the consumers'
+/// statistics, so the member keeps polling while the test waits.)
+async fn lag_is_published_minus_committed<C: Cluster>(cluster: C) {
+    let a = cluster.node("a");
+    let topic = Topic::new(cluster.name("contract-lag"), 1);
+    let group = cluster.name("lag");
+    a.declare(&topic).unwrap();
+    let (mut member, _) = join(&*a, &topic, &group, "a-0");
+    assert_eq!(assigned(&mut member).await, vec![0]);
+    for n in 1..=3 {
+        a.publish(&topic, 0, numbered(n)).await.unwrap();
+    }
+    assert_eq!(records(&mut member, 1, 1).await, vec![1]);
+    member.commit().await.unwrap();
+    let mut polled = 1;
+    for expected in [2, 0] {
+        step("the lag", async {
+            while a.lag(&topic, &group) != expected {
+                tokio::select! {
+                    event = member.poll(10) => match event {
+                        Polled::Records(records) => polled += records.len(),
+                        other => panic!("expected records, got {other:?}"),
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        })
+        .await;
+        if expected == 2 {
+            while polled < 3 {
+                polled += records(&mut member, 10, 1).await.len();
+            }
+            member.commit().await.unwrap();
+        }
+    }
+}
+
 // ---- over each implementation ----
 
 mod in_process {
@@ -375,6 +414,11 @@ mod serialised {
     async fn stop_producing_is_apart_from_leaving() {
         super::stop_producing_is_apart_from_leaving(Serialised(BusCluster::new())).await;
     }
+
+    #[tokio::test]
+    async fn lag_is_published_minus_committed() {
+        super::lag_is_published_minus_committed(Serialised(BusCluster::new())).await;
+    }
 }
 
 #[cfg(feature = "kafka")]
@@ -406,6 +450,13 @@ mod kafka {
     async fn stop_producing_is_apart_from_leaving() {
         if let Some(kafka) = Kafka::from_env() {
             super::stop_producing_is_apart_from_leaving(kafka).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lag_is_published_minus_committed() {
+        if let Some(kafka) = Kafka::from_env() {
+            super::lag_is_published_minus_committed(kafka).await;
         }
     }
 }
