@@ -1,53 +1,38 @@
-//! The high-level client: one background task (the driver) owns the
-//! connection and all state; the cheap, cloneable [`Client`] handle talks to
-//! it over a channel, and the application reads [`Event`]s.
+//! The tokio driver of the sans-IO [`ClientCore`](crate::core::ClientCore):
+//! the way `quinn` drives `quinn-proto`. The core sits behind a mutex shared
+//! by the cheap, cloneable [`Client`] handles and one background task (the
+//! driver). A handle locks the core, hands it a command, registers where the
+//! answer goes and wakes the driver; the driver owns the transport: it opens
+//! and closes connections when the core asks, writes the frames the core
+//! queues, feeds it the frames it reads, its timer and connection failures,
+//! and passes events to the application and answers to the waiting handles.
 //!
-//! What the driver guarantees:
-//! * sends are matched to their `SendAck`/`Error` by `request_id`, and stay
-//!   pending across reconnects: they are re-sent with the SAME
-//!   `client_msg_id`, so the server stores each message once;
-//! * every message reaches the application once (duplicates, same
-//!   conversation and seq, are dropped), gaps in a conversation are fetched, and after every
-//!   (re)connect a sync (`SyncRequest` pages, then `FetchMessages` pages from
-//!   the watermarks) brings in whatever was missed;
-//! * delivery is acknowledged cumulatively per conversation;
-//! * lost connections are retried with jittered exponential backoff,
-//!   `GoAway` is obeyed (wait `retry_after_ms`, go to `reconnect_to`), and
-//!   `REPLACED`/`LOGGED_OUT` or a rejected token stop for good.
+//! Everything the client guarantees (resend with the same `client_msg_id`,
+//! dedup and gap filling, sync, heartbeats, backoff, `GoAway` and retry
+//! hints) lives in the core and is tested there deterministically; this
+//! file only moves bytes and wakes tasks.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use pingme_protocol::v1::{
-    self, ContentType, DeliveryAck, FetchMessages, GoAway, GoAwayReason, MessagePage, Ping,
-    PresenceEvent, PresenceList, PresenceQuery, ReadMarker, ReadReceipt, SendAck, SendMessage,
-    SyncRequest, SyncResponse, Typing, TypingEvent, client_frame, server_frame,
+    ContentType, FetchMessages, MessagePage, PresenceList, PresenceQuery, ReadMarker, SendAck,
+    SendMessage, Typing,
 };
-use pingme_protocol::{ClientFrame, ServerFrame};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
+pub use crate::core::Event;
+use crate::core::{Answer, ClientCore, Command, CoreConfig, CoreEvent, RequestId, Transmit};
 use crate::error::{ClientError, Result};
-use crate::session::{Session, open_session};
-use crate::transport::{ConnectOptions, Endpoint, FrameSink};
-use crate::watermark::{Arrival, Watermarks};
+use crate::transport::{ConnectOptions, Connection, Endpoint, connect};
 
-/// Messages per `FetchMessages` page the client asks for (the server caps).
-const FETCH_LIMIT: u32 = 200;
-/// `FetchMessages` requests in flight at once. The server keeps each page
-/// under a quarter of the connection's outbound budget, so two pages and
-/// the live traffic fit and a prompt reader is never cut off as a slow
-/// consumer (docs/protocol.md, "Paging").
-const MAX_FETCHES_IN_FLIGHT: usize = 2;
 /// Events buffered before the driver waits for the application.
 const EVENT_BUFFER: usize = 4096;
-/// Request ids below this are the handshake's.
-const FIRST_REQUEST_ID: u64 = 1000;
 
 /// Everything [`Client::connect`] needs.
 #[derive(Debug, Clone)]
@@ -76,95 +61,106 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// A configuration with defaults for everything but where and who.
     pub fn new(endpoint: Endpoint, token: impl Into<String>) -> ClientConfig {
+        let core = CoreConfig::new(token);
         ClientConfig {
             endpoint,
-            token: token.into(),
+            token: core.token,
             connect_options: ConnectOptions::default(),
-            client_name: format!("pingme-client/{}", env!("CARGO_PKG_VERSION")),
-            backoff: Backoff::default(),
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
+            client_name: core.client_name,
+            backoff: core.backoff,
+            connect_timeout: core.connect_timeout,
+            request_timeout: core.request_timeout,
             watermarks: Vec::new(),
-            default_heartbeat: Duration::from_secs(30),
+            default_heartbeat: core.default_heartbeat,
         }
     }
-}
 
-/// What the application hears from the driver.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// A connection is up and authenticated.
-    Connected {
-        /// The authenticated user.
-        user_id: u64,
-        /// The authenticated device.
-        device_id: String,
-        /// True after the first connection.
-        reconnected: bool,
-    },
-    /// A message this device had not seen, pushed live or found by sync.
-    Message(v1::Message),
-    /// Another member read a conversation up to a seq.
-    ReadReceipt(ReadReceipt),
-    /// Another member is typing.
-    Typing(TypingEvent),
-    /// A user went online or offline.
-    Presence(PresenceEvent),
-    /// The server asked this client to go away.
-    GoAway(GoAway),
-    /// The sync after a (re)connect finished: every conversation is caught
-    /// up to what the server reported.
-    Synced,
-    /// The connection was lost; a reconnect follows after `delay`.
-    Reconnecting {
-        /// Failed attempts in a row so far.
-        attempt: u32,
-        /// Wait before the next attempt.
-        delay: Duration,
-        /// Why the last connection or attempt failed.
-        reason: String,
-    },
-    /// The client stopped for good (closed, replaced, logged out, token
-    /// rejected, retries exhausted). No more events follow.
-    Closed {
-        /// Why.
-        reason: String,
-    },
+    fn core_config(&self) -> CoreConfig {
+        CoreConfig {
+            token: self.token.clone(),
+            client_name: self.client_name.clone(),
+            backoff: self.backoff.clone(),
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            watermarks: self.watermarks.clone(),
+            default_heartbeat: self.default_heartbeat,
+            rng_seed: rand::random(),
+            // The first failure is `connect`'s to return.
+            retry_first_connect: false,
+            unix_ms_at_start: unix_ms(),
+            ..CoreConfig::new(String::new())
+        }
+    }
 }
 
 /// Events of one client, in the order they happened.
 pub type Events = mpsc::Receiver<Event>;
 
-enum Command {
-    Request {
-        request_id: u64,
-        body: client_frame::Body,
-        reply: Option<oneshot::Sender<Result<server_frame::Body>>>,
-    },
-    Cancel {
-        request_id: u64,
-    },
-    Close,
+/// The core and where its answers go, behind one lock.
+struct State {
+    core: ClientCore,
+    /// Handles waiting for the answer to their request.
+    waiting: HashMap<RequestId, oneshot::Sender<Result<Answer>>>,
+}
+
+/// What the handles and the driver share.
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the driver after a handle gave the core a command.
+    wake: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every core method leaves it consistent before returning, so a
+        // panic elsewhere while the lock was held leaves nothing half-done.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives the core a command and wakes the driver to act on it.
+    fn command(&self, command: Command) -> Option<(RequestId, oneshot::Receiver<Result<Answer>>)> {
+        let answer = {
+            let mut state = self.lock();
+            if state.core.is_closed() {
+                // The driver is gone or going: nobody would route an answer.
+                return None;
+            }
+            let request = state.core.handle_command(now(), command);
+            request.map(|request| {
+                let (reply, answer) = oneshot::channel();
+                state.waiting.insert(request, reply);
+                (request, answer)
+            })
+        };
+        self.wake.notify_one();
+        answer
+    }
+}
+
+/// Closes the client when the last handle is dropped.
+struct LastHandle(Arc<Shared>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        self.0.command(Command::Close);
+    }
 }
 
 /// A handle to a connected client. Clones share one connection.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
-    commands: mpsc::UnboundedSender<Command>,
-    next_request_id: Arc<AtomicU64>,
-    watermarks: Arc<Mutex<Watermarks>>,
-    request_timeout: Duration,
+    shared: Arc<Shared>,
+    _last: Arc<LastHandle>,
     user_id: u64,
     device_id: String,
 }
 
-impl std::fmt::Debug for Command {
+impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Command::Request { request_id, .. } => write!(f, "Request({request_id})"),
-            Command::Cancel { request_id } => write!(f, "Cancel({request_id})"),
-            Command::Close => f.write_str("Close"),
-        }
+        f.debug_struct("Client")
+            .field("user_id", &self.user_id)
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -172,44 +168,34 @@ impl Client {
     /// Connects, says hello, authenticates, and starts the driver. The first
     /// connection's failure is returned here; later ones are retried.
     pub async fn connect(config: ClientConfig) -> Result<(Client, Events)> {
-        let session = open_session(
-            &config.endpoint,
-            &config.connect_options,
-            &config.token,
-            &config.client_name,
-            config.connect_timeout,
-        )
-        .await?;
-        let (commands, command_rx) = mpsc::unbounded_channel();
+        let core = ClientCore::new(config.core_config(), now());
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                core,
+                waiting: HashMap::new(),
+            }),
+            wake: Notify::new(),
+        });
         let (events, event_rx) = mpsc::channel(EVENT_BUFFER);
-        let watermarks = Arc::new(Mutex::new(Watermarks::from_saved(
-            config.watermarks.iter().cloned(),
-        )));
-        let client = Client {
-            commands,
-            next_request_id: Arc::new(AtomicU64::new(FIRST_REQUEST_ID)),
-            watermarks: watermarks.clone(),
-            request_timeout: config.request_timeout,
-            user_id: session.auth_ok.user_id,
-            device_id: session.auth_ok.device_id.clone(),
-        };
+        let (ready, first) = oneshot::channel();
         let driver = Driver {
-            endpoint: config.endpoint.clone(),
-            config,
-            commands: command_rx,
+            shared: shared.clone(),
+            endpoint: config.endpoint,
+            options: config.connect_options,
             events,
-            next_request_id: client.next_request_id.clone(),
-            pending: BTreeMap::new(),
-            internal: HashMap::new(),
-            watermarks,
-            acked: HashMap::new(),
-            fetching: HashSet::new(),
-            fetches_in_flight: 0,
-            waiting_fetches: VecDeque::new(),
-            sync_pages_done: false,
-            synced_emitted: false,
+            ready: Some(ready),
         };
-        tokio::spawn(driver.run(session));
+        // Made before waiting, so a caller that gives up on `connect`
+        // (drops its future) closes the client it would have had.
+        let last = Arc::new(LastHandle(shared.clone()));
+        tokio::spawn(driver.run());
+        let (user_id, device_id) = first.await.map_err(|_| ClientError::Closed)??;
+        let client = Client {
+            _last: last,
+            shared,
+            user_id,
+            device_id,
+        };
         Ok((client, event_rx))
     }
 
@@ -246,15 +232,15 @@ impl Client {
         content_type: ContentType,
         body: impl Into<Bytes>,
     ) -> Result<SendAck> {
-        let body = client_frame::Body::Send(SendMessage {
+        let command = Command::Send(SendMessage {
             client_msg_id,
             conversation_id: conversation_id.to_string(),
             content_type: content_type as i32,
             body: body.into(),
         });
-        match self.request(body).await? {
-            server_frame::Body::SendAck(ack) => Ok(ack),
-            other => Err(unexpected("SendAck", &other)),
+        match self.request(command).await? {
+            Answer::Sent(ack) => Ok(ack),
+            other => Err(mismatched(other)),
         }
     }
 
@@ -268,31 +254,31 @@ impl Client {
         until_seq: u64,
         limit: u32,
     ) -> Result<MessagePage> {
-        let body = client_frame::Body::Fetch(FetchMessages {
+        let command = Command::Fetch(FetchMessages {
             conversation_id: conversation_id.to_string(),
             after_seq,
             until_seq,
             limit,
         });
-        match self.request(body).await? {
-            server_frame::Body::Page(page) => Ok(page),
-            other => Err(unexpected("MessagePage", &other)),
+        match self.request(command).await? {
+            Answer::Page(page) => Ok(page),
+            other => Err(mismatched(other)),
         }
     }
 
     /// Asks for the presence of some users.
     pub async fn query_presence(&self, user_ids: Vec<u64>) -> Result<PresenceList> {
-        let body = client_frame::Body::PresenceQuery(PresenceQuery { user_ids });
-        match self.request(body).await? {
-            server_frame::Body::PresenceList(list) => Ok(list),
-            other => Err(unexpected("PresenceList", &other)),
+        let command = Command::QueryPresence(PresenceQuery { user_ids });
+        match self.request(command).await? {
+            Answer::Presence(list) => Ok(list),
+            other => Err(mismatched(other)),
         }
     }
 
     /// Tells the other members this user is (or stopped) typing. Dropped if
     /// the client is between connections: typing is ephemeral.
     pub fn typing(&self, conversation_id: &str, active: bool) -> Result<()> {
-        self.notify(client_frame::Body::Typing(Typing {
+        self.notify(Command::Typing(Typing {
             conversation_id: conversation_id.to_string(),
             active,
         }))
@@ -300,7 +286,7 @@ impl Client {
 
     /// Marks a conversation read up to `seq`.
     pub fn mark_read(&self, conversation_id: &str, seq: u64) -> Result<()> {
-        self.notify(client_frame::Body::ReadMarker(ReadMarker {
+        self.notify(Command::MarkRead(ReadMarker {
             conversation_id: conversation_id.to_string(),
             seq,
         }))
@@ -309,610 +295,251 @@ impl Client {
     /// This device's watermark in a conversation: every seq up to it was
     /// received.
     pub fn watermark(&self, conversation_id: &str) -> u64 {
-        lock(&self.watermarks).get(conversation_id)
+        self.shared.lock().core.watermark(conversation_id)
     }
 
     /// Every watermark, for the application to persist and pass back in
     /// [`ClientConfig::watermarks`] next time.
     pub fn watermarks(&self) -> Vec<(String, u64)> {
-        lock(&self.watermarks).snapshot()
+        self.shared.lock().core.watermarks()
     }
 
     /// Closes the connection and stops the driver. Pending requests fail
     /// with [`ClientError::Closed`].
     pub fn close(&self) {
-        let _ = self.commands.send(Command::Close);
+        self.shared.command(Command::Close);
     }
 
-    async fn request(&self, body: client_frame::Body) -> Result<server_frame::Body> {
-        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Request {
-                request_id,
-                body,
-                reply: Some(reply),
-            })
-            .map_err(|_| ClientError::Closed)?;
-        match tokio::time::timeout(self.request_timeout, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ClientError::Closed),
-            Err(_) => {
-                let _ = self.commands.send(Command::Cancel { request_id });
-                Err(ClientError::Timeout)
-            }
+    async fn request(&self, command: Command) -> Result<Answer> {
+        // The core times requests out itself and answers every pending one
+        // when it stops, so the answer always comes; a stopped core takes no
+        // request at all.
+        let (_, answer) = self.shared.command(command).ok_or(ClientError::Closed)?;
+        answer.await.map_err(|_| ClientError::Closed)?
+    }
+
+    fn notify(&self, command: Command) -> Result<()> {
+        if self.shared.lock().core.is_closed() {
+            return Err(ClientError::Closed);
         }
-    }
-
-    fn notify(&self, body: client_frame::Body) -> Result<()> {
-        self.commands
-            .send(Command::Request {
-                request_id: 0,
-                body,
-                reply: None,
-            })
-            .map_err(|_| ClientError::Closed)
+        self.shared.command(command);
+        Ok(())
     }
 }
 
-fn lock(watermarks: &Mutex<Watermarks>) -> std::sync::MutexGuard<'_, Watermarks> {
-    // A panic while holding the lock cannot leave watermarks half-updated in
-    // a way worse than losing the update, so poisoning is ignored.
-    watermarks.lock().unwrap_or_else(|e| e.into_inner())
+fn mismatched(answer: Answer) -> ClientError {
+    ClientError::Protocol(format!("answer of another kind: {answer:?}"))
 }
 
-fn unexpected(wanted: &str, got: &server_frame::Body) -> ClientError {
-    ClientError::Protocol(format!("expected {wanted}, got {got:?}"))
-}
-
-/// A request from the application still waiting for its answer.
-struct Pending {
-    body: client_frame::Body,
-    reply: oneshot::Sender<Result<server_frame::Body>>,
-}
-
-/// A request the driver made for itself.
-enum Internal {
-    Sync,
-    Fetch {
-        conversation_id: String,
-        until_seq: u64,
-    },
-}
-
-/// Why a connection ended.
-enum Ended {
-    /// The application closed the client.
-    ByApplication,
-    /// The connection broke; reconnect.
-    Lost(ClientError),
-    /// The server sent `GoAway`.
-    GoAway(GoAway),
-    /// The server rejected us for good.
-    Terminal(ClientError),
-}
-
+/// The driver task: the core's I/O.
 struct Driver {
-    config: ClientConfig,
+    shared: Arc<Shared>,
     endpoint: Endpoint,
-    commands: mpsc::UnboundedReceiver<Command>,
+    options: ConnectOptions,
     events: mpsc::Sender<Event>,
-    next_request_id: Arc<AtomicU64>,
-    /// Application requests by request id; ascending ids keep re-sends in
-    /// the original order.
-    pending: BTreeMap<u64, Pending>,
-    /// The driver's own sync and fetch requests on the current connection.
-    internal: HashMap<u64, Internal>,
-    watermarks: Arc<Mutex<Watermarks>>,
-    /// Highest seq acknowledged to the server per conversation.
-    acked: HashMap<String, u64>,
-    /// Conversations with a gap fetch in flight or waiting for a slot.
-    fetching: HashSet<String>,
-    /// Driver fetches sent and not answered yet.
-    fetches_in_flight: usize,
-    /// Fetches waiting for one of the [`MAX_FETCHES_IN_FLIGHT`] slots.
-    waiting_fetches: VecDeque<FetchMessages>,
-    /// The sync's `SyncRequest` pages are all answered on this connection.
-    sync_pages_done: bool,
-    /// `Event::Synced` was emitted on this connection.
-    synced_emitted: bool,
+    /// Tells `Client::connect` how the first connection went.
+    ready: Option<oneshot::Sender<Result<(u64, String)>>>,
 }
+
+type Opening = std::pin::Pin<Box<dyn Future<Output = Result<Connection>> + Send>>;
 
 impl Driver {
-    async fn run(mut self, first: Session) {
-        let mut session = Some(first);
-        let mut reconnected = false;
-        let mut failures: u32 = 0;
+    async fn run(mut self) {
+        let mut transport: Option<Connection> = None;
+        let mut opening: Option<Opening> = None;
         loop {
-            let current = match session.take() {
-                Some(current) => current,
-                None => match open_session(
-                    &self.endpoint,
-                    &self.config.connect_options,
-                    &self.config.token,
-                    &self.config.client_name,
-                    self.config.connect_timeout,
-                )
-                .await
-                {
-                    Ok(current) => current,
-                    Err(e) if is_terminal(&e) => return self.stop(e).await,
-                    Err(e) => {
-                        failures += 1;
-                        if !self.back_off(failures, e.to_string()).await {
-                            return;
+            self.transmit(&mut transport, &mut opening).await;
+            let (events, deadline, closed) = self.collect();
+            for event in events {
+                self.emit(event).await;
+            }
+            if closed {
+                // Both queues are drained; the core is finished.
+                return;
+            }
+
+            // Every branch is cancel-safe: `next` loses no frame, the connect
+            // future lives outside the select, `notified` keeps its permit
+            // and the sleep is recreated each round. Reads come first so
+            // frames already buffered count as signs of life before the core
+            // checks for a dead connection; commands need no turn of their
+            // own (the handles already gave them to the core, the wake only
+            // gets their frames written, which every round does first), and
+            // timers that lose the race are checked after the select.
+            tokio::select! {
+                biased;
+                frame = next_frame(&mut transport) => {
+                    let mut state = self.shared.lock();
+                    match frame {
+                        Some(Ok(frame)) => state.core.handle_frame(now(), frame),
+                        Some(Err(e)) => {
+                            transport = None;
+                            state.core.handle_connection_lost(now(), e);
                         }
-                        continue;
-                    }
-                },
-            };
-            failures = 0;
-            let ended = self.serve(current, reconnected).await;
-            reconnected = true;
-            match ended {
-                Ended::ByApplication => return self.stop(ClientError::Closed).await,
-                Ended::Terminal(e) => return self.stop(e).await,
-                Ended::Lost(e) => {
-                    if !self.back_off(0, e.to_string()).await {
-                        return;
+                        None => {
+                            transport = None;
+                            state.core.handle_connection_lost(now(), ClientError::ConnectionClosed);
+                        }
                     }
                 }
-                Ended::GoAway(go_away) => match go_away.reason() {
-                    GoAwayReason::Replaced | GoAwayReason::LoggedOut => {
-                        let error = ClientError::GoAway {
-                            reason: go_away.reason(),
-                            message: go_away.message.clone(),
-                        };
-                        return self.stop(error).await;
-                    }
-                    _ => {
-                        if let Ok(addr) = go_away.reconnect_to.parse() {
-                            self.endpoint = self.endpoint.with_addr(addr);
+                opened = connecting(&mut opening) => {
+                    opening = None;
+                    let mut state = self.shared.lock();
+                    match opened {
+                        Ok(connection) => {
+                            transport = Some(connection);
+                            state.core.handle_connected(now());
                         }
-                        let retry_after = Duration::from_millis(go_away.retry_after_ms.into());
-                        // At least what the server asked, plus a spread so
-                        // its clients do not all return in the same instant.
-                        let spread = retry_after / 4 + self.config.backoff.initial;
-                        let delay = retry_after + spread.mul_f64(rand::random::<f64>());
-                        if !self.wait(0, delay, go_away.message.clone()).await {
-                            return;
-                        }
+                        Err(e) => state.core.handle_connect_failed(now(), e),
                     }
-                },
+                }
+                () = self.shared.wake.notified() => {}
+                () = sleep_until(deadline) => {}
+            }
+            // Timers that came due while other inputs kept the select busy.
+            let mut state = self.shared.lock();
+            let now = now();
+            if state.core.poll_timeout().is_some_and(|at| at <= now) {
+                state.core.handle_timeout(now);
             }
         }
     }
 
-    /// Waits the backoff delay for `failures` failures in a row; false if
-    /// the client must stop (closed meanwhile or retries exhausted).
-    async fn back_off(&mut self, failures: u32, reason: String) -> bool {
-        if self.config.backoff.exhausted(failures) {
-            self.stop(ClientError::Protocol(format!(
-                "gave up after {failures} reconnect attempts: {reason}"
-            )))
-            .await;
-            return false;
-        }
-        let delay = self.config.backoff.delay(failures, &mut rand::rng());
-        self.wait(failures, delay, reason).await
-    }
-
-    /// Sleeps before a reconnect while still taking commands (requests queue
-    /// up and go out on the next connection). False if closed meanwhile.
-    async fn wait(&mut self, attempt: u32, delay: Duration, reason: String) -> bool {
-        self.emit(Event::Reconnecting {
-            attempt,
-            delay,
-            reason,
-        })
-        .await;
-        let deadline = tokio::time::sleep(delay);
-        tokio::pin!(deadline);
+    /// Carries out what the core queued for the wire, one step at a time:
+    /// a failed write is reported to the core, which then drops the rest of
+    /// that connection's frames (and may queue a `Disconnect`).
+    async fn transmit(
+        &mut self,
+        transport: &mut Option<Connection>,
+        opening: &mut Option<Opening>,
+    ) {
         loop {
-            tokio::select! {
-                _ = &mut deadline => return true,
-                command = self.commands.recv() => match command {
-                    None | Some(Command::Close) => {
-                        self.stop(ClientError::Closed).await;
-                        return false;
+            let mut wrote = false;
+            loop {
+                let next = self.shared.lock().core.poll_transmit();
+                let Some(next) = next else { break };
+                match next {
+                    Transmit::Connect { redirect } => {
+                        *transport = None;
+                        let endpoint = match redirect {
+                            Some(addr) => self.endpoint.with_addr(addr),
+                            None => self.endpoint.clone(),
+                        };
+                        let options = self.options.clone();
+                        *opening =
+                            Some(Box::pin(async move { connect(&endpoint, &options).await }));
                     }
-                    Some(Command::Request { request_id, body, reply: Some(reply) }) => {
-                        self.pending.insert(request_id, Pending { body, reply });
+                    Transmit::Disconnect => {
+                        *opening = None;
+                        if let Some(mut connection) = transport.take() {
+                            // The server learns we left; a slow close is
+                            // not worth waiting for.
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(1),
+                                connection.sink.close(),
+                            )
+                            .await;
+                        }
                     }
-                    // Typing and read markers between connections are dropped.
-                    Some(Command::Request { reply: None, .. }) => {}
-                    Some(Command::Cancel { request_id }) => {
-                        self.pending.remove(&request_id);
+                    Transmit::Frame(frame) => {
+                        let Some(connection) = transport.as_mut() else {
+                            continue;
+                        };
+                        if let Err(e) = connection.sink.feed(frame).await {
+                            *transport = None;
+                            self.shared.lock().core.handle_connection_lost(now(), e);
+                        } else {
+                            wrote = true;
+                        }
                     }
-                },
+                }
+            }
+            let Some(connection) = transport.as_mut().filter(|_| wrote) else {
+                return;
+            };
+            match connection.sink.flush().await {
+                Ok(()) => return,
+                Err(e) => {
+                    *transport = None;
+                    self.shared.lock().core.handle_connection_lost(now(), e);
+                }
             }
         }
     }
 
-    /// Fails every pending request and tells the application we stopped.
-    async fn stop(&mut self, error: ClientError) {
-        let reason = error.to_string();
-        for (_, pending) in std::mem::take(&mut self.pending) {
-            let _ = pending.reply.send(Err(copy_error(&error)));
+    /// Takes the core's events (routing answers to their handles on the
+    /// way), its next deadline, and whether it is finished.
+    fn collect(&mut self) -> (Vec<Event>, Option<Instant>, bool) {
+        let mut state = self.shared.lock();
+        let mut events = Vec::new();
+        while let Some(output) = state.core.poll_event() {
+            match output {
+                CoreEvent::App(event) => {
+                    match (&event, self.ready.take()) {
+                        (
+                            Event::Connected {
+                                user_id, device_id, ..
+                            },
+                            Some(ready),
+                        ) => {
+                            let _ = ready.send(Ok((*user_id, device_id.clone())));
+                        }
+                        (Event::Closed { .. }, Some(ready)) => {
+                            let error = state.core.take_error().unwrap_or(ClientError::Closed);
+                            let _ = ready.send(Err(error));
+                        }
+                        (_, ready) => self.ready = ready,
+                    }
+                    events.push(event);
+                }
+                CoreEvent::Answer { request, result } => {
+                    if let Some(reply) = state.waiting.remove(&request) {
+                        // The handle may have stopped waiting.
+                        let _ = reply.send(result);
+                    }
+                }
+            }
         }
-        self.emit(Event::Closed { reason }).await;
+        let deadline = state.core.poll_timeout().map(Instant::from_std);
+        (events, deadline, state.core.is_closed())
     }
 
     async fn emit(&self, event: Event) {
         // The application may have dropped its receiver; the client still
-        // works for sending.
+        // works for sending. A full channel makes the driver wait: the
+        // socket is not read until the application catches up.
         let _ = self.events.send(event).await;
     }
+}
 
-    /// Runs one authenticated connection until it ends.
-    async fn serve(&mut self, session: Session, reconnected: bool) -> Ended {
-        let Session {
-            connection,
-            hello_ack,
-            auth_ok,
-        } = session;
-        let (mut sink, mut stream) = (connection.sink, connection.stream);
-        self.internal.clear();
-        self.fetching.clear();
-        self.fetches_in_flight = 0;
-        self.waiting_fetches.clear();
-        self.sync_pages_done = false;
-        self.synced_emitted = false;
-        self.emit(Event::Connected {
-            user_id: auth_ok.user_id,
-            device_id: auth_ok.device_id,
-            reconnected,
-        })
-        .await;
-
-        // Unanswered requests first, with their original bodies: a send goes
-        // out again with the same client_msg_id.
-        for (request_id, pending) in &self.pending {
-            let frame = ClientFrame {
-                request_id: *request_id,
-                body: Some(pending.body.clone()),
-            };
-            if let Err(e) = sink.feed(frame).await {
-                return Ended::Lost(e);
-            }
-        }
-        if let Err(e) = self.start_sync(&mut sink, String::new()).await {
-            return Ended::Lost(e);
-        }
-
-        let heartbeat_period = match hello_ack.heartbeat_interval_ms {
-            0 => self.config.default_heartbeat,
-            ms => Duration::from_millis(ms.into()),
-        };
-        let mut heartbeat =
-            tokio::time::interval_at(Instant::now() + heartbeat_period, heartbeat_period);
-        let mut last_heard = Instant::now();
-
-        loop {
-            // Every branch is cancel-safe: `recv`, `next` and `tick` lose
-            // nothing when another branch wins; writes happen in the bodies.
-            let result = tokio::select! {
-                command = self.commands.recv() => match command {
-                    None | Some(Command::Close) => {
-                        let _ = sink.close().await;
-                        return Ended::ByApplication;
-                    }
-                    Some(Command::Request { request_id, body, reply }) => {
-                        let frame = ClientFrame { request_id, body: Some(body.clone()) };
-                        if let Some(reply) = reply {
-                            self.pending.insert(request_id, Pending { body, reply });
-                        }
-                        sink.send(frame).await
-                    }
-                    Some(Command::Cancel { request_id }) => {
-                        self.pending.remove(&request_id);
-                        Ok(())
-                    }
-                },
-                frame = stream.next() => match frame {
-                    None => return Ended::Lost(ClientError::ConnectionClosed),
-                    Some(Err(e)) => return Ended::Lost(e),
-                    Some(Ok(frame)) => {
-                        last_heard = Instant::now();
-                        match self.handle(frame, &mut sink).await {
-                            Ok(None) => Ok(()),
-                            Ok(Some(ended)) => return ended,
-                            Err(e) => Err(e),
-                        }
-                    }
-                },
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > heartbeat_period * 3 {
-                        return Ended::Lost(ClientError::Timeout);
-                    }
-                    let ping = ClientFrame {
-                        request_id: 0,
-                        body: Some(client_frame::Body::Ping(Ping { client_time_ms: unix_ms() })),
-                    };
-                    sink.send(ping).await
-                }
-            };
-            if let Err(e) = result {
-                return Ended::Lost(e);
-            }
-        }
-    }
-
-    /// Handles one server frame; `Some` ends the connection.
-    async fn handle(&mut self, frame: ServerFrame, sink: &mut FrameSink) -> Result<Option<Ended>> {
-        use server_frame::Body;
-        let request_id = frame.request_id;
-        let Some(body) = frame.body else {
-            return Ok(None);
-        };
-        if request_id != 0 {
-            if let Some(internal) = self.internal.remove(&request_id) {
-                self.handle_internal(internal, body, sink).await?;
-                return Ok(None);
-            }
-            if let Some(pending) = self.pending.remove(&request_id) {
-                let answer = match body {
-                    Body::Error(error) => Err(server_error(error)),
-                    other => Ok(other),
-                };
-                let _ = pending.reply.send(answer);
-                return Ok(None);
-            }
-        }
-        match body {
-            Body::Deliver(deliver) => {
-                if let Some(message) = deliver.message {
-                    self.accept(vec![message], sink).await?;
-                }
-            }
-            Body::ReadReceipt(receipt) => self.emit(Event::ReadReceipt(receipt)).await,
-            Body::Typing(typing) => self.emit(Event::Typing(typing)).await,
-            Body::Presence(presence) => self.emit(Event::Presence(presence)).await,
-            Body::GoAway(go_away) => {
-                self.emit(Event::GoAway(go_away.clone())).await;
-                return Ok(Some(Ended::GoAway(go_away)));
-            }
-            Body::Error(error) if error.fatal => {
-                let error = server_error(error);
-                return Ok(Some(if is_terminal(&error) {
-                    Ended::Terminal(error)
-                } else {
-                    Ended::Lost(error)
-                }));
-            }
-            Body::Error(error) => {
-                tracing::warn!(code = error.code, message = %error.message, "server error");
-            }
-            // Pongs (liveness is any frame) and answers to cancelled requests.
-            _ => {}
-        }
-        Ok(None)
-    }
-
-    async fn handle_internal(
-        &mut self,
-        internal: Internal,
-        body: server_frame::Body,
-        sink: &mut FrameSink,
-    ) -> Result<()> {
-        if matches!(internal, Internal::Fetch { .. }) {
-            self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
-        }
-        match (internal, body) {
-            (Internal::Sync, server_frame::Body::Sync(response)) => {
-                self.sync_page(response, sink).await?;
-            }
-            (
-                Internal::Fetch {
-                    conversation_id,
-                    until_seq,
-                },
-                server_frame::Body::Page(page),
-            ) => {
-                let last = page.messages.last().map(|m| m.seq);
-                self.accept(page.messages, sink).await?;
-                match last {
-                    Some(last) if page.has_more => {
-                        self.fetch(sink, conversation_id, last, until_seq).await?;
-                    }
-                    _ => {
-                        self.fetching.remove(&conversation_id);
-                        self.fill_gap(sink, &conversation_id).await?;
-                    }
-                }
-            }
-            (
-                Internal::Fetch {
-                    conversation_id, ..
-                },
-                other,
-            ) => {
-                // The fetch failed (e.g. no longer a member): stop fetching
-                // this conversation instead of looping.
-                tracing::warn!(conversation_id, answer = ?other, "gap fetch failed");
-                self.fetching.remove(&conversation_id);
-            }
-            (Internal::Sync, other) => {
-                tracing::warn!(answer = ?other, "sync failed");
-                self.sync_pages_done = true;
-            }
-        }
-        while self.fetches_in_flight < MAX_FETCHES_IN_FLIGHT {
-            let Some(request) = self.waiting_fetches.pop_front() else {
-                break;
-            };
-            self.send_fetch(sink, request).await?;
-        }
-        self.maybe_synced().await;
-        Ok(())
-    }
-
-    async fn start_sync(&mut self, sink: &mut FrameSink, after: String) -> Result<()> {
-        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        self.internal.insert(request_id, Internal::Sync);
-        sink.send(ClientFrame {
-            request_id,
-            body: Some(client_frame::Body::Sync(SyncRequest {
-                after_conversation_id: after,
-                limit: 0,
-            })),
-        })
-        .await
-    }
-
-    async fn sync_page(&mut self, response: SyncResponse, sink: &mut FrameSink) -> Result<()> {
-        for state in response.conversations {
-            let after = {
-                let mut marks = lock(&self.watermarks);
-                if !marks.knows(&state.conversation_id) {
-                    // A conversation new to this process starts where the
-                    // server says this device is.
-                    marks.raise(&state.conversation_id, state.delivered_seq);
-                }
-                marks.get(&state.conversation_id)
-            };
-            if state.latest_seq > after && !self.fetching.contains(&state.conversation_id) {
-                self.fetching.insert(state.conversation_id.clone());
-                self.fetch(sink, state.conversation_id, after, state.latest_seq)
-                    .await?;
-            }
-        }
-        if response.has_more && !response.next_after_conversation_id.is_empty() {
-            self.start_sync(sink, response.next_after_conversation_id)
-                .await
-        } else {
-            self.sync_pages_done = true;
-            Ok(())
-        }
-    }
-
-    /// Emits `Synced` once per connection, when the sync pages and every
-    /// fetch they started are done.
-    async fn maybe_synced(&mut self) {
-        if self.sync_pages_done && self.fetching.is_empty() && !self.synced_emitted {
-            self.synced_emitted = true;
-            self.emit(Event::Synced).await;
-        }
-    }
-
-    async fn fetch(
-        &mut self,
-        sink: &mut FrameSink,
-        conversation_id: String,
-        after_seq: u64,
-        until_seq: u64,
-    ) -> Result<()> {
-        let request = FetchMessages {
-            conversation_id,
-            after_seq,
-            until_seq,
-            limit: FETCH_LIMIT,
-        };
-        if self.fetches_in_flight >= MAX_FETCHES_IN_FLIGHT {
-            self.waiting_fetches.push_back(request);
-            return Ok(());
-        }
-        self.send_fetch(sink, request).await
-    }
-
-    async fn send_fetch(&mut self, sink: &mut FrameSink, request: FetchMessages) -> Result<()> {
-        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        self.internal.insert(
-            request_id,
-            Internal::Fetch {
-                conversation_id: request.conversation_id.clone(),
-                until_seq: request.until_seq,
-            },
-        );
-        self.fetches_in_flight += 1;
-        sink.send(ClientFrame {
-            request_id,
-            body: Some(client_frame::Body::Fetch(request)),
-        })
-        .await
-    }
-
-    /// Fetches the first remaining gap of a conversation, if any and if no
-    /// fetch for it is already running.
-    async fn fill_gap(&mut self, sink: &mut FrameSink, conversation_id: &str) -> Result<()> {
-        if self.fetching.contains(conversation_id) {
-            return Ok(());
-        }
-        let gap = lock(&self.watermarks).first_gap(conversation_id);
-        if let Some((after, until)) = gap {
-            self.fetching.insert(conversation_id.to_string());
-            self.fetch(sink, conversation_id.to_string(), after, until)
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Passes new messages to the application, drops duplicates, fetches
-    /// gaps and acknowledges the new watermarks.
-    async fn accept(&mut self, messages: Vec<v1::Message>, sink: &mut FrameSink) -> Result<()> {
-        let mut touched: Vec<String> = Vec::new();
-        for message in messages {
-            let arrival = lock(&self.watermarks).arrive(&message.conversation_id, message.seq);
-            if let Arrival::New { gap } = arrival {
-                let conversation_id = message.conversation_id.clone();
-                self.emit(Event::Message(message)).await;
-                if gap.is_some() {
-                    self.fill_gap(sink, &conversation_id).await?;
-                }
-                if !touched.contains(&conversation_id) {
-                    touched.push(conversation_id);
-                }
-            }
-        }
-        for conversation_id in touched {
-            let watermark = lock(&self.watermarks).get(&conversation_id);
-            let acked = self.acked.entry(conversation_id.clone()).or_default();
-            if watermark > *acked {
-                *acked = watermark;
-                sink.feed(ClientFrame {
-                    request_id: 0,
-                    body: Some(client_frame::Body::DeliveryAck(DeliveryAck {
-                        conversation_id,
-                        seq: watermark,
-                    })),
-                })
-                .await?;
-            }
-        }
-        sink.flush().await
+/// The next frame of the open transport; pending forever without one.
+async fn next_frame(
+    transport: &mut Option<Connection>,
+) -> Option<Result<pingme_protocol::ServerFrame>> {
+    match transport {
+        Some(connection) => connection.stream.next().await,
+        None => std::future::pending().await,
     }
 }
 
-fn server_error(error: v1::Error) -> ClientError {
-    ClientError::Server {
-        code: error.code,
-        message: error.message,
-        client_msg_id: error.client_msg_id,
+/// The connect in progress; pending forever without one.
+async fn connecting(opening: &mut Option<Opening>) -> Result<Connection> {
+    match opening {
+        Some(future) => future.await,
+        None => std::future::pending().await,
     }
 }
 
-fn is_terminal(error: &ClientError) -> bool {
-    error.is_terminal()
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
-/// The error each pending request gets when the client stops.
-fn copy_error(error: &ClientError) -> ClientError {
-    match error {
-        ClientError::Server {
-            code,
-            message,
-            client_msg_id,
-        } => ClientError::Server {
-            code: *code,
-            message: message.clone(),
-            client_msg_id: client_msg_id.clone(),
-        },
-        ClientError::GoAway { reason, message } => ClientError::GoAway {
-            reason: *reason,
-            message: message.clone(),
-        },
-        _ => ClientError::Closed,
-    }
+/// The core's clock: tokio's, so tests with paused time drive it too.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
 }
 
 fn unix_ms() -> i64 {

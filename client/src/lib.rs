@@ -1,8 +1,14 @@
-//! pingme client SDK core, the part native SDKs wrap: transports (TCP, TLS,
-//! QUIC, WebSocket) yielding frame streams, the HTTP login/register calls,
-//! the connection handshake, and [`Client`]: sends matched to acks, events,
-//! watermarks with dedup and gap filling, sync after reconnect, and
-//! reconnects with jittered backoff that obey `GoAway`.
+//! pingme client SDK. Two layers, as `quinn-proto` and `quinn`:
+//!
+//! * [`core`]: the sans-IO [`ClientCore`], the part native SDKs wrap: the
+//!   handshake, sends matched to acks and re-sent with the same
+//!   `client_msg_id`, watermarks with dedup and gap filling, sync after
+//!   every (re)connect, heartbeats, reconnects with seeded jittered backoff
+//!   that obey `GoAway` and the server's "later" errors. No sockets, no
+//!   tasks, no clock: time comes in as an argument.
+//! * [`Client`]: its tokio driver, over the [`transport`]s (TCP, TLS, QUIC,
+//!   WebSocket), plus the HTTP login/register calls ([`HttpApi`]) and a bare
+//!   handshake for load tools ([`session`]).
 //!
 //! ```no_run
 //! # async fn demo() -> pingme_client::Result<()> {
@@ -28,14 +34,18 @@
 
 mod backoff;
 mod client;
+pub mod core;
 mod error;
 mod http;
 pub mod session;
 pub mod transport;
 mod watermark;
 
+pub use crate::core::{
+    Answer, ClientCore, Command, CoreConfig, CoreEvent, Event, RequestId, Transmit,
+};
 pub use backoff::Backoff;
-pub use client::{Client, ClientConfig, Event, Events};
+pub use client::{Client, ClientConfig, Events};
 pub use error::{ClientError, Result};
 pub use http::{Group, HttpApi, Login};
 pub use pingme_protocol::{ErrorCode, v1};

@@ -1,7 +1,8 @@
-//! The opening of every connection: `Hello` -> `HelloAck`, then
-//! `Authenticate` -> `AuthOk`. Used by [`crate::Client`] on every
-//! (re)connect and directly by the load generator, which drives many bare
-//! sessions without the client's background machinery.
+//! A bare session opening over a [`Connection`]: `Hello` -> `HelloAck`,
+//! then `Authenticate` -> `AuthOk`, awaited in place. For the load
+//! generator, which drives many bare sessions without the client's
+//! machinery; [`crate::Client`] runs the same handshake inside its core
+//! ([`crate::core`]) on every (re)connect.
 
 use std::time::Duration;
 
