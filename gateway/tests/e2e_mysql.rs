@@ -12,7 +12,7 @@ mod e2e;
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use e2e::{Conn, Server, database_yaml};
@@ -136,10 +136,9 @@ async fn chat_history_survives_a_restart_on_mysql() {
 fn serve_until_exit(dir: &Path, yaml: &str) -> (ExitStatus, String) {
     let path = dir.join("pingme.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pingme"))
-        .args(["serve", "--config"])
+    let mut child = e2e::serve_command()
+        .arg("--config")
         .arg(&path)
-        .env_remove("APP_CONF")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
