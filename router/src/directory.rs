@@ -9,11 +9,12 @@
 //! is on this gateway; locating costs nothing unless offline users are
 //! needed), [`SharedDirectory`] for several routers in one process (the
 //! multi-node tests; gateways hold leases they must renew, on an injectable
-//! [`Clock`]), and a Redis directory in cluster mode (`docs/architecture.md`).
+//! [`Clock`]), and [`crate::RedisDirectory`] in cluster mode
+//! (`docs/architecture.md`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -61,6 +62,10 @@ pub enum DirectoryError {
     /// The backing service (Redis) failed; the call may be retried.
     #[error("directory unavailable: {0}")]
     Unavailable(String),
+    /// The directory was set up or called wrongly (a bad server address,
+    /// another gateway's connection); retrying does not help.
+    #[error("directory misconfigured: {0}")]
+    Settings(String),
 }
 
 /// The presence directory.
@@ -86,8 +91,11 @@ pub trait Directory: Send + Sync + 'static {
     /// Keeps `gateway`'s registrations alive for one more lease. When a
     /// gateway stops renewing (it died without unregistering), its users
     /// are offline once the lease ends and nothing routes to it after.
-    /// Returns false if the lease had already lapsed: the gateway's earlier
-    /// registrations are gone (its connections must register again).
+    /// Returns false if the lease had already lapsed: other gateways saw
+    /// this gateway's users offline meanwhile, and its earlier
+    /// registrations are gone, unless the directory keeps them and writes
+    /// them again (the Redis directory does; [`SharedDirectory`] does not,
+    /// so there the connections must register again).
     async fn renew_lease(&self, gateway: &str) -> Result<bool, DirectoryError>;
 
     /// Splits `users` per gateway, in one call for the whole slice (a fanout
@@ -100,6 +108,40 @@ pub trait Directory: Send + Sync + 'static {
 
     /// The presence of each of `users`, in the order asked.
     async fn presence(&self, users: &[UserId]) -> Result<Vec<Presence>, DirectoryError>;
+}
+
+/// A warning logged at most once per period, with how many were held back.
+pub(crate) struct ThrottledWarning {
+    period: Duration,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    held_back: AtomicU64,
+}
+
+impl ThrottledWarning {
+    pub(crate) const fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: std::sync::Mutex::new(None),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    /// The number of warnings held back since the last one, if this one
+    /// is to be logged.
+    pub(crate) fn due(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match *last {
+            Some(at) if now.duration_since(at) < self.period => {
+                self.held_back.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(self.held_back.swap(0, Ordering::Relaxed))
+            }
+        }
+    }
 }
 
 /// Wall-clock time in Unix ms, injectable so lease expiry is testable
@@ -432,6 +474,9 @@ impl Directory for SharedDirectory {
     }
 }
 
+/// The behaviour every directory shares is tested once for all of them in
+/// `router/tests/directory.rs`; what is the single-node directory's own is
+/// here.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,127 +488,6 @@ mod tests {
             gateway: Arc::from(gateway),
             conn: ConnAddress { shard: 0, conn_id },
         }
-    }
-
-    fn shared(lease_secs: u64) -> (Arc<ManualClock>, SharedDirectory) {
-        let clock = Arc::new(ManualClock::new(1_000_000));
-        let directory = SharedDirectory::new(Duration::from_secs(lease_secs), clock.clone());
-        (clock, directory)
-    }
-
-    #[tokio::test]
-    async fn shared_directory_locates_a_page_of_users_per_gateway() {
-        let (_clock, directory) = shared(30);
-        directory
-            .register(&registration(1, "gw-a", 1))
-            .await
-            .unwrap();
-        directory
-            .register(&registration(2, "gw-b", 1))
-            .await
-            .unwrap();
-        directory
-            .register(&registration(3, "gw-a", 2))
-            .await
-            .unwrap();
-        // User 2 on two gateways, and twice on gw-b.
-        directory
-            .register(&registration(2, "gw-a", 3))
-            .await
-            .unwrap();
-        directory
-            .register(&registration(2, "gw-b", 4))
-            .await
-            .unwrap();
-
-        let located = directory.locate(&[1, 2, 3, 4], true).await.unwrap();
-        assert_eq!(
-            located.online,
-            [
-                ("gw-a".to_string(), vec![1, 2, 3]),
-                ("gw-b".to_string(), vec![2]),
-            ]
-        );
-        assert_eq!(located.offline, [4]);
-        // Offline users are only listed when asked for.
-        let located = directory.locate(&[4], false).await.unwrap();
-        assert_eq!(located, Located::default());
-    }
-
-    #[tokio::test]
-    async fn presence_and_last_seen_span_gateways() {
-        let (clock, directory) = shared(30);
-        let on_a = registration(1, "gw-a", 1);
-        let on_b = registration(1, "gw-b", 1);
-        directory.register(&on_a).await.unwrap();
-        directory.register(&on_b).await.unwrap();
-        clock.advance(Duration::from_secs(1));
-        directory.unregister(&on_a).await.unwrap();
-        let now = clock.now_ms();
-        assert_eq!(
-            directory.presence(&[1, 9]).await.unwrap(),
-            [
-                Presence {
-                    online: true,
-                    last_seen_ms: now
-                },
-                Presence::default()
-            ],
-            "online while a device is connected on any gateway; unknown users never seen"
-        );
-        clock.advance(Duration::from_secs(1));
-        directory.unregister(&on_b).await.unwrap();
-        let left = clock.now_ms();
-        clock.advance(Duration::from_secs(5));
-        assert_eq!(
-            directory.presence(&[1]).await.unwrap(),
-            [Presence {
-                online: false,
-                last_seen_ms: left
-            }]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_gateway_that_stops_renewing_loses_its_users_when_the_lease_ends() {
-        let (clock, directory) = shared(30);
-        assert_eq!(directory.renew_every(), Some(Duration::from_secs(10)));
-        directory
-            .register(&registration(1, "gw-a", 1))
-            .await
-            .unwrap();
-        directory
-            .register(&registration(2, "gw-b", 1))
-            .await
-            .unwrap();
-        let a_lease_end = clock.now_ms() + 30_000;
-        // gw-b renews every 10 s; gw-a has died and does not.
-        for _ in 0..2 {
-            clock.advance(Duration::from_secs(10));
-            assert!(directory.renew_lease("gw-b").await.unwrap());
-        }
-        clock.advance(Duration::from_millis(9_999));
-        assert_eq!(
-            directory.locate(&[1, 2], true).await.unwrap().offline,
-            Vec::<UserId>::new(),
-            "within the lease gw-a's user is still routed to it"
-        );
-        clock.advance(Duration::from_millis(1));
-        assert!(directory.renew_lease("gw-b").await.unwrap());
-        let located = directory.locate(&[1, 2], true).await.unwrap();
-        assert_eq!(located.online, [("gw-b".to_string(), vec![2])]);
-        assert_eq!(located.offline, [1], "nothing routes to gw-a any more");
-        assert_eq!(
-            directory.presence(&[1]).await.unwrap(),
-            [Presence {
-                online: false,
-                last_seen_ms: a_lease_end
-            }],
-            "last seen when the lease ended"
-        );
-        // gw-a comes back: it learns its registrations are gone.
-        assert!(!directory.renew_lease("gw-a").await.unwrap());
-        assert!(directory.renew_lease("gw-a").await.unwrap());
     }
 
     struct NoOneOnline;

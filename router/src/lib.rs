@@ -26,6 +26,7 @@ mod pipeline;
 pub mod port;
 mod push;
 mod records;
+mod redis_directory;
 mod requests;
 mod retry;
 mod router;
@@ -52,6 +53,7 @@ pub use records::{
     AcceptedSend, ConnAddress, DeadLetterRecord, DeadWork, DownstreamEnvelope, DownstreamTarget,
     FanoutTask, Origin, PushEvent, PushPreview,
 };
+pub use redis_directory::{RedisDirectory, RedisDirectorySettings};
 pub use retry::RetryPolicy;
 pub use router::Router;
 pub use stages::ReplayError;

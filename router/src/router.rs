@@ -463,7 +463,9 @@ impl Dispatch for Router {
         let mut register = Box::pin(async move {
             if let Err(error) = directory.register(&registration).await {
                 crate::telemetry::failed(ErrorCode::DirectoryUnavailable, 1);
-                tracing::error!(%error, user = registration.user, "connection not registered in the directory");
+                if let Some(held_back) = DIRECTORY_WRITE_ERRORS.due() {
+                    tracing::error!(%error, user = registration.user, held_back, "connection not registered in the directory");
+                }
             }
         });
         // The local directory answers at once: no task, and presence is
@@ -484,7 +486,9 @@ impl Dispatch for Router {
             }
             if let Err(error) = directory.unregister(&registration).await {
                 crate::telemetry::failed(ErrorCode::DirectoryUnavailable, 1);
-                tracing::error!(%error, user = registration.user, "connection not unregistered from the directory");
+                if let Some(held_back) = DIRECTORY_WRITE_ERRORS.due() {
+                    tracing::error!(%error, user = registration.user, held_back, "connection not unregistered from the directory");
+                }
             }
         });
         if (&mut unregister).now_or_never().is_none() {
@@ -560,6 +564,12 @@ fn addressable(
     Ok(conversation)
 }
 
+/// Failed registrations and unregistrations: while the directory is down
+/// every connection that comes or goes fails, so one line per 10 s says so
+/// (with how many were held back); each failure is counted in the metrics.
+static DIRECTORY_WRITE_ERRORS: crate::directory::ThrottledWarning =
+    crate::directory::ThrottledWarning::new(Duration::from_secs(10));
+
 /// Renews `gateway`'s directory lease every `every` until aborted at
 /// shutdown. A failed renewal is retried at the next tick (the lease
 /// outlasts two missed ones).
@@ -572,7 +582,7 @@ async fn renew_lease(directory: Arc<dyn Directory>, gateway: Arc<str>, every: Du
             Ok(true) => {}
             Ok(false) => tracing::error!(
                 %gateway,
-                "the directory lease had lapsed: connections registered before are unknown to other gateways until they reconnect"
+                "the directory lease had lapsed: other gateways saw this gateway's users offline until now"
             ),
             Err(error) => {
                 crate::telemetry::failed(ErrorCode::DirectoryUnavailable, 1);

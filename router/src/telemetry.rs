@@ -24,6 +24,9 @@ pub const DLQ_SIZE: &str = "pingme_router_dlq_size";
 pub const PUSHED: &str = "pingme_router_push_sent_total";
 /// Counter: delivered watermarks (device, conversation) written.
 pub const WATERMARKS_WRITTEN: &str = "pingme_router_delivered_watermarks_written_total";
+/// Counter: delivery pages planned from this gateway's own connections
+/// because the Redis directory was unreachable.
+pub const DIRECTORY_FALLBACKS: &str = "pingme_router_directory_fallbacks_total";
 
 /// Gives every router metric its kind and help text in the installed
 /// recorder. A metric recorded here without being described is missing
@@ -63,6 +66,10 @@ pub fn describe() {
     describe_counter!(
         WATERMARKS_WRITTEN,
         "delivered watermarks (device, conversation) written to the store"
+    );
+    describe_counter!(
+        DIRECTORY_FALLBACKS,
+        "delivery pages planned from this gateway's own connections while the Redis directory was unreachable"
     );
 }
 
