@@ -12,7 +12,7 @@
 //! defaults, read from it, so the YAML, `Config::default()` and a component
 //! built with `Default` cannot disagree.
 //!
-//! Sections this build parses but does not use yet (`kafka`, `redis`)
+//! Sections this build parses but does not use yet (`kafka`)
 //! must keep their defaults: a value there would be silently
 //! ignored, so it is refused ([`Config::refuse_unwired`]) until the
 //! cluster work wires the section.
@@ -354,14 +354,30 @@ pub struct DatabaseConfig {
     pub connect_timeout: Duration,
 }
 
-/// Redis.
+/// Redis: the presence directory of a cluster (who is connected on which
+/// gateway, leases, last seen).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
+    /// Whether presence lives in Redis (cluster) rather than in this
+    /// process (single node). `REDIS_HOST` or `REDIS_PORT` in the
+    /// environment turn it on: a variable naming a Redis means "use it".
+    pub enabled: bool,
     /// Env `REDIS_HOST`.
     pub host: String,
     /// Env `REDIS_PORT`.
     pub port: u16,
+    /// Prefix of every key pingme writes (several deployments can share a
+    /// server).
+    pub key_prefix: String,
+    /// How long a gateway's registrations outlive its last lease renewal:
+    /// a gateway that dies without a word has its users offline, and
+    /// nothing routed to it, within this time. Renewed every third of it.
+    #[serde(deserialize_with = "duration")]
+    pub lease: Duration,
+    /// Bound of one connection attempt and of one request to Redis.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
 }
 
 /// Kafka.
@@ -549,9 +565,14 @@ impl Default for DatabaseConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
+        let directory = pingme_router::RedisDirectorySettings::default();
         RedisConfig {
+            enabled: false,
             host: "127.0.0.1".into(),
             port: 6379,
+            key_prefix: directory.key_prefix,
+            lease: directory.lease,
+            timeout: directory.timeout,
         }
     }
 }
@@ -689,10 +710,12 @@ impl Config {
                 .collect();
         }
         if let Some(v) = env("REDIS_HOST") {
-            self.redis.host = v;
+            self.redis.host = v.trim().to_string();
+            self.redis.enabled = true;
         }
         if let Some(v) = env("REDIS_PORT") {
             self.redis.port = parsed("REDIS_PORT", "redis.port", &v)?;
+            self.redis.enabled = true;
         }
         if let Some(v) = env("KAFKA_BROKERS") {
             self.kafka.brokers = v;
@@ -948,6 +971,35 @@ impl Config {
             "task.retry_multiplier",
             "must be a number >= 1.0",
         )?;
+        let r = &self.redis;
+        let default_redis = RedisConfig::default();
+        check(
+            r.enabled || (r.host == default_redis.host && r.port == default_redis.port),
+            "redis.host",
+            "is set but redis.enabled is false, so it would be ignored: set redis.enabled: true \
+             to keep presence in Redis, or leave redis.host and redis.port at their defaults",
+        )?;
+        check(
+            !r.enabled || !r.host.trim().is_empty(),
+            "redis.host",
+            "must not be empty",
+        )?;
+        check(!r.enabled || r.port > 0, "redis.port", "must be positive")?;
+        check(
+            !r.key_prefix.is_empty() && !r.key_prefix.contains(char::is_whitespace),
+            "redis.key_prefix",
+            "must be non-empty, without spaces",
+        )?;
+        check(
+            (Duration::from_secs(3)..=Duration::from_secs(3600)).contains(&r.lease),
+            "redis.lease",
+            "must be between 3s and 1h",
+        )?;
+        check(
+            !r.timeout.is_zero() && r.timeout * 3 <= r.lease,
+            "redis.timeout",
+            "must be positive and at most a third of redis.lease (a renewal must fail before the next is due)",
+        )?;
         let url = &self.push.webhook_url;
         check(
             url.is_empty() || url.starts_with("http://") || url.starts_with("https://"),
@@ -960,8 +1012,8 @@ impl Config {
     /// Refuses a non-default value in a section this build parses but does
     /// not use yet, naming the field (the binary exits with 64), rather than
     /// ignoring it. Each section's lines go when the section is wired:
-    /// `redis` by the Redis directory, `kafka` by the Kafka bus (`database`
-    /// is wired: see [`Config::validate_stores`]).
+    /// `kafka` by the Kafka bus (`database` is wired: see
+    /// [`Config::validate_stores`]; `redis`: [`Config::redis_directory`]).
     pub fn refuse_unwired(&self) -> Result<(), ConfigError> {
         fn unwired(field: &'static str, changed: bool, wired_by: &str) -> Result<(), ConfigError> {
             if !changed {
@@ -975,10 +1027,6 @@ impl Config {
                 ),
             })
         }
-        const REDIS: &str = "the Redis directory";
-        let (redis, default_redis) = (&self.redis, RedisConfig::default());
-        unwired("redis.host", redis.host != default_redis.host, REDIS)?;
-        unwired("redis.port", redis.port != default_redis.port, REDIS)?;
         const KAFKA: &str = "the Kafka bus";
         let (kafka, default_kafka) = (&self.kafka, KafkaConfig::default());
         unwired(
@@ -1207,6 +1255,24 @@ impl Config {
             },
             ..crate::GatewayConfig::default()
         }
+    }
+
+    /// The Redis directory's settings, when `redis.enabled`.
+    pub fn redis_directory(&self) -> Option<pingme_router::RedisDirectorySettings> {
+        let r = &self.redis;
+        r.enabled.then(|| {
+            let host = if r.host.contains(':') && !r.host.starts_with('[') {
+                format!("[{}]", r.host)
+            } else {
+                r.host.clone()
+            };
+            pingme_router::RedisDirectorySettings {
+                url: format!("redis://{host}:{}", r.port),
+                key_prefix: r.key_prefix.clone(),
+                lease: r.lease,
+                timeout: r.timeout,
+            }
+        })
     }
 
     /// The message pipeline's settings (the seed's task and retry settings).

@@ -8,6 +8,7 @@ pub mod allocator;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod directory;
 pub mod exported_metrics;
 pub mod http;
 pub mod index;

@@ -76,10 +76,33 @@ pub fn version_info() -> VersionInfo {
 }
 
 /// "Ready to serve": set by the integrator once the store is open and every
-/// listener is up, cleared when shutdown begins. Every `/health` answers
-/// 200 only while it is set.
+/// listener is up, cleared when shutdown begins, and held back while a
+/// service the process depends on (Redis) does not answer. Every `/health`
+/// answers 200 only while it is set and every dependency is up.
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    started: Arc<AtomicBool>,
+    dependencies: Arc<std::sync::Mutex<Vec<Dependency>>>,
+}
+
+/// One service readiness waits for, marked up or down by whoever watches it.
+#[derive(Debug, Clone)]
+pub struct Dependency {
+    name: &'static str,
+    up: Arc<AtomicBool>,
+}
+
+impl Dependency {
+    /// Marks the service reachable or not.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+    }
+
+    /// Whether the service was reachable at its last check.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+}
 
 impl Readiness {
     /// A flag that starts not ready.
@@ -89,30 +112,66 @@ impl Readiness {
 
     /// Sets or clears readiness.
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.started.store(ready, Ordering::Release);
+    }
+
+    /// A service readiness now waits for, down until marked up.
+    pub fn dependency(&self, name: &'static str) -> Dependency {
+        let dependency = Dependency {
+            name,
+            up: Arc::new(AtomicBool::new(false)),
+        };
+        self.dependencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dependency.clone());
+        dependency
+    }
+
+    /// The services that are down now, by name.
+    pub fn unavailable(&self) -> Vec<&'static str> {
+        self.dependencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|d| !d.is_up())
+            .map(|d| d.name)
+            .collect()
     }
 
     /// Whether the process is ready.
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.started.load(Ordering::Acquire) && self.unavailable().is_empty()
     }
 }
 
 #[derive(Serialize)]
 struct HealthBody {
     status: &'static str,
+    /// The services readiness waits for (e.g. `redis`), when any is down.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    unavailable: Vec<&'static str>,
 }
 
 /// The `/health` handler: 200 `{"status":"ok"}` when ready, else 503
-/// `{"status":"starting"}`.
+/// `{"status":"unavailable"}`, naming the services that are down
+/// (`"unavailable":["redis"]`) if that is why.
 pub async fn health(State(readiness): State<Readiness>) -> Response {
     if readiness.is_ready() {
-        (StatusCode::OK, axum::Json(HealthBody { status: "ok" })).into_response()
+        (
+            StatusCode::OK,
+            axum::Json(HealthBody {
+                status: "ok",
+                unavailable: Vec::new(),
+            }),
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(HealthBody {
                 status: "unavailable",
+                unavailable: readiness.unavailable(),
             }),
         )
             .into_response()
@@ -292,7 +351,7 @@ pub(crate) fn describe_metrics() {
     );
     metrics::describe_gauge!(
         READY,
-        "1 while /health answers 200 (store open, listeners up), 0 while starting or draining"
+        "1 while /health answers 200 (store open, listeners up, Redis answering if used), 0 while starting, draining or waiting for Redis"
     );
 }
 

@@ -23,7 +23,7 @@ use crate::auth::jwt::JwtAuthenticator;
 use crate::config::{Config, StorageBackend, StorageDurability};
 use crate::http::{self, ApiState};
 use crate::ops::{self, Readiness};
-use crate::{Connections, Gateway, webchat_router, ws_router};
+use crate::{Connections, Gateway, directory, webchat_router, ws_router};
 
 /// How long in-flight work may take after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -70,9 +70,18 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
 
     // 4. Connections and routing. The gateway's connection index is the
     //    router's outbox; the router is the shards' dispatch. The index
-    //    exists first because the router needs it to be built.
+    //    exists first because the router needs it to be built. The
+    //    presence directory is this index, or Redis (`redis.enabled`),
+    //    whose health `/health` then follows.
     let connections = Arc::new(Connections::new());
-    let router = Router::start(stores.clone(), connections.clone(), config.router());
+    let chosen = directory::choose(&config, connections.clone(), &readiness)
+        .context("setting up the presence directory (redis)")?;
+    let router = Router::start_single_node(
+        stores.clone(),
+        connections.clone(),
+        config.router(),
+        chosen.directory.clone(),
+    );
     let gateway = Gateway::start(
         config.gateway(),
         connections.clone(),
@@ -138,6 +147,9 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     readiness.set(false);
     tracing::info!("pingme shutting down");
     router.shutdown().await;
+    if let Some(watch) = &chosen.watch {
+        watch.abort();
+    }
     gateway.shutdown(SHUTDOWN_GRACE).await;
     http_stop.cancel();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {

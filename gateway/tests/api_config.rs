@@ -249,6 +249,11 @@ fn environment_overrides_win_over_the_file() {
     assert_eq!(c.database.name, "im");
     assert_eq!(c.redis.host, "redis.internal");
     assert_eq!(c.redis.port, 6380);
+    assert!(c.redis.enabled, "a variable naming a Redis turns the directory on");
+    assert_eq!(
+        c.redis_directory().unwrap().url,
+        "redis://redis.internal:6380"
+    );
     assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
     assert_eq!(c.auth.jwt_secret, "a-very-long-test-secret");
     assert_eq!(c.otlp_endpoint, "http://collector:4318");
@@ -287,6 +292,7 @@ fn the_deployment_files_load() {
     assert_eq!(image.storage.data_dir, Path::new("/var/lib/pingme"));
     let cluster = Config::load_with_env(Some(&deploy.join("pingme.cluster.yaml")), no_env).unwrap();
     assert_eq!(cluster.storage.backend, StorageBackend::Mysql);
+    assert!(cluster.redis_directory().is_some(), "presence in Redis");
 }
 
 /// Sections parsed but not used yet: a changed value, from the file or the
@@ -295,8 +301,6 @@ fn the_deployment_files_load() {
 #[test]
 fn unwired_sections_are_refused_not_ignored() {
     for (yaml, field) in [
-        ("redis:\n  host: redis.internal\n", "redis.host"),
-        ("redis:\n  port: 6380\n", "redis.port"),
         ("kafka:\n  brokers: k1:9092\n", "kafka.brokers"),
         (
             "kafka:\n  downstream_topic_prefix: down-\n",
@@ -312,7 +316,6 @@ fn unwired_sections_are_refused_not_ignored() {
         );
     }
     for (var, value, field) in [
-        ("REDIS_PORT", "6380", "redis.port"),
         ("KAFKA_BROKERS", "k1:9092", "kafka.brokers"),
     ] {
         let err = Config::load_with_env(None, fake_env(&[(var, value)])).unwrap_err();
@@ -411,6 +414,41 @@ fn scylla_uri_names_the_nodes() {
     let scylla = config.scylla();
     assert_eq!(scylla.nodes, ["10.0.0.1:9042", "10.0.0.2:9042"]);
     assert_eq!(scylla.keyspace, "pingme");
+}
+
+/// `redis.enabled` selects the Redis directory; a Redis address without it
+/// would be ignored, so it is refused; the lease and timeout are bounded.
+#[test]
+fn the_redis_section_selects_the_directory() {
+    assert_eq!(Config::default().redis_directory(), None, "single node by default");
+    let config = Config::parse_yaml(
+        "redis:\n  enabled: true\n  host: ::1\n  port: 6380\n  key_prefix: \"im:\"\n  lease: 45s\n  timeout: 1s\n",
+    )
+    .unwrap();
+    config.validate().unwrap();
+    let settings = config.redis_directory().unwrap();
+    assert_eq!(settings.url, "redis://[::1]:6380");
+    assert_eq!(settings.key_prefix, "im:");
+    assert_eq!(settings.lease, Duration::from_secs(45));
+    assert_eq!(settings.timeout, Duration::from_secs(1));
+    for (yaml, field, reason) in [
+        ("redis:\n  host: redis.internal\n", "redis.host", "redis.enabled is false"),
+        ("redis:\n  port: 6380\n", "redis.host", "redis.enabled is false"),
+        ("redis:\n  enabled: true\n  lease: 1s\n", "redis.lease", "between 3s and 1h"),
+        ("redis:\n  enabled: true\n  timeout: 20s\n", "redis.timeout", "a third of redis.lease"),
+        ("redis:\n  key_prefix: \"\"\n", "redis.key_prefix", "non-empty"),
+    ] {
+        let message = error_of(yaml);
+        assert!(
+            message.contains(field) && message.contains(reason),
+            "error for {yaml:?} must name {field}: {message}"
+        );
+    }
+    let from_env = Config::load_with_env(None, fake_env(&[("REDIS_PORT", "6380")])).unwrap();
+    assert_eq!(
+        from_env.redis_directory().unwrap().url,
+        "redis://127.0.0.1:6380"
+    );
 }
 
 /// The YAML defaults are the components' own defaults: a gateway or router
@@ -661,14 +699,14 @@ fn the_binary_exits_64_naming_the_bad_field() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingme"))
         .args(["serve", "--data-dir"])
         .arg(dir.path())
-        .env("REDIS_HOST", "redis.internal")
+        .env("KAFKA_BROKERS", "kafka.internal:9092")
         .env_remove("APP_CONF")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("redis.host") && stderr.contains("not used by this build yet"),
+        stderr.contains("kafka.brokers") && stderr.contains("not used by this build yet"),
         "stderr: {stderr}"
     );
 
