@@ -249,7 +249,10 @@ fn environment_overrides_win_over_the_file() {
     assert_eq!(c.database.name, "im");
     assert_eq!(c.redis.host, "redis.internal");
     assert_eq!(c.redis.port, 6380);
-    assert!(c.redis.enabled, "a variable naming a Redis turns the directory on");
+    assert!(
+        c.redis.enabled,
+        "a variable naming a Redis turns the directory on"
+    );
     assert_eq!(
         c.redis_directory().unwrap().url,
         "redis://redis.internal:6380"
@@ -315,12 +318,8 @@ fn unwired_sections_are_refused_not_ignored() {
             "error for {yaml:?} must name {field}: {message}"
         );
     }
-    for (var, value, field) in [
-        ("KAFKA_BROKERS", "k1:9092", "kafka.brokers"),
-    ] {
-        let err = Config::load_with_env(None, fake_env(&[(var, value)])).unwrap_err();
-        assert!(err.to_string().contains(field), "{var}: {err}");
-    }
+    let err = Config::load_with_env(None, fake_env(&[("KAFKA_BROKERS", "k1:9092")])).unwrap_err();
+    assert!(err.to_string().contains("kafka.brokers"), "{err}");
     Config::parse_yaml(
         "database:\n  host: 127.0.0.1\nredis:\n  port: 6379\nkafka:\n  brokers: \"\"\n",
     )
@@ -420,7 +419,11 @@ fn scylla_uri_names_the_nodes() {
 /// would be ignored, so it is refused; the lease and timeout are bounded.
 #[test]
 fn the_redis_section_selects_the_directory() {
-    assert_eq!(Config::default().redis_directory(), None, "single node by default");
+    assert_eq!(
+        Config::default().redis_directory(),
+        None,
+        "single node by default"
+    );
     let config = Config::parse_yaml(
         "redis:\n  enabled: true\n  host: ::1\n  port: 6380\n  key_prefix: \"im:\"\n  lease: 45s\n  timeout: 1s\n",
     )
@@ -432,11 +435,31 @@ fn the_redis_section_selects_the_directory() {
     assert_eq!(settings.lease, Duration::from_secs(45));
     assert_eq!(settings.timeout, Duration::from_secs(1));
     for (yaml, field, reason) in [
-        ("redis:\n  host: redis.internal\n", "redis.host", "redis.enabled is false"),
-        ("redis:\n  port: 6380\n", "redis.host", "redis.enabled is false"),
-        ("redis:\n  enabled: true\n  lease: 1s\n", "redis.lease", "between 3s and 1h"),
-        ("redis:\n  enabled: true\n  timeout: 20s\n", "redis.timeout", "a third of redis.lease"),
-        ("redis:\n  key_prefix: \"\"\n", "redis.key_prefix", "non-empty"),
+        (
+            "redis:\n  host: redis.internal\n",
+            "redis.host",
+            "redis.enabled is false",
+        ),
+        (
+            "redis:\n  port: 6380\n",
+            "redis.host",
+            "redis.enabled is false",
+        ),
+        (
+            "redis:\n  enabled: true\n  lease: 1s\n",
+            "redis.lease",
+            "between 3s and 1h",
+        ),
+        (
+            "redis:\n  enabled: true\n  timeout: 20s\n",
+            "redis.timeout",
+            "a third of redis.lease",
+        ),
+        (
+            "redis:\n  key_prefix: \"\"\n",
+            "redis.key_prefix",
+            "non-empty",
+        ),
     ] {
         let message = error_of(yaml);
         assert!(
