@@ -140,7 +140,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Err(_) => {
                 failed = true;
-                println!("round {round}: not synced within {} s ({received} messages)", args.timeout);
+                println!(
+                    "round {round}: not synced within {} s ({received} messages)",
+                    args.timeout
+                );
             }
         }
     }
