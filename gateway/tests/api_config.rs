@@ -2,6 +2,8 @@
 //! environment overrides land in the right fields, and every invalid value
 //! is refused with an error naming its field (the binary exits with 64).
 
+mod binary;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
@@ -690,10 +692,9 @@ fn the_binary_exits_64_naming_the_bad_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, "session:\n  max_frame_size: 12\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingme"))
+    let out = binary::pingme()
         .args(["serve", "--config"])
         .arg(&path)
-        .env_remove("APP_CONF")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -704,11 +705,10 @@ fn the_binary_exits_64_naming_the_bad_field() {
     );
 
     // A bad environment override is refused the same way.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingme"))
+    let out = binary::pingme()
         .args(["serve", "--data-dir"])
         .arg(dir.path())
         .env("APP_PORT", "not-a-port")
-        .env_remove("APP_CONF")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -719,11 +719,10 @@ fn the_binary_exits_64_naming_the_bad_field() {
     );
 
     // A value in a section this build does not use yet is refused too.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingme"))
+    let out = binary::pingme()
         .args(["serve", "--data-dir"])
         .arg(dir.path())
         .env("KAFKA_BROKERS", "kafka.internal:9092")
-        .env_remove("APP_CONF")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -734,7 +733,7 @@ fn the_binary_exits_64_naming_the_bad_field() {
     );
 
     // APP_CONF names the file when --config is absent.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingme"))
+    let out = binary::pingme()
         .arg("serve")
         .env("APP_CONF", &path)
         .output()

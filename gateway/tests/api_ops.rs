@@ -6,6 +6,7 @@
 //! running out of file descriptors and recovering.
 
 mod api_support;
+mod binary;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -138,16 +139,14 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &std::path::Path, config: &std::path::Path, api_port: u16) -> Server {
-        let child = Command::new(env!("CARGO_BIN_EXE_pingme"))
+        let child = binary::pingme()
             .args(["serve", "--config"])
             .arg(config)
             .arg("--data-dir")
             .arg(data_dir)
             .env("APP_PORT", api_port.to_string())
             .env("JWT_SECRET", "binary-test-secret-0123456789")
-            .env_remove("APP_CONF")
             .env_remove("RUST_LOG")
-            .env_remove("PINGME_ADMIN_TOKEN")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -301,10 +300,7 @@ fn assert_private_tree(dir: &std::path::Path) {
 
 #[test]
 fn pingme_version_prints_the_build() {
-    let out = Command::new(env!("CARGO_BIN_EXE_pingme"))
-        .arg("version")
-        .output()
-        .unwrap();
+    let out = binary::pingme().arg("version").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -315,11 +311,9 @@ fn pingme_version_prints_the_build() {
 
 #[tokio::test]
 async fn production_without_a_secret_refuses_to_start() {
-    let out = Command::new(env!("CARGO_BIN_EXE_pingme"))
+    let out = binary::pingme()
         .arg("serve")
         .env("APP_ENV", "production")
-        .env_remove("JWT_SECRET")
-        .env_remove("APP_CONF")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -332,12 +326,11 @@ async fn production_without_a_secret_refuses_to_start() {
 async fn production_without_a_certificate_exits_64_before_creating_the_data_dir() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("never-created");
-    let out = Command::new(env!("CARGO_BIN_EXE_pingme"))
+    let out = binary::pingme()
         .args(["serve", "--data-dir"])
         .arg(&data)
         .env("APP_ENV", "production")
         .env("JWT_SECRET", "binary-test-secret-0123456789")
-        .env_remove("APP_CONF")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -588,7 +581,7 @@ async fn the_http_listener_serves_again_after_running_out_of_descriptors() {
     )
     .unwrap();
     let api_port = free_port();
-    let mut child = Command::new("prlimit")
+    let mut child = binary::without_config_env(Command::new("prlimit"))
         .arg("--nofile=128:128")
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_pingme"))
@@ -598,7 +591,6 @@ async fn the_http_listener_serves_again_after_running_out_of_descriptors() {
         .arg(dir.path().join("data"))
         .env("APP_PORT", api_port.to_string())
         .env("RUST_LOG", "warn")
-        .env_remove("APP_CONF")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

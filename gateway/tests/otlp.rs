@@ -208,11 +208,9 @@ fn a_malformed_otlp_endpoint_is_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, "otlp_endpoint: collector:4318\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingme"))
+    let out = e2e::binary::pingme()
         .args(["serve", "--config"])
         .arg(&path)
-        .env_remove("APP_CONF")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));

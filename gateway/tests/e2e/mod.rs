@@ -9,6 +9,9 @@
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+#[path = "../binary/mod.rs"]
+pub mod binary;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -170,37 +173,10 @@ impl Drop for Server {
     }
 }
 
-/// The environment overrides `pingme serve` reads (see `Config::apply_env`):
-/// a test server runs its configuration file, not whatever the test process
-/// inherited (CI exports `KAFKA_BROKERS` for the Kafka tests, a developer
-/// may have `DB_*` set).
-const CONFIG_ENV: &[&str] = &[
-    "APP_CONF",
-    "APP_HOST",
-    "APP_PORT",
-    "APP_ENV",
-    "APP_GATEWAY_ID",
-    "DB_HOST",
-    "DB_PORT",
-    "DB_USERNAME",
-    "DB_PASSWORD",
-    "DB_NAME",
-    "SCYLLA_URI",
-    "REDIS_HOST",
-    "REDIS_PORT",
-    "KAFKA_BROKERS",
-    "JWT_SECRET",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "PINGME_ADMIN_TOKEN",
-];
-
-/// `pingme serve` with none of [`CONFIG_ENV`] inherited.
+/// `pingme serve` with none of the configuration environment inherited.
 pub fn serve_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pingme"));
+    let mut command = binary::pingme();
     command.arg("serve");
-    for var in CONFIG_ENV {
-        command.env_remove(var);
-    }
     command
 }
 
