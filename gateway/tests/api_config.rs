@@ -532,9 +532,21 @@ fn the_process_environment_is_read() {
     let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: every test of this binary that reads or writes the process
     // environment holds ENV_LOCK; the others use a fake lookup.
+    // Only this test's variable: the shell that runs the tests may have
+    // others set (CI exports KAFKA_BROKERS), put back afterwards.
+    let inherited: Vec<_> = binary::CONFIG_ENV
+        .iter()
+        .filter_map(|var| std::env::var_os(var).map(|value| (*var, value)))
+        .collect();
+    for (var, _) in &inherited {
+        unsafe { std::env::remove_var(var) };
+    }
     unsafe { std::env::set_var("APP_PORT", "8282") };
     let result = Config::load(None);
     unsafe { std::env::remove_var("APP_PORT") };
+    for (var, value) in &inherited {
+        unsafe { std::env::set_var(var, value) };
+    }
     assert_eq!(result.unwrap().app.port, 8282);
 }
 

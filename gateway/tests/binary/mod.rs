@@ -6,7 +6,7 @@
 use std::process::Command;
 
 /// Environment variables `pingme serve` reads its configuration from.
-const CONFIG_ENV: &[&str] = &[
+pub const CONFIG_ENV: &[&str] = &[
     "APP_CONF",
     "APP_HOST",
     "APP_PORT",
