@@ -8,32 +8,22 @@ set -euo pipefail
 bin=${1:?usage: benches/login_rate.sh PINGME_BINARY [N] [P] [BASE_PORT]}
 n=${2:-200}
 parallel=${3:-8}
-port=${4:-20080}
-dir=$(mktemp -d)
-cat > "$dir/pingme.yaml" <<YAML
-app: { host: 127.0.0.1, port: $port }
-listeners: { tcp: 127.0.0.1:$((port + 1)), tls: 127.0.0.1:$((port + 2)), quic: 127.0.0.1:$((port + 2)), metrics: 127.0.0.1:$((port + 3)) }
-storage: { data_dir: $dir/data }
-YAML
-RUST_LOG=warn "$bin" serve --config "$dir/pingme.yaml" 2> "$dir/server.log" &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
-for _ in $(seq 300); do
-    curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
-    sleep 0.1
-done
-api="http://127.0.0.1:$port/v1/auth"
+# The server at its default hashing cost: no EXTRA_YAML from the caller.
+EXTRA_YAML=
+source "$(dirname "$0")/server.sh"
+start_server "$bin" "${4:-20080}"
+auth="$api/v1/auth"
 for u in $(seq 0 $((parallel - 1))); do
     curl -sf -X POST -H 'content-type: application/json' \
-        -d "{\"username\":\"bench$u\",\"password\":\"bench-password\"}" "$api/register" > /dev/null
+        -d "{\"username\":\"bench$u\",\"password\":\"bench-password\"}" "$auth/register" > /dev/null
 done
 start=$(date +%s.%N)
 seq "$n" | awk -v p="$parallel" '{print $1 % p, $1}' | xargs -P "$parallel" -L1 sh -c \
     'curl -s -o /dev/null -w "%{http_code}\n" -X POST -H "content-type: application/json" \
         -d "{\"username\":\"bench$2\",\"password\":\"bench-password\",\"device_id\":\"d$3\"}" "$1/login"' \
-    _ "$api" > "$dir/codes"
+    _ "$auth" > "$bench_dir/codes"
 end=$(date +%s.%N)
-ok=$(grep -c '^200$' "$dir/codes" || true)
+ok=$(grep -c '^200$' "$bench_dir/codes" || true)
 rate=$(echo "$n / ($end - $start)" | bc -l)
 printf '%s/%s logins ok, %.1f logins/s (%s in parallel); answers: %s\n' "$ok" "$n" "$rate" "$parallel" \
-    "$(sort "$dir/codes" | uniq -c | awk '{printf "%s %s  ", $1, $2}')"
+    "$(sort "$bench_dir/codes" | uniq -c | awk '{printf "%s %s  ", $1, $2}')"

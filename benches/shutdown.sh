@@ -7,11 +7,10 @@
 # accepted send is answered.
 #   benches/shutdown.sh PINGME_BINARY LOADGEN_BINARY [N=2000] [BASE_PORT=22080]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 bin=${1:?usage: benches/shutdown.sh PINGME_BINARY LOADGEN_BINARY [N] [BASE_PORT]}
 loadgen=${2:?pingme-loadgen binary}
 n=${3:-2000}
-source benches/server.sh
+source "$(dirname "$0")/server.sh"
 start_server "$bin" "${4:-22080}"
 "$loadgen" run chat -n "$n" --register --user-prefix down --rate 1 --size 100 --duration 120 --drain 0 \
     --connect-rate 2000 --api "$api" --gateway "$gateway" --quiet > "$bench_dir/loadgen.log" 2>&1 &

@@ -5,9 +5,8 @@
 # round's time; it exits non-zero if a round is cut or misses a message).
 #   benches/sync.sh PINGME_BINARY SYNC_TIME_BINARY [MESSAGES=10000] [SIZE=100] [ROUNDS=3] [BASE_PORT=21080]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 bin=${1:?usage: benches/sync.sh PINGME_BINARY SYNC_TIME_BINARY [MESSAGES] [SIZE] [ROUNDS] [BASE_PORT]}
 sync_time=${2:?sync_time binary (cargo build --release -p pingme-client --example sync_time)}
-source benches/server.sh
+source "$(dirname "$0")/server.sh"
 start_server "$bin" "${6:-21080}"
 "$sync_time" --api "$api" --gateway "$gateway" --messages "${3:-10000}" --size "${4:-100}" --rounds "${5:-3}"
