@@ -215,7 +215,10 @@ async fn records_of_a_key_arrive_in_order_on_its_partition<C: Cluster>(cluster: 
     let mut received = 0;
     while received < 60 {
         let polls = members.iter_mut().map(|member| member.poll(7));
-        let (polled, _, _) = step("records", select_all(polls)).await;
+        let polled = tokio::time::timeout(STEP, select_all(polls)).await;
+        let Ok((polled, _, _)) = polled else {
+            panic!("timed out waiting for records; received by key: {by_key:?}");
+        };
         let Polled::Records(records) = polled else {
             panic!("expected records, got {polled:?}");
         };

@@ -146,32 +146,71 @@ impl KafkaSettings {
 
 /// Records handed to the producer and not yet reported delivered (or
 /// failed), by ticket, so a commit can wait for exactly those published
-/// before it.
+/// before it, and learn whether any of them was lost.
 #[derive(Default)]
 struct Deliveries {
-    pending: Mutex<BTreeSet<u64>>,
+    tickets: Mutex<Tickets>,
     next: AtomicU64,
     /// Woken on every delivery report.
     reported: Notify,
 }
 
+#[derive(Default)]
+struct Tickets {
+    pending: BTreeSet<u64>,
+    /// Records whose retries ran out, the most recent [`FAILED_KEPT`].
+    failed: BTreeSet<u64>,
+}
+
+/// Failed tickets remembered. Failures are rare (retries ran out); a member
+/// whose last commit is older than this many failures rewinds anyway.
+const FAILED_KEPT: usize = 4_096;
+
 impl Deliveries {
-    fn lock(&self) -> MutexGuard<'_, BTreeSet<u64>> {
-        self.pending
+    fn lock(&self) -> MutexGuard<'_, Tickets> {
+        self.tickets
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Waits until every record ticketed before now is reported.
-    async fn settled(&self, timeout: Duration) -> Result<(), BusError> {
-        let issued = self.next.load(Ordering::SeqCst);
+    /// The first ticket not yet issued.
+    fn issued(&self) -> u64 {
+        self.next.load(Ordering::SeqCst)
+    }
+
+    /// A delivery report: the ticket is no longer pending.
+    fn report(&self, ticket: u64, delivered: bool) {
+        let mut tickets = self.lock();
+        tickets.pending.remove(&ticket);
+        if !delivered {
+            tickets.failed.insert(ticket);
+            if tickets.failed.len() > FAILED_KEPT {
+                tickets.failed.pop_first();
+            }
+        }
+        drop(tickets);
+        self.reported.notify_waiters();
+    }
+
+    /// Waits until every record ticketed before `issued` is reported, then
+    /// tells whether all those ticketed from `since` on were delivered.
+    async fn settled(&self, since: u64, issued: u64, timeout: Duration) -> Result<bool, BusError> {
         let wait = async {
             loop {
                 let reported = self.reported.notified();
                 tokio::pin!(reported);
                 reported.as_mut().enable();
-                if self.lock().first().is_none_or(|oldest| *oldest >= issued) {
-                    return;
+                {
+                    let tickets = self.lock();
+                    if tickets
+                        .pending
+                        .first()
+                        .is_none_or(|oldest| *oldest >= issued)
+                    {
+                        let forgotten = tickets.failed.len() == FAILED_KEPT
+                            && tickets.failed.first().is_some_and(|first| *first > since);
+                        return !forgotten && tickets.failed.range(since..issued).next().is_none();
+                    }
                 }
                 reported.await;
             }
@@ -199,15 +238,14 @@ impl ProducerContext for ProducerEvents {
     fn delivery(&self, result: &DeliveryResult<'_>, ticket: usize) {
         if let Err((error, message)) = result {
             // Retries (idempotent, in order) ran out: the record is lost to
-            // the bus. Whatever consumed its cause commits anyway once this
-            // is reported: the failure is logged and counted.
+            // the bus. The members whose commits it falls before rewind
+            // instead of committing, so its cause is processed again.
             let code = ErrorCode::KafkaProducerError;
             crate::telemetry::failed(code, 1);
             tracing::error!(%error, topic = message.topic(), partition = message.partition(),
                 code = code.code(), "record not delivered");
         }
-        self.deliveries.lock().remove(&(ticket as u64));
-        self.deliveries.reported.notify_waiters();
+        self.deliveries.report(ticket as u64, result.is_ok());
     }
 }
 
@@ -289,9 +327,9 @@ impl KafkaBus {
             return Err(BusError::Closed(topic.to_string()));
         }
         let key = key.to_be_bytes();
-        let mut pending = self.deliveries.lock();
+        let mut tickets = self.deliveries.lock();
         let ticket = self.deliveries.next.fetch_add(1, Ordering::SeqCst);
-        pending.insert(ticket);
+        tickets.pending.insert(ticket);
         let record = BaseRecord::with_opaque_to(topic, ticket as usize)
             .partition(partition as i32)
             .key(&key[..])
@@ -299,7 +337,7 @@ impl KafkaBus {
         match self.producer.send(record) {
             Ok(()) => Ok(()),
             Err((error, _)) => {
-                pending.remove(&ticket);
+                tickets.pending.remove(&ticket);
                 Err(match error {
                     KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
                         BusError::Full(topic.to_string())
@@ -453,6 +491,8 @@ impl<R: BusRecord> Bus<R> for KafkaBus {
             leave,
             positions: BTreeMap::new(),
             committed: BTreeMap::new(),
+            uncommitted: BTreeMap::new(),
+            since: self.deliveries.issued(),
             ready: VecDeque::new(),
             deliveries: self.deliveries.clone(),
             timeout: self.settings.request_timeout,
@@ -570,6 +610,12 @@ struct KafkaMember<R> {
     positions: BTreeMap<Partition, Option<i64>>,
     /// What this member committed per partition.
     committed: BTreeMap<Partition, i64>,
+    /// The first offset returned since the last commit, per partition:
+    /// where a rewind goes back to.
+    uncommitted: BTreeMap<Partition, i64>,
+    /// The first delivery ticket issued after the last commit (or the
+    /// join): records from it on may be effects of what is uncommitted.
+    since: u64,
     ready: VecDeque<Fetched<R>>,
     deliveries: Arc<Deliveries>,
     timeout: Duration,
@@ -636,6 +682,9 @@ impl<R: BusRecord> KafkaMember<R> {
             };
             self.positions
                 .insert(fetched.partition, Some(fetched.offset + 1));
+            self.uncommitted
+                .entry(fetched.partition)
+                .or_insert(fetched.offset);
             if let Some(record) = fetched.record {
                 records.push(Consumed {
                     partition: fetched.partition,
@@ -666,7 +715,30 @@ impl<R: BusRecord> KafkaMember<R> {
             }
         }
         self.positions.clear();
+        self.uncommitted.clear();
         self.ready.clear();
+    }
+
+    /// Goes back to the last commit: the records returned since come
+    /// again, from the broker (a seek also discards what librdkafka
+    /// fetched past it).
+    fn rewind(&mut self, consumer: &StreamConsumer<MemberEvents>) -> Result<(), BusError> {
+        let rewound = std::mem::take(&mut self.uncommitted);
+        for (partition, offset) in &rewound {
+            consumer
+                .seek(
+                    &self.topic,
+                    *partition as i32,
+                    Offset::Offset(*offset),
+                    Duration::ZERO,
+                )
+                .map_err(broker_error)?;
+            self.positions
+                .insert(*partition, self.committed.get(partition).copied());
+        }
+        self.ready
+            .retain(|fetched| !rewound.contains_key(&fetched.partition));
+        Ok(())
     }
 }
 
@@ -706,6 +778,7 @@ impl<R: BusRecord> GroupMember<R> for KafkaMember<R> {
                     for partition in &partitions {
                         self.positions.remove(partition);
                         self.committed.remove(partition);
+                        self.uncommitted.remove(partition);
                     }
                     self.ready
                         .retain(|fetched| !partitions.contains(&fetched.partition));
@@ -772,8 +845,21 @@ impl<R: BusRecord> GroupMember<R> for KafkaMember<R> {
             return Ok(());
         }
         // What the polled records caused on other topics is on the broker
-        // before their offsets are.
-        self.deliveries.settled(self.timeout).await?;
+        // before their offsets are; if some of it was lost, their offsets
+        // are not committed and they are processed again.
+        let issued = self.deliveries.issued();
+        if !self
+            .deliveries
+            .settled(self.since, issued, self.timeout)
+            .await?
+        {
+            self.since = issued;
+            self.rewind(&consumer)?;
+            return Err(BusError::Redelivering(format!(
+                "{} in {}: a record published since the last commit was not delivered",
+                self.topic, self.group
+            )));
+        }
         let committed =
             tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync))
                 .await
@@ -781,6 +867,8 @@ impl<R: BusRecord> GroupMember<R> for KafkaMember<R> {
         match committed {
             Ok(()) => {
                 self.committed.extend(advanced);
+                self.uncommitted.clear();
+                self.since = issued;
                 Ok(())
             }
             Err(KafkaError::ConsumerCommit(code)) if fenced(code) => Err(BusError::Fenced(
@@ -801,4 +889,182 @@ fn fenced(code: RDKafkaErrorCode) -> bool {
             | RDKafkaErrorCode::RebalanceInProgress
             | RDKafkaErrorCode::FencedInstanceId
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::DeadLetterRecord;
+
+    fn numbered(n: u32) -> DeadLetterRecord {
+        DeadLetterRecord {
+            kind: "push".into(),
+            payload: Bytes::from_static(b"work"),
+            code: 50006,
+            error: String::new(),
+            attempts: n,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_counts_against_the_commits_whose_window_holds_it() {
+        let deliveries = Deliveries::default();
+        for _ in 0..4 {
+            let ticket = deliveries.next.fetch_add(1, Ordering::SeqCst);
+            deliveries.lock().pending.insert(ticket);
+        }
+        deliveries.report(0, true);
+        deliveries.report(1, true);
+        deliveries.report(2, false);
+        deliveries.report(3, true);
+        let wait = Duration::from_secs(5);
+        assert!(deliveries.settled(0, 2, wait).await.unwrap());
+        assert!(!deliveries.settled(0, 3, wait).await.unwrap());
+        assert!(!deliveries.settled(2, 4, wait).await.unwrap());
+        assert!(deliveries.settled(3, 4, wait).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn settling_waits_for_the_pending_reports_it_covers() {
+        let deliveries = Arc::new(Deliveries::default());
+        for _ in 0..2 {
+            let ticket = deliveries.next.fetch_add(1, Ordering::SeqCst);
+            deliveries.lock().pending.insert(ticket);
+        }
+        deliveries.report(0, true);
+        let wait = Duration::from_secs(30);
+        // Ticket 1 is not covered by a window ending at 1.
+        assert!(deliveries.settled(0, 1, wait).await.unwrap());
+        let waiting = tokio::spawn({
+            let deliveries = deliveries.clone();
+            async move { deliveries.settled(0, 2, wait).await }
+        });
+        tokio::task::yield_now().await;
+        deliveries.report(1, false);
+        assert!(!waiting.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn forgotten_failures_count_as_failures() {
+        let deliveries = Deliveries::default();
+        for ticket in 0..=FAILED_KEPT as u64 + 1 {
+            deliveries.next.fetch_add(1, Ordering::SeqCst);
+            deliveries.report(ticket, ticket == 0);
+        }
+        // Ticket 1's failure was dropped to keep the set bounded: a window
+        // that holds it is refused all the same.
+        assert_eq!(deliveries.lock().failed.first(), Some(&2));
+        assert!(
+            !deliveries
+                .settled(0, 2, Duration::from_secs(5))
+                .await
+                .unwrap()
+        );
+    }
+
+    /// The broker in `KAFKA_BROKERS`, or `None` outside CI (under
+    /// `CI=true` a missing broker fails the test).
+    fn broker() -> Option<KafkaSettings> {
+        let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_default();
+        if brokers.is_empty() {
+            assert!(
+                std::env::var("CI").map_or(true, |ci| ci != "true"),
+                "the Kafka tests need KAFKA_BROKERS under CI=true (bash .ci/kafka.sh)"
+            );
+            eprintln!("skipped: KAFKA_BROKERS is unset (start a broker: `bash .ci/kafka.sh`)");
+            return None;
+        }
+        let mut settings = KafkaSettings::new(brokers);
+        settings.session_timeout_ms = 6_000;
+        settings.heartbeat_interval_ms = 500;
+        settings.request_timeout = Duration::from_secs(20);
+        Some(settings)
+    }
+
+    async fn next_records(
+        member: &mut Box<dyn GroupMember<DeadLetterRecord>>,
+        count: usize,
+    ) -> Vec<u32> {
+        let mut numbers = Vec::new();
+        while numbers.len() < count {
+            let polled = tokio::time::timeout(Duration::from_secs(60), member.poll(count))
+                .await
+                .expect("records within a minute");
+            match polled {
+                Polled::Records(records) => {
+                    numbers.extend(records.into_iter().map(|c| c.record.attempts));
+                }
+                other => panic!("expected records, got {other:?}"),
+            }
+        }
+        numbers
+    }
+
+    /// A record the broker never took (its retries ran out) among what
+    /// the polled records caused: the commit refuses, and the records
+    /// since the last commit come again, exactly those.
+    #[tokio::test]
+    async fn a_lost_effect_rewinds_to_the_last_commit() {
+        let Some(settings) = broker() else { return };
+        let suffix = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        let bus = KafkaBus::new(settings).unwrap();
+        let input = Topic::<DeadLetterRecord>::new(format!("rewind-in-{suffix}"), 1);
+        let effects = Topic::<DeadLetterRecord>::new(format!("rewind-out-{suffix}"), 1);
+        bus.declare(&input).unwrap();
+        bus.declare(&effects).unwrap();
+        let mut member = bus
+            .join(
+                &input,
+                &format!("rewind-{suffix}"),
+                "m0",
+                CancellationToken::new(),
+            )
+            .unwrap();
+        let polled = tokio::time::timeout(Duration::from_secs(60), member.poll(10))
+            .await
+            .expect("an assignment within a minute");
+        assert!(
+            matches!(polled, Polled::Assigned(ref p) if p == &[0]),
+            "{polled:?}"
+        );
+        for n in 1..=3 {
+            bus.publish(&input, 0, numbered(n)).await.unwrap();
+        }
+        assert_eq!(next_records(&mut member, 3).await, [1, 2, 3]);
+        bus.publish(&effects, 0, numbered(100)).await.unwrap();
+        member.commit().await.unwrap();
+
+        for n in 4..=5 {
+            bus.publish(&input, 0, numbered(n)).await.unwrap();
+        }
+        assert_eq!(next_records(&mut member, 2).await, [4, 5]);
+        // The effect of 4 and 5 is lost: as librdkafka reports a record
+        // whose retries ran out.
+        let lost = bus.deliveries.issued();
+        bus.publish(&effects, 0, numbered(200)).await.unwrap();
+        bus.deliveries.report(lost, false);
+        let refused = member.commit().await;
+        assert!(
+            matches!(refused, Err(BusError::Redelivering(_))),
+            "{refused:?}"
+        );
+
+        assert_eq!(next_records(&mut member, 2).await, [4, 5], "4 and 5 again");
+        bus.publish(&effects, 0, numbered(200)).await.unwrap();
+        member.commit().await.unwrap();
+        bus.publish(&input, 0, numbered(6)).await.unwrap();
+        assert_eq!(
+            next_records(&mut member, 1).await,
+            [6],
+            "nothing a third time"
+        );
+        member.commit().await.unwrap();
+    }
 }

@@ -183,6 +183,11 @@ pub enum BusError {
     /// The broker failed.
     #[error("broker error: {0}")]
     Broker(String),
+    /// A record published since the member's last commit was lost by the
+    /// broker: nothing was committed, and the records polled since come
+    /// again (the stages are idempotent).
+    #[error("re-delivering: {0}")]
+    Redelivering(String),
 }
 
 impl BusError {
@@ -193,7 +198,7 @@ impl BusError {
             BusError::Closed(_) => ErrorCode::ShuttingDown,
             BusError::Unknown(_) => ErrorCode::Internal,
             BusError::Fenced(_) => ErrorCode::KafkaConsumerGroupError,
-            BusError::Broker(_) => ErrorCode::KafkaProducerError,
+            BusError::Broker(_) | BusError::Redelivering(_) => ErrorCode::KafkaProducerError,
         }
     }
 }
@@ -271,7 +276,10 @@ pub trait GroupMember<R>: Send {
     async fn poll(&mut self, max: usize) -> Polled<R>;
 
     /// Everything polled so far has durable effects: commit its offsets,
-    /// so a crash re-delivers at most what was polled since.
+    /// so a crash re-delivers at most what was polled since. When an effect
+    /// was lost on the way (a record the broker never took), nothing is
+    /// committed and the records polled since the last commit come again:
+    /// [`BusError::Redelivering`].
     async fn commit(&mut self) -> Result<(), BusError>;
 }
 

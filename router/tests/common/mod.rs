@@ -345,8 +345,16 @@ pub fn kafka_from_env() -> Option<pingme_router::KafkaSettings> {
         eprintln!("skipped: {why}");
         return None;
     }
+    // The bus's warnings and errors (a record not delivered, a failed
+    // rebalance) show in a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("pingme_router=info,rdkafka=warn")
+        .try_init();
     let mut settings = pingme_router::KafkaSettings::new(brokers);
-    settings.session_timeout_ms = 3_000;
+    // Low for quick joins, yet well above a heartbeat's delay on a loaded
+    // two-core machine (a member dropped mid-test rebalances the group).
+    settings.session_timeout_ms = 6_000;
     settings.heartbeat_interval_ms = 500;
     settings.request_timeout = Duration::from_secs(10);
     Some(settings)
