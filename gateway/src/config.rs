@@ -12,10 +12,10 @@
 //! defaults, read from it, so the YAML, `Config::default()` and a component
 //! built with `Default` cannot disagree.
 //!
-//! Sections this build parses but does not use yet (`kafka`)
-//! must keep their defaults: a value there would be silently
-//! ignored, so it is refused ([`Config::refuse_unwired`]) until the
-//! cluster work wires the section.
+//! `kafka.brokers` (or `KAFKA_BROKERS`) makes the process a cluster node
+//! ([`Config::kafka`]): it then needs the shared directory (Redis) and a
+//! shared store (MySQL or ScyllaDB), and `app.role` says which part of the
+//! pipeline it runs. Without brokers it is the single node, unchanged.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -136,6 +136,45 @@ pub struct AppConfig {
     /// This gateway's id in a cluster (names its downstream topic). Env
     /// `APP_GATEWAY_ID` (one image, one configuration file, an id per node).
     pub gateway_id: String,
+    /// What this node runs in a cluster: `all` (the default), `gateway`
+    /// (listeners, HTTP API, its downstream consumer) or `worker` (the
+    /// persistence, task, push and dead-letter consumers). Env `APP_ROLE`,
+    /// or `pingme serve --role`. Other than `all` only with `kafka.brokers`.
+    pub role: NodeRole,
+}
+
+/// A cluster node's part (see [`AppConfig::role`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeRole {
+    /// Gateway and worker.
+    #[default]
+    All,
+    /// Connections only.
+    Gateway,
+    /// The pipeline's consumers only.
+    Worker,
+}
+
+impl NodeRole {
+    /// Parses `all`, `gateway` or `worker`.
+    pub fn parse(value: &str) -> Option<NodeRole> {
+        match value.trim() {
+            "all" => Some(NodeRole::All),
+            "gateway" => Some(NodeRole::Gateway),
+            "worker" => Some(NodeRole::Worker),
+            _ => None,
+        }
+    }
+
+    /// The router's view of it.
+    pub fn router(self) -> pingme_router::Role {
+        match self {
+            NodeRole::All => pingme_router::Role::All,
+            NodeRole::Gateway => pingme_router::Role::Gateway,
+            NodeRole::Worker => pingme_router::Role::Worker,
+        }
+    }
 }
 
 /// The mode the process runs in.
@@ -393,6 +432,33 @@ pub struct KafkaConfig {
     pub push_topic: String,
     /// Dead-letter topic.
     pub dlq_topic: String,
+    /// Partitions of the persistence and task topics (at most this many
+    /// conversation or fanout workers work in parallel across the
+    /// cluster). Every node must agree: a topic that exists with another
+    /// count is refused at start.
+    pub partitions: u32,
+    /// Partitions of the push topic.
+    pub push_partitions: u32,
+    /// Partitions of each gateway's downstream topic.
+    pub downstream_partitions: u32,
+    /// Producer `linger.ms`: the wait for a fuller batch (latency figures
+    /// in docs/benchmarks.md, "Kafka bus latency").
+    pub linger_ms: u32,
+    /// Consumer `fetch.wait.max.ms`: how long the broker may hold an empty
+    /// fetch.
+    pub fetch_wait_max_ms: u32,
+    /// Consumer `session.timeout.ms`: a silent node's partitions move to
+    /// the others after this long.
+    #[serde(deserialize_with = "duration")]
+    pub session_timeout: Duration,
+    /// Consumer `heartbeat.interval.ms` (at most a third of the session
+    /// timeout).
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// How long start-up waits for the brokers before the process exits
+    /// with 69 (EX_UNAVAILABLE).
+    #[serde(deserialize_with = "duration")]
+    pub startup_timeout: Duration,
 }
 
 /// The background task settings, named as in the im-task seed.
@@ -468,6 +534,7 @@ impl Default for AppConfig {
             port: 8080,
             env: AppEnv::Development,
             gateway_id: "gw-1".into(),
+            role: NodeRole::All,
         }
     }
 }
@@ -578,12 +645,23 @@ impl Default for RedisConfig {
 }
 
 impl Default for KafkaConfig {
+    /// The bus's own defaults (topic layout and client settings).
     fn default() -> Self {
+        let topics = pingme_router::BusTopics::default();
+        let kafka = pingme_router::KafkaSettings::new("");
         KafkaConfig {
             brokers: String::new(),
             downstream_topic_prefix: "downstream-topic-".into(),
             push_topic: "im-push".into(),
             dlq_topic: "im-dlq".into(),
+            partitions: topics.persistence_partitions,
+            push_partitions: topics.push_partitions,
+            downstream_partitions: topics.downstream_partitions,
+            linger_ms: kafka.linger_ms,
+            fetch_wait_max_ms: kafka.fetch_wait_max_ms,
+            session_timeout: Duration::from_millis(u64::from(kafka.session_timeout_ms)),
+            heartbeat_interval: Duration::from_millis(u64::from(kafka.heartbeat_interval_ms)),
+            startup_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -616,12 +694,38 @@ impl Config {
     /// Reads `path` (or starts from the defaults when `None`), applies the
     /// process environment, validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        Config::load_with_env(path, |name| std::env::var(name).ok())
+        Config::load_with_role(path, None)
+    }
+
+    /// [`Config::load`] with the command line's `--role`, which wins over
+    /// the file and `APP_ROLE` (and is validated with them).
+    pub fn load_with_role(
+        path: Option<&Path>,
+        role: Option<NodeRole>,
+    ) -> Result<Config, ConfigError> {
+        let env = |name: &str| std::env::var(name).ok();
+        let mut config = Config::read(path, env)?;
+        if let Some(role) = role {
+            config.app.role = role;
+        }
+        config.validate()?;
+        Ok(config)
     }
 
     /// [`Config::load`] with the environment given as a lookup, so tests
     /// can fake it without touching the process environment.
     pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let config = Config::read(path, env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The file (or the defaults) with the environment applied, not yet
+    /// validated.
+    fn read(
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
@@ -636,7 +740,6 @@ impl Config {
             None => Config::default(),
         };
         config.apply_env(env)?;
-        config.validate()?;
         Ok(config)
     }
 
@@ -718,7 +821,13 @@ impl Config {
             self.redis.enabled = true;
         }
         if let Some(v) = env("KAFKA_BROKERS") {
-            self.kafka.brokers = v;
+            self.kafka.brokers = v.trim().to_string();
+        }
+        if let Some(v) = env("APP_ROLE") {
+            self.app.role = NodeRole::parse(&v).ok_or_else(|| ConfigError::Invalid {
+                field: "app.role",
+                reason: format!("APP_ROLE={v:?}: must be all, gateway or worker"),
+            })?;
         }
         if let Some(v) = env("JWT_SECRET") {
             self.auth.jwt_secret = v;
@@ -1006,50 +1115,89 @@ impl Config {
             "push.webhook_url",
             "must be empty or an http(s) URL",
         )?;
-        self.refuse_unwired()
+        self.validate_cluster()
     }
 
-    /// Refuses a non-default value in a section this build parses but does
-    /// not use yet, naming the field (the binary exits with 64), rather than
-    /// ignoring it. Each section's lines go when the section is wired:
-    /// `kafka` by the Kafka bus (`database` is wired: see
-    /// [`Config::validate_stores`]; `redis`: [`Config::redis_directory`]).
-    pub fn refuse_unwired(&self) -> Result<(), ConfigError> {
-        fn unwired(field: &'static str, changed: bool, wired_by: &str) -> Result<(), ConfigError> {
-            if !changed {
-                return Ok(());
-            }
+    /// The cluster rules: brokers make a cluster node, which needs the
+    /// shared directory and a shared store; a role other than `all` needs
+    /// brokers.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, reason: &str| {
             Err(ConfigError::Invalid {
                 field,
-                reason: format!(
-                    "is not used by this build yet (it comes with {wired_by}); \
-                     leave it at its default or remove it (and its environment variable)"
-                ),
+                reason: reason.to_string(),
             })
+        };
+        let kafka = &self.kafka;
+        if kafka.brokers.is_empty() {
+            if self.app.role != NodeRole::All {
+                return invalid(
+                    "app.role",
+                    "gateway and worker are cluster roles: set kafka.brokers (KAFKA_BROKERS) too",
+                );
+            }
+            return Ok(());
         }
-        const KAFKA: &str = "the Kafka bus";
-        let (kafka, default_kafka) = (&self.kafka, KafkaConfig::default());
-        unwired(
-            "kafka.brokers",
-            kafka.brokers != default_kafka.brokers,
-            KAFKA,
-        )?;
-        unwired(
-            "kafka.downstream_topic_prefix",
-            kafka.downstream_topic_prefix != default_kafka.downstream_topic_prefix,
-            KAFKA,
-        )?;
-        unwired(
-            "kafka.push_topic",
-            kafka.push_topic != default_kafka.push_topic,
-            KAFKA,
-        )?;
-        unwired(
-            "kafka.dlq_topic",
-            kafka.dlq_topic != default_kafka.dlq_topic,
-            KAFKA,
-        )?;
+        if kafka.brokers.split(',').any(|broker| {
+            let broker = broker.trim();
+            broker.is_empty() || !broker.contains(':')
+        }) {
+            return invalid(
+                "kafka.brokers",
+                "must be a comma-separated list of host:port",
+            );
+        }
+        if !self.redis.enabled {
+            return invalid(
+                "kafka.brokers",
+                "a cluster node needs the Redis directory (redis.enabled, or REDIS_HOST) \
+                 to find users on other gateways",
+            );
+        }
+        if self.storage.backend == StorageBackend::Embedded {
+            return invalid(
+                "storage.backend",
+                "a cluster node needs a store every node shares (mysql or scylla): \
+                 embedded stores on several nodes would each hold part of the messages",
+            );
+        }
+        for (field, partitions) in [
+            ("kafka.partitions", kafka.partitions),
+            ("kafka.push_partitions", kafka.push_partitions),
+            ("kafka.downstream_partitions", kafka.downstream_partitions),
+        ] {
+            if !(1..=1024).contains(&partitions) {
+                return invalid(field, "must be between 1 and 1024");
+            }
+        }
+        if kafka.session_timeout < Duration::from_secs(1)
+            || kafka.heartbeat_interval.is_zero()
+            || kafka.heartbeat_interval * 3 > kafka.session_timeout
+        {
+            return invalid(
+                "kafka.heartbeat_interval",
+                "must be positive and at most a third of kafka.session_timeout (at least 1s)",
+            );
+        }
+        if kafka.startup_timeout.is_zero() {
+            return invalid("kafka.startup_timeout", "must be positive");
+        }
         Ok(())
+    }
+
+    /// The Kafka bus's settings, when this process is a cluster node.
+    pub fn kafka(&self) -> Option<pingme_router::KafkaSettings> {
+        let kafka = &self.kafka;
+        (!kafka.brokers.is_empty()).then(|| {
+            let mut settings = pingme_router::KafkaSettings::new(kafka.brokers.clone());
+            settings.linger_ms = kafka.linger_ms;
+            settings.fetch_wait_max_ms = kafka.fetch_wait_max_ms;
+            settings.session_timeout_ms =
+                u32::try_from(kafka.session_timeout.as_millis()).unwrap_or(u32::MAX);
+            settings.heartbeat_interval_ms =
+                u32::try_from(kafka.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
+            settings
+        })
     }
 
     /// The store settings: the `database` section must name a usable
@@ -1280,6 +1428,7 @@ impl Config {
         let task = &self.task;
         pingme_router::RouterConfig {
             gateway_id: self.app.gateway_id.clone(),
+            role: self.app.role.router(),
             large_group_threshold: task.large_group_threshold,
             fanout_batch_size: task.fanout_batch_size,
             push_notification_enabled: task.push_notification_enabled
@@ -1296,9 +1445,18 @@ impl Config {
                 persistence_group: task.persistence_group.clone(),
                 task_topic: task.task_topic.clone(),
                 consumer_group: task.consumer_group.clone(),
+                // The groups are named after their topics (the seed's
+                // defaults: im-push-group, im-dlq-group), so clusters with
+                // other topic names never share a group.
+                push_group: format!("{}-group", self.kafka.push_topic),
+                dlq_group: format!("{}-group", self.kafka.dlq_topic),
                 push_topic: self.kafka.push_topic.clone(),
                 dlq_topic: self.kafka.dlq_topic.clone(),
                 downstream_topic_prefix: self.kafka.downstream_topic_prefix.clone(),
+                persistence_partitions: self.kafka.partitions,
+                task_partitions: self.kafka.partitions,
+                push_partitions: self.kafka.push_partitions,
+                downstream_partitions: self.kafka.downstream_partitions,
                 ..pingme_router::BusTopics::default()
             },
             fetch_page_max_bytes: self.session.max_queued_bytes / PAGES_PER_OUTBOUND_BUDGET,

@@ -5,9 +5,11 @@
 //!   gateway's connection index ([`pingme_router::LocalDirectory`]).
 //! - `redis.enabled: true` (or `REDIS_HOST`/`REDIS_PORT` set): presence and
 //!   last-seen in Redis ([`RedisDirectory`]), for users on any gateway,
-//!   with this gateway's lease renewed by the router. While the pipeline
-//!   runs on the in-process bus (no Kafka), nothing can carry a delivery to
-//!   another gateway, so deliveries are planned from this gateway's own
+//!   with this gateway's lease renewed by the router. In a cluster (Kafka)
+//!   the router locates users on every gateway through it and publishes to
+//!   their gateways' downstream topics. While the pipeline runs on the
+//!   in-process bus (no Kafka), nothing can carry a delivery to another
+//!   gateway, so deliveries are planned from this gateway's own
 //!   connections ([`LocalDelivery`]); users connected elsewhere read the
 //!   stored messages when they sync.
 //!
@@ -59,6 +61,7 @@ impl std::fmt::Debug for ChosenDirectory {
 
 /// Builds the directory `config` asks for, over this gateway's connection
 /// index `outbox`; a Redis one gets a health watch feeding `readiness`.
+/// A cluster node (`config.kafka()`) locates through Redis itself.
 /// Must be called inside the tokio runtime.
 pub fn choose(
     config: &Config,
@@ -78,11 +81,16 @@ pub fn choose(
     );
     tracing::info!(url = %settings.url, lease = ?settings.lease, "presence directory: Redis");
     let watch = tokio::spawn(watch_redis(redis.clone(), readiness.dependency("redis")));
-    Ok(ChosenDirectory {
-        directory: Arc::new(LocalDelivery {
+    let directory: Arc<dyn Directory> = if config.kafka().is_some() {
+        redis
+    } else {
+        Arc::new(LocalDelivery {
             presence: redis,
             here: LocalDirectory::new(gateway, outbox),
-        }),
+        })
+    };
+    Ok(ChosenDirectory {
+        directory,
         watch: Some(watch),
     })
 }

@@ -75,11 +75,25 @@ impl ShardLinks {
 
 /// The connection index; the router's [`Outbox`]. Create it first, give
 /// it to the router, then to [`Gateway::start`](crate::server::Gateway::start).
-#[derive(Default)]
 pub struct Connections {
     users: DashMap<UserId, Vec<DeviceConn>>,
     links: OnceLock<Arc<ShardLinks>>,
     next_conn_id: AtomicU64,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            users: DashMap::new(),
+            links: OnceLock::new(),
+            // Connection ids start at a random point, high 32 bits drawn
+            // per process: a gateway restarted with the same id resumes its
+            // downstream topic, whose records name connections of the
+            // previous process; those must reach nobody, never a new
+            // connection that happens to get the same number.
+            next_conn_id: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
+        }
+    }
 }
 
 impl std::fmt::Debug for Connections {
@@ -116,7 +130,8 @@ impl Connections {
         self.links.get()
     }
 
-    /// A process-wide unique connection id.
+    /// A process-wide unique connection id, apart from the previous
+    /// processes' ids (but for a 1 in 2^32 chance per restart).
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -254,5 +269,32 @@ impl Outbox for Connections {
             }
         }
         closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two processes (indexes) of one gateway id hand out different
+    /// connection ids, so a downstream record left by the first reaches
+    /// nobody in the second.
+    #[test]
+    fn a_restarted_gateway_does_not_reuse_connection_ids() {
+        let first = Connections::new();
+        let ids: Vec<u64> = (0..1_000).map(|_| first.next_conn_id()).collect();
+        let mut restarts_apart = 0;
+        for _ in 0..20 {
+            let second = Connections::new();
+            let next = second.next_conn_id();
+            if !ids.contains(&next) {
+                restarts_apart += 1;
+            }
+        }
+        // Ids come from a random 32-bit base: all 20 restarts start apart
+        // (but for a 1 in 2^32 chance each), where a counter from 1 never
+        // would.
+        assert_eq!(restarts_apart, 20);
+        assert!(ids.windows(2).all(|pair| pair[1] == pair[0] + 1));
     }
 }

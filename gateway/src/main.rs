@@ -1,14 +1,15 @@
 //! The `pingme` binary: parses the command line, loads the configuration
 //! (exit code 64 when it is invalid, or when the store refuses it) and
 //! hands over to [`pingme_gateway::serve::run`] (exit code 69 when the
-//! store stays unreachable for `storage.startup_timeout`).
+//! store stays unreachable for `storage.startup_timeout`, or the Kafka
+//! brokers for `kafka.startup_timeout`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pingme_gateway::config::{Config, EXIT_CONFIG};
-use pingme_gateway::serve::{EXIT_STORE_UNREACHABLE, StoreStartError};
+use pingme_gateway::config::{Config, EXIT_CONFIG, NodeRole};
+use pingme_gateway::serve::{BrokersUnreachable, EXIT_STORE_UNREACHABLE, StoreStartError};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -31,6 +32,10 @@ enum Command {
         /// Directory of the embedded store (overrides storage.data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// What this cluster node runs: all, gateway or worker (overrides
+        /// app.role; needs kafka.brokers unless all).
+        #[arg(long, value_parser = ["all", "gateway", "worker"])]
+        role: Option<String>,
     },
     /// Prints version, git commit and build time.
     Version,
@@ -57,8 +62,13 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Serve { config, data_dir } => {
-            let mut config = match Config::load(config.as_deref()) {
+        Command::Serve {
+            config,
+            data_dir,
+            role,
+        } => {
+            let role = role.as_deref().and_then(NodeRole::parse);
+            let mut config = match Config::load_with_role(config.as_deref(), role) {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("pingme: invalid configuration: {e}");
@@ -86,6 +96,9 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pingme: {e:#}");
+                    if e.downcast_ref::<BrokersUnreachable>().is_some() {
+                        return ExitCode::from(EXIT_STORE_UNREACHABLE as u8);
+                    }
                     match e.downcast_ref::<StoreStartError>() {
                         Some(StoreStartError::Refused { .. }) => ExitCode::from(EXIT_CONFIG as u8),
                         Some(StoreStartError::Unreachable { .. }) => {

@@ -6,13 +6,20 @@
 //! go-away after those answers, the HTTP API finishes its requests within
 //! [`SHUTDOWN_GRACE`], the ops port (health, metrics) stops, and the store
 //! is dropped last.
+//!
+//! With `kafka.brokers` the process is a cluster node: the pipeline runs on
+//! the Kafka bus (start-up waits for the brokers up to
+//! `kafka.startup_timeout`, then exits with 69), `/health` follows the
+//! brokers and this gateway's downstream assignment, and `app.role` picks
+//! what runs: a worker opens no listeners and no HTTP API (its ops port
+//! still serves health, metrics and the dead-letter routes).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use pingme_router::Router;
 use pingme_router::port::Outbox;
+use pingme_router::{KafkaBus, Router};
 use pingme_storage::embedded::{Durability, EmbeddedStore};
 use pingme_storage::mysql::MysqlStore;
 use pingme_storage::scylla::ScyllaStore;
@@ -72,25 +79,54 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     //    router's outbox; the router is the shards' dispatch. The index
     //    exists first because the router needs it to be built. The
     //    presence directory is this index, or Redis (`redis.enabled`),
-    //    whose health `/health` then follows.
+    //    whose health `/health` then follows. The bus is in-process, or
+    //    Kafka for a cluster node.
     let connections = Arc::new(Connections::new());
     let chosen = directory::choose(&config, connections.clone(), &readiness)
         .context("setting up the presence directory (redis)")?;
-    let router = Router::start_single_node(
-        stores.clone(),
-        connections.clone(),
-        config.router(),
-        chosen.directory.clone(),
-    );
-    let gateway = Gateway::start(
-        config.gateway(),
-        connections.clone(),
-        router.clone(),
-        auth.clone(),
-    )
-    .context("starting the gateway listeners")?;
-    let addrs = gateway.local_addrs();
-    tracing::info!(tcp = ?addrs.tcp, tls = ?addrs.tls, quic = ?addrs.quic, shards = gateway.shard_count(), "gateway listening");
+    let (router, kafka_watch) = match config.kafka() {
+        None => (
+            Router::start_single_node(
+                stores.clone(),
+                connections.clone(),
+                config.router(),
+                chosen.directory.clone(),
+            ),
+            None,
+        ),
+        Some(settings) => {
+            let bus = connect_brokers(settings, config.kafka.startup_timeout, &shutdown).await?;
+            let router = Router::start_with(
+                stores.clone(),
+                connections.clone(),
+                config.router(),
+                bus.clone(),
+                chosen.directory.clone(),
+            )
+            .context("joining the Kafka topics and consumer groups")?;
+            tracing::info!(brokers = %config.kafka.brokers, role = ?config.app.role, "cluster node: pipeline on Kafka");
+            let watch = tokio::spawn(watch_brokers(
+                bus,
+                router.clone(),
+                readiness.dependency("kafka"),
+            ));
+            (router, Some(watch))
+        }
+    };
+    let gateway = if config.app.role.router().gateway() {
+        let gateway = Gateway::start(
+            config.gateway(),
+            connections.clone(),
+            router.clone(),
+            auth.clone(),
+        )
+        .context("starting the gateway listeners")?;
+        let addrs = gateway.local_addrs();
+        tracing::info!(tcp = ?addrs.tcp, tls = ?addrs.tls, quic = ?addrs.quic, shards = gateway.shard_count(), "gateway listening");
+        Some(gateway)
+    } else {
+        None
+    };
     let outbox: Arc<dyn Outbox> = connections.clone();
 
     // 5. HTTP API, with the WebSocket transport and the browser chat page.
@@ -105,10 +141,19 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
         .merge(ws_router(connections.clone()))
         .merge(webchat_router())
         .method_not_allowed_fallback(http::method_not_allowed);
-    let http_listener = tokio::net::TcpListener::bind(config.http_bind())
-        .await
-        .with_context(|| format!("binding the HTTP API on {}", config.http_bind()))?;
-    let http_addr = http_listener.local_addr()?;
+    // A worker serves no clients: no HTTP API.
+    let http_listener = match gateway {
+        Some(_) => Some(
+            tokio::net::TcpListener::bind(config.http_bind())
+                .await
+                .with_context(|| format!("binding the HTTP API on {}", config.http_bind()))?,
+        ),
+        None => None,
+    };
+    let http_addr = http_listener
+        .as_ref()
+        .map(|listener| listener.local_addr())
+        .transpose()?;
 
     // 6. Metrics and health on the ops port.
     let ops_listener = tokio::net::TcpListener::bind(config.listeners.metrics)
@@ -120,7 +165,8 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     // `/health` keeps answering (503) while the rest drains.
     let (http_stop, ops_stop) = (CancellationToken::new(), CancellationToken::new());
     let limits = config.http_limits();
-    let http_task = tokio::spawn(http::serve(http_listener, app, limits, http_stop.clone()));
+    let http_task = http_listener
+        .map(|listener| tokio::spawn(http::serve(listener, app, limits, http_stop.clone())));
     // Operators only: metrics, health and the dead-letter admin routes.
     let ops_app = ops::ops_app(
         readiness.clone(),
@@ -136,7 +182,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
 
     // 7. Everything is up.
     readiness.set(true);
-    tracing::info!(%http_addr, %ops_addr, "pingme ready");
+    tracing::info!(http_addr = ?http_addr, %ops_addr, "pingme ready");
 
     // 8. Wait, then drain: `/health` says 503 from the first moment; the
     //    router refuses new sends (SHUTTING_DOWN) and stores and answers
@@ -150,10 +196,17 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     if let Some(watch) = &chosen.watch {
         watch.abort();
     }
-    gateway.shutdown(SHUTDOWN_GRACE).await;
+    if let Some(watch) = &kafka_watch {
+        watch.abort();
+    }
+    if let Some(gateway) = gateway {
+        gateway.shutdown(SHUTDOWN_GRACE).await;
+    }
     http_stop.cancel();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        http_task.await??;
+        if let Some(task) = http_task {
+            task.await??;
+        }
         anyhow::Ok(())
     })
     .await;
@@ -172,6 +225,109 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     // Last, so the spans of the drain above are exported too.
     span_export.shutdown().await;
     Ok(())
+}
+
+/// The Kafka brokers did not answer within `kafka.startup_timeout`; the
+/// binary exits with [`EXIT_STORE_UNREACHABLE`] (a supervisor may restart
+/// it later).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the Kafka brokers ({brokers}) were unreachable for {waited:?} (kafka.startup_timeout {window:?}); last error: {reason}"
+)]
+pub struct BrokersUnreachable {
+    /// `kafka.brokers`.
+    pub brokers: String,
+    /// How long start-up tried.
+    pub waited: Duration,
+    /// The configured window.
+    pub window: Duration,
+    /// The last attempt's error.
+    pub reason: String,
+}
+
+/// How long one broker check may take.
+const BROKER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often `/health` asks the brokers while they answer.
+const BROKER_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// The node's Kafka bus, once a broker answered; tried with back-off until
+/// `window` or `shutdown`.
+async fn connect_brokers(
+    settings: pingme_router::KafkaSettings,
+    window: Duration,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<KafkaBus>> {
+    let brokers = settings.brokers.clone();
+    let bus = Arc::new(KafkaBus::new(settings).context("creating the Kafka clients")?);
+    let started = std::time::Instant::now();
+    let mut pause = RETRY_FIRST;
+    for attempt in 1u32.. {
+        let checking = bus.clone();
+        let reason =
+            match tokio::task::spawn_blocking(move || checking.check(BROKER_CHECK_TIMEOUT)).await {
+                Ok(Ok(())) => {
+                    tracing::info!(%brokers, attempt, "Kafka brokers reachable");
+                    return Ok(bus);
+                }
+                Ok(Err(error)) => error.to_string(),
+                Err(error) => error.to_string(),
+            };
+        let waited = started.elapsed();
+        if waited + pause > window {
+            return Err(BrokersUnreachable {
+                brokers,
+                waited,
+                window,
+                reason,
+            }
+            .into());
+        }
+        tracing::warn!(%brokers, attempt, error = %reason, retry_in = ?pause, "Kafka brokers unreachable at start; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => anyhow::bail!("shutdown requested while the Kafka brokers were still unreachable"),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+    unreachable!("the attempt counter does not run out")
+}
+
+/// Keeps the `kafka` dependency of `/health` true: up while a broker
+/// answers and this gateway's downstream consumers hold all their
+/// partitions (frames for its connections would wait on the bus before).
+/// Logs when it changes. Runs until aborted.
+async fn watch_brokers(bus: Arc<KafkaBus>, router: Arc<Router>, dependency: ops::Dependency) {
+    let mut was: Option<bool> = None;
+    loop {
+        let checking = bus.clone();
+        let reachable =
+            tokio::task::spawn_blocking(move || checking.check(BROKER_CHECK_TIMEOUT)).await;
+        let (up, why) = match reachable {
+            Ok(Ok(())) if router.serving_downstream() => (true, String::new()),
+            Ok(Ok(())) => (
+                false,
+                "this gateway's downstream topic is not assigned yet".to_string(),
+            ),
+            Ok(Err(error)) => (false, error.to_string()),
+            Err(error) => (false, error.to_string()),
+        };
+        dependency.set_up(up);
+        if was != Some(up) {
+            if up {
+                tracing::info!("Kafka brokers reachable and partitions assigned: ready");
+            } else {
+                tracing::warn!(reason = %why, "Kafka not ready: /health reports not ready");
+            }
+            was = Some(up);
+        }
+        // Quick checks until first ready (the assignment takes seconds).
+        let every = if up {
+            BROKER_CHECK_EVERY
+        } else {
+            Duration::from_millis(250)
+        };
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Exit code of the binary when the store stays unreachable for

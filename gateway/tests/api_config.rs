@@ -217,8 +217,9 @@ fn environment_overrides_win_over_the_file() {
         "app:\n  port: 9999\ndatabase:\n  name: fromfile\nlisteners:\n  tls_cert: c.pem\n  tls_key: k.pem\n",
     )
     .unwrap();
-    // Parsed and overridden without validation: the unwired sections would
-    // be refused (see `unwired_sections_are_refused_not_ignored`).
+    // Parsed and overridden without validation: brokers without a store
+    // every node shares would be refused (see
+    // `a_cluster_node_needs_a_shared_directory_and_store`).
     let mut c = Config::parse_yaml(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(c.database.name, "fromfile");
     let env = fake_env(&[
@@ -300,34 +301,63 @@ fn the_deployment_files_load() {
     assert!(cluster.redis_directory().is_some(), "presence in Redis");
 }
 
-/// Sections parsed but not used yet: a changed value, from the file or the
-/// environment, is refused naming its field, not ignored; the defaults (or
-/// the section spelled out with them, as in the example) are fine.
+/// Brokers make a cluster node: it needs the Redis directory and a shared
+/// store, and only then takes a role other than `all`; each refusal names
+/// its field.
 #[test]
-fn unwired_sections_are_refused_not_ignored() {
+fn a_cluster_node_needs_a_shared_directory_and_store() {
+    let shared = "redis:\n  enabled: true\nstorage:\n  backend: mysql\n";
     for (yaml, field) in [
         ("kafka:\n  brokers: k1:9092\n", "kafka.brokers"),
         (
-            "kafka:\n  downstream_topic_prefix: down-\n",
-            "kafka.downstream_topic_prefix",
+            "kafka:\n  brokers: k1:9092\nredis:\n  enabled: true\n",
+            "storage.backend",
         ),
-        ("kafka:\n  push_topic: push\n", "kafka.push_topic"),
-        ("kafka:\n  dlq_topic: dlq\n", "kafka.dlq_topic"),
+        ("app:\n  role: worker\n", "app.role"),
+        ("app:\n  role: gateway\n", "app.role"),
+        (
+            &format!("{shared}kafka:\n  brokers: k1:9092,\n"),
+            "kafka.brokers",
+        ),
+        (&format!("{shared}kafka:\n  brokers: k1\n"), "kafka.brokers"),
+        (
+            &format!("{shared}kafka:\n  brokers: k1:9092\n  partitions: 0\n"),
+            "kafka.partitions",
+        ),
+        (
+            &format!(
+                "{shared}kafka:\n  brokers: k1:9092\n  session_timeout: 3s\n  heartbeat_interval: 2s\n"
+            ),
+            "kafka.heartbeat_interval",
+        ),
     ] {
         let message = error_of(yaml);
         assert!(
-            message.contains(field) && message.contains("not used by this build yet"),
+            message.contains(field),
             "error for {yaml:?} must name {field}: {message}"
         );
     }
+    let node = Config::parse_yaml(&format!(
+        "{shared}app:\n  role: worker\nkafka:\n  brokers: k1:9092,k2:9092\n  partitions: 6\n  linger_ms: 0\n"
+    ))
+    .unwrap();
+    node.validate().unwrap();
+    let settings = node.kafka().expect("a cluster node");
+    assert_eq!(settings.brokers, "k1:9092,k2:9092");
+    assert_eq!(settings.linger_ms, 0);
+    let router = node.router();
+    assert_eq!(router.role, pingme_router::Role::Worker);
+    assert_eq!(router.topics.persistence_partitions, 6);
+    assert_eq!(router.topics.task_partitions, 6);
+    assert!(
+        Config::default().kafka().is_none(),
+        "single node by default"
+    );
+    // From the environment as well.
     let err = Config::load_with_env(None, fake_env(&[("KAFKA_BROKERS", "k1:9092")])).unwrap_err();
     assert!(err.to_string().contains("kafka.brokers"), "{err}");
-    Config::parse_yaml(
-        "database:\n  host: 127.0.0.1\nredis:\n  port: 6379\nkafka:\n  brokers: \"\"\n",
-    )
-    .unwrap()
-    .validate()
-    .unwrap();
+    let err = Config::load_with_env(None, fake_env(&[("APP_ROLE", "boss")])).unwrap_err();
+    assert!(err.to_string().contains("app.role"), "{err}");
 }
 
 /// The `database` section (and `DB_*`) configures the MySQL store; with
@@ -730,7 +760,8 @@ fn the_binary_exits_64_naming_the_bad_field() {
         "stderr: {stderr}"
     );
 
-    // A value in a section this build does not use yet is refused too.
+    // A cluster node without the shared directory is refused, and so is
+    // a cluster role without brokers (from the command line).
     let out = binary::pingme()
         .args(["serve", "--data-dir"])
         .arg(dir.path())
@@ -740,9 +771,17 @@ fn the_binary_exits_64_naming_the_bad_field() {
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("kafka.brokers") && stderr.contains("not used by this build yet"),
+        stderr.contains("kafka.brokers") && stderr.contains("redis.enabled"),
         "stderr: {stderr}"
     );
+    let out = binary::pingme()
+        .args(["serve", "--role", "worker", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("app.role"), "stderr: {stderr}");
 
     // APP_CONF names the file when --config is absent.
     let out = binary::pingme()

@@ -18,12 +18,40 @@ pub const fn single_message_page_bytes(max_body_bytes: usize) -> usize {
     max_body_bytes + MESSAGE_OVERHEAD_BYTES + PAGE_OVERHEAD_BYTES
 }
 
+/// What a node of a cluster runs (single node: everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Connections: the ingress checks, requests (sync, fetch, receipts,
+    /// presence), and the consumer of this gateway's downstream topic.
+    Gateway,
+    /// The seed's task service: the persistence, task, push and
+    /// dead-letter consumers. No connections.
+    Worker,
+    /// Both.
+    #[default]
+    All,
+}
+
+impl Role {
+    /// Whether the node serves connections.
+    pub fn gateway(self) -> bool {
+        matches!(self, Role::Gateway | Role::All)
+    }
+
+    /// Whether the node runs the pipeline's workers.
+    pub fn worker(self) -> bool {
+        matches!(self, Role::Worker | Role::All)
+    }
+}
+
 /// Everything the router can be tuned with. `RouterConfig::default()` is a
 /// working single-node setup (push disabled).
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
     /// This gateway's id: names its downstream topic (`downstream-topic-{id}`).
     pub gateway_id: String,
+    /// What this node runs; a single node runs everything.
+    pub role: Role,
     /// Conversation workers this node runs: members of the persistence
     /// group. Each owns the conversations of the partitions it is assigned.
     /// Also the consumers of this gateway's downstream topic.
@@ -94,6 +122,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         Self {
             gateway_id: "local".to_string(),
+            role: Role::All,
             workers: 4,
             fanout_workers: 2,
             push_workers: 1,
@@ -153,6 +182,7 @@ impl RouterConfig {
     /// topic has one partition per worker of this node, so each worker owns
     /// exactly one.
     pub(crate) fn single_node(mut self) -> Self {
+        self.role = Role::All;
         let partitions = |workers: usize| u32::try_from(workers).unwrap_or(u32::MAX);
         self.topics.persistence_partitions = partitions(self.workers);
         self.topics.task_partitions = partitions(self.fanout_workers);

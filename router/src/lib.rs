@@ -43,7 +43,7 @@ pub use bus::{
 };
 #[cfg(feature = "kafka")]
 pub use bus::{KafkaBus, KafkaSettings};
-pub use config::{BusTopics, RouterConfig, single_message_page_bytes};
+pub use config::{BusTopics, Role, RouterConfig, single_message_page_bytes};
 pub use directory::{
     Clock, Directory, DirectoryError, LocalDirectory, Located, ManualClock, Presence, Registration,
     SharedDirectory, SystemClock,

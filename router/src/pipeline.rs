@@ -89,6 +89,9 @@ pub(crate) struct Pipeline {
     pub retry: RetryPolicy,
     /// Delivery acks waiting to be written (see [`crate::watermarks`]).
     pub delivered_acks: DeliveredAcks,
+    /// Partitions of this gateway's downstream topic its members hold:
+    /// until they hold all, frames for its connections wait on the bus.
+    pub downstream_owned: std::sync::Mutex<std::collections::BTreeSet<crate::bus::Partition>>,
 }
 
 /// Wall clock in Unix milliseconds.
@@ -100,6 +103,15 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 impl Pipeline {
+    /// See [`Pipeline::downstream_owned`] (the field).
+    pub fn downstream_owned(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<crate::bus::Partition>> {
+        self.downstream_owned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Publishes `frame` for the connection of `origin` (on its gateway).
     pub async fn reply(&self, origin: &Origin, key: u64, frame: Bytes) {
         let envelope = DownstreamEnvelope {

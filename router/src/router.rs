@@ -159,60 +159,73 @@ impl Router {
             retry: RetryPolicy::from_config(&config),
             config,
             delivered_acks: Default::default(),
+            downstream_owned: Default::default(),
         });
         // Shutdown order: upstream stages first, so each stage drains into
         // a downstream one that is still running; answers go out last.
-        let (topics, layout) = (&ctx.topics, &ctx.config.topics);
+        let (topics, layout, role) = (&ctx.topics, &ctx.config.topics, ctx.config.role);
         let downstream = topics.downstream(&ctx.config.gateway_id);
-        let stages = vec![
-            Stage::start(
+        let mut running = Vec::new();
+        if role.worker() {
+            running.push(Stage::start(
                 &ctx,
                 &topics.accepted,
                 bus.clone(),
                 &layout.persistence_group,
                 ctx.config.workers,
                 sequencer::run,
-            )?,
-            Stage::start(
+            )?);
+            running.push(Stage::start(
                 &ctx,
                 &topics.tasks,
                 bus.clone(),
                 &layout.consumer_group,
                 ctx.config.fanout_workers,
                 fanout::run,
-            )?,
-            Stage::start(
+            )?);
+            running.push(Stage::start(
                 &ctx,
                 &topics.push,
                 bus.clone(),
                 &layout.push_group,
                 ctx.config.push_workers,
                 push::run,
-            )?,
-            Stage::start(
+            )?);
+            running.push(Stage::start(
                 &ctx,
                 &topics.dead_letters,
                 bus.clone(),
                 &layout.dlq_group,
                 1,
                 stages::run_dead_letters,
-            )?,
-            Stage::start(
+            )?);
+        } else {
+            // A gateway publishes sends, and replays dead letters, into
+            // the workers' topics: they exist before the first send.
+            Bus::declare(&*bus, &topics.accepted)?;
+            Bus::declare(&*bus, &topics.tasks)?;
+            Bus::declare(&*bus, &topics.push)?;
+            Bus::declare(&*bus, &topics.dead_letters)?;
+        }
+        if role.gateway() {
+            running.push(Stage::start(
                 &ctx,
                 &downstream,
                 bus,
                 downstream.name(),
                 ctx.config.workers,
                 stages::run_downstream,
-            )?,
-        ];
+            )?);
+        }
         let (stop_watermarks, stopped) = oneshot::channel();
         let watermark_writer = tokio::spawn(watermarks::run(ctx.clone(), stopped));
         let max_requests = ctx.config.max_inflight_requests;
         let gateway: Arc<str> = Arc::from(ctx.config.gateway_id.as_str());
+        // A worker has no connections, hence no lease to hold.
         let lease_renewer = ctx
             .directory
             .renew_every()
+            .filter(|_| role.gateway())
             .map(|every| tokio::spawn(renew_lease(ctx.directory.clone(), gateway.clone(), every)));
         Ok(Arc::new(Router {
             ctx,
@@ -223,7 +236,7 @@ impl Router {
             accepting: AtomicBool::new(true),
             requests: Arc::new(Semaphore::new(max_requests)),
             runtime: Handle::current(),
-            stages: Mutex::new(stages),
+            stages: Mutex::new(running),
             watermark_writer: Mutex::new(Some((stop_watermarks, watermark_writer))),
         }))
     }
@@ -284,6 +297,15 @@ impl Router {
     /// Runs a dead letter's work once more and removes it on success.
     pub async fn replay_dead_letter(&self, id: u64) -> Result<(), ReplayError> {
         stages::replay(&self.ctx, id).await
+    }
+
+    /// Whether this gateway's downstream consumers hold every partition of
+    /// its downstream topic (always true for a worker): until then frames
+    /// for its connections wait on the bus, and `/health` is not ready.
+    pub fn serving_downstream(&self) -> bool {
+        !self.ctx.config.role.gateway()
+            || self.ctx.downstream_owned().len()
+                >= self.ctx.config.topics.downstream_partitions as usize
     }
 
     /// The settings in effect (after normalisation).

@@ -26,7 +26,17 @@ pub(crate) async fn run_downstream(
     loop {
         let envelopes = match member.poll(256).await {
             Polled::Records(envelopes) => envelopes,
-            Polled::Assigned(_) | Polled::Revoked(_) => continue,
+            Polled::Assigned(partitions) => {
+                ctx.downstream_owned().extend(partitions);
+                continue;
+            }
+            Polled::Revoked(partitions) => {
+                let mut owned = ctx.downstream_owned();
+                for partition in partitions {
+                    owned.remove(&partition);
+                }
+                continue;
+            }
             Polled::Left => break,
         };
         metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "downstream")

@@ -58,26 +58,55 @@ impl Server {
     /// [`Server::start`] with `extra` (whole top-level YAML lines, e.g.
     /// `otlp_endpoint: ...\n`) appended to the test configuration.
     pub async fn start_with(data_dir: &Path, extra: &str) -> Server {
-        Server::start_configured(data_dir, "", extra).await
+        Server::start_configured(data_dir, "", "", extra).await
+    }
+
+    /// A cluster node: `role` (`all`, `gateway` or `worker`) on the MySQL
+    /// backend, with `cluster` (top-level lines: the `redis`, `kafka` and
+    /// `task` sections) added. Ready when its ops port's `/health` says so
+    /// (a worker has no HTTP API). The node's id is `data_dir`'s name.
+    pub async fn start_node(
+        data_dir: &Path,
+        role: &str,
+        mysql: &MysqlConfig,
+        cluster: &str,
+    ) -> Server {
+        let extra = database_yaml(mysql) + cluster;
+        // Every node has an id of its own: the name of its folder.
+        let id = data_dir.file_name().unwrap().to_string_lossy();
+        Server::start_configured(
+            data_dir,
+            &format!("  role: {role}\n  gateway_id: {id}\n"),
+            "  backend: mysql\n",
+            &extra,
+        )
+        .await
     }
 
     /// A server on the MySQL backend (`storage.backend: mysql`, the
     /// `database` section naming `mysql`'s server and database); `data_dir`
     /// only holds its configuration file.
     pub async fn start_on_mysql(data_dir: &Path, mysql: &MysqlConfig) -> Server {
-        Server::start_configured(data_dir, "  backend: mysql\n", &database_yaml(mysql)).await
+        Server::start_configured(data_dir, "", "  backend: mysql\n", &database_yaml(mysql)).await
     }
 
-    /// The test configuration with `storage_lines` (indented lines of the
-    /// `storage` section) and `extra` (top-level lines).
-    async fn start_configured(data_dir: &Path, storage_lines: &str, extra: &str) -> Server {
+    /// The test configuration with `app_lines` and `storage_lines`
+    /// (indented lines of the `app` and `storage` sections) and `extra`
+    /// (top-level lines).
+    async fn start_configured(
+        data_dir: &Path,
+        app_lines: &str,
+        storage_lines: &str,
+        extra: &str,
+    ) -> Server {
         // Free ports are picked by binding port 0 and letting go, which can
         // race with a parallel test; a server that could not bind exits, and
         // is started again on other ports.
         for _ in 0..3 {
             let (http, tcp, tls, metrics) = (free_port(), free_port(), free_port(), free_port());
             let config_path = data_dir.with_extension("yaml");
-            let yaml = config_yaml(data_dir, http, tcp, tls, metrics) + storage_lines + extra;
+            let yaml =
+                config_yaml(data_dir, app_lines, http, tcp, tls, metrics) + storage_lines + extra;
             std::fs::write(&config_path, yaml).unwrap();
             let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
             let mut server = Server {
@@ -105,11 +134,12 @@ impl Server {
         );
     }
 
-    /// True once `/health` answers 200 while our child still runs; false if
-    /// the child exited first (a port was taken).
+    /// True once `/health` (on the ops port, which every role serves)
+    /// answers 200 while our child still runs; false if the child exited
+    /// first (a port was taken).
     async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let url = format!("http://{}/health", self.http);
+        let url = format!("http://{}/health", self.metrics);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 eprintln!("pingme serve exited during start-up with {status}");
@@ -195,9 +225,16 @@ fn spawn(config: &Path) -> Child {
 /// a fixed JWT secret, limits generous enough for bursts, and cheap password
 /// hashing (the large-group test registers ten thousand users, all from
 /// 127.0.0.1, so the per-address limits are lifted).
-fn config_yaml(data_dir: &Path, http: u16, tcp: u16, tls: u16, metrics: u16) -> String {
+fn config_yaml(
+    data_dir: &Path,
+    app_lines: &str,
+    http: u16,
+    tcp: u16,
+    tls: u16,
+    metrics: u16,
+) -> String {
     format!(
-        "app:\n  host: 127.0.0.1\n  port: {http}\n  env: development\n\
+        "app:\n  host: 127.0.0.1\n  port: {http}\n  env: development\n{app_lines}\
          listeners:\n  tcp: 127.0.0.1:{tcp}\n  tls: 127.0.0.1:{tls}\n  quic: 127.0.0.1:{tls}\n  metrics: 127.0.0.1:{metrics}\n\
          shards: 2\n\
          session:\n  messages_per_second: 100000\n\
@@ -291,6 +328,8 @@ pub struct Conn {
     next_request: u64,
     /// Server pushes that arrived while waiting for a reply.
     pub events: VecDeque<ServerFrame>,
+    /// How long a reply or a delivery may take ([`WAIT`] unless changed).
+    pub wait: Duration,
 }
 
 impl Conn {
@@ -302,6 +341,7 @@ impl Conn {
             framed: Framed::new(stream, ClientCodec::default()),
             next_request: 1,
             events: VecDeque::new(),
+            wait: WAIT,
         };
         let hello = conn
             .request(client_frame::Body::Hello(Hello {
@@ -346,10 +386,10 @@ impl Conn {
             .await
             .ok()?;
         loop {
-            let frame = match tokio::time::timeout(WAIT, self.framed.next()).await {
+            let frame = match tokio::time::timeout(self.wait, self.framed.next()).await {
                 Ok(Some(Ok(frame))) => frame,
                 Ok(_) => return None,
-                Err(_) => panic!("no reply within {WAIT:?}"),
+                Err(_) => panic!("no reply within {:?}", self.wait),
             };
             if frame.request_id == request_id {
                 return Some(frame);
@@ -419,7 +459,7 @@ impl Conn {
 
     /// The next delivered message, skipping other pushes.
     pub async fn deliver(&mut self) -> v1::Message {
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + self.wait;
         loop {
             if let Some(frame) = self.events.pop_front() {
                 if let Some(server_frame::Body::Deliver(d)) = frame.body {
@@ -442,7 +482,7 @@ impl Conn {
                 Ok(Some(Ok(_))) => continue,
                 Ok(Some(Err(e))) => panic!("connection failed while waiting for a delivery: {e}"),
                 Ok(None) => panic!("connection closed while waiting for a delivery"),
-                Err(_) => panic!("no delivery within {WAIT:?}"),
+                Err(_) => panic!("no delivery within {:?}", self.wait),
             }
         }
     }

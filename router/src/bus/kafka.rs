@@ -348,6 +348,20 @@ impl KafkaBus {
         }
     }
 
+    /// Whether a broker answers a metadata request within `timeout`: the
+    /// health check. Blocking (call it on a blocking thread).
+    pub fn check(&self, timeout: Duration) -> Result<(), BusError> {
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(None, timeout)
+            .map_err(broker_error)?;
+        if metadata.brokers().is_empty() {
+            return Err(BusError::Broker("the cluster named no broker".into()));
+        }
+        Ok(())
+    }
+
     /// Waits until what this node published is on the broker (up to the
     /// request timeout); stopping nodes call it so nothing stays queued.
     pub fn flush(&self) -> Result<(), BusError> {

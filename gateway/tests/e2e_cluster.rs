@@ -1,0 +1,233 @@
+//! `pingme serve` as a cluster: several processes on one Kafka broker
+//! (`KAFKA_BROKERS`), one Redis (`REDIS_URL`) and one MariaDB/MySQL
+//! database (`MYSQL_URL`), in the roles `gateway` and `worker`, driven over
+//! real sockets. Users on different gateways chat one to one and in a group
+//! that fans out through the task topic; a worker killed with SIGKILL in
+//! the middle of a conversation loses no acknowledged message and gives no
+//! seq twice (its partitions move to the worker that stays).
+//!
+//! Each test has topics, groups, a Redis key prefix and a database of its
+//! own. Without the three variables these tests skip outside CI, naming
+//! what to set, and fail under `CI=true`.
+
+mod e2e;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use e2e::{Conn, Server};
+use pingme_protocol::v1::{self, FetchMessages, client_frame, server_frame};
+use pingme_storage::mysql::{MysqlConfig, TestDatabase, server_from_env};
+
+/// Replies and deliveries may wait for a rebalance (a killed member's
+/// session timeout, 6 s here, plus Tansu's join of about 3 s).
+const PATIENCE: Duration = Duration::from_secs(90);
+
+fn dm(a: u64, b: u64) -> String {
+    format!("dm:{}:{}", a.min(b), a.max(b))
+}
+
+/// The broker and Redis of the environment, or `None` (with a note) when
+/// one is unset outside CI.
+fn services() -> Option<(String, String, u16)> {
+    let ci = std::env::var("CI").is_ok_and(|ci| ci == "true" || ci == "1");
+    let brokers = std::env::var("KAFKA_BROKERS")
+        .ok()
+        .filter(|b| !b.is_empty());
+    let redis = std::env::var("REDIS_URL").ok().filter(|r| !r.is_empty());
+    let (Some(brokers), Some(redis)) = (brokers, redis) else {
+        let why = "set KAFKA_BROKERS (bash .ci/kafka.sh) and REDIS_URL=redis://127.0.0.1:6379 \
+                   to run the cluster tests";
+        assert!(!ci, "CI is set but the cluster's services are not: {why}");
+        eprintln!("skipped: {why}");
+        return None;
+    };
+    let address = redis
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string();
+    let (host, port) = address
+        .rsplit_once(':')
+        .map_or((address.as_str(), "6379"), |(h, p)| (h, p));
+    Some((
+        brokers,
+        host.to_string(),
+        port.parse().expect("REDIS_URL port"),
+    ))
+}
+
+/// One test's cluster: what its nodes share.
+struct Cluster {
+    mysql: MysqlConfig,
+    _database: TestDatabase,
+    yaml: String,
+}
+
+impl Cluster {
+    fn new() -> Option<Cluster> {
+        let (brokers, redis_host, redis_port) = services()?;
+        let server = server_from_env("the cluster tests")?;
+        let database = TestDatabase::new(server);
+        let suffix = uuid::Uuid::now_v7().simple().to_string();
+        let yaml = format!(
+            "redis:\n  enabled: true\n  host: {redis_host}\n  port: {redis_port}\n  key_prefix: \"cluster-{suffix}:\"\n\
+             kafka:\n  brokers: {brokers}\n  downstream_topic_prefix: down-{suffix}-\n  push_topic: push-{suffix}\n  dlq_topic: dlq-{suffix}\n  \
+             partitions: 4\n  push_partitions: 1\n  downstream_partitions: 2\n  session_timeout: 6s\n  heartbeat_interval: 500ms\n  startup_timeout: 30s\n\
+             task:\n  task_topic: task-{suffix}\n  persistence_topic: persist-{suffix}\n  consumer_group: task-{suffix}-group\n  \
+             persistence_group: persist-{suffix}-group\n  large_group_threshold: 2\n"
+        );
+        Some(Cluster {
+            mysql: database.config.clone(),
+            _database: database,
+            yaml,
+        })
+    }
+
+    async fn node(&self, dir: &Path, name: &str, role: &str) -> Server {
+        Server::start_node(&dir.join(name), role, &self.mysql, &self.yaml).await
+    }
+}
+
+async fn connect(server: &Server, token: &str) -> Conn {
+    let mut conn = Conn::connect(server.tcp, token).await;
+    conn.wait = PATIENCE;
+    conn
+}
+
+/// Every delivered message of `conversation` until `count` distinct seqs
+/// came; a re-delivery (same seq, after a rebalance) is allowed, another
+/// body under a seq is not. Returns the seqs with their bodies.
+async fn delivered(conn: &mut Conn, conversation: &str, count: usize) -> Vec<(u64, String)> {
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < count {
+        let message = conn.deliver().await;
+        assert_eq!(message.conversation_id, conversation);
+        let body = String::from_utf8(message.body.to_vec()).unwrap();
+        if let Some(earlier) = seen.insert(message.seq, body.clone()) {
+            assert_eq!(
+                earlier, body,
+                "seq {} delivered with two bodies",
+                message.seq
+            );
+        }
+    }
+    seen.into_iter().collect()
+}
+
+/// The stored timeline of `conversation` as (seq, body).
+async fn history(conn: &mut Conn, conversation: &str) -> Vec<(u64, String)> {
+    let mut messages = Vec::new();
+    let mut after = 0;
+    loop {
+        let reply = conn
+            .request(client_frame::Body::Fetch(FetchMessages {
+                conversation_id: conversation.into(),
+                after_seq: after,
+                until_seq: 0,
+                limit: 0,
+            }))
+            .await;
+        let Some(server_frame::Body::Page(page)) = reply.body else {
+            panic!("fetch {conversation}: {reply:?}")
+        };
+        for message in &page.messages {
+            messages.push((
+                message.seq,
+                String::from_utf8_lossy(&message.body).into_owned(),
+            ));
+        }
+        after = page.messages.last().map_or(after, |m| m.seq);
+        if !page.has_more {
+            return messages;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_different_gateways_chat_through_kafka() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _worker = cluster.node(dir.path(), "worker", "worker").await;
+    let gateway_a = cluster.node(dir.path(), "gw-a", "gateway").await;
+    let gateway_b = cluster.node(dir.path(), "gw-b", "gateway").await;
+
+    // Accounts and groups live in the shared store: made through one
+    // gateway, valid on the other.
+    let http = gateway_a.http();
+    let (alice, alice_token) = http.user("alice", "phone").await;
+    let (bob, bob_token) = http.user("bob", "laptop").await;
+    let (carol, carol_token) = http.user("carol", "tablet").await;
+    // Three members, above the threshold of 2: fanned out by task.
+    let team = http.group(&alice_token, "team", &[bob, carol]).await;
+
+    let mut a = connect(&gateway_a, &alice_token).await;
+    let mut b = connect(&gateway_b, &bob_token).await;
+    let mut c = connect(&gateway_b, &carol_token).await;
+
+    let direct = dm(alice, bob);
+    assert_eq!(a.send(&direct, "a-1", "hi bob").await.unwrap().seq, 1);
+    assert_eq!(delivered(&mut b, &direct, 1).await, [(1, "hi bob".into())]);
+    assert_eq!(b.send(&direct, "b-1", "hi alice").await.unwrap().seq, 2);
+    assert_eq!(
+        delivered(&mut a, &direct, 1).await,
+        [(2, "hi alice".into())]
+    );
+
+    assert_eq!(c.send(&team, "c-1", "team 1").await.unwrap().seq, 1);
+    assert_eq!(delivered(&mut a, &team, 1).await, [(1, "team 1".into())]);
+    assert_eq!(delivered(&mut b, &team, 1).await, [(1, "team 1".into())]);
+
+    // Presence comes from Redis: bob is on the other gateway.
+    let reply = a
+        .request(client_frame::Body::PresenceQuery(v1::PresenceQuery {
+            user_ids: vec![bob],
+        }))
+        .await;
+    let Some(server_frame::Body::PresenceList(list)) = reply.body else {
+        panic!("presence: {reply:?}")
+    };
+    assert!(
+        list.users.iter().any(|u| u.user_id == bob && u.online),
+        "{list:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_no_acknowledged_message() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut doomed = cluster.node(dir.path(), "worker-1", "worker").await;
+    let _survivor = cluster.node(dir.path(), "worker-2", "worker").await;
+    let gateway_a = cluster.node(dir.path(), "gw-a", "gateway").await;
+    let gateway_b = cluster.node(dir.path(), "gw-b", "gateway").await;
+
+    let http = gateway_a.http();
+    let (alice, alice_token) = http.user("alice", "phone").await;
+    let (bob, bob_token) = http.user("bob", "laptop").await;
+    let mut a = connect(&gateway_a, &alice_token).await;
+    let mut b = connect(&gateway_b, &bob_token).await;
+    let direct = dm(alice, bob);
+
+    // Each send waits for its ack: 20 before the kill, 20 after, whichever
+    // worker holds the conversation's partition.
+    let mut acked = BTreeSet::new();
+    for i in 1..=40u64 {
+        if i == 21 {
+            doomed.kill();
+        }
+        let ack = a
+            .send(&direct, &format!("m-{i}"), &format!("message {i}"))
+            .await
+            .unwrap();
+        assert!(acked.insert(ack.seq), "seq {} acknowledged twice", ack.seq);
+    }
+    assert_eq!(acked, (1..=40).collect(), "dense seqs, each once");
+    let expected: Vec<(u64, String)> = (1..=40).map(|i| (i, format!("message {i}"))).collect();
+    assert_eq!(delivered(&mut b, &direct, 40).await, expected);
+    assert_eq!(history(&mut b, &direct).await, expected);
+}
