@@ -2,9 +2,12 @@
 //! (`KAFKA_BROKERS`), one Redis (`REDIS_URL`) and one MariaDB/MySQL
 //! database (`MYSQL_URL`), in the roles `gateway` and `worker`, driven over
 //! real sockets. Users on different gateways chat one to one and in a group
-//! that fans out through the task topic; a worker killed with SIGKILL in
-//! the middle of a conversation loses no acknowledged message and gives no
-//! seq twice (its partitions move to the worker that stays).
+//! that fans out through the task topic; a worker joining mid-conversation
+//! and another killed with SIGKILL lose no acknowledged message and give no
+//! seq twice (partitions move between live workers, then to the one that
+//! stays); a gateway killed with SIGKILL: its users reconnect to another
+//! and sync what was sent meanwhile, and the ones who stay away are shown
+//! offline once its lease lapses.
 //!
 //! Each test has topics, groups, a Redis key prefix and a database of its
 //! own. Without the three variables these tests skip outside CI, naming
@@ -71,7 +74,7 @@ impl Cluster {
         let database = TestDatabase::new(server);
         let suffix = uuid::Uuid::now_v7().simple().to_string();
         let yaml = format!(
-            "redis:\n  enabled: true\n  host: {redis_host}\n  port: {redis_port}\n  key_prefix: \"cluster-{suffix}:\"\n\
+            "redis:\n  enabled: true\n  host: {redis_host}\n  port: {redis_port}\n  key_prefix: \"cluster-{suffix}:\"\n  lease: 3s\n  timeout: 1s\n\
              kafka:\n  brokers: {brokers}\n  downstream_topic_prefix: down-{suffix}-\n  push_topic: push-{suffix}\n  dlq_topic: dlq-{suffix}\n  \
              partitions: 4\n  push_partitions: 1\n  downstream_partitions: 2\n  session_timeout: 6s\n  heartbeat_interval: 500ms\n  startup_timeout: 30s\n\
              task:\n  task_topic: task-{suffix}\n  persistence_topic: persist-{suffix}\n  consumer_group: task-{suffix}-group\n  \
@@ -181,28 +184,16 @@ async fn users_on_different_gateways_chat_through_kafka() {
     assert_eq!(delivered(&mut b, &team, 1).await, [(1, "team 1".into())]);
 
     // Presence comes from Redis: bob is on the other gateway.
-    let reply = a
-        .request(client_frame::Body::PresenceQuery(v1::PresenceQuery {
-            user_ids: vec![bob],
-        }))
-        .await;
-    let Some(server_frame::Body::PresenceList(list)) = reply.body else {
-        panic!("presence: {reply:?}")
-    };
-    assert!(
-        list.users.iter().any(|u| u.user_id == bob && u.online),
-        "{list:?}"
-    );
+    presence_becomes(&mut a, bob, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_loses_no_acknowledged_message() {
+async fn workers_joining_and_dying_lose_no_acknowledged_message() {
     let Some(cluster) = Cluster::new() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut doomed = cluster.node(dir.path(), "worker-1", "worker").await;
-    let _survivor = cluster.node(dir.path(), "worker-2", "worker").await;
+    let mut first = cluster.node(dir.path(), "worker-1", "worker").await;
     let gateway_a = cluster.node(dir.path(), "gw-a", "gateway").await;
     let gateway_b = cluster.node(dir.path(), "gw-b", "gateway").await;
 
@@ -213,12 +204,18 @@ async fn a_killed_worker_loses_no_acknowledged_message() {
     let mut b = connect(&gateway_b, &bob_token).await;
     let direct = dm(alice, bob);
 
-    // Each send waits for its ack: 20 before the kill, 20 after, whichever
-    // worker holds the conversation's partition.
+    // Each send waits for its ack. 1-20: worker-1 alone holds every
+    // partition. 21-30: worker-2 has joined (a rebalance while sending).
+    // 31-40: worker-1 was killed, so worker-2 alone runs the conversation,
+    // from worker-1's last commit on.
     let mut acked = BTreeSet::new();
+    let mut second = None;
     for i in 1..=40u64 {
         if i == 21 {
-            doomed.kill();
+            second = Some(cluster.node(dir.path(), "worker-2", "worker").await);
+        }
+        if i == 31 {
+            first.kill();
         }
         let ack = a
             .send(&direct, &format!("m-{i}"), &format!("message {i}"))
@@ -226,8 +223,102 @@ async fn a_killed_worker_loses_no_acknowledged_message() {
             .unwrap();
         assert!(acked.insert(ack.seq), "seq {} acknowledged twice", ack.seq);
     }
+    assert!(second.is_some());
     assert_eq!(acked, (1..=40).collect(), "dense seqs, each once");
     let expected: Vec<(u64, String)> = (1..=40).map(|i| (i, format!("message {i}"))).collect();
     assert_eq!(delivered(&mut b, &direct, 40).await, expected);
     assert_eq!(history(&mut b, &direct).await, expected);
+}
+
+/// Whether `user` is online, asked through `conn`.
+async fn online(conn: &mut Conn, user: u64) -> bool {
+    let reply = conn
+        .request(client_frame::Body::PresenceQuery(v1::PresenceQuery {
+            user_ids: vec![user],
+        }))
+        .await;
+    let Some(server_frame::Body::PresenceList(list)) = reply.body else {
+        panic!("presence: {reply:?}")
+    };
+    list.users.iter().any(|u| u.user_id == user && u.online)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_s_users_reconnect_elsewhere_and_sync() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _worker = cluster.node(dir.path(), "worker", "worker").await;
+    let gateway_a = cluster.node(dir.path(), "gw-a", "gateway").await;
+    let mut gateway_b = cluster.node(dir.path(), "gw-b", "gateway").await;
+
+    let http = gateway_a.http();
+    let (alice, alice_token) = http.user("alice", "phone").await;
+    let (bob, bob_token) = http.user("bob", "laptop").await;
+    let (carol, carol_token) = http.user("carol", "tablet").await;
+    let mut a = connect(&gateway_a, &alice_token).await;
+    let mut b = connect(&gateway_b, &bob_token).await;
+    // alice may see carol's presence: they share a group.
+    http.group(&alice_token, "pals", &[carol]).await;
+    let _c = connect(&gateway_b, &carol_token).await;
+    let direct = dm(alice, bob);
+    for i in 1..=5u64 {
+        assert_eq!(
+            a.send(&direct, &format!("m-{i}"), &format!("message {i}"))
+                .await
+                .unwrap()
+                .seq,
+            i
+        );
+    }
+    assert_eq!(delivered(&mut b, &direct, 5).await.len(), 5);
+    // Registration in Redis follows the connection: asked until it shows.
+    presence_becomes(&mut a, carol, true).await;
+
+    // gw-b dies without a word; alice goes on writing.
+    gateway_b.kill();
+    drop(b);
+    for i in 6..=10u64 {
+        assert_eq!(
+            a.send(&direct, &format!("m-{i}"), &format!("message {i}"))
+                .await
+                .unwrap()
+                .seq,
+            i
+        );
+    }
+    // bob comes back through gw-a: sync brings what he missed, and
+    // everything he had not acknowledged, each seq once and in order.
+    let mut b = connect(&gateway_a, &bob_token).await;
+    let synced: Vec<(u64, String)> = b
+        .sync()
+        .await
+        .into_iter()
+        .filter(|m| m.conversation_id == direct)
+        .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned()))
+        .collect();
+    let first = synced.first().map_or(0, |(seq, _)| *seq);
+    let expected: Vec<(u64, String)> = (first..=10).map(|i| (i, format!("message {i}"))).collect();
+    assert!(first <= 6, "missed messages synced: {synced:?}");
+    assert_eq!(synced, expected);
+    // And he chats on from there.
+    assert_eq!(b.send(&direct, "b-1", "back").await.unwrap().seq, 11);
+    assert_eq!(delivered(&mut a, &direct, 1).await, [(11, "back".into())]);
+
+    // carol stayed away: offline once gw-b's lease (3 s) lapsed.
+    presence_becomes(&mut a, carol, false).await;
+}
+
+/// Asks for `user`'s presence until it is `wanted` (each answer is a real
+/// query; no fixed sleep decides), failing after [`PATIENCE`].
+async fn presence_becomes(conn: &mut Conn, user: u64, wanted: bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while online(conn, user).await != wanted {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "user {user} not online={wanted} within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
