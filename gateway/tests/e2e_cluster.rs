@@ -62,6 +62,8 @@ fn services() -> Option<(String, String, u16)> {
 
 /// One test's cluster: what its nodes share.
 struct Cluster {
+    /// Names this test's topics, groups and Redis keys.
+    suffix: String,
     mysql: MysqlConfig,
     _database: TestDatabase,
     yaml: String,
@@ -81,6 +83,7 @@ impl Cluster {
              persistence_group: persist-{suffix}-group\n  large_group_threshold: 2\n"
         );
         Some(Cluster {
+            suffix,
             mysql: database.config.clone(),
             _database: database,
             yaml,
@@ -153,7 +156,7 @@ async fn users_on_different_gateways_chat_through_kafka() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let _worker = cluster.node(dir.path(), "worker", "worker").await;
+    let worker = cluster.node(dir.path(), "worker", "worker").await;
     let gateway_a = cluster.node(dir.path(), "gw-a", "gateway").await;
     let gateway_b = cluster.node(dir.path(), "gw-b", "gateway").await;
 
@@ -185,6 +188,27 @@ async fn users_on_different_gateways_chat_through_kafka() {
 
     // Presence comes from Redis: bob is on the other gateway.
     presence_becomes(&mut a, bob, true).await;
+
+    // The worker exports its consumer lag per topic and partition (from
+    // the consumers' statistics, every second): asked until it shows.
+    let wanted = format!(
+        "pingme_kafka_consumer_lag{{topic=\"persist-{}\",group=\"persist-{}-group\",partition=\"",
+        cluster.suffix, cluster.suffix
+    );
+    let url = format!("http://{}/metrics", worker.metrics);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let partitions = text.lines().filter(|l| l.starts_with(&wanted)).count();
+        if partitions == 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{partitions} lag series of 4 partitions in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,10 @@ pub const FAILED: &str = "pingme_router_messages_failed_total";
 pub const DUPLICATES: &str = "pingme_router_messages_duplicates_total";
 /// Gauge, label `topic`: records queued between stages.
 pub const QUEUE_DEPTH: &str = "pingme_router_queue_depth";
+/// Gauge, labels `topic`, `group`, `partition`: records on the Kafka
+/// broker not yet committed by the group, as this node's member of the
+/// partition last saw it (0 once the partition moved away).
+pub const CONSUMER_LAG: &str = "pingme_kafka_consumer_lag";
 /// Histogram: seconds one batched `MessageStore::append` took.
 pub const APPEND_SECONDS: &str = "pingme_router_store_append_seconds";
 /// Histogram: messages per batched append.
@@ -50,6 +54,10 @@ pub fn describe() {
     describe_gauge!(
         QUEUE_DEPTH,
         "records queued between pipeline stages, by topic, sampled when a consumer takes a batch"
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Kafka consumer lag by topic, group and partition: the high watermark minus the committed offset, as the partition's member on this node last saw it"
     );
     describe_histogram!(
         APPEND_SECONDS,

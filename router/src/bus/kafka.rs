@@ -489,6 +489,7 @@ impl<R: BusRecord> Bus<R> for KafkaBus {
             lags: self.lags.clone(),
             board_key: board_key.clone(),
             id,
+            gauged: Mutex::new(BTreeSet::new()),
         };
         let consumer: StreamConsumer<MemberEvents> = self
             .settings
@@ -536,6 +537,9 @@ struct MemberEvents {
     lags: LagBoard,
     board_key: (String, String),
     id: u64,
+    /// Partitions whose lag gauge this member set last time: set to 0 when
+    /// they move away (their next owner reports them).
+    gauged: Mutex<BTreeSet<i32>>,
 }
 
 impl MemberEvents {
@@ -563,7 +567,7 @@ impl ClientContext for MemberEvents {
         };
         // Partitions this member fetches: the high watermark its fetch
         // responses carried minus what the group committed.
-        let lag: u64 = topic
+        let lags: BTreeMap<i32, u64> = topic
             .partitions
             .values()
             .filter(|p| p.partition >= 0 && p.desired && p.hi_offset >= 0)
@@ -573,9 +577,29 @@ impl ClientContext for MemberEvents {
                 } else {
                     p.lo_offset.max(0)
                 };
-                (p.hi_offset - committed).max(0) as u64
+                (p.partition, (p.hi_offset - committed).max(0) as u64)
             })
-            .sum();
+            .collect();
+        let lag = lags.values().sum();
+        let (topic_name, group) = &self.board_key;
+        let gauge = |partition: i32| {
+            metrics::gauge!(crate::telemetry::CONSUMER_LAG,
+                "topic" => topic_name.clone(), "group" => group.clone(),
+                "partition" => partition.to_string())
+        };
+        {
+            let mut gauged = self
+                .gauged
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for gone in gauged.iter().filter(|p| !lags.contains_key(p)) {
+                gauge(*gone).set(0.0);
+            }
+            for (partition, lag) in &lags {
+                gauge(*partition).set(*lag as f64);
+            }
+            *gauged = lags.keys().copied().collect();
+        }
         lock_board(&self.lags)
             .entry(self.board_key.clone())
             .or_default()
