@@ -459,6 +459,11 @@ pub struct KafkaConfig {
     /// with 69 (EX_UNAVAILABLE).
     #[serde(deserialize_with = "duration")]
     pub startup_timeout: Duration,
+    /// Workers report the downstream topics of gateways whose lease ended
+    /// longer ago than this (log and `pingme_kafka_stale_downstream_topics`);
+    /// nothing is deleted.
+    #[serde(deserialize_with = "duration")]
+    pub stale_downstream_after: Duration,
 }
 
 /// The background task settings, named as in the im-task seed.
@@ -662,6 +667,7 @@ impl Default for KafkaConfig {
             session_timeout: Duration::from_millis(u64::from(kafka.session_timeout_ms)),
             heartbeat_interval: Duration::from_millis(u64::from(kafka.heartbeat_interval_ms)),
             startup_timeout: Duration::from_secs(60),
+            stale_downstream_after: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -1181,6 +1187,9 @@ impl Config {
         }
         if kafka.startup_timeout.is_zero() {
             return invalid("kafka.startup_timeout", "must be positive");
+        }
+        if kafka.stale_downstream_after < Duration::from_secs(1) {
+            return invalid("kafka.stale_downstream_after", "must be at least 1s");
         }
         Ok(())
     }

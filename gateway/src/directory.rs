@@ -49,6 +49,8 @@ pub struct ChosenDirectory {
     pub directory: Arc<dyn Directory>,
     /// The Redis health watch; aborted at shutdown.
     pub watch: Option<JoinHandle<()>>,
+    /// The Redis directory itself, when it is used.
+    pub redis: Option<Arc<RedisDirectory>>,
 }
 
 impl std::fmt::Debug for ChosenDirectory {
@@ -73,6 +75,7 @@ pub fn choose(
         return Ok(ChosenDirectory {
             directory: Arc::new(LocalDirectory::new(gateway, outbox)),
             watch: None,
+            redis: None,
         });
     };
     let redis = Arc::new(
@@ -82,16 +85,17 @@ pub fn choose(
     tracing::info!(url = %settings.url, lease = ?settings.lease, "presence directory: Redis");
     let watch = tokio::spawn(watch_redis(redis.clone(), readiness.dependency("redis")));
     let directory: Arc<dyn Directory> = if config.kafka().is_some() {
-        redis
+        redis.clone()
     } else {
         Arc::new(LocalDelivery {
-            presence: redis,
+            presence: redis.clone(),
             here: LocalDirectory::new(gateway, outbox),
         })
     };
     Ok(ChosenDirectory {
         directory,
         watch: Some(watch),
+        redis: Some(redis),
     })
 }
 

@@ -84,7 +84,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     let connections = Arc::new(Connections::new());
     let chosen = directory::choose(&config, connections.clone(), &readiness)
         .context("setting up the presence directory (redis)")?;
-    let (router, kafka_watch) = match config.kafka() {
+    let (router, kafka_watches) = match config.kafka() {
         None => (
             Router::start_single_node(
                 stores.clone(),
@@ -92,7 +92,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
                 config.router(),
                 chosen.directory.clone(),
             ),
-            None,
+            Vec::new(),
         ),
         Some(settings) => {
             let bus = connect_brokers(settings, config.kafka.startup_timeout, &shutdown).await?;
@@ -105,12 +105,21 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
             )
             .context("joining the Kafka topics and consumer groups")?;
             tracing::info!(brokers = %config.kafka.brokers, role = ?config.app.role, "cluster node: pipeline on Kafka");
-            let watch = tokio::spawn(watch_brokers(
-                bus,
+            let mut watches = vec![tokio::spawn(watch_brokers(
+                bus.clone(),
                 router.clone(),
                 readiness.dependency("kafka"),
-            ));
-            (router, Some(watch))
+            ))];
+            if let (true, Some(redis)) = (config.app.role.router().worker(), &chosen.redis) {
+                watches.push(tokio::spawn(pingme_router::stale_downstream::watch(
+                    bus,
+                    redis.clone(),
+                    Arc::new(pingme_router::SystemClock),
+                    config.kafka.downstream_topic_prefix.clone(),
+                    config.kafka.stale_downstream_after,
+                )));
+            }
+            (router, watches)
         }
     };
     let gateway = if config.app.role.router().gateway() {
@@ -196,7 +205,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     if let Some(watch) = &chosen.watch {
         watch.abort();
     }
-    if let Some(watch) = &kafka_watch {
+    for watch in &kafka_watches {
         watch.abort();
     }
     if let Some(gateway) = gateway {

@@ -7,7 +7,8 @@
 //! seq twice (partitions move between live workers, then to the one that
 //! stays); a gateway killed with SIGKILL: its users reconnect to another
 //! and sync what was sent meanwhile, and the ones who stay away are shown
-//! offline once its lease lapses.
+//! offline once its lease lapses, and its downstream topic is reported as
+//! stale.
 //!
 //! Each test has topics, groups, a Redis key prefix and a database of its
 //! own. Without the three variables these tests skip outside CI, naming
@@ -78,7 +79,7 @@ impl Cluster {
         let yaml = format!(
             "redis:\n  enabled: true\n  host: {redis_host}\n  port: {redis_port}\n  key_prefix: \"cluster-{suffix}:\"\n  lease: 3s\n  timeout: 1s\n\
              kafka:\n  brokers: {brokers}\n  downstream_topic_prefix: down-{suffix}-\n  push_topic: push-{suffix}\n  dlq_topic: dlq-{suffix}\n  \
-             partitions: 4\n  push_partitions: 1\n  downstream_partitions: 2\n  session_timeout: 6s\n  heartbeat_interval: 500ms\n  startup_timeout: 30s\n\
+             partitions: 4\n  push_partitions: 1\n  downstream_partitions: 2\n  session_timeout: 6s\n  heartbeat_interval: 500ms\n  startup_timeout: 30s\n  stale_downstream_after: 1s\n\
              task:\n  task_topic: task-{suffix}\n  persistence_topic: persist-{suffix}\n  consumer_group: task-{suffix}-group\n  \
              persistence_group: persist-{suffix}-group\n  large_group_threshold: 2\n"
         );
@@ -273,7 +274,7 @@ async fn a_killed_gateway_s_users_reconnect_elsewhere_and_sync() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let _worker = cluster.node(dir.path(), "worker", "worker").await;
+    let worker = cluster.node(dir.path(), "worker", "worker").await;
     let gateway_a = cluster.node(dir.path(), "gw-a", "gateway").await;
     let mut gateway_b = cluster.node(dir.path(), "gw-b", "gateway").await;
 
@@ -332,6 +333,29 @@ async fn a_killed_gateway_s_users_reconnect_elsewhere_and_sync() {
 
     // carol stayed away: offline once gw-b's lease (3 s) lapsed.
     presence_becomes(&mut a, carol, false).await;
+
+    // gw-b's downstream topic is reported once its lease ended longer ago
+    // than kafka.stale_downstream_after (1 s here); gw-a's is not.
+    metric_becomes(&worker, "pingme_kafka_stale_downstream_topics", "1").await;
+}
+
+/// Reads `server`'s `/metrics` until `name` (without labels) shows
+/// `value`, failing after [`PATIENCE`].
+async fn metric_becomes(server: &Server, name: &str, value: &str) {
+    let url = format!("http://{}/metrics", server.metrics);
+    let wanted = format!("{name} {value}");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if text.lines().any(|line| line == wanted) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {wanted:?} within {PATIENCE:?} in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Asks for `user`'s presence until it is `wanted` (each answer is a real

@@ -32,6 +32,8 @@ mod retry;
 mod router;
 mod sequencer;
 mod stages;
+#[cfg(feature = "kafka")]
+pub mod stale_downstream;
 pub mod telemetry;
 mod visibility;
 mod watermarks;

@@ -347,6 +347,23 @@ impl RedisDirectory {
         Ok(())
     }
 
+    /// When `gateway`'s latest lease ends or ended (Unix ms, the lease
+    /// holder's clock); `None` if it never held one under this prefix.
+    pub async fn lease_end(&self, gateway: &str) -> Result<Option<i64>, DirectoryError> {
+        let mut redis = self.redis.clone();
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(format!("{}gw:{gateway}", self.prefix))
+            .query_async(&mut redis)
+            .await
+            .map_err(unavailable)?;
+        Ok(fields
+            .iter()
+            .filter(|(epoch, _)| epoch.as_str() != "next")
+            .filter_map(|(_, ends)| ends.parse::<i64>().ok())
+            .max())
+    }
+
     fn user_key(&self, user: UserId) -> String {
         format!("{}u:{user}", self.prefix)
     }

@@ -16,6 +16,9 @@ pub const QUEUE_DEPTH: &str = "pingme_router_queue_depth";
 /// broker not yet committed by the group, as this node's member of the
 /// partition last saw it (0 once the partition moved away).
 pub const CONSUMER_LAG: &str = "pingme_kafka_consumer_lag";
+/// Gauge: downstream topics of gateways whose lease ended longer ago than
+/// `kafka.stale_downstream_after` (reported by workers; never deleted).
+pub const STALE_DOWNSTREAM: &str = "pingme_kafka_stale_downstream_topics";
 /// Histogram: seconds one batched `MessageStore::append` took.
 pub const APPEND_SECONDS: &str = "pingme_router_store_append_seconds";
 /// Histogram: messages per batched append.
@@ -58,6 +61,10 @@ pub fn describe() {
     describe_gauge!(
         CONSUMER_LAG,
         "Kafka consumer lag by topic, group and partition: the high watermark minus the committed offset, as the partition's member on this node last saw it"
+    );
+    describe_gauge!(
+        STALE_DOWNSTREAM,
+        "downstream topics of gateways gone (lease ended) for longer than kafka.stale_downstream_after: an operator may delete them"
     );
     describe_histogram!(
         APPEND_SECONDS,

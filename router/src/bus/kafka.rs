@@ -362,6 +362,23 @@ impl KafkaBus {
         Ok(())
     }
 
+    /// The topics on the brokers whose names start with `prefix`.
+    /// Blocking (call it on a blocking thread).
+    pub fn topics_named(&self, prefix: &str, timeout: Duration) -> Result<Vec<String>, BusError> {
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(None, timeout)
+            .map_err(broker_error)?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .map(|topic| topic.name())
+            .filter(|name| name.starts_with(prefix))
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Waits until what this node published is on the broker (up to the
     /// request timeout); stopping nodes call it so nothing stays queued.
     pub fn flush(&self) -> Result<(), BusError> {
