@@ -464,6 +464,11 @@ pub struct KafkaConfig {
     /// nothing is deleted.
     #[serde(deserialize_with = "duration")]
     pub stale_downstream_after: Duration,
+    /// How long a stopping gateway waits for the answers to the sends it
+    /// took (their worker may be in a rebalance); senders of the ones
+    /// still unanswered then retry on another gateway (idempotent).
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_answers_wait: Duration,
 }
 
 /// The background task settings, named as in the im-task seed.
@@ -668,6 +673,7 @@ impl Default for KafkaConfig {
             heartbeat_interval: Duration::from_millis(u64::from(kafka.heartbeat_interval_ms)),
             startup_timeout: Duration::from_secs(60),
             stale_downstream_after: Duration::from_secs(24 * 3600),
+            shutdown_answers_wait: pingme_router::RouterConfig::default().answers_wait,
         }
     }
 }
@@ -1469,6 +1475,7 @@ impl Config {
                 ..pingme_router::BusTopics::default()
             },
             fetch_page_max_bytes: self.session.max_queued_bytes / PAGES_PER_OUTBOUND_BUDGET,
+            answers_wait: self.kafka.shutdown_answers_wait,
             ..pingme_router::RouterConfig::default()
         }
     }

@@ -211,6 +211,7 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     if let Some(gateway) = gateway {
         gateway.shutdown(SHUTDOWN_GRACE).await;
     }
+    router.finish_closing(SHUTDOWN_GRACE).await;
     http_stop.cancel();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         if let Some(task) = http_task {

@@ -79,7 +79,7 @@ impl Cluster {
         let yaml = format!(
             "redis:\n  enabled: true\n  host: {redis_host}\n  port: {redis_port}\n  key_prefix: \"cluster-{suffix}:\"\n  lease: 3s\n  timeout: 1s\n\
              kafka:\n  brokers: {brokers}\n  downstream_topic_prefix: down-{suffix}-\n  push_topic: push-{suffix}\n  dlq_topic: dlq-{suffix}\n  \
-             partitions: 4\n  push_partitions: 1\n  downstream_partitions: 2\n  session_timeout: 6s\n  heartbeat_interval: 500ms\n  startup_timeout: 30s\n  stale_downstream_after: 1s\n\
+             partitions: 4\n  push_partitions: 1\n  downstream_partitions: 2\n  session_timeout: 6s\n  heartbeat_interval: 500ms\n  startup_timeout: 30s\n  stale_downstream_after: 1s\n  shutdown_answers_wait: 60s\n\
              task:\n  task_topic: task-{suffix}\n  persistence_topic: persist-{suffix}\n  consumer_group: task-{suffix}-group\n  \
              persistence_group: persist-{suffix}-group\n  large_group_threshold: 2\n"
         );
@@ -253,6 +253,53 @@ async fn workers_joining_and_dying_lose_no_acknowledged_message() {
     let expected: Vec<(u64, String)> = (1..=40).map(|i| (i, format!("message {i}"))).collect();
     assert_eq!(delivered(&mut b, &direct, 40).await, expected);
     assert_eq!(history(&mut b, &direct).await, expected);
+}
+
+/// A gateway told to stop (SIGTERM) while the sends it took wait for a
+/// worker answers them all before it says go-away: their answers come back
+/// through its downstream topic, which it keeps consuming until then. The
+/// sends wait because one of the two workers just left: its partitions are
+/// being handed to the other (a rebalance of a few seconds; the gateway
+/// waits up to `kafka.shutdown_answers_wait`, 60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_answers_the_sends_it_took() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = cluster.node(dir.path(), "worker-1", "worker").await;
+    let _second = cluster.node(dir.path(), "worker-2", "worker").await;
+    let mut gateway = cluster.node(dir.path(), "gw-a", "gateway").await;
+    let http = gateway.http();
+    let (alice, alice_token) = http.user("alice", "phone").await;
+    let (bob, _) = http.user("bob", "laptop").await;
+    let mut a = connect(&gateway, &alice_token).await;
+    let direct = dm(alice, bob);
+    assert_eq!(a.send(&direct, "warm", "warm").await.unwrap().seq, 1);
+
+    // worker-1 leaves: until its partitions are worker-2's, the next sends
+    // wait on the persistence topic.
+    assert!(first.terminate().success());
+    let mut waiting = std::collections::BTreeMap::new();
+    for i in 0..5 {
+        let id = format!("in-flight-{i}");
+        waiting.insert(a.send_unanswered(&direct, &id, "wait").await, id);
+    }
+    gateway.signal_term();
+
+    // Every send is answered (acked) before the connection closes.
+    let mut seqs = BTreeSet::new();
+    while let Some(frame) = a.event(PATIENCE).await {
+        if let Some(server_frame::Body::SendAck(ack)) = &frame.body
+            && let Some(id) = waiting.remove(&frame.request_id)
+        {
+            assert_eq!(ack.client_msg_id, id);
+            seqs.insert(ack.seq);
+        }
+    }
+    assert!(waiting.is_empty(), "unanswered: {waiting:?}");
+    assert_eq!(seqs, (2..=6).collect());
+    assert!(gateway.terminate().success(), "a clean exit");
 }
 
 /// Whether `user` is online, asked through `conn`.

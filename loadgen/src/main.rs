@@ -84,9 +84,11 @@ struct RunArgs {
     /// What the connections do.
     #[arg(value_enum)]
     scenario: Scenario,
-    /// Gateway: tcp://host:port, tls://host:port, quic://host:port, ws://host:port/v1/ws.
-    #[arg(long, default_value = "tcp://127.0.0.1:7000")]
-    gateway: String,
+    /// Gateway: tcp://host:port, tls://host:port, quic://host:port,
+    /// ws://host:port/v1/ws. Several, comma-separated: connection i goes to
+    /// the (i mod n)-th, so chat partners are on different gateways.
+    #[arg(long, default_value = "tcp://127.0.0.1:7000", value_delimiter = ',')]
+    gateway: Vec<String>,
     /// HTTP API base URL (for --register).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     api: String,
@@ -287,12 +289,17 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {
     let range = args.shard.users(args.connections);
     let local = range.end - range.start;
     limits::ensure_open_files(local).map_err(anyhow::Error::msg)?;
-    let endpoint = Endpoint::parse(&args.gateway)?;
+    let endpoints = args
+        .gateway
+        .iter()
+        .map(|gateway| Endpoint::parse(gateway))
+        .collect::<Result<Vec<_>, _>>()?;
+    let on_loopback = endpoints
+        .iter()
+        .all(|endpoint| endpoint.addr().ip().is_loopback() && endpoint.addr().is_ipv4());
     let sources = match &args.source_addrs {
         Some(text) => Some(SourceAddrs::parse(text).map_err(anyhow::Error::msg)?),
-        None if endpoint.addr().ip().is_loopback() && endpoint.addr().is_ipv4() => {
-            Some(SourceAddrs::loopback_for(local))
-        }
+        None if on_loopback => Some(SourceAddrs::loopback_for(local)),
         None => None,
     };
     if let Some(sources) = &sources
@@ -326,7 +333,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {
 
     let plan = Plan {
         scenario: args.scenario,
-        endpoint,
+        endpoints,
         sources,
         connect_rate: args.connect_rate,
         connect_concurrency: args.connect_concurrency,

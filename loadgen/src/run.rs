@@ -49,7 +49,10 @@ pub enum Scenario {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub scenario: Scenario,
-    pub endpoint: Endpoint,
+    /// Gateways (one, or several behind no balancer): connection `i`
+    /// goes to `endpoints[i % len]`, so chat partners (`i`, `i ^ 1`) sit on
+    /// different gateways whenever there are several.
+    pub endpoints: Vec<Endpoint>,
     pub sources: Option<SourceAddrs>,
     pub connect_rate: u64,
     pub connect_concurrency: usize,
@@ -323,7 +326,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         .unwrap_or_else(|e| e.into_inner())
         .counts();
     let mut parameters = std::collections::BTreeMap::new();
-    parameters.insert("endpoint".into(), format!("{:?}", plan.endpoint));
+    parameters.insert("endpoint".into(), format!("{:?}", plan.endpoints));
     parameters.insert("connect_rate".into(), plan.connect_rate.to_string());
     parameters.insert("duration_s".into(), plan.duration.as_secs_f64().to_string());
     parameters.insert(
@@ -445,7 +448,7 @@ async fn open(shared: &Shared, users: &[User], index: usize) -> Option<Session> 
     };
     let started = Instant::now();
     match open_session(
-        &plan.endpoint,
+        &plan.endpoints[index % plan.endpoints.len()],
         &options,
         &users[index].token,
         "pingme-loadgen",

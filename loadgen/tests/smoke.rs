@@ -31,12 +31,18 @@ fn frame(request_id: u64, body: server_frame::Body) -> ServerFrame {
 
 /// Tokens are the user id in text; a dm goes to the other member.
 async fn gateway() -> std::net::SocketAddr {
+    gateway_sharing(Arc::default(), Arc::default()).await
+}
+
+/// A gateway routing through `routes` (several gateways sharing it behave
+/// as one cluster), counting the users it authenticated in `users`.
+async fn gateway_sharing(routes: Routes, users: Arc<Mutex<Vec<u64>>>) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let routes: Routes = Arc::default();
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             let routes = routes.clone();
+            let users = users.clone();
             socket.set_nodelay(true).unwrap();
             tokio::spawn(async move {
                 let mut framed = Framed::new(socket, ServerCodec::default());
@@ -61,6 +67,7 @@ async fn gateway() -> std::net::SocketAddr {
                     return;
                 };
                 let me: u64 = a.token.parse().unwrap();
+                users.lock().unwrap().push(me);
                 let ok = AuthOk {
                     user_id: me,
                     device_id: "d".into(),
@@ -120,6 +127,12 @@ async fn gateway() -> std::net::SocketAddr {
 
 /// Runs the binary with `args` against `addr` and returns its JSON report.
 async fn run_loadgen(addr: std::net::SocketAddr, name: &str, args: &[&str]) -> serde_json::Value {
+    run_loadgen_on(&format!("tcp://{addr}"), name, args).await
+}
+
+/// [`run_loadgen`] with the `--gateway` argument as given.
+async fn run_loadgen_on(gateway: &str, name: &str, args: &[&str]) -> serde_json::Value {
+    let gateway = gateway.to_string();
     let dir = std::env::temp_dir().join(format!("pingme-loadgen-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let tokens = dir.join("tokens.txt");
@@ -139,7 +152,7 @@ async fn run_loadgen(addr: std::net::SocketAddr, name: &str, args: &[&str]) -> s
                 .args(&args)
                 .arg("--quiet")
                 .arg("--gateway")
-                .arg(format!("tcp://{addr}"))
+                .arg(&gateway)
                 .arg("--tokens")
                 .arg(&tokens)
                 .arg("--report")
@@ -159,6 +172,48 @@ async fn run_loadgen(addr: std::net::SocketAddr, name: &str, args: &[&str]) -> s
     let report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     report
+}
+
+/// With several gateways, connection i goes to gateway i mod n, so every
+/// chat pair (i, i ^ 1) spans two gateways; the run still accounts for
+/// every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_spread_over_several_gateways_round_robin() {
+    let routes: Routes = Arc::default();
+    let (on_a, on_b) = (Arc::default(), Arc::default());
+    let a = gateway_sharing(routes.clone(), Arc::clone(&on_a)).await;
+    let b = gateway_sharing(routes, Arc::clone(&on_b)).await;
+    let report = run_loadgen_on(
+        &format!("tcp://{a},tcp://{b}"),
+        "spread",
+        &[
+            "run",
+            "chat",
+            "-n",
+            "20",
+            "--rate",
+            "10",
+            "--duration",
+            "1",
+            "--drain",
+            "1",
+        ],
+    )
+    .await;
+    let mut on_a = on_a.lock().unwrap().clone();
+    let mut on_b = on_b.lock().unwrap().clone();
+    on_a.sort_unstable();
+    on_b.sort_unstable();
+    // Users 1..=20 in token-file order: even positions on a, odd on b.
+    assert_eq!(on_a, (1..=20).step_by(2).collect::<Vec<u64>>());
+    assert_eq!(on_b, (2..=20).step_by(2).collect::<Vec<u64>>());
+    let deliveries = &report["deliveries"];
+    assert!(
+        report["send_to_ack"]["count"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(deliveries["delivered"], deliveries["expected"], "{report}");
+    assert_eq!(deliveries["lost"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

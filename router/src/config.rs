@@ -116,6 +116,10 @@ pub struct RouterConfig {
     /// Requests (sync, fetch, acks, receipts, typing, presence) processed
     /// at once; more get `OVERLOADED`.
     pub max_inflight_requests: usize,
+    /// How long a stopping gateway waits for the answers to the sends it
+    /// published (in a cluster their worker may be in a rebalance); the
+    /// senders of those still unanswered retry elsewhere.
+    pub answers_wait: Duration,
 }
 
 impl Default for RouterConfig {
@@ -147,6 +151,7 @@ impl Default for RouterConfig {
             typing_max_per_second: 5,
             presence_query_max: 500,
             max_inflight_requests: 4096,
+            answers_wait: Duration::from_secs(10),
         }
     }
 }

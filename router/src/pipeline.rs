@@ -92,6 +92,10 @@ pub(crate) struct Pipeline {
     /// Partitions of this gateway's downstream topic its members hold:
     /// until they hold all, frames for its connections wait on the bus.
     pub downstream_owned: std::sync::Mutex<std::collections::BTreeSet<crate::bus::Partition>>,
+    /// Sends this gateway published whose answer (ack or error, one per
+    /// send, through its downstream topic) has not come back yet: a
+    /// stopping gateway waits for them before it stops consuming.
+    pub unanswered: std::sync::atomic::AtomicU64,
 }
 
 /// Wall clock in Unix milliseconds.

@@ -16,6 +16,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{Mutex, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::bus::{
     Bus, BusError, BusRecord, GroupMember, InProcessBus, PipelineBus, Topic, conversation_key,
@@ -97,6 +98,9 @@ pub struct Router {
     requests: Arc<Semaphore>,
     runtime: Handle,
     stages: Mutex<Vec<Stage>>,
+    /// Work a closing connection leaves (its directory unregister, its
+    /// delivered watermarks), finished before the process exits.
+    closing: TaskTracker,
     /// Stops the delivered-watermark writer (it writes what is pending
     /// first).
     watermark_writer: Mutex<Option<(oneshot::Sender<()>, JoinHandle<()>)>>,
@@ -160,6 +164,7 @@ impl Router {
             config,
             delivered_acks: Default::default(),
             downstream_owned: Default::default(),
+            unanswered: Default::default(),
         });
         // Shutdown order: upstream stages first, so each stage drains into
         // a downstream one that is still running; answers go out last.
@@ -237,6 +242,7 @@ impl Router {
             requests: Arc::new(Semaphore::new(max_requests)),
             runtime: Handle::current(),
             stages: Mutex::new(running),
+            closing: TaskTracker::new(),
             watermark_writer: Mutex::new(Some((stop_watermarks, watermark_writer))),
         }))
     }
@@ -252,6 +258,22 @@ impl Router {
         self.accepting.store(false, Ordering::SeqCst);
         let permits = self.ctx.config.max_inflight_requests as u32;
         let _requests_done = self.requests.acquire_many(permits).await;
+        // The answers to the sends this gateway published come back through
+        // its downstream topic, from whichever node's worker holds their
+        // conversation: wait for them (bounded) while it is still consumed.
+        if self.ctx.config.role.gateway() {
+            let waited = Instant::now();
+            while self.ctx.unanswered.load(Ordering::SeqCst) > 0 {
+                if waited.elapsed() >= self.ctx.config.answers_wait {
+                    tracing::warn!(
+                        unanswered = self.ctx.unanswered.load(Ordering::SeqCst),
+                        "stopping with sends unanswered: their senders retry elsewhere (idempotent)"
+                    );
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         if let Some((stop, writer)) = self.watermark_writer.lock().await.take() {
             let _ = stop.send(());
             if let Err(error) = writer.await {
@@ -272,6 +294,22 @@ impl Router {
         // lease may lapse now.
         if let Some(renewer) = &self.lease_renewer {
             renewer.abort();
+        }
+    }
+
+    /// Waits (up to `limit`) for what closed connections left to do: their
+    /// directory unregisters and delivered watermarks. Called once the
+    /// gateway closed its connections, before the store and the runtime go.
+    pub async fn finish_closing(&self, limit: Duration) {
+        self.closing.close();
+        if tokio::time::timeout(limit, self.closing.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.closing.len(),
+                "closed connections' directory and watermark writes unfinished at exit"
+            );
         }
     }
 
@@ -374,11 +412,14 @@ impl Router {
             content_type: send.content_type,
             body: send.body,
         };
+        // Counted before publishing: the answer may come back first.
+        self.ctx.unanswered.fetch_add(1, Ordering::SeqCst);
         if let Err(error) = self.ctx.bus.try_publish(
             &self.ctx.topics.accepted,
             conversation_key(&conversation),
             send,
         ) {
+            self.ctx.unanswered.fetch_sub(1, Ordering::SeqCst);
             refuse(error.code(), &error.to_string());
         }
     }
@@ -492,7 +533,14 @@ impl Dispatch for Router {
         });
         // The local directory answers at once: no task, and presence is
         // current when this returns. A remote one finishes on a task.
-        if (&mut register).now_or_never().is_none() {
+        // Tried at once inside the router's runtime (not the calling
+        // shard's): a timer or socket the directory's call registers must
+        // belong to the runtime that finishes it, which outlives the shards.
+        let done = {
+            let _inside = self.runtime.enter();
+            (&mut register).now_or_never().is_some()
+        };
+        if !done {
             self.registering
                 .insert(session.conn, self.runtime.spawn(register));
         }
@@ -513,8 +561,12 @@ impl Dispatch for Router {
                 }
             }
         });
-        if (&mut unregister).now_or_never().is_none() {
-            self.runtime.spawn(unregister);
+        let done = {
+            let _inside = self.runtime.enter();
+            (&mut unregister).now_or_never().is_some()
+        };
+        if !done {
+            self.closing.spawn_on(unregister, &self.runtime);
         }
         self.typing.remove(&session.conn);
         // The device's next session syncs from what it acknowledged here.
@@ -524,8 +576,10 @@ impl Dispatch for Router {
             .take_device(session.user, &session.device);
         if !acks.is_empty() {
             let ctx = self.ctx.clone();
-            self.runtime
-                .spawn(async move { watermarks::write(&ctx, acks).await });
+            self.closing.spawn_on(
+                async move { watermarks::write(&ctx, acks).await },
+                &self.runtime,
+            );
         }
     }
 

@@ -44,6 +44,13 @@ pub(crate) async fn run_downstream(
         for envelope in envelopes.into_iter().map(|consumed| consumed.record) {
             match envelope.target {
                 DownstreamTarget::Connection(conn) => {
+                    // One answer per send (a re-delivered one, or one for
+                    // a previous process of this gateway, stops at zero).
+                    let _ = ctx.unanswered.fetch_update(
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                        |n| n.checked_sub(1),
+                    );
                     ctx.outbox.to_connection(conn.into(), envelope.frame);
                 }
                 DownstreamTarget::Users { users, skip } => {

@@ -214,7 +214,10 @@ fn spawn(config: &Path) -> Child {
     serve_command()
         .arg("--config")
         .arg(config)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("PINGME_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -407,6 +410,31 @@ impl Conn {
             })
             .await
             .unwrap();
+    }
+
+    /// Sends a text message without waiting for its answer; returns the
+    /// request id the answer will carry.
+    pub async fn send_unanswered(
+        &mut self,
+        conversation: &str,
+        client_msg_id: &str,
+        text: &str,
+    ) -> u64 {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        self.framed
+            .send(ClientFrame {
+                request_id,
+                body: Some(client_frame::Body::Send(v1::SendMessage {
+                    client_msg_id: client_msg_id.into(),
+                    conversation_id: conversation.into(),
+                    content_type: ContentType::Text as i32,
+                    body: Bytes::copy_from_slice(text.as_bytes()),
+                })),
+            })
+            .await
+            .unwrap();
+        request_id
     }
 
     /// Sends a text message; returns the ack or the error code.

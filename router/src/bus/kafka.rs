@@ -640,6 +640,24 @@ impl ConsumerContext for MemberEvents {
                 return;
             }
         };
+        match &change {
+            Change::Assigned(partitions) => {
+                tracing::info!(
+                    topic = self.topic,
+                    group = self.board_key.1,
+                    ?partitions,
+                    "partitions assigned"
+                );
+            }
+            Change::Revoked(partitions) => {
+                tracing::info!(
+                    topic = self.topic,
+                    group = self.board_key.1,
+                    ?partitions,
+                    "partitions revoked"
+                );
+            }
+        }
         self.lock().push_back(change);
         self.changed.notify_one();
     }
@@ -751,8 +769,10 @@ impl<R: BusRecord> KafkaMember<R> {
     }
 
     /// Unsubscribes and closes the consumer on a blocking thread
-    /// (librdkafka's close waits for the group coordinator).
-    fn close(&mut self) {
+    /// (librdkafka's close waits for the group coordinator); the handle
+    /// finishes once the group let the member go.
+    fn close(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        let mut closing = None;
         if let Some(consumer) = self.consumer.take() {
             lock_board(&self.events.lags)
                 .entry(self.events.board_key.clone())
@@ -763,15 +783,14 @@ impl<R: BusRecord> KafkaMember<R> {
                 drop(consumer);
             };
             match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn_blocking(close);
-                }
+                Ok(runtime) => closing = Some(runtime.spawn_blocking(close)),
                 Err(_) => close(),
             }
         }
         self.positions.clear();
         self.uncommitted.clear();
         self.ready.clear();
+        closing
     }
 
     /// Goes back to the last commit: the records returned since come
@@ -858,7 +877,11 @@ impl<R: BusRecord> GroupMember<R> for KafkaMember<R> {
                 if self.take_fetched(&consumer, max) > 0 {
                     continue;
                 }
-                self.close();
+                // Left only once the group knows: a process that exits
+                // right after must not leave a half-finished rebalance.
+                if let Some(closing) = self.close() {
+                    let _ = closing.await;
+                }
                 return Polled::Left;
             }
             tokio::select! {
