@@ -12,7 +12,7 @@ use crate::runtime::Runtime;
 use crate::types::{ClientEvent, ContentType, MessagePage, Presence, SendAck, Watermark};
 
 /// A connected, authenticated device. It reconnects, re-sends and syncs by
-/// itself until [`PingmeClient::close`] or a terminal error.
+/// itself until `PingmeClient.close` or a terminal error.
 #[derive(uniffi::Object)]
 pub struct PingmeClient {
     // Fields drop in order: the client handle (which closes the client)

@@ -42,7 +42,7 @@ impl Pingme {
     }
 
     /// Creates a user; returns its id. A taken name fails with
-    /// [`PingmeError::Api`] code 10008 (`USERNAME_TAKEN`).
+    /// `PingmeError.Api` code 10008 (`USERNAME_TAKEN`).
     pub async fn register(&self, username: String, password: String) -> Result<u64, PingmeError> {
         let api = self.api.clone();
         self.runtime
@@ -51,7 +51,7 @@ impl Pingme {
     }
 
     /// Logs `device_id` of a user in; the token goes into
-    /// [`ConnectConfig::token`].
+    /// `ConnectConfig.token`.
     pub async fn login(
         &self,
         username: String,
@@ -66,7 +66,7 @@ impl Pingme {
     }
 
     /// Creates a group owned by the user of `token`, with `members` (at
-    /// most 10,000; more with [`Pingme::add_members`]).
+    /// most 10,000; more with `Pingme.add_members`).
     pub async fn create_group(
         &self,
         token: String,

@@ -25,13 +25,13 @@ pub enum Trust {
     },
 }
 
-/// Where and how [`crate::Pingme::connect`] connects.
+/// Where and how `Pingme.connect` connects.
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct ConnectConfig {
     /// The gateway: `tcp://host:7000`, `tls://host:7443`, `quic://host:7443`
     /// or `ws://host:8080/v1/ws`.
     pub gateway: String,
-    /// The access token from [`crate::Pingme::login`].
+    /// The access token from `Pingme.login`.
     pub token: String,
     /// Which certificates to trust; required for `tls://` and `quic://`,
     /// ignored otherwise.
@@ -41,7 +41,7 @@ pub struct ConnectConfig {
     /// host as written in `gateway`.
     #[uniffi(default = None)]
     pub server_name: Option<String>,
-    /// Watermarks persisted from [`crate::PingmeClient::watermarks`] last
+    /// Watermarks persisted from `PingmeClient.watermarks` last
     /// time, so sync resumes where this device stopped.
     #[uniffi(default = [])]
     pub watermarks: Vec<Watermark>,
@@ -218,7 +218,7 @@ impl From<v1::PresenceEvent> for Presence {
 /// What a successful login returns.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct Login {
-    /// The access token for [`ConnectConfig::token`].
+    /// The access token for `ConnectConfig.token`.
     pub token: String,
     /// Token to get a new access token without the password.
     pub refresh_token: String,
