@@ -1,7 +1,8 @@
 //! [`PingmeClient`]: one connected device, a thin wrapper of the Rust
 //! `pingme_client::Client` handle and its event receiver. Requests run on
 //! the owning [`crate::Pingme`]'s runtime; events are read straight from
-//! the client's channel, so a cancelled `next_event` loses none.
+//! the client's channel (not through a task), so a `next_event` cancelled
+//! while it waits takes no event with it.
 
 use std::sync::Arc;
 
@@ -150,7 +151,9 @@ impl PingmeClient {
     /// The next event, waiting for one; `None` once the client has stopped
     /// and every event was read. Keep calling it: the client buffers 4096
     /// events, then stops reading the socket until the app catches up.
-    /// Cancelling the wait loses no event.
+    /// A wait cancelled before an event came takes none away (an event
+    /// that completes the call at the very moment it is cancelled goes
+    /// with it, as with any future).
     pub async fn next_event(&self) -> Option<ClientEvent> {
         // Both waits are cancel-safe and need no runtime: the driver task
         // on the runtime fills the channel.
