@@ -16,7 +16,9 @@
 # create `pingme_*` databases). Every run gets its own database, topics and
 # Redis key prefix, and everything started is stopped at exit.
 #   CONNECTIONS (2000), RATE per connection per second (1), DURATION (60 s),
-#   RUNS ("cluster mysql embedded"), OUT (reports; default a temp folder).
+#   RUNS ("cluster mysql embedded"), OUT (reports; default a temp folder),
+#   FETCH_WAIT_MAX_MS, LINGER_MS (the cluster's kafka settings; defaults
+#   of the binary when unset).
 set -euo pipefail
 
 pingme=${1:?pingme binary}
@@ -100,15 +102,34 @@ stop_nodes() {
     names=()
 }
 
-# Each node's CPU time and resident memory so far.
+# CPU seconds (user + system) a process used so far.
+cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+# The shared services' processes (broker, Redis, database), if running here.
+service_pids() { pgrep -f 'tansu broker|redis-server|mariadbd|mysqld' | tr '\n' ' '; }
+services_cpu() {
+    local total=0
+    for pid in $(service_pids); do total=$(awk -v a="$total" -v b="$(cpu_seconds "$pid")" 'BEGIN { printf "%.2f", a + b }'); done
+    echo "$total"
+}
+# Each shared service's CPU seconds so far, by name.
+services_by_name() {
+    for pid in $(service_pids); do echo -n "$(ps -o comm= -p "$pid")=$(cpu_seconds "$pid") "; done
+}
+
+# Each node's CPU seconds and resident memory so far, and the services'
+# CPU seconds since $services_before.
 node_usage() {
     for i in "${!pids[@]}"; do
-        echo "${names[$i]}: cpu time, RSS KiB: $(ps -o cputime=,rss= -p "${pids[$i]}")"
+        echo "${names[$i]}: $(cpu_seconds "${pids[$i]}") s CPU, RSS $(ps -o rss= -p "${pids[$i]}") KiB"
     done
+    echo "services' CPU seconds after: $(services_by_name)"
+    echo "broker + Redis + database: $(awk -v a="$(services_cpu)" -v b="$services_before" 'BEGIN { printf "%.2f", a - b }') s CPU during the run"
 }
 
 chat() {
     local label=$1 api=$2 gateways=$3 server_pid=$4
+    services_before=$(services_cpu)
+    echo "services' CPU seconds before: $(services_by_name)"
     echo; echo "== $label: $connections connections, $rate msg/s each, ${seconds}s, partners on gateways $gateways"
     "$loadgen_bin" run chat -n "$connections" --register --user-prefix "c$label" --rate "$rate" --size 100 \
         --duration "$seconds" --drain 5 --api "$api" --gateway "$gateways" ${server_pid:+--server-pid "$server_pid"} \
@@ -119,7 +140,7 @@ if [[ "$runs" == *" cluster "* ]]; then
     suffix="bench$$"
     cluster_yaml="$(database_yaml cluster)
 redis: { enabled: true, host: $redis_host, port: $redis_port, key_prefix: \"$suffix:\" }
-kafka: { brokers: \"$brokers\", downstream_topic_prefix: down-$suffix-, push_topic: push-$suffix, dlq_topic: dlq-$suffix }
+kafka: { brokers: \"$brokers\", downstream_topic_prefix: down-$suffix-, push_topic: push-$suffix, dlq_topic: dlq-$suffix${FETCH_WAIT_MAX_MS:+, fetch_wait_max_ms: $FETCH_WAIT_MAX_MS}${LINGER_MS:+, linger_ms: $LINGER_MS} }
 task: { task_topic: task-$suffix, persistence_topic: persist-$suffix, consumer_group: task-$suffix-group, persistence_group: persist-$suffix-group }"
     start_node worker worker 21000 "$cluster_yaml"
     start_node gw-1 gateway 21010 "$cluster_yaml"
