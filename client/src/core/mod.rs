@@ -930,6 +930,10 @@ impl ClientCore {
         };
         let pending = self.pending.remove(&request_id).expect("checked");
         self.deadlines.remove(&(pending.deadline, request_id));
+        if let Ok(Answer::Sent(ack)) = &result {
+            self.catchup
+                .hold_own(&ack.conversation_id, ack.seq, &mut self.held, &mut self.out);
+        }
         self.out.answer(request_id, result);
     }
 

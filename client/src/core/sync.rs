@@ -160,18 +160,47 @@ impl Catchup {
             }
         }
         for conversation_id in touched {
-            let watermark = held.marks.get(&conversation_id);
-            let acked = held.acked.entry(conversation_id.clone()).or_default();
-            if watermark > *acked {
-                *acked = watermark;
-                out.frame(
-                    0,
-                    client_frame::Body::DeliveryAck(DeliveryAck {
-                        conversation_id,
-                        seq: watermark,
-                    }),
-                );
+            Self::ack_watermark(held, out, conversation_id);
+        }
+    }
+
+    /// Counts this device's own acknowledged send as held (it is part of
+    /// the timeline: without this the next sync fetches it back), in a
+    /// conversation the device already follows; a gap it leaves behind is
+    /// fetched. In a conversation with no watermark yet nothing is marked:
+    /// the sync that comes learns where this device stands, and a seq
+    /// marked first would make it skip the backlog before it.
+    pub(super) fn hold_own(
+        &mut self,
+        conversation_id: &str,
+        seq: u64,
+        held: &mut Held,
+        out: &mut Outbox,
+    ) {
+        if seq == 0 || !held.marks.knows(conversation_id) {
+            return;
+        }
+        if let Arrival::New { gap } = held.marks.arrive(conversation_id, seq) {
+            if gap.is_some() {
+                self.fill_gap(held, out, conversation_id);
             }
+            Self::ack_watermark(held, out, conversation_id.to_string());
+        }
+    }
+
+    /// Tells the server the conversation's watermark if it moved.
+    fn ack_watermark(held: &mut Held, out: &mut Outbox, conversation_id: String) {
+        let watermark = held.marks.get(&conversation_id);
+        let acked = held.acked.entry(conversation_id.clone()).or_default();
+        if watermark > *acked {
+            *acked = watermark;
+            out.frame(
+                0,
+                client_frame::Body::DeliveryAck(DeliveryAck {
+                    conversation_id,
+                    seq: watermark,
+                }),
+            );
         }
     }
 

@@ -846,3 +846,68 @@ fn typing_and_read_markers_are_dropped_between_connections() {
     assert_eq!(h.wire(), vec![]);
     assert!(h.core.poll_timeout().is_some(), "the reconnect timer runs");
 }
+
+#[test]
+fn own_acknowledged_sends_are_held_and_acknowledged_with_the_rest() {
+    let mut h = Harness::synced(config(1));
+    // The device follows g:1 (seq 1 from someone else).
+    h.receive(frame(
+        0,
+        server_frame::Body::Deliver(Deliver {
+            message: Some(message("g:1", 1)),
+        }),
+    ));
+    h.frames();
+    let mine = h.command(send("c-1")).unwrap();
+    h.frames();
+    h.receive(frame(mine.0, ack("c-1", 2)));
+    assert_eq!(h.core.watermark("g:1"), 2, "its own seq is held");
+    assert!(
+        matches!(&h.frames()[..], [(0, client_frame::Body::DeliveryAck(a))] if a.conversation_id == "g:1" && a.seq == 2),
+        "and acknowledged, so the next sync does not list it"
+    );
+    // Its own message coming back (a fetch, another device's sync) is a
+    // duplicate, not a new message.
+    h.take_events();
+    h.receive(frame(
+        0,
+        server_frame::Body::Deliver(Deliver {
+            message: Some(message("g:1", 2)),
+        }),
+    ));
+    assert!(
+        !h.take_events()
+            .iter()
+            .any(|e| matches!(e, Event::Message(_))),
+        "seq 2 is not handed over twice"
+    );
+
+    // A send acked past a gap: the gap is fetched, the watermark waits.
+    let later = h.command(send("c-2")).unwrap();
+    h.frames();
+    h.receive(frame(later.0, ack("c-2", 5)));
+    let frames = h.frames();
+    let gap = frames.iter().find_map(|(_, b)| match b {
+        client_frame::Body::Fetch(f) => Some((f.after_seq, f.until_seq)),
+        _ => None,
+    });
+    assert_eq!(gap, Some((2, 4)));
+    assert_eq!(h.core.watermark("g:1"), 2);
+}
+
+#[test]
+fn an_own_send_in_a_conversation_not_yet_followed_marks_nothing() {
+    let mut h = Harness::synced(config(1));
+    let mine = h.command(send("c-1")).unwrap();
+    h.frames();
+    // g:1 is new to this device: seq 7 must not become its watermark
+    // (seqs 1-6 would be skipped by the next sync and acked unseen).
+    h.receive(frame(mine.0, ack("c-1", 7)));
+    assert_eq!(h.core.watermark("g:1"), 0);
+    assert!(
+        !h.frames()
+            .iter()
+            .any(|(_, b)| matches!(b, client_frame::Body::DeliveryAck(_))),
+        "nothing acknowledged"
+    );
+}
