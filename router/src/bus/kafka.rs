@@ -79,6 +79,13 @@ pub struct KafkaSettings {
     /// Bound on admin requests, on waiting for deliveries before a commit,
     /// and on `publish` waiting for room.
     pub request_timeout: Duration,
+    /// A member commits at most this often: [`GroupMember::commit`] calls
+    /// in between return at once and their offsets go with the next one
+    /// due (or with the member's leaving). Each real commit waits for the
+    /// node's deliveries and a broker round trip, which per batch would
+    /// serialise a partition's work on them; a crash re-delivers up to
+    /// this much more. Zero: every call commits.
+    pub commit_interval: Duration,
 }
 
 impl KafkaSettings {
@@ -94,6 +101,7 @@ impl KafkaSettings {
             heartbeat_interval_ms: 1_000,
             stats_interval_ms: 1_000,
             request_timeout: Duration::from_secs(30),
+            commit_interval: Duration::from_millis(100),
         }
     }
 
@@ -528,6 +536,8 @@ impl<R: BusRecord> Bus<R> for KafkaBus {
             ready: VecDeque::new(),
             deliveries: self.deliveries.clone(),
             timeout: self.settings.request_timeout,
+            commit_interval: self.settings.commit_interval,
+            last_commit: tokio::time::Instant::now(),
             record: PhantomData,
         }))
     }
@@ -692,6 +702,9 @@ struct KafkaMember<R> {
     ready: VecDeque<Fetched<R>>,
     deliveries: Arc<Deliveries>,
     timeout: Duration,
+    commit_interval: Duration,
+    /// When the last real commit went out (or the member joined).
+    last_commit: tokio::time::Instant,
     record: PhantomData<fn() -> R>,
 }
 
@@ -877,6 +890,12 @@ impl<R: BusRecord> GroupMember<R> for KafkaMember<R> {
                 if self.take_fetched(&consumer, max) > 0 {
                     continue;
                 }
+                // What was processed and not committed yet (commits are
+                // spaced) goes now, while the member still holds it.
+                if let Err(error) = self.commit_now().await {
+                    tracing::warn!(%error, topic = self.topic, group = self.group,
+                        "last commit before leaving failed: the next owner re-delivers");
+                }
                 // Left only once the group knows: a process that exits
                 // right after must not leave a half-finished rebalance.
                 if let Some(closing) = self.close() {
@@ -901,6 +920,17 @@ impl<R: BusRecord> GroupMember<R> for KafkaMember<R> {
     }
 
     async fn commit(&mut self) -> Result<(), BusError> {
+        if self.last_commit.elapsed() < self.commit_interval && self.consumer.is_some() {
+            // Goes with the next commit due, or with leaving.
+            return Ok(());
+        }
+        self.commit_now().await
+    }
+}
+
+impl<R: BusRecord> KafkaMember<R> {
+    /// Commits what was polled so far (see [`GroupMember::commit`]).
+    async fn commit_now(&mut self) -> Result<(), BusError> {
         let Some(consumer) = self.consumer.clone() else {
             return Err(BusError::Fenced(format!(
                 "{} left {}",
@@ -947,6 +977,7 @@ impl<R: BusRecord> GroupMember<R> for KafkaMember<R> {
                 self.committed.extend(advanced);
                 self.uncommitted.clear();
                 self.since = issued;
+                self.last_commit = tokio::time::Instant::now();
                 Ok(())
             }
             Err(KafkaError::ConsumerCommit(code)) if fenced(code) => Err(BusError::Fenced(
@@ -1056,7 +1087,85 @@ mod tests {
         settings.session_timeout_ms = 6_000;
         settings.heartbeat_interval_ms = 500;
         settings.request_timeout = Duration::from_secs(20);
+        settings.commit_interval = Duration::ZERO;
         Some(settings)
+    }
+
+    fn unique(name: &str) -> String {
+        format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        )
+    }
+
+    async fn assigned(member: &mut Box<dyn GroupMember<DeadLetterRecord>>) {
+        let polled = tokio::time::timeout(Duration::from_secs(60), member.poll(10))
+            .await
+            .expect("an assignment within a minute");
+        assert!(
+            matches!(polled, Polled::Assigned(ref p) if p == &[0]),
+            "{polled:?}"
+        );
+    }
+
+    /// Spaced commits: calls within the interval commit nothing (a crash
+    /// re-delivers those records), and leaving commits what was processed.
+    #[tokio::test]
+    async fn spaced_commits_go_out_when_the_member_leaves() {
+        let Some(mut settings) = broker() else { return };
+        settings.commit_interval = Duration::from_secs(3600);
+        let bus = KafkaBus::new(settings).unwrap();
+        let topic = Topic::<DeadLetterRecord>::new(unique("spaced"), 1);
+        let group = unique("spaced-group");
+        bus.declare(&topic).unwrap();
+        for n in 1..=3 {
+            bus.publish(&topic, 0, numbered(n)).await.unwrap();
+        }
+        // A member that processes 1-3, "commits" (spaced: nothing yet) and
+        // crashes: the next one gets 1-3 again.
+        let mut crashed = bus
+            .join(&topic, &group, "m0", CancellationToken::new())
+            .unwrap();
+        assigned(&mut crashed).await;
+        assert_eq!(next_records(&mut crashed, 3).await, [1, 2, 3]);
+        crashed.commit().await.unwrap();
+        drop(crashed);
+        // This one processes them, commits (spaced again) and leaves: the
+        // leaving commits, so the next member starts after 3.
+        let leave = CancellationToken::new();
+        let mut leaving = bus.join(&topic, &group, "m1", leave.clone()).unwrap();
+        assigned(&mut leaving).await;
+        assert_eq!(
+            next_records(&mut leaving, 3).await,
+            [1, 2, 3],
+            "re-delivered"
+        );
+        leaving.commit().await.unwrap();
+        leave.cancel();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), leaving.poll(10))
+                .await
+                .expect("left within a minute")
+            {
+                Polled::Left => break,
+                Polled::Records(records) => panic!("nothing more was published: {records:?}"),
+                Polled::Assigned(_) | Polled::Revoked(_) => {}
+            }
+        }
+        bus.publish(&topic, 0, numbered(4)).await.unwrap();
+        let mut next = bus
+            .join(&topic, &group, "m2", CancellationToken::new())
+            .unwrap();
+        assigned(&mut next).await;
+        assert_eq!(
+            next_records(&mut next, 1).await,
+            [4],
+            "from after the leaving commit"
+        );
     }
 
     async fn next_records(

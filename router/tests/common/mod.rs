@@ -356,6 +356,8 @@ pub fn kafka_from_env() -> Option<pingme_router::KafkaSettings> {
     // two-core machine (a member dropped mid-test rebalances the group).
     settings.session_timeout_ms = 6_000;
     settings.heartbeat_interval_ms = 500;
+    // The contract's commits are exact: every call commits.
+    settings.commit_interval = Duration::ZERO;
     settings.request_timeout = Duration::from_secs(10);
     Some(settings)
 }
