@@ -469,6 +469,11 @@ pub struct KafkaConfig {
     /// still unanswered then retry on another gateway (idempotent).
     #[serde(deserialize_with = "duration")]
     pub shutdown_answers_wait: Duration,
+    /// Each consumer commits its offsets at most this often (0s: after
+    /// every batch); a crash re-delivers up to this much more work, which
+    /// the stages take idempotently.
+    #[serde(deserialize_with = "duration")]
+    pub commit_interval: Duration,
 }
 
 /// The background task settings, named as in the im-task seed.
@@ -674,6 +679,7 @@ impl Default for KafkaConfig {
             startup_timeout: Duration::from_secs(60),
             stale_downstream_after: Duration::from_secs(24 * 3600),
             shutdown_answers_wait: pingme_router::RouterConfig::default().answers_wait,
+            commit_interval: kafka.commit_interval,
         }
     }
 }
@@ -1211,6 +1217,7 @@ impl Config {
                 u32::try_from(kafka.session_timeout.as_millis()).unwrap_or(u32::MAX);
             settings.heartbeat_interval_ms =
                 u32::try_from(kafka.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
+            settings.commit_interval = kafka.commit_interval;
             settings
         })
     }
