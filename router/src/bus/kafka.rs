@@ -84,7 +84,7 @@ pub struct KafkaSettings {
     /// due (or with the member's leaving). Each real commit waits for the
     /// node's deliveries and a broker round trip, which per batch would
     /// serialise a partition's work on them; a crash re-delivers up to
-    /// this much more. Zero: every call commits.
+    /// this much more. Zero (the default): every call commits.
     pub commit_interval: Duration,
 }
 
@@ -101,7 +101,11 @@ impl KafkaSettings {
             heartbeat_interval_ms: 1_000,
             stats_interval_ms: 1_000,
             request_timeout: Duration::from_secs(30),
-            commit_interval: Duration::from_millis(100),
+            // Spaced commits measured worse on the 2-core test machine,
+            // where the broker is the bottleneck (docs/benchmarks.md,
+            // "Cluster"): the per-batch delivery wait is what throttled the
+            // workers to the broker's pace.
+            commit_interval: Duration::ZERO,
         }
     }
 
