@@ -3,9 +3,10 @@
 //! cancelled by the signal (or by the caller of [`run_until`]); then, in
 //! this order: readiness is cleared (`/health` answers 503 while the rest
 //! drains), the router answers every send it accepted, the gateway sends
-//! go-away after those answers, the HTTP API finishes its requests within
-//! [`SHUTDOWN_GRACE`], the ops port (health, metrics) stops, and the store
-//! is dropped last.
+//! go-away after those answers, the HTTP API finishes the routes running
+//! within [`SHUTDOWN_GRACE`] (connections with none, idle or with a request
+//! still arriving, close at once), the ops port (health, metrics) stops,
+//! and the store is dropped last.
 //!
 //! With `kafka.brokers` the process is a cluster node: the pipeline runs on
 //! the Kafka bus (start-up waits for the brokers up to
@@ -196,8 +197,9 @@ pub async fn run_until(config: Config, shutdown: CancellationToken) -> anyhow::R
     // 8. Wait, then drain: `/health` says 503 from the first moment; the
     //    router refuses new sends (SHUTTING_DOWN) and stores and answers
     //    what it accepted; only then do clients get a go-away (behind those
-    //    answers) and their queued frames; then the HTTP server finishes its
-    //    requests, the ops port stops, and the store closes last.
+    //    answers) and their queued frames; then the HTTP server finishes the
+    //    routes running (a half-sent request does not hold it), the ops
+    //    port stops, and the store closes last.
     shutdown.cancelled().await;
     readiness.set(false);
     tracing::info!("pingme shutting down");

@@ -1,23 +1,77 @@
-//! Shutdown order against a real `pingme serve` (issue 15, item 6): while
-//! the process drains, `/health` answers 503 instead of disappearing, and a
-//! send in flight at SIGTERM is either acknowledged or refused with an
-//! error; nothing is stored without its sender having been told.
+//! Shutdown order against a real `pingme serve` (issue 15, items 4 and 6):
+//! while the process drains, `/health` answers 503 on both ports instead of
+//! disappearing; a send in flight at SIGTERM is either acknowledged or
+//! refused with an error, nothing is stored without its sender having been
+//! told; and HTTP requests still half sent when the HTTP API stops do not
+//! hold the exit (the one whose body was arriving is told `SHUTTING_DOWN`).
 
 mod e2e;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::http::StatusCode;
+use axum::routing::post;
 use bytes::Bytes;
 use e2e::{Conn, Server, WAIT};
 use futures::{SinkExt, StreamExt};
 use pingme_protocol::v1::{self, ContentType, client_frame, server_frame};
 use pingme_protocol::{ClientCodec, ClientFrame, ErrorCode};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
 
 const SENDS: u64 = 300;
+
+/// A push webhook that holds every call until released. The router
+/// finishes the pushes it took before it stops, so a held push keeps the
+/// process draining for as long as the test looks at it.
+struct HeldWebhook {
+    url: String,
+    /// Notified at the first call.
+    called: Arc<Notify>,
+    release: CancellationToken,
+}
+
+impl HeldWebhook {
+    async fn start() -> HeldWebhook {
+        let called = Arc::new(Notify::new());
+        let release = CancellationToken::new();
+        let push = {
+            let (called, release) = (called.clone(), release.clone());
+            move || {
+                let (called, release) = (called.clone(), release.clone());
+                async move {
+                    called.notify_one();
+                    release.cancelled().await;
+                    StatusCode::OK
+                }
+            }
+        };
+        let app = axum::Router::new().route("/push", post(push));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/push", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        HeldWebhook {
+            url,
+            called,
+            release,
+        }
+    }
+}
+
+/// Reads until the server closes the connection; what it sent.
+async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut received = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut received))
+        .await
+        .expect("the server never closed the connection")
+        .unwrap();
+    String::from_utf8_lossy(&received).into_owned()
+}
 
 /// Polls `url` until it answers something other than 200; panics if the
 /// port stops answering first.
@@ -38,24 +92,53 @@ async fn wait_for_unready(url: &str) -> u16 {
 async fn sigterm_answers_every_send_in_flight_and_health_is_503_while_draining() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut server = Server::start(&data).await;
+    let webhook = HeldWebhook::start().await;
+    // The read timeouts are far away, so only the shutdown closes the
+    // half-sent requests below; a held push is retried (5 s per call)
+    // rather than dead-lettered while the test looks.
+    let mut server = Server::start_with_http(
+        &data,
+        "  header_read_timeout: 600s\n  body_read_timeout: 600s\n",
+        &format!(
+            "push:\n  webhook_url: {}\ntask:\n  message_retry_attempts: 100\n",
+            webhook.url
+        ),
+    )
+    .await;
     let http = server.http();
     let (alice, alice_token) = http.user("alice", "phone").await;
     let (bob, bob_token) = http.user("bob", "phone").await;
     let conversation = format!("dm:{}:{}", alice.min(bob), alice.max(bob));
 
-    // An HTTP request held half-sent keeps the HTTP API draining, so the
-    // process cannot exit before this test has looked at /health.
-    let mut held = TcpStream::connect(server.http).await.unwrap();
-    held.write_all(
-        format!(
-            "POST /v1/auth/login HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 64\r\n\r\n{{",
-            server.http
+    // Two HTTP requests sent in part: headers cut off, and a body of which
+    // only the first byte came (after the 100 Continue that says the
+    // server is reading it).
+    let mut half_headers = TcpStream::connect(server.http).await.unwrap();
+    half_headers
+        .write_all(b"POST /v1/auth/login HTTP/1.1\r\nHost: localhost\r\nContent-")
+        .await
+        .unwrap();
+    let mut half_body = TcpStream::connect(server.http).await.unwrap();
+    half_body
+        .write_all(
+            b"POST /v1/auth/login HTTP/1.1\r\nHost: localhost\r\n\
+              Content-Type: application/json\r\nContent-Length: 64\r\n\
+              Expect: 100-continue\r\n\r\n",
         )
-        .as_bytes(),
-    )
+        .await
+        .unwrap();
+    let mut continued = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while !String::from_utf8_lossy(&continued).contains("100 Continue") {
+            let mut chunk = [0u8; 256];
+            let n = half_body.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before 100 Continue");
+            continued.extend_from_slice(&chunk[..n]);
+        }
+    })
     .await
-    .unwrap();
+    .expect("no 100 Continue");
+    half_body.write_all(b"{").await.unwrap();
 
     // Alice pipelines sends; SIGTERM arrives once the first is acknowledged.
     let stream = TcpStream::connect(server.tcp).await.unwrap();
@@ -109,7 +192,7 @@ async fn sigterm_answers_every_send_in_flight_and_health_is_503_while_draining()
     let mut acked: HashMap<String, u64> = HashMap::new();
     let mut refused = 0;
     let mut went_away = false;
-    let mut signalled = false;
+    let mut watcher = None;
     loop {
         let frame = match tokio::time::timeout(WAIT, replies.next()).await {
             Ok(Some(Ok(frame))) => frame,
@@ -119,9 +202,27 @@ async fn sigterm_answers_every_send_in_flight_and_health_is_503_while_draining()
         match frame.body {
             Some(server_frame::Body::SendAck(ack)) => {
                 acked.insert(ack.client_msg_id, ack.seq);
-                if !signalled {
-                    signalled = true;
+                if watcher.is_none() {
                     server.signal_term();
+                    // Bob is offline: the acked message is pushed, and the
+                    // held push keeps the router draining (no go-away yet)
+                    // until both health endpoints have been seen at 503.
+                    let urls = [
+                        format!("http://{}/health", server.http),
+                        format!("http://{}/health", server.metrics),
+                    ];
+                    let (called, release) = (webhook.called.clone(), webhook.release.clone());
+                    watcher = Some(tokio::spawn(async move {
+                        tokio::time::timeout(WAIT, called.notified())
+                            .await
+                            .expect("no push reached the webhook");
+                        let mut statuses = Vec::new();
+                        for url in &urls {
+                            statuses.push(wait_for_unready(url).await);
+                        }
+                        release.cancel();
+                        statuses
+                    }));
                 }
             }
             Some(server_frame::Body::Error(error)) if frame.request_id >= 100 => {
@@ -138,15 +239,21 @@ async fn sigterm_answers_every_send_in_flight_and_health_is_503_while_draining()
         }
     }
     writer.abort();
-    assert!(signalled && went_away, "go-away after the drain");
+    let watcher = watcher.expect("no send was acknowledged");
+    assert!(went_away, "go-away after the drain");
+    // Draining: both health endpoints said 503.
+    assert_eq!(watcher.await.unwrap(), [503, 503]);
 
-    // Draining (the held request keeps it so): both health endpoints say 503.
-    let metrics = server.metrics;
-    assert_eq!(
-        wait_for_unready(&format!("http://{metrics}/health")).await,
-        503
+    // The HTTP API stops: the half-sent requests are closed at once, the
+    // one whose body was arriving with SHUTTING_DOWN, and the process exits.
+    let answer = read_until_closed(&mut half_body).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains(&format!("\"code\":{}", ErrorCode::ShuttingDown.code())),
+        "{answer}"
     );
-    drop(held);
+    let answer = read_until_closed(&mut half_headers).await;
+    assert!(answer.is_empty(), "{answer}");
     let deadline = Instant::now() + WAIT;
     let status = loop {
         if let Some(status) = server.exited() {

@@ -17,23 +17,31 @@
 //!   closed at once. A WebSocket upgraded from such a connection keeps
 //!   counting until it closes.
 //! - Accept failures back off ([`crate::accept`]).
+//! - At shutdown a connection is closed at once unless the app is
+//!   answering one of its requests or the socket still holds part of an
+//!   answer ([`ConnectionActivity`]): a half-sent request or an idle
+//!   keep-alive connection cannot hold the process. A request whose body
+//!   is still arriving is answered `SHUTTING_DOWN` (503, connection
+//!   closed) without running its route; routes already running finish
+//!   and their answers are written (hyper's graceful shutdown), within
+//!   the caller's grace period.
 
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use dashmap::DashMap;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use pingme_protocol::ErrorCode;
@@ -145,10 +153,85 @@ impl Drop for ConnectionPermit {
     }
 }
 
+/// What one HTTP connection is busy with, as its task needs to know at
+/// shutdown. Shared by the connection's service (requests) and its socket
+/// (writes); both run inside the connection's task.
+#[derive(Debug, Default)]
+struct ConnectionActivity {
+    /// Requests handed to the app whose answer's body is not yet done:
+    /// from the end of their headers until hyper has taken the whole
+    /// answer.
+    requests: AtomicUsize,
+    /// Whether the socket's last write was refused for lack of room, so
+    /// hyper still holds part of an answer to send.
+    write_blocked: AtomicBool,
+}
+
+impl ConnectionActivity {
+    /// Nothing to finish: the connection waits for a request's headers
+    /// (none yet, or some of them) and owes its client nothing.
+    fn is_quiet(&self) -> bool {
+        self.requests.load(Ordering::Acquire) == 0 && !self.write_blocked.load(Ordering::Acquire)
+    }
+
+    /// Records how a write to the socket went.
+    fn wrote<T>(&self, result: Poll<T>) -> Poll<T> {
+        self.write_blocked
+            .store(result.is_pending(), Ordering::Release);
+        result
+    }
+}
+
+/// One request of a connection in the app's hands; dropping it (with the
+/// answer's body, or with the request when the connection goes) ends it.
+struct RequestInFlight(Arc<ConnectionActivity>);
+
+impl RequestInFlight {
+    fn begin(activity: Arc<ConnectionActivity>) -> RequestInFlight {
+        activity.requests.fetch_add(1, Ordering::AcqRel);
+        RequestInFlight(activity)
+    }
+}
+
+impl Drop for RequestInFlight {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An answer's body that keeps its request counted until hyper has
+/// taken all of it (a body is dropped once its last frame is out).
+struct AnswerBody {
+    body: Body,
+    _request: RequestInFlight,
+}
+
+impl hyper::body::Body for AnswerBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A TCP stream holding its connection's place for as long as it lives,
-/// through a WebSocket upgrade too.
+/// through a WebSocket upgrade too, and telling its connection's task
+/// whether hyper is waiting to write.
 struct Admitted {
     stream: TcpStream,
+    activity: Arc<ConnectionActivity>,
     _permit: ConnectionPermit,
 }
 
@@ -168,7 +251,9 @@ impl AsyncWrite for Admitted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.activity
+            .wrote(Pin::new(&mut this.stream).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -176,7 +261,9 @@ impl AsyncWrite for Admitted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.activity
+            .wrote(Pin::new(&mut this.stream).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -184,7 +271,9 @@ impl AsyncWrite for Admitted {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        this.activity
+            .wrote(Pin::new(&mut this.stream).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -202,8 +291,11 @@ connection: close\r\n\
 
 /// Serves `app` on `listener` (HTTP/1.1, with WebSocket upgrades and the
 /// client's address as [`ConnectInfo`]) under `limits` until `shutdown`
-/// is cancelled; then stops accepting, lets requests in flight finish and
-/// closes idle connections. `name` labels log lines.
+/// is cancelled; then stops accepting, closes the connections that have
+/// nothing to finish (idle, or still sending a request's headers),
+/// answers requests whose body is still arriving `SHUTTING_DOWN`, and
+/// returns once the routes already running have answered. `name` labels
+/// log lines.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -211,10 +303,7 @@ pub async fn serve(
     name: &'static str,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let app = app.layer(middleware::from_fn_with_state(
-        limits.body_read_timeout,
-        read_body_within,
-    ));
+    let app = read_bodies_first(app, limits.body_read_timeout, shutdown.clone());
     let caps = ConnectionCaps::new(&limits);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -233,14 +322,31 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(ConnectionActivity::default());
+        let requests = activity.clone();
         let service = app
             .clone()
             .map_request(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request.map(Body::new)
+            })
+            // hyper calls the service once a request's headers are in: the
+            // request counts from then until its answer is out.
+            .map_future(move |answer| {
+                let request = RequestInFlight::begin(requests.clone());
+                async move {
+                    let response: Response = answer.await?;
+                    Ok::<_, std::convert::Infallible>(response.map(|body| {
+                        Body::new(AnswerBody {
+                            body,
+                            _request: request,
+                        })
+                    }))
+                }
             });
         let io = TokioIo::new(Admitted {
             stream,
+            activity: activity.clone(),
             _permit: permit,
         });
         let connection = http
@@ -252,6 +358,14 @@ pub async fn serve(
             let ended = tokio::select! {
                 ended = connection.as_mut() => ended,
                 _ = shutdown.cancelled() => {
+                    // The connection is not being polled here, so what its
+                    // activity says holds until it is dropped. hyper's
+                    // graceful shutdown would wait for a request whose
+                    // headers are half in (up to the header timeout), so
+                    // such connections, and idle ones, just close.
+                    if activity.is_quiet() {
+                        return;
+                    }
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
@@ -277,16 +391,51 @@ fn refuse(stream: TcpStream, cap: CapReached) {
     let _ = stream.try_write(OVER_CAP);
 }
 
+/// What [`read_body_within`] needs: the body deadline and the server's
+/// shutdown signal.
+#[derive(Debug, Clone)]
+struct BodyReading {
+    deadline: Duration,
+    shutdown: CancellationToken,
+}
+
+/// `app` with every request's whole body read before its route runs
+/// ([`read_body_within`]), so a route that runs has all its input and
+/// may be left to finish at shutdown.
+fn read_bodies_first(app: Router, deadline: Duration, shutdown: CancellationToken) -> Router {
+    app.layer(middleware::from_fn_with_state(
+        BodyReading { deadline, shutdown },
+        read_body_within,
+    ))
+}
+
 /// Reads the request's whole body (at most [`MAX_REQUEST_BYTES`]) within
-/// `deadline` before the route sees it: `REQUEST_TIMEOUT` (408, connection
-/// closed) when it is late, `BODY_TOO_LARGE` (413) when it is too big.
+/// the deadline before the route sees it: `REQUEST_TIMEOUT` (408,
+/// connection closed) when it is late, `BODY_TOO_LARGE` (413) when it is
+/// too big, and `SHUTTING_DOWN` (503, connection closed) instead of
+/// starting the route once the server is stopping, even if the body is
+/// still on its way.
 async fn read_body_within(
-    State(deadline): State<Duration>,
+    State(reading): State<BodyReading>,
     request: Request,
     next: Next,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    match tokio::time::timeout(deadline, axum::body::to_bytes(body, MAX_REQUEST_BYTES)).await {
+    let read = tokio::select! {
+        // First: no route starts once the server stops, whatever the body.
+        biased;
+        _ = reading.shutdown.cancelled() => {
+            return closing(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down; retry on another node or later",
+            ));
+        }
+        read = tokio::time::timeout(
+            reading.deadline,
+            axum::body::to_bytes(body, MAX_REQUEST_BYTES),
+        ) => read,
+    };
+    match read {
         Ok(Ok(bytes)) => {
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
@@ -298,23 +447,25 @@ async fn read_body_within(
         .into_response(),
         Ok(Err(error)) => ApiError::new(ErrorCode::Malformed, format!("reading the body: {error}"))
             .into_response(),
-        Err(_) => {
-            let mut response = ApiError::new(
-                ErrorCode::RequestTimeout,
-                format!(
-                    "the request body did not arrive within {}s",
-                    deadline.as_secs_f32()
-                ),
-            )
-            .into_response();
-            // The rest of the body may still come: the connection cannot
-            // carry another request.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            response
-        }
+        // The rest of the body may still come: the connection cannot
+        // carry another request.
+        Err(_) => closing(ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!(
+                "the request body did not arrive within {}s",
+                reading.deadline.as_secs_f32()
+            ),
+        )),
     }
+}
+
+/// `error` as an answer after which the connection closes.
+fn closing(error: ApiError) -> Response {
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Whether a body error is the length limit (not a broken connection).
@@ -353,6 +504,78 @@ mod tests {
         assert_eq!(caps.open(), 2);
         let _c1 = caps.admit(c).unwrap();
         assert_eq!(caps.admit(a).unwrap_err(), CapReached::Total);
+    }
+
+    /// A route that records whether it ran, behind [`read_bodies_first`].
+    fn recording_app(shutdown: &CancellationToken) -> (Router, Arc<AtomicBool>) {
+        let ran = Arc::new(AtomicBool::new(false));
+        let route = {
+            let ran = ran.clone();
+            move || async move {
+                ran.store(true, Ordering::SeqCst);
+                "ran"
+            }
+        };
+        let app = Router::new().route("/x", axum::routing::post(route));
+        (
+            read_bodies_first(app, Duration::from_secs(600), shutdown.clone()),
+            ran,
+        )
+    }
+
+    async fn assert_shutting_down(response: Response) {
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[header::CONNECTION], "close");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], ErrorCode::ShuttingDown.code());
+    }
+
+    #[tokio::test]
+    async fn no_route_starts_once_the_server_stops() {
+        let shutdown = CancellationToken::new();
+        let (app, ran) = recording_app(&shutdown);
+        shutdown.cancel();
+        let request = Request::post("/x").body(Body::from("{}")).unwrap();
+        assert_shutting_down(app.oneshot(request).await.unwrap()).await;
+        assert!(!ran.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_body_still_arriving_when_the_server_stops_is_answered_at_once() {
+        let shutdown = CancellationToken::new();
+        let (app, ran) = recording_app(&shutdown);
+        // Half a body; asked for the rest, it says so and never delivers.
+        let (reading_tx, reading) = tokio::sync::oneshot::channel::<()>();
+        let first = futures::stream::once(async { Ok::<_, io::Error>(Bytes::from_static(b"{")) });
+        let rest = futures::stream::once(async move {
+            let _ = reading_tx.send(());
+            std::future::pending::<Result<Bytes, io::Error>>().await
+        });
+        let request = Request::post("/x")
+            .body(Body::from_stream(futures::StreamExt::chain(first, rest)))
+            .unwrap();
+        let answer = tokio::spawn(app.oneshot(request));
+        reading.await.unwrap();
+        shutdown.cancel();
+        assert_shutting_down(answer.await.unwrap().unwrap()).await;
+        assert!(!ran.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_connection_is_quiet_only_with_no_request_and_nothing_left_to_write() {
+        let activity = Arc::new(ConnectionActivity::default());
+        assert!(activity.is_quiet());
+        let request = RequestInFlight::begin(activity.clone());
+        assert!(!activity.is_quiet());
+        drop(request);
+        assert!(activity.is_quiet());
+        let _ = activity.wrote(Poll::<()>::Pending);
+        assert!(!activity.is_quiet());
+        let _ = activity.wrote(Poll::Ready(()));
+        assert!(activity.is_quiet());
     }
 
     #[test]

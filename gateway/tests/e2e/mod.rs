@@ -58,7 +58,28 @@ impl Server {
     /// [`Server::start`] with `extra` (whole top-level YAML lines, e.g.
     /// `otlp_endpoint: ...\n`) appended to the test configuration.
     pub async fn start_with(data_dir: &Path, extra: &str) -> Server {
-        Server::start_configured(data_dir, "", "", extra).await
+        Server::start_configured(
+            data_dir,
+            &Sections {
+                extra,
+                ..Sections::default()
+            },
+        )
+        .await
+    }
+
+    /// [`Server::start_with`] with `http_lines` (indented lines, e.g.
+    /// `  body_read_timeout: 600s\n`) added to the `http` section.
+    pub async fn start_with_http(data_dir: &Path, http_lines: &str, extra: &str) -> Server {
+        Server::start_configured(
+            data_dir,
+            &Sections {
+                http: http_lines,
+                extra,
+                ..Sections::default()
+            },
+        )
+        .await
     }
 
     /// A cluster node: `role` (`all`, `gateway` or `worker`) on the MySQL
@@ -76,9 +97,12 @@ impl Server {
         let id = data_dir.file_name().unwrap().to_string_lossy();
         Server::start_configured(
             data_dir,
-            &format!("  role: {role}\n  gateway_id: {id}\n"),
-            "  backend: mysql\n",
-            &extra,
+            &Sections {
+                app: &format!("  role: {role}\n  gateway_id: {id}\n"),
+                storage: "  backend: mysql\n",
+                extra: &extra,
+                ..Sections::default()
+            },
         )
         .await
     }
@@ -87,26 +111,26 @@ impl Server {
     /// `database` section naming `mysql`'s server and database); `data_dir`
     /// only holds its configuration file.
     pub async fn start_on_mysql(data_dir: &Path, mysql: &MysqlConfig) -> Server {
-        Server::start_configured(data_dir, "", "  backend: mysql\n", &database_yaml(mysql)).await
+        Server::start_configured(
+            data_dir,
+            &Sections {
+                storage: "  backend: mysql\n",
+                extra: &database_yaml(mysql),
+                ..Sections::default()
+            },
+        )
+        .await
     }
 
-    /// The test configuration with `app_lines` and `storage_lines`
-    /// (indented lines of the `app` and `storage` sections) and `extra`
-    /// (top-level lines).
-    async fn start_configured(
-        data_dir: &Path,
-        app_lines: &str,
-        storage_lines: &str,
-        extra: &str,
-    ) -> Server {
+    /// The test configuration with `sections` added.
+    async fn start_configured(data_dir: &Path, sections: &Sections<'_>) -> Server {
         // Free ports are picked by binding port 0 and letting go, which can
         // race with a parallel test; a server that could not bind exits, and
         // is started again on other ports.
         for _ in 0..3 {
             let (http, tcp, tls, metrics) = (free_port(), free_port(), free_port(), free_port());
             let config_path = data_dir.with_extension("yaml");
-            let yaml =
-                config_yaml(data_dir, app_lines, http, tcp, tls, metrics) + storage_lines + extra;
+            let yaml = config_yaml(data_dir, sections, http, tcp, tls, metrics);
             std::fs::write(&config_path, yaml).unwrap();
             let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
             let mut server = Server {
@@ -230,22 +254,38 @@ fn spawn(config: &Path) -> Child {
 /// 127.0.0.1, so the per-address limits are lifted).
 fn config_yaml(
     data_dir: &Path,
-    app_lines: &str,
+    sections: &Sections<'_>,
     http: u16,
     tcp: u16,
     tls: u16,
     metrics: u16,
 ) -> String {
+    let Sections {
+        app,
+        http: http_lines,
+        storage,
+        extra,
+    } = sections;
     format!(
-        "app:\n  host: 127.0.0.1\n  port: {http}\n  env: development\n{app_lines}\
+        "app:\n  host: 127.0.0.1\n  port: {http}\n  env: development\n{app}\
          listeners:\n  tcp: 127.0.0.1:{tcp}\n  tls: 127.0.0.1:{tls}\n  quic: 127.0.0.1:{tls}\n  metrics: 127.0.0.1:{metrics}\n\
          shards: 2\n\
          session:\n  messages_per_second: 100000\n\
          auth:\n  jwt_secret: e2e-secret-e2e-secret-e2e-secret\n  password_hash_memory_kib: 64\n  password_hash_iterations: 1\n  max_registrations_per_ip: 1000000\n  max_login_failures_per_ip: 1000000\n\
-         http:\n  max_connections: 100000\n  max_connections_per_ip: 100000\n\
-         storage:\n  data_dir: {}\n",
+         http:\n  max_connections: 100000\n  max_connections_per_ip: 100000\n{http_lines}\
+         storage:\n  data_dir: {}\n{storage}{extra}",
         data_dir.display()
     )
+}
+
+/// What a test adds to the configuration: indented lines of the `app`,
+/// `http` and `storage` sections, and whole top-level lines (`extra`).
+#[derive(Debug, Default)]
+pub struct Sections<'a> {
+    pub app: &'a str,
+    pub http: &'a str,
+    pub storage: &'a str,
+    pub extra: &'a str,
 }
 
 /// The `database` section naming `mysql` (strings as JSON, which YAML reads).
