@@ -96,7 +96,7 @@ async fn stragglers_are_closed_at_shutdown_while_a_running_route_finishes() {
          Expect: 100-continue\r\n\r\n",
     )
     .await;
-    read_until(&mut half_body, "100 Continue").await;
+    read_until(&mut half_body, "100 Continue\r\n\r\n").await;
     half_body.write_all(b"hello").await.unwrap();
     // A keep-alive connection idle after one answer.
     let mut idle = connect_and_send(addr, "GET /quick HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
