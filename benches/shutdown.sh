@@ -10,7 +10,7 @@
 # `none` by default. The load generator registers N users from one address:
 # lift the server's per-address limits and make hashing cheap through
 # EXTRA_YAML (benches/server.sh), e.g.
-#   EXTRA_YAML='auth: { password_hash_memory_kib: 64, password_hash_iterations: 1, max_registrations_per_ip: 1000000 }'
+#   EXTRA_YAML='auth: { password_hash_memory_kib: 64, password_hash_iterations: 1, max_registrations_per_ip: 1000000, max_login_failures_per_ip: 1000000 }'
 #   benches/shutdown.sh PINGME_BINARY LOADGEN_BINARY [N=2000] [BASE_PORT=22080] [STRAGGLER=none]
 set -euo pipefail
 bin=${1:?usage: benches/shutdown.sh PINGME_BINARY LOADGEN_BINARY [N] [BASE_PORT] [none|headers|body]}
