@@ -7,7 +7,7 @@
 //!   connections and connections that never send a byte (hyper's own
 //!   header timer).
 //! - A request's whole body must arrive within `http.body_read_timeout`
-//!   ([`read_body_within`]); otherwise the answer is `REQUEST_TIMEOUT`
+//!   (`read_body_within`); otherwise the answer is `REQUEST_TIMEOUT`
 //!   (408) and the connection is closed. A deadline for the whole body
 //!   rather than tower-http's per-chunk timeout, because a body trickled
 //!   one byte per almost-timeout would otherwise hold its connection for
@@ -19,7 +19,7 @@
 //! - Accept failures back off ([`crate::accept`]).
 //! - At shutdown a connection is closed at once unless the app is
 //!   answering one of its requests or the socket still holds part of an
-//!   answer ([`ConnectionActivity`]): a half-sent request or an idle
+//!   answer (`ConnectionActivity`): a half-sent request or an idle
 //!   keep-alive connection cannot hold the process. A request whose body
 //!   is still arriving is answered `SHUTTING_DOWN` (503, connection
 //!   closed) without running its route; routes already running finish
