@@ -258,17 +258,17 @@ async fn workers_joining_and_dying_lose_no_acknowledged_message() {
 /// A gateway told to stop (SIGTERM) while the sends it took wait for a
 /// worker answers them all before it says go-away: their answers come back
 /// through its downstream topic, which it keeps consuming until then. The
-/// sends wait because one of the two workers just left: its partitions are
-/// being handed to the other (a rebalance of a few seconds; the gateway
-/// waits up to `kafka.shutdown_answers_wait`, 60 s here).
+/// sends wait because the worker is frozen (SIGSTOP) until the gateway is
+/// draining (its `/health` says 503); it then goes on within its session
+/// (no rebalance) and answers. The gateway waits up to
+/// `kafka.shutdown_answers_wait`, 60 s here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_gateway_answers_the_sends_it_took() {
     let Some(cluster) = Cluster::new() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut first = cluster.node(dir.path(), "worker-1", "worker").await;
-    let _second = cluster.node(dir.path(), "worker-2", "worker").await;
+    let worker = cluster.node(dir.path(), "worker", "worker").await;
     let mut gateway = cluster.node(dir.path(), "gw-a", "gateway").await;
     let http = gateway.http();
     let (alice, alice_token) = http.user("alice", "phone").await;
@@ -277,15 +277,33 @@ async fn a_stopping_gateway_answers_the_sends_it_took() {
     let direct = dm(alice, bob);
     assert_eq!(a.send(&direct, "warm", "warm").await.unwrap().seq, 1);
 
-    // worker-1 leaves: until its partitions are worker-2's, the next sends
-    // wait on the persistence topic.
-    assert!(first.terminate().success());
+    // The worker is frozen: the next sends wait on the persistence topic.
+    worker.pause();
     let mut waiting = std::collections::BTreeMap::new();
     for i in 0..5 {
         let id = format!("in-flight-{i}");
         waiting.insert(a.send_unanswered(&direct, &id, "wait").await, id);
     }
     gateway.signal_term();
+    // Draining: /health answers 503 from the first moment of the shutdown.
+    let health = format!("http://{}/health", gateway.metrics);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while reqwest::get(&health)
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway never began draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Still waiting for the answers: no go-away yet (without the wait the
+    // gateway stops consuming and says go-away at once). Two seconds keep
+    // the frozen worker well inside its 6-s session.
+    let early = a.event(Duration::from_secs(2)).await;
+    assert!(early.is_none(), "nothing before the answers: {early:?}");
+    worker.resume();
 
     // Every send is answered (acked) before the connection closes.
     let mut seqs = BTreeSet::new();

@@ -198,9 +198,24 @@ impl Server {
 
     /// Sends SIGTERM without waiting: the shutdown begins.
     pub fn signal_term(&self) {
+        self.signal("-TERM");
+    }
+
+    /// SIGSTOP: the process is frozen (it answers nothing) until
+    /// [`Server::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Server::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
         // kill(1) rather than libc::kill: the workspace denies unsafe code.
         let sent = Command::new("kill")
-            .arg("-TERM")
+            .arg(signal)
             .arg(self.child.id().to_string())
             .status()
             .unwrap();
