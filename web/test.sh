@@ -47,7 +47,11 @@ app: { host: 127.0.0.1, port: $http, env: development }
 listeners: { tcp: 127.0.0.1:$tcp, tls: 127.0.0.1:$tls, quic: 127.0.0.1:$tls, metrics: 127.0.0.1:$metrics }
 # A short heartbeat, so the page notices the network-drop step's dead link
 # within seconds (a ping unanswered by the next one means a dead link).
-session: { heartbeat_interval: 2s, idle_timeout: 30s }
+# The history step types 35 messages as fast as the browser can: above the
+# default send rate, so a fast machine got RATE_LIMITED, the page retried
+# those a second later, and they took later seqs than the lines typed after
+# them (the page does not hold later sends back behind a refused one yet).
+session: { heartbeat_interval: 2s, idle_timeout: 30s, messages_per_second: 1000 }
 auth: { jwt_secret: webchat-test-secret-0123456789, password_hash_memory_kib: 64, password_hash_iterations: 1 }
 storage: { data_dir: $work/data }
 YAML
