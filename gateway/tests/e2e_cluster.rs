@@ -20,17 +20,13 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use e2e::{Conn, Server};
-use pingme_protocol::v1::{self, FetchMessages, client_frame, server_frame};
+use e2e::{Conn, Server, dm};
+use pingme_protocol::v1::{self, client_frame, server_frame};
 use pingme_storage::mysql::{MysqlConfig, TestDatabase, server_from_env};
 
 /// Replies and deliveries may wait for a rebalance (a killed member's
 /// session timeout, 6 s here, plus Tansu's join of about 3 s).
 const PATIENCE: Duration = Duration::from_secs(90);
-
-fn dm(a: u64, b: u64) -> String {
-    format!("dm:{}:{}", a.min(b), a.max(b))
-}
 
 /// The broker and Redis of the environment, or `None` (with a note) when
 /// one is unset outside CI.
@@ -124,31 +120,11 @@ async fn delivered(conn: &mut Conn, conversation: &str, count: usize) -> Vec<(u6
 
 /// The stored timeline of `conversation` as (seq, body).
 async fn history(conn: &mut Conn, conversation: &str) -> Vec<(u64, String)> {
-    let mut messages = Vec::new();
-    let mut after = 0;
-    loop {
-        let reply = conn
-            .request(client_frame::Body::Fetch(FetchMessages {
-                conversation_id: conversation.into(),
-                after_seq: after,
-                until_seq: 0,
-                limit: 0,
-            }))
-            .await;
-        let Some(server_frame::Body::Page(page)) = reply.body else {
-            panic!("fetch {conversation}: {reply:?}")
-        };
-        for message in &page.messages {
-            messages.push((
-                message.seq,
-                String::from_utf8_lossy(&message.body).into_owned(),
-            ));
-        }
-        after = page.messages.last().map_or(after, |m| m.seq);
-        if !page.has_more {
-            return messages;
-        }
-    }
+    conn.history(conversation)
+        .await
+        .into_iter()
+        .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ mod e2e;
 
 use std::time::Duration;
 
-use e2e::{Conn, Server};
+use e2e::{Conn, Server, dm};
 use pingme_protocol::ErrorCode;
 use pingme_protocol::v1::{self, FetchMessages, client_frame, server_frame};
 
@@ -16,10 +16,6 @@ async fn server() -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data")).await;
     (dir, server)
-}
-
-fn dm(a: u64, b: u64) -> String {
-    format!("dm:{}:{}", a.min(b), a.max(b))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

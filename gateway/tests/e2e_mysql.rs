@@ -15,45 +15,22 @@ use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{Conn, Server, database_yaml};
-use pingme_protocol::v1::{self, FetchMessages, client_frame, server_frame};
+use e2e::{Conn, Server, database_yaml, dm};
 use pingme_storage::mysql::{MysqlConfig, TestDatabase, server_from_env};
 
-fn dm(a: u64, b: u64) -> String {
-    format!("dm:{}:{}", a.min(b), a.max(b))
-}
-
-/// The whole timeline of `conversation` as (seq, sender, body), by fetch
-/// pages from seq 0 (not by sync: what was delivered before still counts).
+/// The whole timeline of `conversation` as (seq, sender, body).
 async fn history(conn: &mut Conn, conversation: &str) -> Vec<(u64, u64, String)> {
-    let mut messages = Vec::new();
-    let mut after = 0;
-    loop {
-        let reply = conn
-            .request(client_frame::Body::Fetch(FetchMessages {
-                conversation_id: conversation.into(),
-                after_seq: after,
-                until_seq: 0,
-                limit: 0,
-            }))
-            .await;
-        let Some(server_frame::Body::Page(page)) = reply.body else {
-            panic!("fetch {conversation}: {reply:?}")
-        };
-        for message in &page.messages {
-            let v1::Message {
-                seq,
-                sender_id,
-                body,
-                ..
-            } = message;
-            messages.push((*seq, *sender_id, String::from_utf8_lossy(body).into_owned()));
-        }
-        after = page.messages.last().map_or(after, |m| m.seq);
-        if !page.has_more {
-            return messages;
-        }
-    }
+    conn.history(conversation)
+        .await
+        .into_iter()
+        .map(|m| {
+            (
+                m.seq,
+                m.sender_id,
+                String::from_utf8_lossy(&m.body).into_owned(),
+            )
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

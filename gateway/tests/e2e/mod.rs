@@ -37,6 +37,11 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The id of the direct conversation of users `a` and `b`.
+pub fn dm(a: u64, b: u64) -> String {
+    format!("dm:{}:{}", a.min(b), a.max(b))
+}
+
 /// A running `pingme serve` child process.
 pub struct Server {
     child: Child,
@@ -566,6 +571,31 @@ impl Conn {
                 Ok(Some(Err(e))) => panic!("connection failed while waiting for a delivery: {e}"),
                 Ok(None) => panic!("connection closed while waiting for a delivery"),
                 Err(_) => panic!("no delivery within {:?}", self.wait),
+            }
+        }
+    }
+
+    /// The whole stored timeline of `conversation`, by fetch pages from seq
+    /// 0 (not by sync: what was delivered before still counts).
+    pub async fn history(&mut self, conversation: &str) -> Vec<v1::Message> {
+        let mut messages = Vec::new();
+        let mut after = 0;
+        loop {
+            let reply = self
+                .request(client_frame::Body::Fetch(FetchMessages {
+                    conversation_id: conversation.into(),
+                    after_seq: after,
+                    until_seq: 0,
+                    limit: 0,
+                }))
+                .await;
+            let Some(server_frame::Body::Page(page)) = reply.body else {
+                panic!("fetch {conversation}: {reply:?}")
+            };
+            after = page.messages.last().map_or(after, |m| m.seq);
+            messages.extend(page.messages);
+            if !page.has_more {
+                return messages;
             }
         }
     }
