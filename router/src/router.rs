@@ -297,6 +297,15 @@ impl Router {
         }
     }
 
+    /// Polls `work` once, inside the router's runtime rather than the
+    /// calling shard's: a timer or socket it registers must belong to the
+    /// runtime that finishes it, which outlives the shards. Whether it
+    /// finished.
+    fn finished_at_once<F: std::future::Future + Unpin>(&self, work: &mut F) -> bool {
+        let _inside = self.runtime.enter();
+        work.now_or_never().is_some()
+    }
+
     /// Waits (up to `limit`) for what closed connections left to do: their
     /// directory unregisters and delivered watermarks. Called once the
     /// gateway closed its connections, before the store and the runtime go.
@@ -533,14 +542,7 @@ impl Dispatch for Router {
         });
         // The local directory answers at once: no task, and presence is
         // current when this returns. A remote one finishes on a task.
-        // Tried at once inside the router's runtime (not the calling
-        // shard's): a timer or socket the directory's call registers must
-        // belong to the runtime that finishes it, which outlives the shards.
-        let done = {
-            let _inside = self.runtime.enter();
-            (&mut register).now_or_never().is_some()
-        };
-        if !done {
+        if !self.finished_at_once(&mut register) {
             self.registering
                 .insert(session.conn, self.runtime.spawn(register));
         }
@@ -561,11 +563,7 @@ impl Dispatch for Router {
                 }
             }
         });
-        let done = {
-            let _inside = self.runtime.enter();
-            (&mut unregister).now_or_never().is_some()
-        };
-        if !done {
+        if !self.finished_at_once(&mut unregister) {
             self.closing.spawn_on(unregister, &self.runtime);
         }
         self.typing.remove(&session.conn);
