@@ -1,7 +1,17 @@
 //! Delivery accounting: every acknowledged send is expected at each of its
 //! recipients exactly once and, per conversation, in seq order. Whatever
-//! falls short is lost; a seq seen twice is duplicated; a seq below one
-//! already seen is out of order.
+//! falls short is lost; a seq pushed twice is duplicated; a seq pushed
+//! below one already seen is out of order; one send (the sender's counter
+//! in the body) arriving under two seqs was stored twice.
+//!
+//! A connection that dropped fetches what it missed after it reconnects:
+//! those arrivals are recovered, never out of order (the fetch fills the
+//! gap behind the pushes that came meanwhile), and a push of a seq the
+//! fetch already brought, or a fetched seq already pushed, is the expected
+//! overlap of the two paths, not a duplicate. A send retried with its
+//! client_msg_id is answered from the idempotency record and fanned out
+//! again (at-least-once delivery, docs/router.md): a second push of it is
+//! a redelivery the client drops by seq, not a duplicate.
 
 use std::collections::{HashMap, HashSet};
 
@@ -60,6 +70,35 @@ pub enum Delivery {
     OutOfOrder,
     /// Seen before.
     Duplicate,
+    /// Fetched after a reconnect, not seen before.
+    Recovered,
+    /// Seen before through the other path (push and fetch).
+    Overlap,
+    /// Pushed again after its sender retried the send.
+    Redelivered,
+    /// A new seq for a send already seen under another seq.
+    StoredTwice,
+}
+
+/// What one recipient holds of one conversation.
+#[derive(Debug)]
+struct Held {
+    seqs: Stream,
+    /// Seqs that came through a fetch and were not pushed (yet): a later
+    /// push of one is an overlap.
+    fetched: HashSet<u64>,
+    /// Sender -> the counters of its sends seen (kept like seqs).
+    counters: HashMap<u64, Stream>,
+}
+
+impl Held {
+    fn starting_at(seq: u64) -> Self {
+        Held {
+            seqs: Stream::starting_at(seq),
+            fetched: HashSet::new(),
+            counters: HashMap::new(),
+        }
+    }
 }
 
 /// Counts for the report.
@@ -67,20 +106,34 @@ pub enum Delivery {
 pub struct DeliveryCounts {
     /// Deliveries the acknowledged sends call for.
     pub expected: u64,
-    /// Distinct deliveries that arrived.
+    /// Distinct deliveries (by seq) that arrived, pushed or recovered.
     pub delivered: u64,
     /// Expected but never arrived.
     pub lost: u64,
-    /// Arrived more than once.
+    /// Pushed more than once.
     pub duplicated: u64,
-    /// Arrived after a higher seq of the same conversation.
+    /// Pushed after a higher seq of the same conversation.
     pub out_of_order: u64,
+    /// One send that arrived under two different seqs (stored twice).
+    #[serde(default)]
+    pub stored_twice: u64,
+    /// Of `delivered`, the ones fetched after a reconnect.
+    #[serde(default)]
+    pub recovered: u64,
+    /// Seqs that came both pushed and fetched (expected after a
+    /// reconnect, not an error).
+    #[serde(default)]
+    pub overlaps: u64,
+    /// Seqs pushed again after their sender retried the send (expected,
+    /// not an error).
+    #[serde(default)]
+    pub redelivered: u64,
 }
 
 impl DeliveryCounts {
     /// Whether anything went wrong.
     pub fn has_errors(&self) -> bool {
-        self.lost > 0 || self.duplicated > 0 || self.out_of_order > 0
+        self.lost > 0 || self.duplicated > 0 || self.out_of_order > 0 || self.stored_twice > 0
     }
 
     /// Sum of two processes' counts.
@@ -90,7 +143,34 @@ impl DeliveryCounts {
         self.lost += other.lost;
         self.duplicated += other.duplicated;
         self.out_of_order += other.out_of_order;
+        self.stored_twice += other.stored_twice;
+        self.recovered += other.recovered;
+        self.overlaps += other.overlaps;
+        self.redelivered += other.redelivered;
     }
+}
+
+/// How a delivery reached the recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Pushed live (`Deliver`).
+    Pushed,
+    /// Fetched after a reconnect (`MessagePage`).
+    Fetched,
+}
+
+/// One delivery of one of this run's messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    /// The receiving connection.
+    pub recipient: u64,
+    pub conversation_id: &'a str,
+    pub seq: u64,
+    /// The sending user.
+    pub sender: u64,
+    /// The sender's counter of that send (the same on every retry).
+    pub counter: u64,
+    pub path: Path,
 }
 
 /// The ledger of one run.
@@ -98,47 +178,132 @@ impl DeliveryCounts {
 pub struct Accounting {
     expected: u64,
     /// recipient -> conversation -> what it got.
-    streams: HashMap<u64, HashMap<String, Stream>>,
+    streams: HashMap<u64, HashMap<String, Held>>,
     delivered: u64,
     duplicated: u64,
     out_of_order: u64,
+    stored_twice: u64,
+    recovered: u64,
+    overlaps: u64,
+    redelivered: u64,
+    /// (sender, counter) of every send sent more than once.
+    retried: HashSet<(u64, u64)>,
 }
 
 impl Accounting {
+    /// `sender` sends its send `counter` again (before it goes out, so the
+    /// redelivery it may cause is known when it arrives).
+    pub fn retrying(&mut self, sender: u64, counter: u64) {
+        self.retried.insert((sender, counter));
+    }
+
     /// An acknowledged send that `recipients` connections must receive.
     pub fn expect(&mut self, recipients: u64) {
         self.expected += recipients;
     }
 
-    /// A delivery of `seq` in `conversation_id` to connection `recipient`.
+    /// A pushed delivery of `seq` in `conversation_id` to connection
+    /// `recipient` (of a send whose counter is unknown: no stored-twice
+    /// check).
+    #[cfg(test)]
     pub fn deliver(&mut self, recipient: u64, conversation_id: &str, seq: u64) -> Delivery {
-        let conversations = self.streams.entry(recipient).or_default();
-        let Some(stream) = conversations.get_mut(conversation_id) else {
-            conversations.insert(conversation_id.to_string(), Stream::starting_at(seq));
-            self.delivered += 1;
-            return Delivery::New;
-        };
-        if !stream.insert(seq) {
-            self.duplicated += 1;
-            return Delivery::Duplicate;
-        }
-        self.delivered += 1;
-        if seq < stream.highest {
-            self.out_of_order += 1;
-            return Delivery::OutOfOrder;
-        }
-        stream.highest = seq;
-        Delivery::New
+        self.arrive(Arrival {
+            recipient,
+            conversation_id,
+            seq,
+            sender: 0,
+            counter: 0,
+            path: Path::Pushed,
+        })
     }
 
-    /// The counts so far; `lost` is what is still missing.
+    /// One arrival, pushed or fetched.
+    pub fn arrive(&mut self, arrival: Arrival<'_>) -> Delivery {
+        let conversations = self.streams.entry(arrival.recipient).or_default();
+        let new = match conversations.get_mut(arrival.conversation_id) {
+            Some(held) => held.seqs.insert(arrival.seq),
+            None => {
+                conversations.insert(
+                    arrival.conversation_id.to_string(),
+                    Held::starting_at(arrival.seq),
+                );
+                true
+            }
+        };
+        let held = conversations
+            .get_mut(arrival.conversation_id)
+            .expect("present or just added");
+        if !new {
+            // Seen before: a repeat of the same path is a duplicate push
+            // (or a refetch of what a fetch brought: harmless); across the
+            // paths, the overlap a reconnect brings.
+            return match arrival.path {
+                Path::Pushed if held.fetched.remove(&arrival.seq) => {
+                    self.overlaps += 1;
+                    Delivery::Overlap
+                }
+                Path::Pushed if self.retried.contains(&(arrival.sender, arrival.counter)) => {
+                    self.redelivered += 1;
+                    Delivery::Redelivered
+                }
+                Path::Pushed => {
+                    self.duplicated += 1;
+                    Delivery::Duplicate
+                }
+                Path::Fetched => {
+                    self.overlaps += 1;
+                    Delivery::Overlap
+                }
+            };
+        }
+        self.delivered += 1;
+        if arrival.counter != 0 {
+            let fresh = match held.counters.get_mut(&arrival.sender) {
+                Some(seen) => seen.insert(arrival.counter),
+                None => {
+                    held.counters
+                        .insert(arrival.sender, Stream::starting_at(arrival.counter));
+                    true
+                }
+            };
+            if !fresh {
+                self.stored_twice += 1;
+                return Delivery::StoredTwice;
+            }
+        }
+        match arrival.path {
+            Path::Fetched => {
+                held.fetched.insert(arrival.seq);
+                held.seqs.highest = held.seqs.highest.max(arrival.seq);
+                self.recovered += 1;
+                Delivery::Recovered
+            }
+            Path::Pushed if arrival.seq < held.seqs.highest => {
+                self.out_of_order += 1;
+                Delivery::OutOfOrder
+            }
+            Path::Pushed => {
+                held.seqs.highest = arrival.seq;
+                Delivery::New
+            }
+        }
+    }
+
+    /// The counts so far; `lost` is what is still missing (a send stored
+    /// twice counts once towards what arrived).
     pub fn counts(&self) -> DeliveryCounts {
         DeliveryCounts {
             expected: self.expected,
             delivered: self.delivered,
-            lost: self.expected.saturating_sub(self.delivered),
+            lost: self
+                .expected
+                .saturating_sub(self.delivered - self.stored_twice),
             duplicated: self.duplicated,
             out_of_order: self.out_of_order,
+            stored_twice: self.stored_twice,
+            recovered: self.recovered,
+            overlaps: self.overlaps,
+            redelivered: self.redelivered,
         }
     }
 }
@@ -169,6 +334,7 @@ mod tests {
                 lost: 1,
                 duplicated: 1,
                 out_of_order: 1,
+                ..DeliveryCounts::default()
             }
         );
         assert!(counts.has_errors());
@@ -198,7 +364,7 @@ mod tests {
         for seq in 14..10_000 {
             assert_eq!(ledger.deliver(1, "g:1", seq), Delivery::New);
         }
-        let stream = &ledger.streams[&1]["g:1"];
+        let stream = &ledger.streams[&1]["g:1"].seqs;
         assert!(stream.above.is_empty(), "in-order seqs keep no entries");
         assert_eq!(stream.floor, 9_999);
         assert_eq!(ledger.counts().duplicated, 3);
@@ -212,5 +378,98 @@ mod tests {
         assert_eq!(ledger.deliver(1, "g:2", 1), Delivery::New);
         assert_eq!(ledger.deliver(2, "g:1", 1), Delivery::New);
         assert_eq!(ledger.counts().duplicated, 0);
+    }
+
+    fn arrival(seq: u64, counter: u64, path: Path) -> Arrival<'static> {
+        Arrival {
+            recipient: 7,
+            conversation_id: "dm:1:2",
+            seq,
+            sender: 1,
+            counter,
+            path,
+        }
+    }
+
+    #[test]
+    fn a_reconnect_recovers_the_gap_without_reorder_or_duplicates() {
+        use Delivery::{New, Overlap, Recovered};
+        use Path::{Fetched, Pushed};
+        let mut ledger = Accounting::default();
+        ledger.expect(6);
+        // Pushed 1 and 2, then the connection dropped; 3 and 4 went to the
+        // dead gateway; after the reconnect 6 is pushed before the fetch
+        // answers with 3..=6 (6 both ways), and 5 is pushed late.
+        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), New);
+        assert_eq!(ledger.arrive(arrival(2, 2, Pushed)), New);
+        assert_eq!(ledger.arrive(arrival(6, 6, Pushed)), New);
+        assert_eq!(ledger.arrive(arrival(3, 3, Fetched)), Recovered);
+        assert_eq!(ledger.arrive(arrival(4, 4, Fetched)), Recovered);
+        assert_eq!(ledger.arrive(arrival(5, 5, Fetched)), Recovered);
+        assert_eq!(ledger.arrive(arrival(6, 6, Fetched)), Overlap);
+        assert_eq!(ledger.arrive(arrival(5, 5, Pushed)), Overlap);
+        let counts = ledger.counts();
+        assert_eq!(
+            counts,
+            DeliveryCounts {
+                expected: 6,
+                delivered: 6,
+                recovered: 3,
+                overlaps: 2,
+                ..DeliveryCounts::default()
+            }
+        );
+        assert!(!counts.has_errors());
+    }
+
+    #[test]
+    fn a_push_repeated_after_its_overlap_is_a_duplicate() {
+        use Path::{Fetched, Pushed};
+        let mut ledger = Accounting::default();
+        ledger.expect(1);
+        ledger.arrive(arrival(1, 1, Fetched));
+        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::Overlap);
+        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::Duplicate);
+        assert_eq!(ledger.counts().duplicated, 1);
+        assert!(ledger.counts().has_errors());
+    }
+
+    #[test]
+    fn a_push_repeated_after_the_sender_retried_is_a_redelivery() {
+        use Path::Pushed;
+        let mut ledger = Accounting::default();
+        ledger.expect(2);
+        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::New);
+        assert_eq!(ledger.arrive(arrival(2, 2, Pushed)), Delivery::New);
+        // Sender 1 retries counter 1 (its ack was lost): the server answers
+        // from the idempotency record and pushes seq 1 again.
+        ledger.retrying(1, 1);
+        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::Redelivered);
+        // Counter 2 was never retried: its second push is a duplicate.
+        assert_eq!(ledger.arrive(arrival(2, 2, Pushed)), Delivery::Duplicate);
+        let counts = ledger.counts();
+        assert_eq!((counts.redelivered, counts.duplicated), (1, 1));
+        assert_eq!(counts.lost, 0);
+    }
+
+    #[test]
+    fn a_retried_send_stored_under_two_seqs_is_caught_and_a_loss_not_hidden() {
+        use Path::{Fetched, Pushed};
+        let mut ledger = Accounting::default();
+        // Three acknowledged sends (counters 1..=3); counter 2's retry was
+        // stored again as seq 3, and counter 3 (seq 4) never arrived.
+        ledger.expect(3);
+        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::New);
+        assert_eq!(ledger.arrive(arrival(2, 2, Pushed)), Delivery::New);
+        assert_eq!(ledger.arrive(arrival(3, 2, Fetched)), Delivery::StoredTwice);
+        let counts = ledger.counts();
+        assert_eq!(counts.stored_twice, 1);
+        assert_eq!(counts.delivered, 3);
+        assert_eq!(counts.lost, 1, "three seqs arrived, but only two sends");
+        assert!(counts.has_errors());
+        // Another sender's counters are its own.
+        let mut other = arrival(5, 1, Pushed);
+        other.sender = 2;
+        assert_eq!(ledger.arrive(other), Delivery::New);
     }
 }

@@ -139,7 +139,7 @@ struct RunArgs {
     /// chat: messages per second per connection.
     #[arg(long, default_value_t = 1.0)]
     rate: f64,
-    /// Message body size in bytes (at least 16).
+    /// Message body size in bytes (at least 24: run tag, send time, counter).
     #[arg(long, default_value_t = 64)]
     size: usize,
     /// fanout, huge-group: the group conversation every user is a member
@@ -311,8 +311,11 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {
             source::PORTS_PER_ADDRESS
         );
     }
-    if args.size < 16 {
-        anyhow::bail!("--size must be at least 16 (run tag and send time)");
+    if args.size < run::MIN_BODY {
+        anyhow::bail!(
+            "--size must be at least {} (run tag, send time, counter)",
+            run::MIN_BODY
+        );
     }
 
     let users = if let Some(path) = &args.tokens {

@@ -111,6 +111,53 @@ fn max_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+/// A time when connections were down: from the first drop while all were
+/// up until every dropped one authenticated again.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Outage {
+    /// The first drop, Unix milliseconds.
+    pub started_unix_ms: u64,
+    /// When the last dropped connection was back (absent: some never were).
+    pub all_back_unix_ms: Option<u64>,
+    /// Connections that dropped during it.
+    pub connections: u64,
+}
+
+impl Outage {
+    /// From the first drop until all were back, seconds.
+    pub fn all_back_after_s(&self) -> Option<f64> {
+        self.all_back_unix_ms
+            .map(|back| back.saturating_sub(self.started_unix_ms) as f64 / 1000.0)
+    }
+
+    /// The outages of processes that ran side by side, overlapping ones
+    /// joined: one kill seen by every shard is one outage, over when the
+    /// last shard's connections are back.
+    pub fn joined(outages: impl IntoIterator<Item = Outage>) -> Vec<Outage> {
+        let mut all: Vec<Outage> = outages.into_iter().collect();
+        all.sort_by_key(|o| o.started_unix_ms);
+        let mut joined: Vec<Outage> = Vec::new();
+        for outage in all {
+            match joined.last_mut() {
+                // Still open, or over after this one began: the same episode.
+                Some(last)
+                    if last
+                        .all_back_unix_ms
+                        .is_none_or(|back| back >= outage.started_unix_ms) =>
+                {
+                    last.connections += outage.connections;
+                    last.all_back_unix_ms = match (last.all_back_unix_ms, outage.all_back_unix_ms) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        _ => None,
+                    };
+                }
+                _ => joined.push(outage),
+            }
+        }
+        joined
+    }
+}
+
 /// The report of one process, or the merge of several.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Report {
@@ -150,6 +197,16 @@ pub struct Report {
     pub send_to_ack: LatencySummary,
     /// Send until the recipient got the Deliver.
     pub send_to_deliver: LatencySummary,
+    /// From a drop until the connection authenticated again.
+    #[serde(default)]
+    pub reconnect_latency: LatencySummary,
+    /// Sends sent again with the same client_msg_id (after a reconnect or
+    /// a "later" answer).
+    #[serde(default)]
+    pub resent: u64,
+    /// Times when connections were down, and how long until all were back.
+    #[serde(default)]
+    pub outages: Vec<Outage>,
     /// Lost, duplicated, reordered.
     pub deliveries: DeliveryCounts,
     /// Free-form parameters of the run.
@@ -195,6 +252,9 @@ impl Report {
             merged.connect_latency = merged.connect_latency.merged(&report.connect_latency);
             merged.send_to_ack = merged.send_to_ack.merged(&report.send_to_ack);
             merged.send_to_deliver = merged.send_to_deliver.merged(&report.send_to_deliver);
+            merged.reconnect_latency = merged.reconnect_latency.merged(&report.reconnect_latency);
+            merged.resent += report.resent;
+            merged.outages.extend(report.outages.iter().cloned());
             merged.deliveries.merge(&report.deliveries);
             merged.server_bytes_per_connection = merged
                 .server_bytes_per_connection
@@ -219,6 +279,7 @@ impl Report {
             }
         }
         merged.shards.sort();
+        merged.outages = Outage::joined(std::mem::take(&mut merged.outages));
         merged.timeline = timeline.into_values().collect();
         Ok(merged)
     }
@@ -267,18 +328,38 @@ impl Report {
         line("connect+auth", &self.connect_latency);
         line("send->ack", &self.send_to_ack);
         line("send->deliver", &self.send_to_deliver);
+        line("drop->back", &self.reconnect_latency);
         let d = &self.deliveries;
         println!(
-            "delivered {} of {} expected ({:.0}/s): lost {}, duplicated {}, out of order {}; send failures {}; reconnects {}",
+            "delivered {} of {} expected ({:.0}/s): lost {}, duplicated {}, out of order {}, stored twice {}; send failures {}; reconnects {}",
             d.delivered,
             d.expected,
             self.delivered_per_s,
             d.lost,
             d.duplicated,
             d.out_of_order,
+            d.stored_twice,
             self.send_failures,
             self.reconnects
         );
+        if self.reconnects > 0 || d.recovered > 0 || self.resent > 0 {
+            println!(
+                "after drops: {} recovered by fetch, {} seen both pushed and fetched, {} sends sent again, {} pushed again after a retry",
+                d.recovered, d.overlaps, self.resent, d.redelivered
+            );
+        }
+        for outage in &self.outages {
+            match outage.all_back_after_s() {
+                Some(seconds) => println!(
+                    "outage: {} connections dropped, all back after {seconds:.2} s",
+                    outage.connections
+                ),
+                None => println!(
+                    "outage: {} connections dropped, NOT all back by the end",
+                    outage.connections
+                ),
+            }
+        }
         if let Some(bytes) = self.server_bytes_per_connection {
             println!("server memory: {bytes:.0} bytes per connection (VmRSS delta)");
         }
@@ -402,5 +483,31 @@ mod tests {
             ..Report::default()
         };
         assert!(Report::merge(&[merged, other]).is_err());
+    }
+
+    #[test]
+    fn overlapping_outages_of_shards_join_into_one() {
+        let outage = |start, back: Option<u64>, connections| Outage {
+            started_unix_ms: start,
+            all_back_unix_ms: back,
+            connections,
+        };
+        let joined = Outage::joined([
+            outage(5_000, Some(6_500), 40),
+            outage(1_000, Some(2_000), 10),
+            outage(1_200, Some(3_000), 12),
+            outage(7_000, None, 3),
+            outage(7_100, Some(7_200), 1),
+        ]);
+        assert_eq!(
+            joined,
+            vec![
+                outage(1_000, Some(3_000), 22),
+                outage(5_000, Some(6_500), 40),
+                outage(7_000, None, 4),
+            ]
+        );
+        assert_eq!(joined[0].all_back_after_s(), Some(2.0));
+        assert_eq!(joined[2].all_back_after_s(), None);
     }
 }

@@ -4,10 +4,18 @@
 //!
 //! Each connection is one task on a bare [`Session`] (no SDK driver: a
 //! million of them must stay cheap). Message bodies carry this process's run
-//! tag and the send time, so receivers measure send-to-deliver and count
-//! only the messages this process is accountable for.
+//! tag, the send time and the sender's counter of the send, so receivers
+//! measure send-to-deliver, count only the messages this process is
+//! accountable for, and tell a retried send stored twice.
+//!
+//! A connection that drops (its gateway killed, a go-away, a fatal error)
+//! comes back as a client would: it reconnects with backoff (through the
+//! same address, so a balancer picks a live gateway), authenticates again,
+//! resends its unacknowledged sends with their client_msg_ids, and fetches
+//! each conversation from the last seq it holds without a gap; the outage
+//! (first drop until every dropped connection is back) is in the report.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,14 +23,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{FutureExt, SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use pingme_client::Backoff;
 use pingme_client::session::{Session, open_session};
 use pingme_client::transport::{ConnectOptions, Endpoint};
-use pingme_client::v1::{ContentType, DeliveryAck, Ping, SendMessage, client_frame, server_frame};
-use pingme_protocol::ClientFrame;
+use pingme_client::v1::{
+    ContentType, DeliveryAck, FetchMessages, Ping, SendMessage, client_frame, server_frame,
+};
+use pingme_protocol::{ClientFrame, ErrorCode};
 use tokio::sync::{Semaphore, watch};
 
-use crate::accounting::Accounting;
-use crate::report::{LatencySummary, Report, Sample, new_histogram};
+use crate::accounting::{Accounting, Arrival, Path};
+use crate::report::{LatencySummary, Outage, Report, Sample, new_histogram};
 use crate::source::SourceAddrs;
 use crate::users::User;
 
@@ -94,6 +105,50 @@ struct Shared {
     accounting: Mutex<Accounting>,
     /// Local fanout members online (recipients per fanout send).
     members: AtomicU64,
+    /// From a drop until the connection authenticated again.
+    reconnect_latency: Mutex<Histogram<u64>>,
+    /// Sends sent again (after a reconnect or a "later" answer).
+    resent: AtomicU64,
+    outages: Mutex<Outages>,
+}
+
+/// Episodes during which connections were down: from the first drop while
+/// all were up until every dropped connection is back.
+#[derive(Debug, Default)]
+struct Outages {
+    down: u64,
+    current: Option<Outage>,
+    done: Vec<Outage>,
+}
+
+impl Outages {
+    fn dropped(&mut self) {
+        self.down += 1;
+        let outage = self.current.get_or_insert_with(|| Outage {
+            started_unix_ms: unix_micros() / 1000,
+            ..Outage::default()
+        });
+        outage.connections += 1;
+    }
+
+    fn back(&mut self) {
+        self.down = self.down.saturating_sub(1);
+        if self.down == 0
+            && let Some(mut outage) = self.current.take()
+        {
+            outage.all_back_unix_ms = Some(unix_micros() / 1000);
+            self.done.push(outage);
+        }
+    }
+
+    /// Every episode, the one still open (some never came back) last.
+    fn all(&self) -> Vec<Outage> {
+        self.done
+            .iter()
+            .chain(self.current.as_ref())
+            .cloned()
+            .collect()
+    }
 }
 
 /// Phases the connections follow.
@@ -123,20 +178,24 @@ fn unix_micros() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// A body: run tag, send time (Unix µs), padding up to `size`.
-pub fn encode_body(run_tag: u64, sent_us: u64, size: usize) -> Bytes {
-    let mut body = BytesMut::with_capacity(size.max(16));
+/// The smallest body: run tag, send time, counter.
+pub const MIN_BODY: usize = 24;
+
+/// A body: run tag, send time (Unix µs), the sender's counter of this send
+/// (1, 2, ...; the same on every retry), padding up to `size`.
+pub fn encode_body(run_tag: u64, sent_us: u64, counter: u64, size: usize) -> Bytes {
+    let mut body = BytesMut::with_capacity(size.max(MIN_BODY));
     body.put_u64(run_tag);
     body.put_u64(sent_us);
-    body.resize(size.max(16), b'.');
+    body.put_u64(counter);
+    body.resize(size.max(MIN_BODY), b'.');
     body.freeze()
 }
 
-/// The run tag and send time of a body, if it is one of ours.
-pub fn decode_body(body: &[u8]) -> Option<(u64, u64)> {
-    let tag = u64::from_be_bytes(body.get(0..8)?.try_into().ok()?);
-    let sent = u64::from_be_bytes(body.get(8..16)?.try_into().ok()?);
-    Some((tag, sent))
+/// The run tag, send time and counter of a body, if it is one of ours.
+pub fn decode_body(body: &[u8]) -> Option<(u64, u64, u64)> {
+    let word = |at: usize| Some(u64::from_be_bytes(body.get(at..at + 8)?.try_into().ok()?));
+    Some((word(0)?, word(8)?, word(16)?))
 }
 
 /// The 1:1 conversation id of two users.
@@ -221,6 +280,9 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         deliver_latency_second: Mutex::new(new_histogram()),
         accounting: Mutex::new(Accounting::default()),
         members: AtomicU64::new(0),
+        reconnect_latency: Mutex::new(new_histogram()),
+        resent: AtomicU64::new(0),
+        outages: Mutex::new(Outages::default()),
     });
     let users = Arc::new(users);
     let total = users.len() as u64;
@@ -363,6 +425,13 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         connect_latency: histogram(&shared.connect_latency),
         send_to_ack: histogram(&shared.ack_latency),
         send_to_deliver: histogram(&shared.deliver_latency),
+        reconnect_latency: histogram(&shared.reconnect_latency),
+        resent: shared.resent.load(Ordering::Relaxed),
+        outages: shared
+            .outages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .all(),
         deliveries,
         parameters,
         timeline,
@@ -483,6 +552,82 @@ pub fn storm_picks(index: u64, epoch: u64, fraction: f64) -> bool {
     (x as f64 / u64::MAX as f64) < fraction
 }
 
+/// A send not yet acknowledged: kept across reconnects and sent again with
+/// the same client_msg_id until the server answers it.
+#[derive(Debug, Clone)]
+struct Unacked {
+    client_msg_id: String,
+    conversation_id: String,
+    body: Bytes,
+    /// When it was first sent: its send-to-ack includes every retry.
+    first_sent: Instant,
+    /// "Later" answers so far (the retry backoff).
+    refusals: u32,
+}
+
+/// What one connection keeps across its transports.
+#[derive(Debug, Default)]
+struct Carry {
+    /// The counter of the next send.
+    next_counter: u64,
+    /// counter -> the send, until acknowledged.
+    unacked: BTreeMap<u64, Unacked>,
+    /// Conversation -> the seqs it holds (own acknowledged sends and
+    /// arrivals); after a reconnect each is fetched from its floor.
+    held: HashMap<String, SeqFloor>,
+}
+
+/// The seqs of one conversation a connection holds: all up to `floor`,
+/// and some above it.
+#[derive(Debug, Default, Clone)]
+pub struct SeqFloor {
+    floor: u64,
+    above: std::collections::BTreeSet<u64>,
+}
+
+impl SeqFloor {
+    /// Records `seq` as held.
+    pub fn hold(&mut self, seq: u64) {
+        if seq <= self.floor {
+            return;
+        }
+        self.above.insert(seq);
+        while self.above.remove(&(self.floor + 1)) {
+            self.floor += 1;
+        }
+    }
+
+    /// Every seq up to this one is held.
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+}
+
+/// Whether an error answer says "try again later": the send was not
+/// carried out, and repeating it with the same client_msg_id is safe.
+pub fn is_retryable(code: u32) -> bool {
+    matches!(
+        ErrorCode::from_code(code),
+        Some(
+            ErrorCode::RateLimited
+                | ErrorCode::Overloaded
+                | ErrorCode::ShuttingDown
+                | ErrorCode::StorageUnavailable
+                | ErrorCode::DirectoryUnavailable
+        )
+    )
+}
+
+/// Reconnect pacing: quick first tries (a killed gateway's clients find
+/// the others at once), up to 5 s between tries.
+fn reconnect_backoff() -> Backoff {
+    Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(5),
+        max_attempts: None,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn connection(
     shared: Arc<Shared>,
@@ -502,14 +647,32 @@ async fn connection(
     if matches!(role, Role::FanoutMember | Role::FanoutSender) {
         shared.members.fetch_add(1, Ordering::Relaxed);
     }
+    let mut carry = Carry {
+        next_counter: 1,
+        ..Carry::default()
+    };
+    match &role {
+        Role::Chat { conversation_id } => {
+            carry
+                .held
+                .insert(conversation_id.clone(), SeqFloor::default());
+        }
+        Role::FanoutMember | Role::FanoutSender => {
+            carry
+                .held
+                .insert(shared.plan.group.clone(), SeqFloor::default());
+        }
+        Role::Idle => {}
+    }
+    let mut resume = false;
     loop {
-        match drive(
-            &shared, &users, index, &role, session, &mut phase, &mut storm,
+        let ended = drive(
+            &shared, &users, index, &role, session, &mut carry, resume, &mut phase, &mut storm,
         )
-        .await
-        {
+        .await;
+        match ended {
             Ended::Stop => break,
-            Ended::Storm | Ended::Lost => {
+            Ended::Storm => {
                 if *phase.borrow() == Phase::Stop {
                     break;
                 }
@@ -517,6 +680,7 @@ async fn connection(
                     Some(next) => {
                         shared.reconnects.fetch_add(1, Ordering::Relaxed);
                         session = next;
+                        resume = false;
                     }
                     None => {
                         shared.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -524,7 +688,67 @@ async fn connection(
                     }
                 }
             }
+            Ended::Lost => {
+                if *phase.borrow() == Phase::Stop {
+                    break;
+                }
+                let dropped = Instant::now();
+                shared
+                    .outages
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .dropped();
+                match reopen(&shared, &users, index, &mut phase).await {
+                    Some(next) => {
+                        record(&shared.reconnect_latency, dropped.elapsed());
+                        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                        shared
+                            .outages
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .back();
+                        session = next;
+                        resume = true;
+                    }
+                    // The run ended first.
+                    None => break,
+                }
+            }
         }
+    }
+    // What was never acknowledged failed.
+    shared
+        .send_failures
+        .fetch_add(carry.unacked.len() as u64, Ordering::Relaxed);
+}
+
+/// Reconnects after a drop, with backoff, until it works or the run stops.
+async fn reopen(
+    shared: &Shared,
+    users: &[User],
+    index: usize,
+    phase: &mut watch::Receiver<Phase>,
+) -> Option<Session> {
+    let backoff = reconnect_backoff();
+    let mut attempt = 0;
+    loop {
+        let delay = backoff.delay(attempt, &mut rand::rng());
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == Phase::Stop {
+                    return None;
+                }
+                continue;
+            }
+        }
+        if *phase.borrow() == Phase::Stop {
+            return None;
+        }
+        if let Some(session) = open(shared, users, index).await {
+            return Some(session);
+        }
+        attempt += 1;
     }
 }
 
@@ -534,12 +758,68 @@ enum Ended {
     Lost,
 }
 
+/// The per-transport state of a connection's requests.
+#[derive(Default)]
+struct Requests {
+    next_request_id: u64,
+    /// Send request id -> the send's counter.
+    sends: HashMap<u64, u64>,
+    /// Fetch request id -> its conversation.
+    fetches: HashMap<u64, String>,
+    /// Highest seq received per conversation, not yet acknowledged.
+    acks: HashMap<String, u64>,
+    /// Sends refused with "later": counter -> when to send again.
+    retry_at: BTreeMap<u64, Instant>,
+}
+
+impl Requests {
+    fn next_id(&mut self) -> u64 {
+        self.next_request_id += 1;
+        self.next_request_id
+    }
+}
+
+/// The frame sending `unacked` (counter `counter`) under a new request id.
+fn send_frame(requests: &mut Requests, counter: u64, unacked: &Unacked) -> ClientFrame {
+    let request_id = requests.next_id();
+    requests.sends.insert(request_id, counter);
+    ClientFrame {
+        request_id,
+        body: Some(client_frame::Body::Send(SendMessage {
+            client_msg_id: unacked.client_msg_id.clone(),
+            conversation_id: unacked.conversation_id.clone(),
+            content_type: ContentType::Custom as i32,
+            body: unacked.body.clone(),
+        })),
+    }
+}
+
+/// Fetch the messages of `conversation_id` after `after_seq`.
+fn fetch_frame(requests: &mut Requests, conversation_id: &str, after_seq: u64) -> ClientFrame {
+    let request_id = requests.next_id();
+    requests
+        .fetches
+        .insert(request_id, conversation_id.to_string());
+    ClientFrame {
+        request_id,
+        body: Some(client_frame::Body::Fetch(FetchMessages {
+            conversation_id: conversation_id.to_string(),
+            after_seq,
+            until_seq: 0,
+            limit: 200,
+        })),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     shared: &Shared,
     users: &[User],
     index: usize,
     role: &Role,
     session: Session,
+    carry: &mut Carry,
+    resume: bool,
     phase: &mut watch::Receiver<Phase>,
     storm: &mut watch::Receiver<u64>,
 ) -> Ended {
@@ -574,15 +854,47 @@ async fn drive(
     // Stagger senders so a fleet does not send in lockstep.
     let offset = send_period.map_or(Duration::ZERO, |p| p.mul_f64(rand::random::<f64>()));
     sender.reset_at(tokio::time::Instant::now() + offset);
-    let mut in_flight: HashMap<u64, Instant> = HashMap::new();
-    // Highest seq received per conversation, not yet acknowledged.
-    let mut acks: HashMap<String, u64> = HashMap::new();
-    let mut next_request_id = 1000u64;
+    // Sends refused with "later" go again from here.
+    let mut retry = tokio::time::interval(Duration::from_millis(100));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut requests = Requests {
+        next_request_id: 1000,
+        ..Requests::default()
+    };
 
     let conversation_id = match role {
         Role::Chat { conversation_id } => conversation_id.clone(),
         _ => plan.group.clone(),
     };
+    if resume {
+        // Back after a drop: every unacknowledged send again (same
+        // client_msg_id, so the server stores each once), then what this
+        // connection missed, from where it holds everything.
+        let mut frames = Vec::new();
+        {
+            let mut accounting = shared.accounting.lock().unwrap_or_else(|e| e.into_inner());
+            for counter in carry.unacked.keys() {
+                accounting.retrying(me, *counter);
+            }
+        }
+        for (counter, unacked) in &carry.unacked {
+            frames.push(send_frame(&mut requests, *counter, unacked));
+        }
+        shared
+            .resent
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        for (conversation, held) in &carry.held {
+            frames.push(fetch_frame(&mut requests, conversation, held.floor()));
+        }
+        for frame in frames {
+            if sink.feed(frame).await.is_err() {
+                return lost(shared, &mut requests);
+            }
+        }
+        if sink.flush().await.is_err() {
+            return lost(shared, &mut requests);
+        }
+    }
     loop {
         let result = tokio::select! {
             frame = stream.next() => match frame {
@@ -590,14 +902,15 @@ async fn drive(
                     // Handle everything already read, then acknowledge
                     // cumulatively: one ack per conversation per batch, as
                     // a real client does (the SDK too), not one per frame.
-                    let mut result = handle(shared, index as u64, me, frame, &mut in_flight, &mut acks);
+                    let mut followups = Vec::new();
+                    let mut result = handle(shared, index as u64, me, frame, carry, &mut requests, &mut followups);
                     for _ in 0..DRAIN_PER_TURN {
                         if result.is_err() {
                             break;
                         }
                         match stream.next().now_or_never() {
                             Some(Some(Ok(frame))) => {
-                                result = handle(shared, index as u64, me, frame, &mut in_flight, &mut acks);
+                                result = handle(shared, index as u64, me, frame, carry, &mut requests, &mut followups);
                             }
                             // The end or an error shows up again on the
                             // next poll of the select.
@@ -605,15 +918,13 @@ async fn drive(
                         }
                     }
                     match result {
-                        Ok(()) => send_acks(&mut sink, &mut acks).await,
+                        Ok(()) => send_followups(&mut sink, followups, &mut requests.acks).await,
                         err => err,
                     }
                 }
                 _ => {
-                    shared.connected.fetch_sub(1, Ordering::Relaxed);
                     shared.errors.fetch_add(1, Ordering::Relaxed);
-                    shared.send_failures.fetch_add(in_flight.len() as u64, Ordering::Relaxed);
-                    return Ended::Lost;
+                    return lost(shared, &mut requests);
                 }
             },
             _ = heartbeat.tick() => {
@@ -626,17 +937,40 @@ async fn drive(
                 let count = if matches!(role, Role::FanoutSender) { plan.burst.max(1) } else { 1 };
                 let mut result = Ok(());
                 for _ in 0..count {
-                    next_request_id += 1;
-                    in_flight.insert(next_request_id, Instant::now());
-                    let frame = ClientFrame {
-                        request_id: next_request_id,
-                        body: Some(client_frame::Body::Send(SendMessage {
-                            client_msg_id: format!("{:x}-{index}-{next_request_id}", shared.run_tag),
-                            conversation_id: conversation_id.clone(),
-                            content_type: ContentType::Custom as i32,
-                            body: encode_body(shared.run_tag, unix_micros(), plan.body_size),
-                        })),
+                    let counter = carry.next_counter;
+                    carry.next_counter += 1;
+                    let unacked = Unacked {
+                        client_msg_id: format!("{:x}-{index}-{counter}", shared.run_tag),
+                        conversation_id: conversation_id.clone(),
+                        body: encode_body(shared.run_tag, unix_micros(), counter, plan.body_size),
+                        first_sent: Instant::now(),
+                        refusals: 0,
                     };
+                    let frame = send_frame(&mut requests, counter, &unacked);
+                    carry.unacked.insert(counter, unacked);
+                    result = sink.feed(frame).await;
+                    if result.is_err() { break; }
+                }
+                match result {
+                    Ok(()) => sink.flush().await,
+                    err => err,
+                }
+            }
+            _ = retry.tick(), if !requests.retry_at.is_empty() => {
+                let now = Instant::now();
+                let due: Vec<u64> = requests
+                    .retry_at
+                    .iter()
+                    .filter(|(_, at)| **at <= now)
+                    .map(|(counter, _)| *counter)
+                    .collect();
+                let mut result = Ok(());
+                for counter in due {
+                    requests.retry_at.remove(&counter);
+                    let Some(unacked) = carry.unacked.get(&counter) else { continue };
+                    shared.accounting.lock().unwrap_or_else(|e| e.into_inner()).retrying(me, counter);
+                    let frame = send_frame(&mut requests, counter, unacked);
+                    shared.resent.fetch_add(1, Ordering::Relaxed);
                     result = sink.feed(frame).await;
                     if result.is_err() { break; }
                 }
@@ -649,7 +983,6 @@ async fn drive(
                 if changed.is_err() || *phase.borrow() == Phase::Stop {
                     let _ = sink.close().await;
                     shared.connected.fetch_sub(1, Ordering::Relaxed);
-                    shared.send_failures.fetch_add(in_flight.len() as u64, Ordering::Relaxed);
                     return Ended::Stop;
                 }
                 if *phase.borrow() == Phase::Run {
@@ -671,26 +1004,36 @@ async fn drive(
             }
         };
         if result.is_err() {
-            shared.connected.fetch_sub(1, Ordering::Relaxed);
             shared.errors.fetch_add(1, Ordering::Relaxed);
-            shared
-                .send_failures
-                .fetch_add(in_flight.len() as u64, Ordering::Relaxed);
-            return Ended::Lost;
+            return lost(shared, &mut requests);
         }
     }
+}
+
+/// The transport is gone: its requests with it (the sends stay unacked in
+/// the carry, and go again on the next transport).
+fn lost(shared: &Shared, requests: &mut Requests) -> Ended {
+    shared.connected.fetch_sub(1, Ordering::Relaxed);
+    requests.sends.clear();
+    requests.fetches.clear();
+    Ended::Lost
 }
 
 /// Frames handled per wake-up before the acks go out.
 const DRAIN_PER_TURN: usize = 256;
 
-/// One cumulative delivery ack per conversation that received something.
-async fn send_acks(
+/// The next fetch pages the batch asked for, then one cumulative delivery
+/// ack per conversation that received something.
+async fn send_followups(
     sink: &mut pingme_client::transport::FrameSink,
+    followups: Vec<ClientFrame>,
     acks: &mut HashMap<String, u64>,
 ) -> pingme_client::Result<()> {
-    if acks.is_empty() {
+    if acks.is_empty() && followups.is_empty() {
         return Ok(());
+    }
+    for frame in followups {
+        sink.feed(frame).await?;
     }
     for (conversation_id, seq) in acks.drain() {
         sink.feed(ClientFrame {
@@ -705,40 +1048,106 @@ async fn send_acks(
     sink.flush().await
 }
 
+/// One message that reached this connection, pushed or fetched.
+fn arrived(
+    shared: &Shared,
+    index: u64,
+    me: u64,
+    message: &pingme_client::v1::Message,
+    path: Path,
+    carry: &mut Carry,
+    acks: &mut HashMap<String, u64>,
+) {
+    if let Some(held) = carry.held.get_mut(&message.conversation_id) {
+        held.hold(message.seq);
+    }
+    let ours = decode_body(&message.body).filter(|(tag, ..)| *tag == shared.run_tag);
+    if let Some((_, sent_us, counter)) = ours
+        && message.sender_id != me
+    {
+        shared.delivered.fetch_add(1, Ordering::Relaxed);
+        let verdict = shared
+            .accounting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .arrive(Arrival {
+                recipient: index,
+                conversation_id: &message.conversation_id,
+                seq: message.seq,
+                sender: message.sender_id,
+                counter,
+                path,
+            });
+        if !matches!(verdict, crate::accounting::Delivery::Overlap) {
+            let latency = Duration::from_micros(unix_micros().saturating_sub(sent_us));
+            record(&shared.deliver_latency, latency);
+            record(&shared.deliver_latency_second, latency);
+        }
+    }
+    // Acknowledged after the batch, so the ack write is not in the latency.
+    let highest = acks.entry(message.conversation_id.clone()).or_default();
+    *highest = (*highest).max(message.seq);
+}
+
 fn handle(
     shared: &Shared,
     index: u64,
     me: u64,
     frame: pingme_protocol::ServerFrame,
-    in_flight: &mut HashMap<u64, Instant>,
-    acks: &mut HashMap<String, u64>,
+    carry: &mut Carry,
+    requests: &mut Requests,
+    followups: &mut Vec<ClientFrame>,
 ) -> pingme_client::Result<()> {
     match frame.body {
-        Some(server_frame::Body::SendAck(_)) => {
-            if let Some(sent) = in_flight.remove(&frame.request_id) {
-                let elapsed = sent.elapsed();
-                record(&shared.ack_latency, elapsed);
-                record(&shared.ack_latency_second, elapsed);
-                shared.acked.fetch_add(1, Ordering::Relaxed);
-                let recipients = match shared.plan.scenario {
-                    // Only the members online here are expected to get it.
-                    Scenario::Fanout | Scenario::HugeGroup => {
-                        shared.members.load(Ordering::Relaxed).saturating_sub(1)
-                    }
-                    _ => 1,
-                };
-                shared
-                    .accounting
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .expect(recipients);
+        Some(server_frame::Body::SendAck(ack)) => {
+            let Some(counter) = requests.sends.remove(&frame.request_id) else {
+                return Ok(());
+            };
+            // A send answered twice (sent again after a "later") counts once.
+            let Some(unacked) = carry.unacked.remove(&counter) else {
+                return Ok(());
+            };
+            requests.retry_at.remove(&counter);
+            if let Some(held) = carry.held.get_mut(&ack.conversation_id) {
+                held.hold(ack.seq);
             }
+            let elapsed = unacked.first_sent.elapsed();
+            record(&shared.ack_latency, elapsed);
+            record(&shared.ack_latency_second, elapsed);
+            shared.acked.fetch_add(1, Ordering::Relaxed);
+            let recipients = match shared.plan.scenario {
+                // Only the members online here are expected to get it.
+                Scenario::Fanout | Scenario::HugeGroup => {
+                    shared.members.load(Ordering::Relaxed).saturating_sub(1)
+                }
+                _ => 1,
+            };
+            shared
+                .accounting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect(recipients);
         }
         Some(server_frame::Body::Error(error)) => {
             shared.errors.fetch_add(1, Ordering::Relaxed);
-            if in_flight.remove(&frame.request_id).is_some() {
-                shared.send_failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(counter) = requests.sends.remove(&frame.request_id) {
+                match carry.unacked.get_mut(&counter) {
+                    // "Later": the same send again after a backoff delay
+                    // (on this transport, or on the next one if this one
+                    // closes).
+                    Some(unacked) if is_retryable(error.code) => {
+                        let delay = reconnect_backoff().delay(unacked.refusals, &mut rand::rng());
+                        unacked.refusals += 1;
+                        requests.retry_at.insert(counter, Instant::now() + delay);
+                    }
+                    Some(_) => {
+                        carry.unacked.remove(&counter);
+                        shared.send_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {}
+                }
             }
+            requests.fetches.remove(&frame.request_id);
             if error.fatal {
                 return Err(pingme_client::ClientError::Server {
                     code: error.code,
@@ -748,27 +1157,38 @@ fn handle(
             }
         }
         Some(server_frame::Body::Deliver(deliver)) => {
-            let Some(message) = deliver.message else {
+            if let Some(message) = deliver.message {
+                arrived(
+                    shared,
+                    index,
+                    me,
+                    &message,
+                    Path::Pushed,
+                    carry,
+                    &mut requests.acks,
+                );
+            }
+        }
+        Some(server_frame::Body::Page(page)) => {
+            let Some(conversation_id) = requests.fetches.remove(&frame.request_id) else {
                 return Ok(());
             };
-            let ours = decode_body(&message.body).filter(|(tag, _)| *tag == shared.run_tag);
-            if let Some((_, sent_us)) = ours
-                && message.sender_id != me
-            {
-                shared.delivered.fetch_add(1, Ordering::Relaxed);
-                let latency = Duration::from_micros(unix_micros().saturating_sub(sent_us));
-                record(&shared.deliver_latency, latency);
-                record(&shared.deliver_latency_second, latency);
-                shared
-                    .accounting
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .deliver(index, &message.conversation_id, message.seq);
+            for message in &page.messages {
+                arrived(
+                    shared,
+                    index,
+                    me,
+                    message,
+                    Path::Fetched,
+                    carry,
+                    &mut requests.acks,
+                );
             }
-            // Acknowledged after the batch, so the ack write is not in
-            // the latency.
-            let highest = acks.entry(message.conversation_id).or_default();
-            *highest = (*highest).max(message.seq);
+            if page.has_more
+                && let Some(last) = page.messages.last()
+            {
+                followups.push(fetch_frame(requests, &conversation_id, last.seq));
+            }
         }
         Some(server_frame::Body::GoAway(_)) => {
             return Err(pingme_client::ClientError::ConnectionClosed);
@@ -816,10 +1236,10 @@ mod tests {
 
     #[test]
     fn bodies_carry_the_run_tag_and_send_time() {
-        let body = encode_body(42, 1_700_000_000_000_000, 64);
+        let body = encode_body(42, 1_700_000_000_000_000, 7, 64);
         assert_eq!(body.len(), 64);
-        assert_eq!(decode_body(&body), Some((42, 1_700_000_000_000_000)));
-        assert_eq!(encode_body(1, 2, 0).len(), 16);
+        assert_eq!(decode_body(&body), Some((42, 1_700_000_000_000_000, 7)));
+        assert_eq!(encode_body(1, 2, 3, 0).len(), MIN_BODY);
         assert_eq!(decode_body(b"short"), None);
     }
 
