@@ -34,40 +34,30 @@ else
 fi
 pingme="$profile_dir/pingme"
 loadgen_bin="$profile_dir/pingme-loadgen"
-loadgen() { "$loadgen_bin" "$@" --api http://127.0.0.1:18080 --gateway tcp://127.0.0.1:17000; }
+api=http://127.0.0.1:18080
+loadgen() { "$loadgen_bin" "$@" --api "$api" --gateway tcp://127.0.0.1:18081; }
 scenarios=" ${SCENARIOS:-fanout huge idle chat} "
 wanted() { [[ "$scenarios" == *" $1 "* ]]; }
 out="${E2E_OUT:-$(mktemp -d)}"
 mkdir -p "$out"
 echo "reports in $out"
 
-api=http://127.0.0.1:18080
-cat > "$out/pingme.yaml" <<YAML
-app: { host: 127.0.0.1, port: 18080, env: development }
-listeners: { tcp: 127.0.0.1:17000, tls: 127.0.0.1:17443, quic: 127.0.0.1:17443, metrics: 127.0.0.1:19093 }
-session: { messages_per_second: 100000, idle_timeout: 300s }
+# One node (benches/nodes.sh): HTTP 18080, TCP 18081, ops 18083.
 # Registration is not what is measured: cheap password hashing keeps the
 # set-up of thousands of users short, and every user comes from 127.0.0.1,
 # so the per-address limits are lifted.
-auth: { jwt_secret: e2e-benchmark-secret-0123456789, password_hash_memory_kib: 64, password_hash_iterations: 1,
+source benches/nodes.sh
+nodes_init "$pingme" "$out"
+node_yaml="auth: { jwt_secret: e2e-benchmark-secret-0123456789, password_hash_memory_kib: 64, password_hash_iterations: 1,
         max_registrations_per_ip: 1000000, max_login_failures_per_ip: 1000000 }
-http: { max_connections: 100000, max_connections_per_ip: 100000 }
-storage: { data_dir: $out/data }
-YAML
-
+http: { max_connections: 100000, max_connections_per_ip: 100000 }"
 server_pid=""
-stop_server() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null; server_pid=""; }
-trap stop_server EXIT
+# A fresh node with an empty store for each scenario.
 start_server() {
-    stop_server
-    rm -rf "$out/data"
-    RUST_LOG=warn "$pingme" serve --config "$out/pingme.yaml" > "$out/server.log" 2>&1 &
-    server_pid=$!
-    for _ in $(seq 100); do
-        curl -sf "$api/health" > /dev/null && return 0
-        sleep 0.1
-    done
-    echo "pingme serve did not become ready; log:"; cat "$out/server.log"; exit 1
+    stop_node e2e
+    rm -rf "$out/e2e-data"
+    start_node e2e all 18080 "$node_yaml"
+    server_pid=$(node_pid e2e)
 }
 
 if wanted fanout; then

@@ -5,26 +5,17 @@
 # $bench_dir. Password hashing is cheap and per-address limits are lifted
 # through $EXTRA_YAML (lines appended to the config: older binaries that do
 # not know a key refuse it, so the caller passes what its binary knows).
+# The node itself is benches/nodes.sh's.
+source "$(dirname "${BASH_SOURCE[0]}")/nodes.sh"
 bench_dir=$(mktemp -d)
 server_pid=""
-stop_server() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null; server_pid=""; }
-trap 'stop_server; rm -rf "$bench_dir"' EXIT
+on_exit() { rm -rf "$bench_dir"; }
+stop_server() { stop_node server; server_pid=""; }
 start_server() {
-    local bin=$1 port=$2
-    cat > "$bench_dir/pingme.yaml" <<YAML
-app: { host: 127.0.0.1, port: $port, env: development }
-listeners: { tcp: 127.0.0.1:$((port + 1)), tls: 127.0.0.1:$((port + 2)), quic: 127.0.0.1:$((port + 2)), metrics: 127.0.0.1:$((port + 3)) }
-session: { messages_per_second: 100000, idle_timeout: 300s }
-storage: { data_dir: $bench_dir/data }
-${EXTRA_YAML:-}
-YAML
-    RUST_LOG=warn "$bin" serve --config "$bench_dir/pingme.yaml" 2> "$bench_dir/server.log" &
-    server_pid=$!
+    local port=$2
+    nodes_init "$1" "$bench_dir"
+    start_node server all "$port" "${EXTRA_YAML:-}"
+    server_pid=$(node_pid server)
     api="http://127.0.0.1:$port"
     gateway="tcp://127.0.0.1:$((port + 1))"
-    for _ in $(seq 300); do
-        curl -sf "$api/health" > /dev/null && return 0
-        sleep 0.1
-    done
-    echo "pingme serve did not become ready; log:"; cat "$bench_dir/server.log"; exit 1
 }

@@ -55,6 +55,7 @@ status=0
 wait "$server_pid" || status=$?
 end=$(date +%s.%N)
 server_pid=""
+unset 'node_pids[server]'  # reaped above
 [ -n "$request" ] && exec 3>&-
 kill "$loadgen_pid" 2>/dev/null || true; wait "$loadgen_pid" 2>/dev/null || true
 printf 'SIGTERM -> exit: %.3f s, exit status %s, %s connections (of %s) open at the signal, straggler: %s\n' \
