@@ -17,6 +17,7 @@
 # Redis key prefix, and everything started is stopped at exit.
 #   CONNECTIONS (2000), RATE per connection per second (1), DURATION (60 s),
 #   RUNS ("cluster mysql embedded"), OUT (reports; default a temp folder),
+#   BASE_PORT (21000: the worker's, then gateways and single nodes every 10),
 #   FETCH_WAIT_MAX_MS, LINGER_MS (the cluster's kafka settings; defaults
 #   of the binary when unset).
 set -euo pipefail
@@ -34,6 +35,7 @@ mysql_host=${MYSQL_HOST:-127.0.0.1}
 mysql_port=${MYSQL_PORT:-3306}
 mysql_user=${MYSQL_USER:-pingme}
 mysql_password=${MYSQL_PASSWORD:-pingme}
+b=${BASE_PORT:-21000}
 out=${OUT:-$(mktemp -d)}
 mkdir -p "$out"
 echo "reports in $out"
@@ -81,26 +83,26 @@ $database_yaml
 redis: { enabled: true, host: $redis_host, port: $redis_port, key_prefix: \"$suffix:\" }
 kafka: { brokers: \"$brokers\", downstream_topic_prefix: down-$suffix-, push_topic: push-$suffix, dlq_topic: dlq-$suffix${FETCH_WAIT_MAX_MS:+, fetch_wait_max_ms: $FETCH_WAIT_MAX_MS}${LINGER_MS:+, linger_ms: $LINGER_MS} }
 task: { task_topic: task-$suffix, persistence_topic: persist-$suffix, consumer_group: task-$suffix-group, persistence_group: persist-$suffix-group }"
-    start_node worker worker 21000 "$cluster_yaml"
-    start_node gw-1 gateway 21010 "$cluster_yaml"
-    start_node gw-2 gateway 21020 "$cluster_yaml"
-    chat cluster http://127.0.0.1:21010 tcp://127.0.0.1:21011,tcp://127.0.0.1:21021 ""
+    start_node worker worker $((b + 0)) "$cluster_yaml"
+    start_node gw-1 gateway $((b + 10)) "$cluster_yaml"
+    start_node gw-2 gateway $((b + 20)) "$cluster_yaml"
+    chat cluster http://127.0.0.1:$((b + 10)) tcp://127.0.0.1:$((b + 11)),tcp://127.0.0.1:$((b + 21)) ""
     node_usage
     stop_nodes
 fi
 
 if [[ "$runs" == *" mysql "* ]]; then
     mysql_database single
-    start_node single-mysql all 21030 "$(common_yaml)
+    start_node single-mysql all $((b + 30)) "$(common_yaml)
 $database_yaml"
-    chat single-mysql http://127.0.0.1:21030 tcp://127.0.0.1:21031 "$(node_pid single-mysql)"
+    chat single-mysql http://127.0.0.1:$((b + 30)) tcp://127.0.0.1:$((b + 31)) "$(node_pid single-mysql)"
     node_usage
     stop_nodes
 fi
 
 if [[ "$runs" == *" embedded "* ]]; then
-    start_node single-embedded all 21040 "$(common_yaml)"
-    chat single-embedded http://127.0.0.1:21040 tcp://127.0.0.1:21041 "$(node_pid single-embedded)"
+    start_node single-embedded all $((b + 40)) "$(common_yaml)"
+    chat single-embedded http://127.0.0.1:$((b + 40)) tcp://127.0.0.1:$((b + 41)) "$(node_pid single-embedded)"
     node_usage
     stop_nodes
 fi
