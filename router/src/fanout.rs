@@ -15,13 +15,13 @@ use pingme_protocol::ErrorCode;
 use pingme_storage::{ConversationId, GroupId, MAX_PAGE, StoreResult, UserId};
 
 use crate::bus::{BusError, GroupMember, Polled, conversation_key};
-use crate::pipeline::Pipeline;
+use crate::pipeline::PipelineContext;
 use crate::records::{FanoutTask, PushEvent};
 use crate::retry::RetryPolicy;
 use crate::telemetry;
 
 /// Every member of a group (small groups only: one or a few pages).
-pub(crate) async fn all_members(ctx: &Pipeline, group: GroupId) -> StoreResult<Vec<UserId>> {
+pub(crate) async fn all_members(ctx: &PipelineContext, group: GroupId) -> StoreResult<Vec<UserId>> {
     let mut members = Vec::new();
     let mut after = 0;
     loop {
@@ -111,7 +111,7 @@ impl FanoutBatch {
 /// connected devices of `members`, a push event per task for the offline
 /// ones (never the sender). All tasks are of one conversation.
 pub(crate) async fn deliver_page(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     tasks: &[FanoutTask],
     frame: &Bytes,
     members: &[UserId],
@@ -173,7 +173,7 @@ pub(crate) async fn deliver_page(
 /// returns its tasks positioned at the failing page, the error and the
 /// tries made.
 pub(crate) async fn run_fanout(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     mut batch: FanoutBatch,
     policy: RetryPolicy,
 ) -> Result<(), (Vec<FanoutTask>, String, u32)> {
@@ -233,7 +233,7 @@ const TASKS_PER_ROUND: usize = 64;
 
 /// One fanout worker: runs the tasks of its partitions in order until it
 /// leaves its group. Fanout keeps no state per partition.
-pub(crate) async fn run(ctx: Arc<Pipeline>, mut member: Box<dyn GroupMember<FanoutTask>>) {
+pub(crate) async fn run(ctx: Arc<PipelineContext>, mut member: Box<dyn GroupMember<FanoutTask>>) {
     let mut next = None;
     loop {
         let polled = match next.take() {

@@ -20,8 +20,11 @@
 
 mod bus;
 mod config;
+mod conversation_worker;
+mod delivered_acks;
 mod directory;
 mod fanout;
+mod membership;
 mod pipeline;
 pub mod port;
 mod push;
@@ -30,7 +33,6 @@ mod redis_directory;
 mod requests;
 mod retry;
 mod router;
-mod sequencer;
 mod stages;
 #[cfg(feature = "kafka")]
 pub mod stale_downstream;
@@ -40,8 +42,8 @@ mod watermarks;
 mod wire;
 
 pub use bus::{
-    Bus, BusCluster, BusError, BusRecord, Consumed, GroupMember, InProcessBus, Partition,
-    PipelineBus, Polled, RecordError, SerialisedBus, Topic, conversation_key, text_key,
+    Bus, BusCluster, BusError, BusRecord, Consumed, GroupMember, InProcessBus, Partition, Polled,
+    RecordError, SerialisedBus, Topic, conversation_key, text_key,
 };
 #[cfg(feature = "kafka")]
 pub use bus::{KafkaBus, KafkaSettings};
@@ -50,6 +52,7 @@ pub use directory::{
     Clock, Directory, DirectoryError, LocalDirectory, Located, ManualClock, Presence, Registration,
     SharedDirectory, SystemClock,
 };
+pub use pipeline::PipelineBus;
 pub use push::{PushProvider, WebhookPush};
 pub use records::{
     AcceptedSend, ConnAddress, DeadLetterRecord, DeadWork, DownstreamEnvelope, DownstreamTarget,

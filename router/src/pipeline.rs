@@ -1,6 +1,8 @@
-//! What every stage shares: the stores, the bus and its typed topics, the
-//! directory, the push provider and the settings, plus the few helpers all
-//! stages use to publish (answers, frames for users, dead letters).
+//! The pipeline's shape: the bus every stage talks through
+//! ([`PipelineBus`]: one bus carrying all five record types), its typed
+//! topics, and the context every stage shares (the stores, the directory,
+//! the push provider and the settings), plus the few helpers all stages use
+//! to publish (answers, frames for users, dead letters).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -10,8 +12,9 @@ use pingme_protocol::ErrorCode;
 use pingme_storage::{Stores, UserId};
 use tracing::Instrument;
 
-use crate::bus::{BusError, BusRecord, PipelineBus, Topic};
+use crate::bus::{Bus, BusError, BusRecord, Topic};
 use crate::config::{BusTopics, RouterConfig};
+use crate::delivered_acks::DeliveredAcks;
 use crate::directory::Directory;
 use crate::port::Outbox;
 use crate::push::PushProvider;
@@ -20,7 +23,26 @@ use crate::records::{
     FanoutTask, Origin, PushEvent,
 };
 use crate::retry::RetryPolicy;
-use crate::watermarks::DeliveredAcks;
+
+/// A bus carrying every topic of the pipeline: what a router is started
+/// with. Every [`Bus`] implementation generic over its record type is one.
+pub trait PipelineBus:
+    Bus<AcceptedSend>
+    + Bus<FanoutTask>
+    + Bus<PushEvent>
+    + Bus<DeadLetterRecord>
+    + Bus<DownstreamEnvelope>
+{
+}
+
+impl<T> PipelineBus for T where
+    T: Bus<AcceptedSend>
+        + Bus<FanoutTask>
+        + Bus<PushEvent>
+        + Bus<DeadLetterRecord>
+        + Bus<DownstreamEnvelope>
+{
+}
 
 /// The pipeline's topics, typed by the record each carries.
 pub(crate) struct Topics {
@@ -78,7 +100,7 @@ impl DeadLetterWork for PushEvent {
 }
 
 /// The shared context of the stages.
-pub(crate) struct Pipeline {
+pub(crate) struct PipelineContext {
     pub stores: Stores,
     pub bus: Arc<dyn PipelineBus>,
     pub topics: Topics,
@@ -106,8 +128,8 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-impl Pipeline {
-    /// See [`Pipeline::downstream_owned`] (the field).
+impl PipelineContext {
+    /// See [`PipelineContext::downstream_owned`] (the field).
     pub fn downstream_owned(
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<crate::bus::Partition>> {

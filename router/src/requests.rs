@@ -8,15 +8,16 @@
 use bytes::Bytes;
 use pingme_protocol::ErrorCode;
 use pingme_protocol::v1::{self, client_frame, server_frame};
-use pingme_storage::{ConversationId, Seq, StoreError, UserId};
+use pingme_storage::{ConversationId, Seq, UserId};
 use prost::Message as _;
 
 use crate::bus::conversation_key;
 use crate::config::PAGE_OVERHEAD_BYTES;
 use crate::fanout::all_members;
-use crate::pipeline::Pipeline;
+use crate::membership::{RequestError, member_conversation};
+use crate::pipeline::PipelineContext;
 use crate::port::SessionInfo;
-use crate::wire::{error_frame, frame, store_error_code, wire_message};
+use crate::wire::{error_frame, frame, wire_message};
 use crate::{visibility, watermarks};
 
 /// Store pages one `SyncRequest` may scan looking for conversations with
@@ -24,31 +25,9 @@ use crate::{visibility, watermarks};
 /// request unbounded (the answer then has `has_more` and a cursor).
 const SYNC_SCAN_PAGES: usize = 4;
 
-/// A request's failure, as the client sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct RequestError {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl RequestError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<StoreError> for RequestError {
-    fn from(error: StoreError) -> Self {
-        Self::new(store_error_code(&error), error.to_string())
-    }
-}
-
 /// Handles one request and answers its connection.
 pub(crate) async fn handle(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     session: &SessionInfo,
     request_id: u64,
     body: client_frame::Body,
@@ -83,7 +62,7 @@ pub(crate) async fn handle(
 /// (any gateway), for those who share a conversation with the asker; the
 /// others answer like unknown ids. The count was bounded at ingress.
 async fn presence(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     session: &SessionInfo,
     query: v1::PresenceQuery,
 ) -> Result<server_frame::Body, RequestError> {
@@ -122,51 +101,10 @@ async fn presence(
     Ok(server_frame::Body::PresenceList(v1::PresenceList { users }))
 }
 
-/// Parses a conversation id and checks that `user` belongs to it.
-pub(crate) async fn member_conversation(
-    ctx: &Pipeline,
-    conversation_id: &str,
-    user: UserId,
-) -> Result<ConversationId, RequestError> {
-    let conversation: ConversationId =
-        conversation_id
-            .parse()
-            .map_err(|e: pingme_storage::InvalidConversationId| {
-                RequestError::new(ErrorCode::InvalidArgument, e.to_string())
-            })?;
-    check_member(ctx, conversation, user).await?;
-    Ok(conversation)
-}
-
-/// Checks that `user` belongs to `conversation` (`FORBIDDEN` if not).
-pub(crate) async fn check_member(
-    ctx: &Pipeline,
-    conversation: ConversationId,
-    user: UserId,
-) -> Result<(), RequestError> {
-    let forbidden = || {
-        RequestError::new(
-            ErrorCode::Forbidden,
-            format!("not a member of {conversation}"),
-        )
-    };
-    if matches!(conversation, ConversationId::Direct { .. }) && !conversation.is_direct_party(user)
-    {
-        return Err(forbidden());
-    }
-    match ctx.stores.conversations.is_member(conversation, user).await {
-        Ok(true) => Ok(()),
-        Ok(false) | Err(StoreError::NotFound(_)) | Err(StoreError::NotMember { .. }) => {
-            Err(forbidden())
-        }
-        Err(error) => Err(error.into()),
-    }
-}
-
 /// A client-given seq, never beyond the conversation's latest (a watermark
 /// ahead of the timeline would hide future messages from sync).
 async fn clamp_seq(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     conversation: ConversationId,
     seq: Seq,
 ) -> Result<Seq, RequestError> {
@@ -177,7 +115,7 @@ async fn clamp_seq(
 /// The other members of a conversation that get receipts and typing, or
 /// `None` for groups above the large-group threshold.
 async fn others(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     conversation: ConversationId,
     user: UserId,
 ) -> Result<Option<Vec<UserId>>, RequestError> {
@@ -197,7 +135,7 @@ async fn others(
 }
 
 async fn relay(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     conversation: ConversationId,
     users: &[UserId],
     frame: Bytes,
@@ -216,7 +154,7 @@ async fn relay(
 }
 
 async fn read_marker(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     session: &SessionInfo,
     marker: v1::ReadMarker,
 ) -> Result<(), RequestError> {
@@ -241,7 +179,7 @@ async fn read_marker(
 }
 
 async fn typing_event(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     session: &SessionInfo,
     typing: v1::Typing,
 ) -> Result<(), RequestError> {
@@ -261,7 +199,7 @@ async fn typing_event(
 }
 
 async fn sync(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     session: &SessionInfo,
     request: v1::SyncRequest,
 ) -> Result<server_frame::Body, RequestError> {
@@ -332,7 +270,7 @@ async fn sync(
 }
 
 async fn fetch(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     session: &SessionInfo,
     request: v1::FetchMessages,
 ) -> Result<server_frame::Body, RequestError> {

@@ -18,19 +18,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{
-    Bus, BusError, BusRecord, GroupMember, InProcessBus, PipelineBus, Topic, conversation_key,
-};
+use crate::bus::{Bus, BusError, BusRecord, GroupMember, InProcessBus, Topic, conversation_key};
 use crate::config::RouterConfig;
 use crate::directory::{Directory, LocalDirectory, Registration};
-use crate::pipeline::{Pipeline, Topics};
+use crate::pipeline::{PipelineBus, PipelineContext, Topics};
 use crate::port::{ConnRef, Dispatch, Outbox, SessionInfo};
 use crate::push::{PushProvider, WebhookPush};
 use crate::records::{AcceptedSend, Origin};
 use crate::retry::RetryPolicy;
 use crate::stages::ReplayError;
 use crate::wire::{content_type_is_valid, error_frame};
-use crate::{fanout, push, requests, sequencer, stages, watermarks};
+use crate::{conversation_worker, fanout, requests, stages, watermarks};
 
 /// This node's consumers of one topic, stopped together at shutdown.
 struct Stage {
@@ -47,12 +45,12 @@ impl Stage {
     /// Joins `members` members of `group` on `topic` (over `bus`, the
     /// pipeline's bus seen for this record type), each run by `worker`.
     fn start<R: BusRecord, Fut>(
-        ctx: &Arc<Pipeline>,
+        ctx: &Arc<PipelineContext>,
         topic: &Topic<R>,
         bus: Arc<dyn Bus<R>>,
         group: &str,
         members: usize,
-        worker: fn(Arc<Pipeline>, Box<dyn GroupMember<R>>) -> Fut,
+        worker: fn(Arc<PipelineContext>, Box<dyn GroupMember<R>>) -> Fut,
     ) -> Result<Stage, BusError>
     where
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -85,7 +83,7 @@ struct TypingWindow {
 /// The message pipeline of one node. Cheap to share (`Arc<Router>`); the
 /// gateway holds it as `Arc<dyn Dispatch>`.
 pub struct Router {
-    ctx: Arc<Pipeline>,
+    ctx: Arc<PipelineContext>,
     /// This gateway's id, shared by every registration.
     gateway: Arc<str>,
     /// Registrations still on their way to the directory, so a connection's
@@ -153,7 +151,7 @@ impl Router {
     ) -> Result<Arc<Router>, BusError> {
         let config = config.normalised();
         let push = push_provider(&config);
-        let ctx = Arc::new(Pipeline {
+        let ctx = Arc::new(PipelineContext {
             stores,
             bus: bus.clone(),
             topics: Topics::new(&config.topics),
@@ -178,7 +176,7 @@ impl Router {
                 bus.clone(),
                 &layout.persistence_group,
                 ctx.config.workers,
-                sequencer::run,
+                conversation_worker::run,
             )?);
             running.push(Stage::start(
                 &ctx,
@@ -194,7 +192,7 @@ impl Router {
                 bus.clone(),
                 &layout.push_group,
                 ctx.config.push_workers,
-                push::run,
+                stages::run_push,
             )?);
             running.push(Stage::start(
                 &ctx,

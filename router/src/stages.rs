@@ -1,6 +1,8 @@
-//! The two ends of the pipeline that touch the outside: the consumer of
-//! this gateway's downstream topic (frames onto connections through the
-//! [`Outbox`](crate::port::Outbox)) and the dead-letter consumer (into the
+//! The ends of the pipeline that touch the outside: the consumer of this
+//! gateway's downstream topic (frames onto connections through the
+//! [`Outbox`](crate::port::Outbox)), the push workers (events to the
+//! [`PushProvider`](crate::PushProvider), retried with backoff, dead-lettered
+//! when the tries run out) and the dead-letter consumer (into the
 //! [`DeadLetterStore`](pingme_storage::DeadLetterStore)), plus replay.
 
 use std::sync::Arc;
@@ -8,18 +10,19 @@ use std::sync::Arc;
 use pingme_protocol::ErrorCode;
 use pingme_storage::{DeadLetter, StoreError};
 
-use crate::bus::{BusRecord, GroupMember, Polled};
+use crate::bus::{BusRecord, GroupMember, Polled, text_key};
 use crate::fanout::{FanoutBatch, run_fanout};
-use crate::pipeline::{Pipeline, now_ms};
+use crate::pipeline::{PipelineContext, now_ms};
 use crate::records::{
     DeadLetterRecord, DeadWork, DownstreamEnvelope, DownstreamTarget, FanoutTask, PushEvent,
 };
 use crate::retry::RetryPolicy;
 use crate::telemetry;
+use tracing::Instrument;
 
 /// Applies downstream envelopes to this gateway's connections.
 pub(crate) async fn run_downstream(
-    ctx: Arc<Pipeline>,
+    ctx: Arc<PipelineContext>,
     mut member: Box<dyn GroupMember<DownstreamEnvelope>>,
 ) {
     let topic = ctx.topics.downstream(&ctx.config.gateway_id);
@@ -70,7 +73,7 @@ pub(crate) async fn run_downstream(
 
 /// Keeps dead letters in the store, where operators list and replay them.
 pub(crate) async fn run_dead_letters(
-    ctx: Arc<Pipeline>,
+    ctx: Arc<PipelineContext>,
     mut member: Box<dyn GroupMember<DeadLetterRecord>>,
 ) {
     loop {
@@ -108,7 +111,7 @@ pub(crate) async fn run_dead_letters(
     }
 }
 
-async fn update_dlq_gauge(ctx: &Pipeline) {
+async fn update_dlq_gauge(ctx: &PipelineContext) {
     if let Ok(count) = ctx.stores.dead_letters.dead_letter_count().await {
         metrics::gauge!(telemetry::DLQ_SIZE).set(count as f64);
     }
@@ -154,7 +157,7 @@ impl ReplayError {
 }
 
 /// Runs a dead letter's work once more; removes the letter on success.
-pub(crate) async fn replay(ctx: &Pipeline, id: u64) -> Result<(), ReplayError> {
+pub(crate) async fn replay(ctx: &PipelineContext, id: u64) -> Result<(), ReplayError> {
     let letter = ctx
         .stores
         .dead_letters
@@ -185,4 +188,51 @@ pub(crate) async fn replay(ctx: &Pipeline, id: u64) -> Result<(), ReplayError> {
     ctx.stores.dead_letters.remove_dead_letter(id).await?;
     update_dlq_gauge(ctx).await;
     Ok(())
+}
+
+/// One push worker: sends the events of its partition until closed. The
+/// events of one batch are sent concurrently (order does not matter for
+/// notifications), so one slow call does not serialise the rest.
+pub(crate) async fn run_push(
+    ctx: Arc<PipelineContext>,
+    mut member: Box<dyn GroupMember<PushEvent>>,
+) {
+    loop {
+        let events = match member.poll(64).await {
+            Polled::Records(events) => events,
+            Polled::Assigned(_) | Polled::Revoked(_) => continue,
+            Polled::Left => break,
+        };
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "push")
+            .set(ctx.bus.lag(&ctx.topics.push, &ctx.config.topics.push_group) as f64);
+        let mut calls = tokio::task::JoinSet::new();
+        for event in events.into_iter().map(|consumed| consumed.record) {
+            let span = tracing::debug_span!(
+                "push",
+                msg_id = %event.preview.msg_id,
+                conversation = %event.conversation_id,
+                seq = event.seq,
+                recipients = event.recipients.len(),
+            );
+            calls.spawn(push(ctx.clone(), event).instrument(span));
+        }
+        calls.join_all().await;
+        if let Err(error) = member.commit().await {
+            tracing::warn!(%error, "commit of the push topic failed");
+        }
+    }
+}
+
+/// Sends one event with retries; dead-letters it when they run out.
+async fn push(ctx: Arc<PipelineContext>, event: PushEvent) {
+    let Some(provider) = ctx.push.clone() else {
+        return;
+    };
+    match ctx.retry.run("push", || provider.notify(&event)).await {
+        Ok(()) => metrics::counter!(telemetry::PUSHED).increment(event.recipients.len() as u64),
+        Err((error, attempts)) => {
+            let key = text_key(&event.conversation_id);
+            ctx.dead_letter(key, &event, error, attempts).await;
+        }
+    }
 }

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 
 use pingme_storage::{ConversationId, MAX_PAGE, StoreError, UserId};
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::PipelineContext;
 
 /// Pages of the asker's conversations read looking for shared groups.
 const ASKER_CONVERSATION_PAGES: usize = 4;
@@ -20,7 +20,7 @@ const GROUPS_CHECKED_ONE_BY_ONE: usize = 32;
 
 /// Which of `users` share a conversation with `asker` (the asker included).
 pub(crate) async fn visible_to(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     asker: UserId,
     users: &[UserId],
 ) -> Result<HashSet<UserId>, StoreError> {
@@ -79,7 +79,7 @@ pub(crate) async fn visible_to(
 }
 
 /// The group conversations of `user` (the first pages of them).
-async fn groups_of(ctx: &Pipeline, user: UserId) -> Result<Vec<ConversationId>, StoreError> {
+async fn groups_of(ctx: &PipelineContext, user: UserId) -> Result<Vec<ConversationId>, StoreError> {
     let mut groups = Vec::new();
     let mut cursor = None;
     for _ in 0..ASKER_CONVERSATION_PAGES {

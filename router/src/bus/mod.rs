@@ -44,8 +44,6 @@ pub use in_process::InProcessBus;
 pub use kafka::{KafkaBus, KafkaSettings};
 pub use serialised::{BusCluster, SerialisedBus};
 
-use crate::records::{AcceptedSend, DeadLetterRecord, DownstreamEnvelope, FanoutTask, PushEvent};
-
 /// A partition's index within its topic.
 pub type Partition = u32;
 
@@ -283,29 +281,10 @@ pub trait GroupMember<R>: Send {
     async fn commit(&mut self) -> Result<(), BusError>;
 }
 
-/// A bus carrying every topic of the pipeline: what a router is started
-/// with. Every [`Bus`] implementation generic over its record type is one.
-pub trait PipelineBus:
-    Bus<AcceptedSend>
-    + Bus<FanoutTask>
-    + Bus<PushEvent>
-    + Bus<DeadLetterRecord>
-    + Bus<DownstreamEnvelope>
-{
-}
-
-impl<T> PipelineBus for T where
-    T: Bus<AcceptedSend>
-        + Bus<FanoutTask>
-        + Bus<PushEvent>
-        + Bus<DeadLetterRecord>
-        + Bus<DownstreamEnvelope>
-{
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::PushEvent;
 
     #[test]
     fn conversation_keys_are_stable() {

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::bus::{Consumed, GroupMember, Partition, Polled, conversation_key};
 use crate::fanout::{all_members, deliver_page};
-use crate::pipeline::{Pipeline, now_ms};
+use crate::pipeline::{PipelineContext, now_ms};
 use crate::records::{AcceptedSend, FanoutTask, PushPreview};
 use crate::telemetry;
 use crate::wire::{ack_frame, deliver_frame, error_frame, push_preview, store_error_code};
@@ -64,7 +64,7 @@ impl LargeGroups {
 }
 
 /// One conversation worker: runs until it leaves its group.
-pub(crate) async fn run(ctx: Arc<Pipeline>, mut member: Box<dyn GroupMember<AcceptedSend>>) {
+pub(crate) async fn run(ctx: Arc<PipelineContext>, mut member: Box<dyn GroupMember<AcceptedSend>>) {
     let mut large_groups = LargeGroups::default();
     loop {
         let sends = match member.poll(ctx.config.max_append_batch).await {
@@ -88,7 +88,7 @@ pub(crate) async fn run(ctx: Arc<Pipeline>, mut member: Box<dyn GroupMember<Acce
 }
 
 async fn process_batch(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     sends: Vec<Consumed<AcceptedSend>>,
     large_groups: &mut LargeGroups,
 ) {
@@ -235,7 +235,7 @@ async fn process_batch(
 
 /// Delivers one stored message, or queues its fanout task.
 async fn deliver(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     task: FanoutTask,
     partition: Partition,
     plans: &mut HashMap<GroupId, GroupPlan>,
@@ -280,7 +280,7 @@ async fn deliver(
 }
 
 async fn plan_group(
-    ctx: &Pipeline,
+    ctx: &PipelineContext,
     group: GroupId,
     large_groups: &LargeGroups,
 ) -> Result<GroupPlan, (String, u32)> {
