@@ -1,25 +1,21 @@
 //! One authenticated connection inside its shard: the queue of encoded
-//! frames waiting to be written, the slow-consumer limit, the close state,
-//! and the driver that moves bytes for stream transports (TCP, TLS, a QUIC
-//! stream). An idle connection holds no buffer: it waits for readability,
-//! reads into the shard's buffer and keeps only an unfinished frame.
+//! frames waiting to be written, the slow-consumer limit and the close
+//! state. An idle connection holds no buffer: its driver (in `transport`)
+//! waits for readability, reads into the shard's buffer and keeps only an
+//! unfinished frame here.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
-use pingme_protocol::{ErrorCode, LENGTH_PREFIX, ServerFrame, encode_frame, split_frame};
+use pingme_protocol::{ErrorCode, LENGTH_PREFIX, ServerFrame, encode_frame};
 use pingme_router::port::SessionInfo;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Sleep;
+use tokio::io::AsyncWrite;
 
-use crate::session::{Admission, SessionLimits, TokenBucket, on_frame};
-use crate::shard::ShardCtx;
+use crate::limits::{Admission, SessionLimits, TokenBucket};
 
 /// The transport a connection arrived on (a metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,10 +270,25 @@ impl Conn {
         Some(frame)
     }
 
+    /// The unfinished frame this connection's last read left, if any.
+    pub(crate) fn take_partial(&self) -> BytesMut {
+        self.partial
+            .take()
+            .map_or_else(BytesMut::new, |partial| *partial)
+    }
+
+    /// Keeps an unfinished frame for the next read; an empty one is
+    /// dropped with its allocation, so idle connections hold no buffer.
+    pub(crate) fn keep_partial(&self, partial: BytesMut) {
+        if !partial.is_empty() {
+            self.partial.set(Some(Box::new(partial)));
+        }
+    }
+
     /// Writes as much of the queue as the transport takes, in vectored
     /// writes. Ready(Ok(frames)) once the queue is empty, Pending if the
     /// transport is full.
-    fn poll_flush_queue<S: AsyncWrite + Unpin>(
+    pub(crate) fn poll_flush_queue<S: AsyncWrite + Unpin>(
         &self,
         io: &mut S,
         cx: &mut Context<'_>,
@@ -342,195 +353,6 @@ fn wake(out: &mut Outgoing) {
     if let Some(waker) = out.waker.take() {
         waker.wake();
     }
-}
-
-/// Bytes asked of the transport per read into the shard buffer.
-const READ_CHUNK: usize = 16 * 1024;
-/// Reads per wake-up before yielding to the other connections of the shard.
-const READS_PER_TURN: usize = 16;
-
-/// Drives an authenticated stream connection until it closes (the caller
-/// then shuts the transport down). The driver is four words: it is the
-/// idle connection's whole state inside its task.
-pub(crate) fn drive_stream<'a, S: AsyncRead + AsyncWrite + Unpin>(
-    io: &'a mut S,
-    conn: &'a Rc<Conn>,
-    ctx: &'a Rc<ShardCtx>,
-) -> StreamDriver<'a, S> {
-    // Frames that arrived in the same read as Authenticate.
-    let mut partial = take_partial(conn);
-    process_buffer(&mut partial, conn, ctx);
-    keep_partial(conn, partial);
-    StreamDriver {
-        io,
-        conn,
-        ctx,
-        linger: None,
-    }
-}
-
-/// See [`drive_stream`].
-pub(crate) struct StreamDriver<'a, S> {
-    io: &'a mut S,
-    conn: &'a Rc<Conn>,
-    ctx: &'a Rc<ShardCtx>,
-    /// Started when the connection starts closing: how long its last
-    /// frames may take to flush.
-    linger: Option<Pin<Box<Sleep>>>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Future for StreamDriver<'_, S> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        poll_stream(this.io, this.conn, this.ctx, &mut this.linger, cx)
-    }
-}
-
-fn poll_stream<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut S,
-    conn: &Rc<Conn>,
-    ctx: &Rc<ShardCtx>,
-    linger: &mut Option<Pin<Box<Sleep>>>,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    conn.register_waker(cx.waker());
-    let mut reads = 0;
-    loop {
-        let flush = conn.poll_flush_queue(io, cx).map(|r| r.map_err(drop));
-        if let Some(done) = after_flush(flush, conn, ctx, linger, cx) {
-            return done;
-        }
-        if reads == READS_PER_TURN {
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        reads += 1;
-        match poll_read_frames(io, conn, ctx, cx) {
-            Poll::Ready(Ok(true)) => continue,
-            Poll::Ready(Ok(false)) => {
-                conn.close(None, CloseReason::PeerClosed);
-                continue;
-            }
-            Poll::Ready(Err(_)) => {
-                conn.close(None, CloseReason::IoError);
-                continue;
-            }
-            Poll::Pending => return Poll::Pending,
-        }
-    }
-}
-
-/// What a driver does after trying to flush its queue, the same for every
-/// transport: a failed write ends the session at once; a closing connection
-/// ends its session and is done when its last frames are out or its linger
-/// time has passed. `None`: the connection goes on, read from it.
-pub(crate) fn after_flush(
-    flush: Poll<Result<(), ()>>,
-    conn: &Rc<Conn>,
-    ctx: &Rc<ShardCtx>,
-    linger: &mut Option<Pin<Box<Sleep>>>,
-    cx: &mut Context<'_>,
-) -> Option<Poll<()>> {
-    let flushed = match flush {
-        Poll::Ready(Ok(())) => true,
-        Poll::Ready(Err(())) => {
-            conn.close(None, CloseReason::IoError);
-            ctx.end_session(conn);
-            return Some(Poll::Ready(()));
-        }
-        Poll::Pending => false,
-    };
-    if conn.closing().is_some() {
-        ctx.end_session(conn);
-        if flushed {
-            return Some(Poll::Ready(()));
-        }
-        let sleep =
-            linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(ctx.limits.close_linger)));
-        return Some(sleep.as_mut().poll(cx));
-    }
-    None
-}
-
-/// Reads once and handles every complete frame. Ready(Ok(false)) at end of
-/// stream. A connection with an unfinished frame reads into its own buffer
-/// (sized for that frame); every other read lands in the shard's buffer.
-fn poll_read_frames<S: AsyncRead + Unpin>(
-    io: &mut S,
-    conn: &Rc<Conn>,
-    ctx: &Rc<ShardCtx>,
-    cx: &mut Context<'_>,
-) -> Poll<std::io::Result<bool>> {
-    let mut partial = take_partial(conn);
-    if !partial.is_empty() {
-        partial.reserve(READ_CHUNK.min(ctx.limits.max_frame_size + 4));
-        let read = tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut partial);
-        let result = match read {
-            Poll::Ready(Ok(0)) => Poll::Ready(Ok(false)),
-            Poll::Ready(Ok(_)) => {
-                process_buffer(&mut partial, conn, ctx);
-                Poll::Ready(Ok(true))
-            }
-            other => other.map_ok(|_| true),
-        };
-        keep_partial(conn, partial);
-        return result;
-    }
-    // Frame handling never touches the shard buffer (router answers come
-    // back through the inboxes), so it stays borrowed while frames are
-    // handled straight out of it.
-    let mut shared = ctx.read_buf.borrow_mut();
-    shared.clear();
-    shared.reserve(READ_CHUNK);
-    match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut *shared) {
-        Poll::Ready(Ok(0)) => Poll::Ready(Ok(false)),
-        Poll::Ready(Ok(_)) => {
-            process_buffer(&mut shared, conn, ctx);
-            if !shared.is_empty() {
-                // Copy the unfinished frame out so the shard buffer is free
-                // for the next connection.
-                keep_partial(conn, BytesMut::from(&shared[..]));
-                shared.clear();
-            }
-            Poll::Ready(Ok(true))
-        }
-        other => other.map_ok(|_| true),
-    }
-}
-
-fn take_partial(conn: &Conn) -> BytesMut {
-    conn.partial
-        .take()
-        .map_or_else(BytesMut::new, |partial| *partial)
-}
-
-fn keep_partial(conn: &Conn, partial: BytesMut) {
-    if partial.is_empty() {
-        // Drop the allocation: idle connections hold no buffer.
-        return;
-    }
-    conn.partial.set(Some(Box::new(partial)));
-}
-
-/// Handles every complete frame at the front of `buf`.
-fn process_buffer(buf: &mut BytesMut, conn: &Rc<Conn>, ctx: &Rc<ShardCtx>) {
-    while conn.closing().is_none() {
-        match split_frame(buf, ctx.limits.max_frame_size) {
-            Ok(Some(payload)) => on_frame(conn, ctx, payload),
-            Ok(None) => return,
-            Err(_) => {
-                conn.close(
-                    Some(ctx.frames.too_large.clone()),
-                    CloseReason::FrameTooLarge,
-                );
-                buf.clear();
-                return;
-            }
-        }
-    }
-    buf.clear();
 }
 
 #[cfg(test)]

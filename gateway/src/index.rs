@@ -16,7 +16,8 @@ use pingme_router::port::{ConnRef, Outbox, UserId};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::connection::CloseReason;
-use crate::session::{SessionLimits, go_away};
+use crate::frames::go_away;
+use crate::limits::SessionLimits;
 
 /// Work for one shard, sent through its inbox.
 pub(crate) enum ShardCommand {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::index::{Connections, ShardLinks};
-use crate::session::SessionLimits;
+use crate::limits::SessionLimits;
 use crate::shard::{self, ShardSetup};
 use crate::transport::quic;
 use crate::transport::tcp::{bind_tcp_group, bind_udp_group};

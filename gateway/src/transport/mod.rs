@@ -4,6 +4,7 @@
 //! are accepted by the HTTP server and handed to a shard.
 
 pub mod quic;
+mod stream;
 pub mod tcp;
 pub mod tls;
 pub mod ws;

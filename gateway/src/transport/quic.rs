@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::connection::{CloseReason, Transport};
-use crate::shard::{ShardCtx, count_disconnect};
+use crate::shard_context::{ShardCtx, count_disconnect};
 use crate::transport::tcp::{auth_deadline, serve_stream};
 
 /// A quinn server configuration over a rustls one. QUIC's own idle timeout

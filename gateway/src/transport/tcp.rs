@@ -12,9 +12,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::accept::AcceptBackoff;
-use crate::connection::{CloseReason, Conn, Transport, drive_stream};
+use crate::connection::{CloseReason, Conn, Transport};
 use crate::session::{FrameTransport, Refusal, handshake};
-use crate::shard::{ShardCtx, count_disconnect};
+use crate::shard_context::{ShardCtx, count_disconnect};
+use crate::transport::stream::drive_stream;
 
 /// Binds `count` TCP listeners on the same address with SO_REUSEPORT, so
 /// the kernel spreads new connections over the shards. Port 0 picks one

@@ -21,10 +21,11 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use pingme_protocol::{ErrorCode, ServerFrame, encode_frame};
 use tokio::time::Sleep;
 
-use crate::connection::{CloseReason, Conn, Transport, after_flush};
+use crate::connection::{CloseReason, Conn, Transport};
 use crate::index::Connections;
 use crate::session::{FrameTransport, on_frame, whole_message_payload};
-use crate::shard::{ShardCtx, count_disconnect};
+use crate::shard_context::{ShardCtx, count_disconnect};
+use crate::transport::stream::after_flush;
 use crate::transport::tcp::guarded_handshake;
 
 /// Read buffer of a WebSocket connection (grows for larger messages).
