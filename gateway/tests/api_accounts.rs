@@ -308,6 +308,14 @@ async fn logout_revokes_the_device_and_disconnects_it() {
     let phone = api.login("gina", "phone").await;
     let laptop = api.login("gina", "laptop").await;
     let phone_token = phone["token"].as_str().unwrap();
+    // The phone has one connection open.
+    api.outbox.connect(
+        user,
+        pingme_router::port::ConnRef {
+            shard: 0,
+            conn_id: 1,
+        },
+    );
 
     let out = api
         .post("/v1/auth/logout", Some(phone_token), json!({}))

@@ -375,6 +375,17 @@ impl SharedDirectory {
     fn lease_end(&self, now: i64) -> i64 {
         now + self.lease.as_millis() as i64
     }
+
+    /// Ends `gateway`'s lease now, as if it had lapsed: its users are
+    /// offline at once. What a test does when it kills a node, instead of
+    /// moving the shared clock past every other node's lease too.
+    pub fn end_lease(&self, gateway: &str) {
+        let (mut state, now) = self.current();
+        if let Some(until) = state.leases.get_mut(gateway) {
+            *until = now;
+        }
+        state.expire(now);
+    }
 }
 
 #[async_trait]

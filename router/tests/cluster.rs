@@ -1,6 +1,8 @@
 //! Three routers (`gw-a`, `gw-b`, `gw-c`) in one process, as a cluster:
 //! the serialising bus (every record crosses encoded, partitions move
-//! between nodes), one directory of who is connected where, and one store.
+//! between nodes), one [`SharedDirectory`] of who is connected where (each
+//! router registers its connections in it and renews its lease; a killed
+//! node's lease is ended), and one store.
 //! Each node runs on its own runtime, so dropping a node without notice
 //! stops all of its work at once, as a crash would.
 //!
@@ -10,8 +12,8 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,47 +21,18 @@ use common::*;
 use pingme_protocol::ErrorCode;
 use pingme_router::port::{ConnRef, Dispatch, Outbox, SessionInfo, UserId};
 use pingme_router::{
-    BusCluster, BusTopics, Directory, DirectoryError, Located, Presence, Registration, Router,
-    RouterConfig, text_key,
+    BusCluster, BusTopics, Directory, DirectoryError, Located, ManualClock, Presence, Registration,
+    Router, RouterConfig, SharedDirectory, text_key,
 };
 use pingme_storage::embedded::EmbeddedStore;
 use pingme_storage::{MessageStore, Stores, UserStore};
 
-/// Who is connected where: every live node's connections (the shared
-/// directory of a cluster; a node leaves it when it dies or stops).
-#[derive(Default)]
-struct ClusterDirectory {
-    nodes: Mutex<Vec<(String, Arc<RecordingOutbox>)>>,
-}
-
-impl ClusterDirectory {
-    fn locate_now(&self, users: &[UserId]) -> Located {
-        let nodes = self.nodes.lock().unwrap().clone();
-        let mut online: Vec<(String, Vec<UserId>)> = Vec::new();
-        let mut offline = Vec::new();
-        for user in users {
-            let mut found = false;
-            for (name, outbox) in &nodes {
-                if outbox.online(&[*user])[0] {
-                    found = true;
-                    match online.iter_mut().find(|(gateway, _)| gateway == name) {
-                        Some((_, users)) => users.push(*user),
-                        None => online.push((name.clone(), vec![*user])),
-                    }
-                }
-            }
-            if !found {
-                offline.push(*user);
-            }
-        }
-        Located { online, offline }
-    }
-}
-
-/// One node's view of the directory. It can hold the node's fanout pages
-/// after the first `pass` of them, leaving the node stuck mid-fanout.
+/// One node's view of the cluster's [`SharedDirectory`] (what Redis is in
+/// production). It can hold the node's fanout pages after the first `pass`
+/// of them, leaving the node stuck mid-fanout; everything else goes
+/// straight to the shared directory.
 struct NodeDirectory {
-    shared: Arc<ClusterDirectory>,
+    shared: Arc<SharedDirectory>,
     /// A lookup of at least this many users is a fanout page.
     page: usize,
     /// Pages let through before the rest are held (None: never held).
@@ -68,26 +41,24 @@ struct NodeDirectory {
     held: AtomicUsize,
 }
 
-/// Who is connected is read from the live nodes' outboxes, so
-/// registrations need no bookkeeping here.
 #[async_trait]
 impl Directory for NodeDirectory {
-    async fn register(&self, _connection: &Registration) -> Result<(), DirectoryError> {
-        Ok(())
+    async fn register(&self, connection: &Registration) -> Result<(), DirectoryError> {
+        self.shared.register(connection).await
     }
-    async fn unregister(&self, _connection: &Registration) -> Result<(), DirectoryError> {
-        Ok(())
+    async fn unregister(&self, connection: &Registration) -> Result<(), DirectoryError> {
+        self.shared.unregister(connection).await
     }
     fn renew_every(&self) -> Option<Duration> {
-        None
+        self.shared.renew_every()
     }
-    async fn renew_lease(&self, _gateway: &str) -> Result<bool, DirectoryError> {
-        Ok(true)
+    async fn renew_lease(&self, gateway: &str) -> Result<bool, DirectoryError> {
+        self.shared.renew_lease(gateway).await
     }
     async fn locate(
         &self,
         users: &[UserId],
-        _need_offline: bool,
+        need_offline: bool,
     ) -> Result<Located, DirectoryError> {
         if users.len() >= self.page {
             let seen = self.pages.fetch_add(1, Ordering::SeqCst);
@@ -96,21 +67,15 @@ impl Directory for NodeDirectory {
                 std::future::pending::<()>().await;
             }
         }
-        Ok(self.shared.locate_now(users))
+        self.shared.locate(users, need_offline).await
     }
     async fn presence(&self, users: &[UserId]) -> Result<Vec<Presence>, DirectoryError> {
-        let located = self.shared.locate_now(users);
-        Ok(users
-            .iter()
-            .map(|user| Presence {
-                online: !located.offline.contains(user),
-                last_seen_ms: 0,
-            })
-            .collect())
+        self.shared.presence(users).await
     }
 }
 
 struct Node {
+    name: &'static str,
     outbox: Arc<RecordingOutbox>,
     router: Arc<Router>,
     directory: Arc<NodeDirectory>,
@@ -126,11 +91,13 @@ impl Drop for Node {
 }
 
 impl Node {
-    /// `user` connects here on connection `conn_id`.
-    fn online(&self, user: UserId, conn_id: u64) -> SessionInfo {
+    /// `user` connects here on connection `conn_id`, once the cluster's
+    /// directory knows it.
+    async fn online(&self, user: UserId, conn_id: u64) -> SessionInfo {
         let session = offline_session(user, "phone", conn_id);
         self.outbox.connect(user, session.conn);
         self.router.connected(&session);
+        registered(&*self.directory.shared, user, self.name).await;
         session
     }
 
@@ -170,7 +137,7 @@ struct TestCluster {
     bus: Arc<BusCluster>,
     _dir: tempfile::TempDir,
     store: Arc<EmbeddedStore>,
-    directory: Arc<ClusterDirectory>,
+    directory: Arc<SharedDirectory>,
     nodes: HashMap<&'static str, Node>,
     config: RouterConfig,
 }
@@ -206,7 +173,12 @@ impl TestCluster {
             bus: BusCluster::new(),
             _dir: dir,
             store,
-            directory: Arc::default(),
+            // Leases end only when a test says so (`end_lease`): the
+            // clock never moves.
+            directory: Arc::new(SharedDirectory::new(
+                Duration::from_secs(60),
+                Arc::new(ManualClock::new(1_700_000_000_000)),
+            )),
             nodes: HashMap::new(),
             config: config(),
         }
@@ -242,14 +214,10 @@ impl TestCluster {
             )
             .unwrap()
         };
-        self.directory
-            .nodes
-            .lock()
-            .unwrap()
-            .push((name.to_string(), outbox.clone()));
         self.nodes.insert(
             name,
             Node {
+                name,
                 outbox,
                 router,
                 directory,
@@ -262,12 +230,10 @@ impl TestCluster {
         &self.nodes[name]
     }
 
+    /// `name` stops renewing its lease and its lease ends: its users are
+    /// offline to the other nodes.
     fn leave_directory(&self, name: &str) {
-        self.directory
-            .nodes
-            .lock()
-            .unwrap()
-            .retain(|(node, _)| node != name);
+        self.directory.end_lease(name);
     }
 
     /// Kills `name` without notice: the bus fences it, its work stops.
@@ -330,14 +296,14 @@ impl TestCluster {
     /// (connection ids from 100).
     async fn spread_users(&self, count: usize) -> (Vec<UserId>, Vec<(&'static str, SessionInfo)>) {
         let users = self.users(count).await;
-        let sessions = users
-            .iter()
-            .enumerate()
-            .map(|(i, &user)| {
-                let gateway = GATEWAYS[i % GATEWAYS.len()];
-                (gateway, self.node(gateway).online(user, 100 + i as u64))
-            })
-            .collect();
+        let mut sessions = Vec::new();
+        for (i, &user) in users.iter().enumerate() {
+            let gateway = GATEWAYS[i % GATEWAYS.len()];
+            sessions.push((
+                gateway,
+                self.node(gateway).online(user, 100 + i as u64).await,
+            ));
+        }
         (users, sessions)
     }
 }
@@ -498,11 +464,10 @@ async fn a_rebalance_while_sending_duplicates_no_seq_and_loses_no_acked_message(
     let users = cluster.users(6).await;
     // Senders 0..3 on gw-a and gw-b; recipients 3..6 on gw-b and gw-a.
     let place = |i: usize| if i.is_multiple_of(2) { "gw-a" } else { "gw-b" };
-    let sessions: Vec<SessionInfo> = users
-        .iter()
-        .enumerate()
-        .map(|(i, &user)| cluster.node(place(i)).online(user, 100 + i as u64))
-        .collect();
+    let mut sessions: Vec<SessionInfo> = Vec::new();
+    for (i, &user) in users.iter().enumerate() {
+        sessions.push(cluster.node(place(i)).online(user, 100 + i as u64).await);
+    }
     let mut conversations: Vec<String> = (0..3).map(|i| dm(users[i], users[i + 3])).collect();
     conversations.push(cluster.group(&users[0..3]).await);
     let rebalances = cluster.bus.rebalances();
@@ -597,7 +562,7 @@ async fn a_node_shut_down_gracefully_drains_and_its_partitions_move() {
         .map(|(partition, _)| partition)
         .collect();
     let sender_id = cluster.users(1).await[0];
-    let sender = cluster.node("gw-a").online(sender_id, 1);
+    let sender = cluster.node("gw-a").online(sender_id, 1).await;
     // Recipients on gw-c until one conversation is gw-b's to persist.
     let mut recipients = Vec::new();
     while !recipients
@@ -609,11 +574,12 @@ async fn a_node_shut_down_gracefully_drains_and_its_partitions_move() {
         let user = cluster.users(1).await[0];
         let session = cluster
             .node("gw-c")
-            .online(user, 10 + recipients.len() as u64);
+            .online(user, 10 + recipients.len() as u64)
+            .await;
         recipients.push((session, dm(sender_id, user)));
     }
     let gw_b_user = cluster.users(1).await[0];
-    let on_b = cluster.node("gw-b").online(gw_b_user, 2);
+    let on_b = cluster.node("gw-b").online(gw_b_user, 2).await;
 
     let gw_a = cluster.node("gw-a");
     let mut request = 0;

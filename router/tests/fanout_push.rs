@@ -551,19 +551,3 @@ async fn offline_members_are_pushed_and_a_failing_webhook_ends_in_the_dlq_until_
     );
     h.router.shutdown().await;
 }
-
-/// Polls an async probe until it yields, failing after [`PATIENCE`].
-async fn eventually_async<T, F, Fut>(mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}

@@ -1,6 +1,6 @@
 //! Two routers (`gw-a`, `gw-b`) over Kafka (`KafkaBus`, the broker in
-//! `KAFKA_BROKERS`: Tansu in CI), sharing one store and a directory of who
-//! is connected where: users on different gateways chat 1:1, every record
+//! `KAFKA_BROKERS`: Tansu in CI), sharing one store and a
+//! [`SharedDirectory`] of who is connected where: users on different gateways chat 1:1, every record
 //! between the stages crossing the broker (the persistence topic, the
 //! other gateway's downstream topic for the delivery, the sender's own
 //! for its ack). Topics and groups carry a suffix unique to the run.
@@ -8,73 +8,13 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use common::*;
-use pingme_router::port::{Dispatch, Outbox, SessionInfo, UserId};
-use pingme_router::{
-    BusTopics, Directory, DirectoryError, KafkaBus, Located, Presence, Registration, Router,
-    RouterConfig,
-};
+use pingme_router::port::{Dispatch, Outbox, SessionInfo};
+use pingme_router::{BusTopics, KafkaBus, ManualClock, Router, RouterConfig, SharedDirectory};
 use pingme_storage::{Stores, UserStore};
-
-/// Who is connected where: each gateway's recording outbox.
-#[derive(Default)]
-struct Gateways {
-    outboxes: Mutex<Vec<(String, Arc<RecordingOutbox>)>>,
-}
-
-#[async_trait]
-impl Directory for Gateways {
-    async fn register(&self, _connection: &Registration) -> Result<(), DirectoryError> {
-        Ok(())
-    }
-    async fn unregister(&self, _connection: &Registration) -> Result<(), DirectoryError> {
-        Ok(())
-    }
-    fn renew_every(&self) -> Option<Duration> {
-        None
-    }
-    async fn renew_lease(&self, _gateway: &str) -> Result<bool, DirectoryError> {
-        Ok(true)
-    }
-    async fn locate(
-        &self,
-        users: &[UserId],
-        _need_offline: bool,
-    ) -> Result<Located, DirectoryError> {
-        let outboxes = self.outboxes.lock().unwrap().clone();
-        let mut located = Located {
-            online: Vec::new(),
-            offline: Vec::new(),
-        };
-        for user in users {
-            match outboxes
-                .iter()
-                .find(|(_, outbox)| outbox.online(&[*user])[0])
-            {
-                Some((gateway, _)) => match located.online.iter_mut().find(|(g, _)| g == gateway) {
-                    Some((_, users)) => users.push(*user),
-                    None => located.online.push((gateway.clone(), vec![*user])),
-                },
-                None => located.offline.push(*user),
-            }
-        }
-        Ok(located)
-    }
-    async fn presence(&self, users: &[UserId]) -> Result<Vec<Presence>, DirectoryError> {
-        let located = self.locate(users, true).await?;
-        Ok(users
-            .iter()
-            .map(|user| Presence {
-                online: !located.offline.contains(user),
-                last_seen_ms: 0,
-            })
-            .collect())
-    }
-}
 
 fn config(suffix: &str) -> RouterConfig {
     let name = |base: &str| format!("{base}-{suffix}");
@@ -109,7 +49,10 @@ async fn users_on_two_gateways_chat_one_to_one_over_kafka() {
     };
     let config = config(&unique_suffix());
     let (_dir, store) = open_store();
-    let directory = Arc::new(Gateways::default());
+    let directory = Arc::new(SharedDirectory::new(
+        Duration::from_secs(60),
+        Arc::new(ManualClock::new(1_700_000_000_000)),
+    ));
     let mut gateways = Vec::new();
     for name in ["gw-a", "gw-b"] {
         let outbox = Arc::new(RecordingOutbox::default());
@@ -125,11 +68,6 @@ async fn users_on_two_gateways_chat_one_to_one_over_kafka() {
             directory.clone(),
         )
         .unwrap();
-        directory
-            .outboxes
-            .lock()
-            .unwrap()
-            .push((name.to_string(), outbox.clone()));
         gateways.push((outbox, router));
     }
     let [(outbox_a, router_a), (outbox_b, router_b)] = &gateways[..] else {
@@ -149,6 +87,8 @@ async fn users_on_two_gateways_chat_one_to_one_over_kafka() {
     };
     let on_a = online(outbox_a, router_a, alice, 1);
     let on_b = online(outbox_b, router_b, bob, 2);
+    registered(&*directory, alice, "gw-a").await;
+    registered(&*directory, bob, "gw-b").await;
     let direct = dm(alice, bob);
 
     // alice (gw-a) -> bob (gw-b): acked on gw-a, delivered on gw-b.

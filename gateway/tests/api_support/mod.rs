@@ -4,57 +4,23 @@
 
 #![allow(dead_code)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use pingme_gateway::auth::jwt::JwtAuthenticator;
 use pingme_gateway::config::AuthConfig;
 use pingme_gateway::http::server::HttpLimits;
 use pingme_gateway::http::{self, ApiState};
 use pingme_gateway::ops::Readiness;
-use pingme_router::port::{ConnRef, Outbox, UserId};
-use pingme_storage::embedded::{Durability, EmbeddedStore};
+use pingme_storage::embedded::EmbeddedStore;
 use pingme_storage::{Stores, UserStore};
+pub use pingme_testkit::RecordingOutbox;
+use pingme_testkit::temp_store;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 /// The secret the test servers sign with.
 pub const SECRET: &[u8] = b"test-secret-0123456789abcdef";
-
-/// One `Outbox::disconnect` call.
-#[derive(Debug, Clone)]
-pub struct Disconnect {
-    pub user: UserId,
-    pub device: Option<String>,
-    pub frame: Bytes,
-}
-
-/// An outbox with no connections that remembers what it was asked to close.
-#[derive(Debug, Default)]
-pub struct RecordingOutbox {
-    pub disconnects: Mutex<Vec<Disconnect>>,
-}
-
-impl Outbox for RecordingOutbox {
-    fn to_connection(&self, _conn: ConnRef, _frame: Bytes) -> bool {
-        false
-    }
-    fn to_users(&self, _users: &[UserId], _frame: &Bytes, _skip: Option<ConnRef>) -> usize {
-        0
-    }
-    fn online(&self, users: &[UserId]) -> Vec<bool> {
-        vec![false; users.len()]
-    }
-    fn disconnect(&self, user: UserId, device: Option<&str>, frame: Bytes) -> usize {
-        self.disconnects.lock().unwrap().push(Disconnect {
-            user,
-            device: device.map(str::to_string),
-            frame,
-        });
-        1
-    }
-}
 
 /// A running API.
 pub struct TestApi {
@@ -106,8 +72,7 @@ pub async fn start_with(config: AuthConfig) -> TestApi {
 
 /// Starts the API with the given auth settings and HTTP limits.
 pub async fn start_full(config: AuthConfig, limits: HttpLimits) -> TestApi {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Sync).unwrap());
+    let (dir, store) = temp_store();
     let auth = Arc::new(JwtAuthenticator::new(
         config.jwt_secret.as_bytes(),
         config.access_token_ttl,

@@ -1,130 +1,26 @@
-//! Test doubles and helpers for the router's integration tests: a recording
-//! [`Outbox`] (frames per connection, connections registered per user), an
-//! embedded store in a temp dir, and small helpers to wait for frames.
+//! Test doubles and helpers for the router's integration tests: a router
+//! over a temp store with a recording outbox ([`Harness`]), frames to send
+//! and to read answers from, and, from `pingme-testkit`, the waiting
+//! helpers, the recording [`Outbox`] and the temp store.
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+// Each test binary uses its own part of the kit.
+#[allow(unused_imports)]
+pub use pingme_testkit::{
+    Disconnect, PATIENCE, RecordingOutbox, eventually, eventually_async, temp_store, unique_suffix,
+};
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use pingme_protocol::ServerFrame;
 use pingme_protocol::v1::{self, client_frame, server_frame};
-use pingme_protocol::{ServerFrame, decode_message, split_frame};
-use pingme_router::port::{ConnRef, Dispatch, Outbox, SessionInfo, UserId};
-use pingme_router::{Router, RouterConfig};
-use pingme_storage::embedded::{Durability, EmbeddedStore};
+use pingme_router::port::{ConnRef, Dispatch, SessionInfo, UserId};
+use pingme_router::{Directory, Router, RouterConfig};
+use pingme_storage::embedded::EmbeddedStore;
 use pingme_storage::{ConversationStore, Member, Role, Stores, UserStore};
-
-/// How long a test waits for something that must happen.
-pub const PATIENCE: Duration = Duration::from_secs(60);
-
-/// Records every frame queued on every connection.
-#[derive(Default)]
-pub struct RecordingOutbox {
-    connections: Mutex<HashMap<UserId, Vec<ConnRef>>>,
-    frames: Mutex<HashMap<ConnRef, Vec<Bytes>>>,
-}
-
-impl RecordingOutbox {
-    /// Makes `conn` a connected device of `user`.
-    pub fn connect(&self, user: UserId, conn: ConnRef) {
-        self.connections
-            .lock()
-            .unwrap()
-            .entry(user)
-            .or_default()
-            .push(conn);
-    }
-
-    /// Forgets `conn`.
-    pub fn drop_connection(&self, user: UserId, conn: ConnRef) {
-        if let Some(conns) = self.connections.lock().unwrap().get_mut(&user) {
-            conns.retain(|c| *c != conn);
-        }
-    }
-
-    /// Everything queued on `conn` so far, decoded. One queued buffer may
-    /// hold several frames back to back (a merged fanout delivery).
-    pub fn frames(&self, conn: ConnRef) -> Vec<ServerFrame> {
-        let mut frames = Vec::new();
-        for queued in self.raw(conn) {
-            let mut buf = BytesMut::from(&queued[..]);
-            while let Some(payload) =
-                split_frame(&mut buf, usize::MAX).expect("router frames are well framed")
-            {
-                frames.push(decode_message(payload).expect("router frames decode"));
-            }
-            assert!(buf.is_empty(), "a queued buffer ends on a frame boundary");
-        }
-        frames
-    }
-
-    /// Everything queued on `conn` so far, encoded.
-    pub fn raw(&self, conn: ConnRef) -> Vec<Bytes> {
-        self.frames
-            .lock()
-            .unwrap()
-            .get(&conn)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// Frames on `conn` count.
-    pub fn count(&self, conn: ConnRef) -> usize {
-        self.frames.lock().unwrap().get(&conn).map_or(0, Vec::len)
-    }
-
-    fn record(&self, conn: ConnRef, frame: Bytes) {
-        self.frames
-            .lock()
-            .unwrap()
-            .entry(conn)
-            .or_default()
-            .push(frame);
-    }
-}
-
-impl Outbox for RecordingOutbox {
-    fn to_connection(&self, conn: ConnRef, frame: Bytes) -> bool {
-        self.record(conn, frame);
-        true
-    }
-
-    fn to_users(&self, users: &[UserId], frame: &Bytes, skip: Option<ConnRef>) -> usize {
-        let targets: Vec<ConnRef> = {
-            let connections = self.connections.lock().unwrap();
-            users
-                .iter()
-                .filter_map(|user| connections.get(user))
-                .flatten()
-                .filter(|conn| Some(**conn) != skip)
-                .copied()
-                .collect()
-        };
-        let mut frames = self.frames.lock().unwrap();
-        for conn in &targets {
-            frames.entry(*conn).or_default().push(frame.clone());
-        }
-        targets.len()
-    }
-
-    fn online(&self, users: &[UserId]) -> Vec<bool> {
-        let connections = self.connections.lock().unwrap();
-        users
-            .iter()
-            .map(|user| connections.get(user).is_some_and(|c| !c.is_empty()))
-            .collect()
-    }
-
-    fn disconnect(&self, user: UserId, _device: Option<&str>, _frame: Bytes) -> usize {
-        self.connections
-            .lock()
-            .unwrap()
-            .remove(&user)
-            .map_or(0, |c| c.len())
-    }
-}
 
 /// Creates a group of `owner` and `members` in `store`; its conversation id.
 pub async fn create_group(store: &EmbeddedStore, owner: UserId, members: &[UserId]) -> String {
@@ -152,9 +48,7 @@ pub struct Harness {
 
 /// An embedded store in a fresh temp dir.
 pub fn open_store() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(dir.path(), Durability::Sync).unwrap());
-    (dir, store)
+    temp_store()
 }
 
 impl Harness {
@@ -275,16 +169,19 @@ pub fn send_body(
     })
 }
 
-/// Polls `probe` until it yields, failing the test after [`PATIENCE`].
-pub async fn eventually<T>(mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits until `user` is registered on `gateway`: a router registers a
+/// connection in the directory on its own time, and a sender on another
+/// node finds the user only after that.
+pub async fn registered(directory: &dyn Directory, user: UserId, gateway: &str) {
+    eventually_async(|| async {
+        let located = directory.locate(&[user], false).await.unwrap();
+        located
+            .online
+            .iter()
+            .any(|(at, users)| at == gateway && users.contains(&user))
+            .then_some(())
+    })
+    .await;
 }
 
 /// The messages of the deliver frames among `frames`, in arrival order.
@@ -360,10 +257,4 @@ pub fn kafka_from_env() -> Option<pingme_router::KafkaSettings> {
     settings.commit_interval = Duration::ZERO;
     settings.request_timeout = Duration::from_secs(10);
     Some(settings)
-}
-
-/// A suffix that keeps one test's topics and groups apart from every
-/// other run's on a shared broker.
-pub fn unique_suffix() -> String {
-    uuid::Uuid::now_v7().simple().to_string()
 }
