@@ -7,6 +7,9 @@
 #   benches/e2e.sh                # full run (release binaries; builds them)
 #   benches/e2e.sh --smoke        # small and short (CI; uses debug binaries)
 #   SCENARIOS="fanout chat" benches/e2e.sh   # only these (default: all)
+#   PINGME=old/pingme LOADGEN=new/pingme-loadgen benches/e2e.sh   # given
+#       binaries, nothing built (a build before and after a change, same
+#       load generator)
 #
 # Scenarios: group fanout (one group, every member online, bursts of 100-byte
 # messages), huge group (a group of 100,000 with 5,000 members online), idle
@@ -22,18 +25,18 @@ mode=full
 target="${CARGO_TARGET_DIR:-target}"
 if [ "$mode" = smoke ]; then
     profile_dir="$target/debug"
-    cargo build --locked -q -p pingme-gateway -p pingme-loadgen --bins
+    [ -n "${PINGME:-}" ] || cargo build --locked -q -p pingme-gateway -p pingme-loadgen --bins
     FANOUT_MEMBERS=200 FANOUT_SECONDS=3 FANOUT_BURST=8 IDLE=500 CHAT=200 CHAT_SECONDS=5
     HUGE_MEMBERS=1000 HUGE_ONLINE=100
 else
     profile_dir="$target/release"
-    cargo build --locked -q --release -p pingme-gateway -p pingme-loadgen --bins
+    [ -n "${PINGME:-}" ] || cargo build --locked -q --release -p pingme-gateway -p pingme-loadgen --bins
     FANOUT_MEMBERS=${FANOUT_MEMBERS:-5000} FANOUT_SECONDS=${FANOUT_SECONDS:-10} FANOUT_BURST=${FANOUT_BURST:-8}
     IDLE=${IDLE:-19000} CHAT=${CHAT:-10000} CHAT_SECONDS=${CHAT_SECONDS:-30}
     HUGE_MEMBERS=${HUGE_MEMBERS:-100000} HUGE_ONLINE=${HUGE_ONLINE:-5000}
 fi
-pingme="$profile_dir/pingme"
-loadgen_bin="$profile_dir/pingme-loadgen"
+pingme="${PINGME:-$profile_dir/pingme}"
+loadgen_bin="${LOADGEN:-$profile_dir/pingme-loadgen}"
 api=http://127.0.0.1:18080
 loadgen() { "$loadgen_bin" "$@" --api "$api" --gateway tcp://127.0.0.1:18081; }
 scenarios=" ${SCENARIOS:-fanout huge idle chat} "
