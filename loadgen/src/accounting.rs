@@ -188,9 +188,21 @@ pub struct Accounting {
     redelivered: u64,
     /// (sender, counter) of every send sent more than once.
     retried: HashSet<(u64, u64)>,
+    /// Every repeated push is a redelivery (a run that kills a worker).
+    accept_redelivery: bool,
 }
 
 impl Accounting {
+    /// A ledger that counts every repeated push as a redelivery when
+    /// `accept_redelivery` (the router's at-least-once delivery after a
+    /// worker's partitions move), else only those after a retry.
+    pub fn new(accept_redelivery: bool) -> Self {
+        Accounting {
+            accept_redelivery,
+            ..Accounting::default()
+        }
+    }
+
     /// `sender` sends its send `counter` again (before it goes out, so the
     /// redelivery it may cause is known when it arrives).
     pub fn retrying(&mut self, sender: u64, counter: u64) {
@@ -242,7 +254,10 @@ impl Accounting {
                     self.overlaps += 1;
                     Delivery::Overlap
                 }
-                Path::Pushed if self.retried.contains(&(arrival.sender, arrival.counter)) => {
+                Path::Pushed
+                    if self.accept_redelivery
+                        || self.retried.contains(&(arrival.sender, arrival.counter)) =>
+                {
                     self.redelivered += 1;
                     Delivery::Redelivered
                 }
@@ -450,6 +465,12 @@ mod tests {
         let counts = ledger.counts();
         assert_eq!((counts.redelivered, counts.duplicated), (1, 1));
         assert_eq!(counts.lost, 0);
+        // A run that kills a worker accepts every repeated push.
+        let mut ledger = Accounting::new(true);
+        ledger.expect(1);
+        ledger.arrive(arrival(1, 1, Pushed));
+        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::Redelivered);
+        assert!(!ledger.counts().has_errors());
     }
 
     #[test]

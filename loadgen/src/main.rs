@@ -177,6 +177,14 @@ struct RunArgs {
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
+    /// Count every seq pushed again as redelivered, not duplicated (the
+    /// router's at-least-once delivery: when a worker dies, the next owner
+    /// of its partitions reads its uncommitted batches again and pushes
+    /// them again; clients drop seqs they hold). Without it only pushes
+    /// after the sender retried count so. A send stored under two seqs
+    /// fails the run either way.
+    #[arg(long)]
+    accept_redelivery: bool,
 }
 
 fn main() -> ExitCode {
@@ -353,6 +361,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {
         storm_interval: Duration::from_secs_f64(args.storm_interval.max(0.1)),
         server_pid: args.server_pid,
         quiet: args.quiet,
+        accept_redelivery: args.accept_redelivery,
     };
     let shard_label = format!("{}/{}", args.shard.index, args.shard.count);
     let report = run::run(plan, users, shard_label).await;

@@ -204,6 +204,9 @@ pub struct Report {
     /// a "later" answer).
     #[serde(default)]
     pub resent: u64,
+    /// Fetches of a gap a live connection saw for more than a second.
+    #[serde(default)]
+    pub gap_fetches: u64,
     /// Times when connections were down, and how long until all were back.
     #[serde(default)]
     pub outages: Vec<Outage>,
@@ -254,6 +257,7 @@ impl Report {
             merged.send_to_deliver = merged.send_to_deliver.merged(&report.send_to_deliver);
             merged.reconnect_latency = merged.reconnect_latency.merged(&report.reconnect_latency);
             merged.resent += report.resent;
+            merged.gap_fetches += report.gap_fetches;
             merged.outages.extend(report.outages.iter().cloned());
             merged.deliveries.merge(&report.deliveries);
             merged.server_bytes_per_connection = merged
@@ -342,10 +346,10 @@ impl Report {
             self.send_failures,
             self.reconnects
         );
-        if self.reconnects > 0 || d.recovered > 0 || self.resent > 0 {
+        if self.reconnects > 0 || d.recovered > 0 || self.resent > 0 || d.redelivered > 0 {
             println!(
-                "after drops: {} recovered by fetch, {} seen both pushed and fetched, {} sends sent again, {} pushed again after a retry",
-                d.recovered, d.overlaps, self.resent, d.redelivered
+                "recovery: {} recovered by fetch ({} gap fetches on live connections), {} seen both pushed and fetched, {} sends sent again, {} pushed again",
+                d.recovered, self.gap_fetches, d.overlaps, self.resent, d.redelivered
             );
         }
         for outage in &self.outages {

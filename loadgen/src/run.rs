@@ -14,6 +14,8 @@
 //! resends its unacknowledged sends with their client_msg_ids, and fetches
 //! each conversation from the last seq it holds without a gap; the outage
 //! (first drop until every dropped connection is back) is in the report.
+//! A gap that outlasts a second on a live connection (a push the server
+//! could not route) is fetched too, as the SDK does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,6 +82,8 @@ pub struct Plan {
     pub storm_interval: Duration,
     pub server_pid: Option<u32>,
     pub quiet: bool,
+    /// A seq pushed again counts as redelivered, not duplicated.
+    pub accept_redelivery: bool,
 }
 
 /// What every connection task shares.
@@ -109,6 +113,8 @@ struct Shared {
     reconnect_latency: Mutex<Histogram<u64>>,
     /// Sends sent again (after a reconnect or a "later" answer).
     resent: AtomicU64,
+    /// Fetches of a gap that outlasted GAP_WAIT.
+    gap_fetches: AtomicU64,
     outages: Mutex<Outages>,
 }
 
@@ -278,10 +284,11 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         ack_latency_second: Mutex::new(new_histogram()),
         deliver_latency: Mutex::new(new_histogram()),
         deliver_latency_second: Mutex::new(new_histogram()),
-        accounting: Mutex::new(Accounting::default()),
+        accounting: Mutex::new(Accounting::new(plan.accept_redelivery)),
         members: AtomicU64::new(0),
         reconnect_latency: Mutex::new(new_histogram()),
         resent: AtomicU64::new(0),
+        gap_fetches: AtomicU64::new(0),
         outages: Mutex::new(Outages::default()),
     });
     let users = Arc::new(users);
@@ -427,6 +434,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         send_to_deliver: histogram(&shared.deliver_latency),
         reconnect_latency: histogram(&shared.reconnect_latency),
         resent: shared.resent.load(Ordering::Relaxed),
+        gap_fetches: shared.gap_fetches.load(Ordering::Relaxed),
         outages: shared
             .outages
             .lock()
@@ -601,7 +609,18 @@ impl SeqFloor {
     pub fn floor(&self) -> u64 {
         self.floor
     }
+
+    /// Whether a seq above the floor is held, so one below it is missing.
+    pub fn has_gap(&self) -> bool {
+        !self.above.is_empty()
+    }
 }
+
+/// How long a gap in a conversation may last before the connection fetches
+/// it, as a client does: a push can overtake the answer to its own send
+/// for a moment, and a real gap (a push the server could not route, e.g.
+/// while the directory was down) stays.
+const GAP_WAIT: Duration = Duration::from_secs(1);
 
 /// Whether an error answer says "try again later": the send was not
 /// carried out, and repeating it with the same client_msg_id is safe.
@@ -770,6 +789,8 @@ struct Requests {
     acks: HashMap<String, u64>,
     /// Sends refused with "later": counter -> when to send again.
     retry_at: BTreeMap<u64, Instant>,
+    /// Conversations with a gap: since when (or since its last fetch).
+    gaps: HashMap<String, Instant>,
 }
 
 impl Requests {
@@ -857,6 +878,9 @@ async fn drive(
     // Sends refused with "later" go again from here.
     let mut retry = tokio::time::interval(Duration::from_millis(100));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Gaps are looked at twice a second, only while there is one.
+    let mut gap_check = tokio::time::interval(GAP_WAIT / 2);
+    gap_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut requests = Requests {
         next_request_id: 1000,
         ..Requests::default()
@@ -973,6 +997,29 @@ async fn drive(
                     shared.resent.fetch_add(1, Ordering::Relaxed);
                     result = sink.feed(frame).await;
                     if result.is_err() { break; }
+                }
+                match result {
+                    Ok(()) => sink.flush().await,
+                    err => err,
+                }
+            }
+            _ = gap_check.tick(), if carry.held.values().any(SeqFloor::has_gap) => {
+                let now = Instant::now();
+                let mut result = Ok(());
+                for (conversation, held) in &carry.held {
+                    if !held.has_gap() {
+                        requests.gaps.remove(conversation);
+                        continue;
+                    }
+                    let since = *requests.gaps.entry(conversation.clone()).or_insert(now);
+                    let fetching = requests.fetches.values().any(|c| c == conversation);
+                    if now.duration_since(since) >= GAP_WAIT && !fetching {
+                        requests.gaps.insert(conversation.clone(), now);
+                        shared.gap_fetches.fetch_add(1, Ordering::Relaxed);
+                        let frame = fetch_frame(&mut requests, conversation, held.floor());
+                        result = sink.feed(frame).await;
+                        if result.is_err() { break; }
+                    }
                 }
                 match result {
                     Ok(()) => sink.flush().await,
@@ -1232,6 +1279,23 @@ mod tests {
         assert_eq!(cpu_seconds_of_stat(stat), Some(3.8));
         assert_eq!(cpu_seconds_of_stat("4242 (cut short) S 1"), None);
         assert_eq!(cpu_seconds_of_stat("no parentheses at all"), None);
+    }
+
+    #[test]
+    fn the_floor_rises_over_contiguous_seqs_and_a_gap_holds_it() {
+        let mut held = SeqFloor::default();
+        held.hold(1);
+        held.hold(2);
+        assert_eq!((held.floor(), held.has_gap()), (2, false));
+        held.hold(5);
+        held.hold(4);
+        assert_eq!((held.floor(), held.has_gap()), (2, true));
+        held.hold(3);
+        assert_eq!((held.floor(), held.has_gap()), (5, false));
+        held.hold(5);
+        assert_eq!(held.floor(), 5);
+        assert!(is_retryable(ErrorCode::Overloaded as u32));
+        assert!(!is_retryable(ErrorCode::Forbidden as u32));
     }
 
     #[test]

@@ -31,6 +31,9 @@ struct Cluster {
     /// to a surviving gateway).
     crash_at_send: Option<u64>,
     crashes: u64,
+    /// At this send, the push alone is lost (the gateway lives on), as
+    /// when the directory could not locate the recipient.
+    lose_push_at_send: Option<u64>,
 }
 
 type Routes = Arc<Mutex<Cluster>>;
@@ -109,6 +112,8 @@ fn answer(
             if crash {
                 // Stored and acknowledged, but the push dies with the gateway.
                 cluster.crashes += 1;
+            } else if cluster.lose_push_at_send == Some(cluster.sends) {
+                // Stored and acknowledged, never pushed.
             } else if send.conversation_id.starts_with("g:") {
                 // A group: every other connected user is a member.
                 for (user, peer) in &cluster.peers {
@@ -379,6 +384,40 @@ async fn a_gateway_crash_loses_nothing_and_everyone_comes_back() {
         outages[0]["all_back_unix_ms"].as_u64().is_some(),
         "{outages:?}"
     );
+}
+
+/// A push the server never sent (the connection stays up) leaves a gap
+/// that the next message of the conversation shows: the connection fetches
+/// it, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_never_came_is_fetched_from_the_gap_it_leaves() {
+    let routes: Routes = Arc::new(Mutex::new(Cluster {
+        lose_push_at_send: Some(30),
+        ..Cluster::default()
+    }));
+    let addr = gateway_sharing(routes, Arc::default()).await;
+    let report = run_loadgen(
+        addr,
+        "gap",
+        &[
+            "run",
+            "chat",
+            "-n",
+            "2",
+            "--rate",
+            "20",
+            "--duration",
+            "3",
+            "--drain",
+            "3",
+        ],
+    )
+    .await;
+    let deliveries = &report["deliveries"];
+    assert_eq!(deliveries["lost"], 0, "{report}");
+    assert_eq!(deliveries["recovered"], 1, "{report}");
+    assert_eq!(report["reconnects"], 0, "{report}");
+    assert!(report["gap_fetches"].as_u64().unwrap() >= 1, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
