@@ -25,11 +25,25 @@ pub struct Pingme {
 #[uniffi::export]
 impl Pingme {
     /// Starts the runtime, for the HTTP API at `api_url`, e.g.
-    /// `http://127.0.0.1:8080`.
+    /// `https://chat.example.com` (certificate checked against Mozilla's
+    /// roots) or `http://127.0.0.1:8080` in development.
     #[uniffi::constructor]
     pub fn new(api_url: String) -> Result<Arc<Pingme>, PingmeError> {
         let runtime = Runtime::new()?;
         let api = runtime.enter(|| HttpApi::new(api_url));
+        Ok(Arc::new(Pingme {
+            api,
+            runtime: Arc::new(runtime),
+        }))
+    }
+
+    /// Like `new`, with the `https://` certificate of `api_url` checked by
+    /// `trust` (the app's own CA, or the development certificate), the
+    /// policy its TLS and QUIC connections use.
+    #[uniffi::constructor]
+    pub fn with_trust(api_url: String, trust: Trust) -> Result<Arc<Pingme>, PingmeError> {
+        let runtime = Runtime::new()?;
+        let api = runtime.enter(|| HttpApi::with_trust(api_url, &client_trust(trust)))?;
         Ok(Arc::new(Pingme {
             api,
             runtime: Arc::new(runtime),
@@ -138,17 +152,22 @@ fn endpoint(config: &ConnectConfig) -> Result<Endpoint, PingmeError> {
                  for a development server"
             ))
         })?;
-        *trust = match chosen {
-            Trust::DevCertificate => pingme_client::Trust::AcceptAnyDevCert,
-            Trust::CaFile { path } => pingme_client::Trust::CaFile(path.into()),
-            Trust::CaPem { pem } => pingme_client::Trust::CaPem(pem.into_bytes()),
-        };
+        *trust = client_trust(chosen);
         *server_name = match &config.server_name {
             Some(name) => name.clone(),
             None => host_of(gateway).to_string(),
         };
     }
     Ok(endpoint)
+}
+
+/// The client's trust policy for the binding's.
+fn client_trust(trust: Trust) -> pingme_client::Trust {
+    match trust {
+        Trust::DevCertificate => pingme_client::Trust::AcceptAnyDevCert,
+        Trust::CaFile { path } => pingme_client::Trust::CaFile(path.into()),
+        Trust::CaPem { pem } => pingme_client::Trust::CaPem(pem.into_bytes()),
+    }
 }
 
 /// The host part of `scheme://host:port/path` (brackets of an IPv6

@@ -1,11 +1,15 @@
 //! The HTTP API calls a client needs around its connection: register, log
-//! in, create a group and add members in bulk. JSON over plain HTTP (TLS is
-//! the deployment's front proxy's job); errors keep the server's stable
-//! code.
+//! in, create a group and add members in bulk. JSON over HTTPS (the
+//! deployment's front proxy terminates TLS; `http://` stays for local
+//! development); errors keep the server's stable code. Passwords travel in
+//! these calls, so an `https://` API is verified like a gateway: against
+//! Mozilla's roots ([`HttpApi::new`]), or a [`Trust`] policy of the app's
+//! ([`HttpApi::with_trust`]).
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ClientError, Result};
+use crate::transport::{Trust, tls_config};
 
 /// The HTTP API of one pingme deployment.
 #[derive(Debug, Clone)]
@@ -59,12 +63,27 @@ struct ApiErrorBody {
 }
 
 impl HttpApi {
-    /// An API client for `base_url`, e.g. `http://127.0.0.1:8080`.
+    /// An API client for `base_url`, e.g. `https://chat.example.com` (its
+    /// certificate checked against Mozilla's roots) or, in development,
+    /// `http://127.0.0.1:8080`.
     pub fn new(base_url: impl Into<String>) -> HttpApi {
         HttpApi {
             base_url: base_url.into().trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// An API client for `base_url` whose `https://` certificate is checked
+    /// by `trust`, the policy the app gives its TLS and QUIC connections
+    /// (its own CA, or the development certificate).
+    pub fn with_trust(base_url: impl Into<String>, trust: &Trust) -> Result<HttpApi> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls_config(trust, false)?)
+            .build()?;
+        Ok(HttpApi {
+            base_url: base_url.into().trim_end_matches('/').to_string(),
+            http,
+        })
     }
 
     /// The base URL calls go to.

@@ -515,6 +515,8 @@ pub struct TaskConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PushConfig {
     /// Webhook receiving push notifications as JSON; empty: push disabled.
+    /// An `https://` webhook's certificate is checked against Mozilla's
+    /// roots.
     pub webhook_url: String,
 }
 

@@ -253,3 +253,75 @@ async fn a_multi_mib_backlog_syncs_over_every_transport() {
         receiver.close();
     }
 }
+
+/// A TLS-terminating proxy in front of `backend`, as a deployment's front
+/// proxy is in front of the HTTP API: a certificate for `localhost` signed
+/// by a CA of the test's own. Returns the proxy's address and the CA's PEM.
+async fn tls_front_proxy(backend: std::net::SocketAddr) -> (std::net::SocketAddr, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A failed handshake (an untrusting client) just ends here.
+                let Ok(mut front) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let Ok(mut back) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut front, &mut back).await;
+            });
+        }
+    });
+    (addr, ca.pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_calls_the_api_over_https_and_checks_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data")).await;
+    let (proxy, ca_pem) = tls_front_proxy(server.http).await;
+    let url = format!("https://localhost:{}", proxy.port());
+
+    // The app's CA: register and log in over HTTPS, then chat with the token.
+    let api = HttpApi::with_trust(&url, &Trust::CaPem(ca_pem.into_bytes())).unwrap();
+    user(&api, "carol").await;
+    let (client, _events) = connect(&api, "carol", "phone", Endpoint::Tcp(server.tcp)).await;
+    client.close();
+
+    // Mozilla's roots do not know the test's CA: refused before any
+    // password is sent.
+    let public = HttpApi::new(&url);
+    let refused = public.login("carol", PASSWORD, "laptop").await.unwrap_err();
+    assert!(
+        matches!(refused, pingme_client::ClientError::Http(_)),
+        "{refused:?}"
+    );
+    let chain = format!("{:?}", std::error::Error::source(&refused));
+    assert!(
+        chain.contains("certificate") || chain.contains("Certificate"),
+        "{chain}"
+    );
+}
