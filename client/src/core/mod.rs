@@ -150,6 +150,11 @@ pub enum Command {
     /// Mark a conversation read up to a seq. Dropped while no connection is
     /// up.
     MarkRead(ReadMarker),
+    /// Drop the connection and open a new one now, without a backoff
+    /// delay (the application knows the network changed or came back).
+    /// Pending requests stay and go out again on the new connection; a
+    /// connect already in progress is left to finish.
+    Reconnect,
     /// Close the connection and stop for good; pending requests fail with
     /// [`ClientError::Closed`].
     Close,
@@ -489,6 +494,10 @@ impl ClientCore {
                 }
                 return None;
             }
+            Command::Reconnect => {
+                self.reconnect_now(now);
+                return None;
+            }
             Command::Typing(typing) => {
                 self.notify(client_frame::Body::Typing(typing));
                 return None;
@@ -699,6 +708,26 @@ impl ClientCore {
         }
         let delay = self.config.backoff.delay(0, &mut self.rng);
         self.wait(now, 0, delay, error.to_string());
+    }
+
+    /// [`Command::Reconnect`]: a connection up or in its handshake is
+    /// closed, and a new one opened at once, as is a wait for the next
+    /// attempt cut short.
+    fn reconnect_now(&mut self, now: Instant) {
+        match self.link {
+            Link::Closed | Link::Opening { .. } => return,
+            Link::Waiting { .. } => {}
+            Link::Handshake { .. } | Link::Ready(_) => {
+                self.out.transmits.push_back(Transmit::Disconnect);
+                self.end_session();
+            }
+        }
+        self.out.event(Event::Reconnecting {
+            attempt: self.failures,
+            delay: Duration::ZERO,
+            reason: "reconnect asked for".into(),
+        });
+        self.open(now);
     }
 
     /// Forgets what belonged to the connection that just ended. Frames

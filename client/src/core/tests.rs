@@ -911,3 +911,45 @@ fn an_own_send_in_a_conversation_not_yet_followed_marks_nothing() {
         "nothing acknowledged"
     );
 }
+
+#[test]
+fn a_reconnect_asked_for_closes_and_reopens_at_once_keeping_pending_sends() {
+    let mut h = Harness::synced(config(5));
+    let pending = h.command(send("c-1")).unwrap();
+    h.frames();
+    h.command(Command::Reconnect);
+    // Closed and reopened in the same instant: no backoff wait.
+    assert_eq!(
+        h.wire(),
+        vec![Transmit::Disconnect, Transmit::Connect { redirect: None }]
+    );
+    assert_eq!(
+        reconnect_delays(&h.take_events()),
+        vec![(0, Duration::ZERO)]
+    );
+    // A second ask while the connect is under way changes nothing.
+    h.command(Command::Reconnect);
+    assert!(h.transmits.is_empty() && h.events.is_empty());
+    h.transmits.push(Transmit::Connect { redirect: None });
+    let after_auth = h.accept_connection();
+    assert!(
+        after_auth.iter().any(
+            |(id, b)| matches!(b, client_frame::Body::Send(s) if *id == pending.0 && s.client_msg_id == "c-1")
+        ),
+        "the unacknowledged send goes out again: {after_auth:?}"
+    );
+    assert!(matches!(
+        h.take_events()[..],
+        [Event::Connected {
+            reconnected: true,
+            ..
+        }]
+    ));
+
+    // Waiting for the next attempt after a loss: the wait is cut short.
+    h.lose();
+    h.take_events();
+    assert_eq!(h.wire(), vec![Transmit::Disconnect]);
+    h.command(Command::Reconnect);
+    assert_eq!(h.wire(), vec![Transmit::Connect { redirect: None }]);
+}
