@@ -139,6 +139,32 @@ class BindingTest(unittest.IsolatedAsyncioTestCase):
                 await a.close()
                 await b.close()
 
+    async def test_a_network_change_keeps_the_quic_session(self):
+        hana = await User(self.sdk, "hana").register()
+        ivan = await User(self.sdk, "ivan").register()
+        dm = pingme.direct_conversation_id(hana.user_id, ivan.user_id)
+        a = await self.connect(hana, "quic", "phone")
+        b = await self.connect(ivan, "quic", "phone")
+        await until_synced(a)
+        await until_synced(b)
+        for round in range(3):
+            before = a.local_address()
+            after = a.network_changed()
+            self.assertIsNotNone(after)
+            self.assertNotEqual(after, before)
+            self.assertEqual(a.local_address(), after)
+            ack = await a.send_text(dm, f"moved {round}")
+            message = await next_message(b)
+            self.assertEqual((message.seq, message.body), (ack.seq, f"moved {round}".encode()))
+            reply = await b.send_text(dm, f"seen {round}")
+            # The same session: no reconnect before the reply arrives.
+            while True:
+                event = await next_event(a)
+                self.assertFalse(event.is_reconnecting() or event.is_connected(), event)
+                if event.is_message() and event.message.sender_id == ivan.user_id:
+                    self.assertEqual(event.message.seq, reply.seq)
+                    break
+
     async def test_offline_device_syncs_missed_messages_in_order_exactly_once(self):
         carol = await User(self.sdk, "carol").register()
         dave = await User(self.sdk, "dave").register()

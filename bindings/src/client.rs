@@ -148,6 +148,32 @@ impl PingmeClient {
             .collect()
     }
 
+    /// Tell the client the network changed (Wi-Fi to cellular, a new
+    /// address; call it from the platform's network callback). Over QUIC
+    /// the connection moves to a new UDP socket and migrates: the session
+    /// goes on, nothing is re-sent or re-authenticated; the new local
+    /// address (`ip:port`) is returned. Over TCP, TLS and WebSocket a
+    /// connection cannot move: the client reconnects at once and returns
+    /// none.
+    pub fn network_changed(&self) -> Result<Option<String>, PingmeError> {
+        let local = self.runtime.enter(|| self.client.rebind())?;
+        Ok(local.map(|addr| addr.to_string()))
+    }
+
+    /// Drop the connection and reconnect now, without waiting for the
+    /// backoff (e.g. when the platform says the network is back). The TLS
+    /// session is resumed from the client's cache; pending sends go out
+    /// again.
+    pub fn reconnect(&self) -> Result<(), PingmeError> {
+        Ok(self.client.reconnect()?)
+    }
+
+    /// The local address of the QUIC socket (`ip:port`); none for other
+    /// transports.
+    pub fn local_address(&self) -> Option<String> {
+        self.client.local_addr().map(|addr| addr.to_string())
+    }
+
     /// The next event, waiting for one; `None` once the client has stopped
     /// and every event was read. Keep calling it: the client buffers 4096
     /// events, then stops reading the socket until the app catches up.

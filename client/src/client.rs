@@ -13,6 +13,7 @@
 //! file only moves bytes and wakes tasks.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ use crate::backoff::Backoff;
 pub use crate::core::Event;
 use crate::core::{Answer, ClientCore, Command, CoreConfig, CoreEvent, RequestId, Transmit};
 use crate::error::{ClientError, Result};
-use crate::transport::{ConnectOptions, Connection, Endpoint, connect};
+use crate::transport::{ConnectOptions, Connection, Connector, Endpoint, HandshakeCounts};
 
 /// Events buffered before the driver waits for the application.
 const EVENT_BUFFER: usize = 4096;
@@ -108,6 +109,9 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the driver after a handle gave the core a command.
     wake: Notify,
+    /// The way to the gateway, kept across reconnects (TLS session cache,
+    /// the QUIC socket that [`Client::rebind`] moves).
+    connector: Arc<Connector>,
 }
 
 impl Shared {
@@ -168,6 +172,10 @@ impl Client {
     /// Connects, says hello, authenticates, and starts the driver. The first
     /// connection's failure is returned here; later ones are retried.
     pub async fn connect(config: ClientConfig) -> Result<(Client, Events)> {
+        let connector = Arc::new(Connector::new(
+            config.endpoint.clone(),
+            config.connect_options.clone(),
+        )?);
         let core = ClientCore::new(config.core_config(), now());
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -175,13 +183,13 @@ impl Client {
                 waiting: HashMap::new(),
             }),
             wake: Notify::new(),
+            connector: connector.clone(),
         });
         let (events, event_rx) = mpsc::channel(EVENT_BUFFER);
         let (ready, first) = oneshot::channel();
         let driver = Driver {
             shared: shared.clone(),
-            endpoint: config.endpoint,
-            options: config.connect_options,
+            connector,
             events,
             ready: Some(ready),
         };
@@ -304,6 +312,50 @@ impl Client {
         self.shared.lock().core.watermarks()
     }
 
+    /// Tells the client the network changed (Wi-Fi to cellular, a new
+    /// address): over QUIC the connection moves to a new UDP socket and
+    /// migrates, keeping the session (no reconnect, no new authentication,
+    /// nothing re-sent); the new local address is returned. A TCP
+    /// connection cannot move: over TCP, TLS and WebSocket this reconnects
+    /// at once ([`Client::reconnect`]) and returns `None`. Must be called
+    /// inside a tokio runtime.
+    pub fn rebind(&self) -> Result<Option<SocketAddr>> {
+        if self.shared.lock().core.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        match self.shared.connector.rebind()? {
+            Some(local) => Ok(Some(local)),
+            None if matches!(self.shared.connector.endpoint(), Endpoint::Quic { .. }) => {
+                // No QUIC connection yet: the next one uses a new socket
+                // anyway.
+                Ok(None)
+            }
+            None => {
+                self.reconnect()?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops the connection and opens a new one now, without waiting for
+    /// the backoff (the network came back, or the app wants a fresh
+    /// connection). Requests in flight go out again on the new connection;
+    /// the TLS session is resumed from the client's cache.
+    pub fn reconnect(&self) -> Result<()> {
+        self.notify(Command::Reconnect)
+    }
+
+    /// The local address of the QUIC socket (`None` for other transports).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.shared.connector.local_addr()
+    }
+
+    /// How this client's TLS and QUIC handshakes went: full or resumed
+    /// from the session cache the client keeps across its reconnects.
+    pub fn handshakes(&self) -> HandshakeCounts {
+        self.shared.connector.handshakes()
+    }
+
     /// Closes the connection and stops the driver. Pending requests fail
     /// with [`ClientError::Closed`].
     pub fn close(&self) {
@@ -334,8 +386,7 @@ fn mismatched(answer: Answer) -> ClientError {
 /// The driver task: the core's I/O.
 struct Driver {
     shared: Arc<Shared>,
-    endpoint: Endpoint,
-    options: ConnectOptions,
+    connector: Arc<Connector>,
     events: mpsc::Sender<Event>,
     /// Tells `Client::connect` how the first connection went.
     ready: Option<oneshot::Sender<Result<(u64, String)>>>,
@@ -421,13 +472,9 @@ impl Driver {
                 match next {
                     Transmit::Connect { redirect } => {
                         *transport = None;
-                        let endpoint = match redirect {
-                            Some(addr) => self.endpoint.with_addr(addr),
-                            None => self.endpoint.clone(),
-                        };
-                        let options = self.options.clone();
-                        *opening =
-                            Some(Box::pin(async move { connect(&endpoint, &options).await }));
+                        let addr = redirect.unwrap_or(self.connector.endpoint().addr());
+                        let connector = self.connector.clone();
+                        *opening = Some(Box::pin(async move { connector.connect_to(addr).await }));
                     }
                     Transmit::Disconnect => {
                         *opening = None;

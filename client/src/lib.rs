@@ -49,5 +49,5 @@ pub use client::{Client, ClientConfig, Events};
 pub use error::{ClientError, Result};
 pub use http::{Group, HttpApi, Login};
 pub use pingme_protocol::{ErrorCode, v1};
-pub use transport::{ConnectOptions, Connection, Endpoint, Trust};
+pub use transport::{ConnectOptions, Connection, Connector, Endpoint, HandshakeCounts, Trust};
 pub use watermark::{Arrival, Watermarks};

@@ -2,11 +2,19 @@
 //! stream) and WebSocket (tokio-tungstenite, one frame per binary message),
 //! all turned into the same pair: a sink of [`ClientFrame`] and a stream of
 //! [`ServerFrame`]. Everything above this module is transport-blind.
+//!
+//! A [`Connector`] is what one client keeps across its reconnects: the TLS
+//! configurations with their session cache (a reconnect resumes the TLS
+//! session instead of a full handshake: no certificate sent or verified),
+//! and the QUIC endpoint, whose UDP socket [`Connector::rebind`] moves to a
+//! new one when the network changes (the QUIC connection migrates; the
+//! session on it goes on). 0-RTT stays off: see docs/architecture.md.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use pingme_protocol::{
@@ -152,13 +160,30 @@ fn resolve(host_port: &str) -> Result<SocketAddr> {
 }
 
 /// Per-connection options.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ConnectOptions {
     /// Local address to bind before connecting (load tests spread
     /// connections over many source addresses to get past the 64k ports of
     /// one address).
     pub local_ip: Option<IpAddr>,
+    /// Keep TLS sessions (TLS and QUIC) in memory, so the next connection
+    /// of the same [`Connector`] resumes instead of a full handshake. On by
+    /// default; off only to measure the difference.
+    pub tls_resumption: bool,
 }
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            local_ip: None,
+            tls_resumption: true,
+        }
+    }
+}
+
+/// Sessions the TLS cache holds (one per server name is all a client uses;
+/// redirects to other gateways add a few).
+const TLS_SESSIONS: usize = 32;
 
 /// An open transport: frames out, frames in.
 pub struct Connection {
@@ -174,39 +199,226 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// Opens a connection over `endpoint`.
+/// Opens one connection over `endpoint` (a fresh [`Connector`]: nothing
+/// is resumed; load tools opening many independent sessions use this).
 pub async fn connect(endpoint: &Endpoint, options: &ConnectOptions) -> Result<Connection> {
-    match endpoint {
-        Endpoint::Tcp(addr) => {
-            let tcp = tcp_connect(*addr, options.local_ip).await?;
-            Ok(framed(tcp))
+    Connector::new(endpoint.clone(), options.clone())?
+        .connect()
+        .await
+}
+
+/// How a connector's TLS and QUIC handshakes went so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandshakeCounts {
+    /// Full handshakes: the server's certificate was sent and verified.
+    pub full: u64,
+    /// Resumed handshakes: a session ticket from an earlier connection.
+    pub resumed: u64,
+}
+
+/// One client's way to its gateway, kept across reconnects: the TLS
+/// configuration (and with it the session cache), the QUIC endpoint (one
+/// UDP socket for every connection, rebound on [`Connector::rebind`]) and
+/// handshake counts. Reconnects go to the same endpoint or to another
+/// address of the same transport and trust (a `GoAway` redirect).
+pub struct Connector {
+    endpoint: Endpoint,
+    options: ConnectOptions,
+    /// TLS over TCP, or QUIC's TLS: built once, so its session cache lives
+    /// as long as the connector.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    quic_config: Option<quinn::ClientConfig>,
+    quic_endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// Certificates verified: a resumed handshake verifies none.
+    verified: Arc<AtomicU64>,
+    counts: Mutex<HandshakeCounts>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("endpoint", &self.endpoint)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// A connector for `endpoint` (checks the trust settings now).
+    pub fn new(endpoint: Endpoint, options: ConnectOptions) -> Result<Connector> {
+        let verified = Arc::new(AtomicU64::new(0));
+        let (tls, quic_config) = match &endpoint {
+            Endpoint::Tls { trust, .. } => {
+                let config = client_tls_config(trust, false, &options, verified.clone())?;
+                (Some(Arc::new(config)), None)
+            }
+            Endpoint::Quic { trust, .. } => {
+                let mut config = client_tls_config(trust, true, &options, verified.clone())?;
+                config.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
+                let config = Arc::new(config);
+                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config.clone())
+                    .map_err(|e| ClientError::Quic(e.to_string()))?;
+                (
+                    Some(config),
+                    Some(quinn::ClientConfig::new(Arc::new(crypto))),
+                )
+            }
+            Endpoint::Tcp(_) | Endpoint::WebSocket { .. } => (None, None),
+        };
+        Ok(Connector {
+            endpoint,
+            options,
+            tls,
+            quic_config,
+            quic_endpoint: Mutex::new(None),
+            verified,
+            counts: Mutex::new(HandshakeCounts::default()),
+        })
+    }
+
+    /// The endpoint this connector was made for.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Opens a connection to the endpoint.
+    pub async fn connect(&self) -> Result<Connection> {
+        self.connect_to(self.endpoint.addr()).await
+    }
+
+    /// Opens a connection to `addr` with the endpoint's transport and trust
+    /// (a `GoAway` redirect).
+    pub async fn connect_to(&self, addr: SocketAddr) -> Result<Connection> {
+        let endpoint = self.endpoint.with_addr(addr);
+        let verified_before = self.verified.load(Ordering::Relaxed);
+        let connection = match &endpoint {
+            Endpoint::Tcp(addr) => {
+                let tcp = tcp_connect(*addr, self.options.local_ip).await?;
+                return Ok(framed(tcp));
+            }
+            Endpoint::Tls {
+                addr, server_name, ..
+            } => {
+                let config = self.tls.clone().expect("built for TLS endpoints");
+                let name = ServerName::try_from(server_name.clone())
+                    .map_err(|e| ClientError::Tls(format!("server name {server_name:?}: {e}")))?;
+                let tcp = tcp_connect(*addr, self.options.local_ip).await?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await?;
+                framed(tls)
+            }
+            Endpoint::Quic {
+                addr, server_name, ..
+            } => self.quic_connect(*addr, server_name).await?,
+            Endpoint::WebSocket { addr, url } => {
+                let tcp = tcp_connect(*addr, self.options.local_ip).await?;
+                let (ws, _response) = tokio_tungstenite::client_async(url.as_str(), tcp)
+                    .await
+                    .map_err(|e| ClientError::WebSocket(e.to_string()))?;
+                return Ok(websocket(ws));
+            }
+        };
+        // Connections of one connector open one at a time, so a count that
+        // did not move means this handshake verified no certificate.
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if self.verified.load(Ordering::Relaxed) == verified_before {
+            counts.resumed += 1;
+        } else {
+            counts.full += 1;
         }
-        Endpoint::Tls {
-            addr,
-            server_name,
-            trust,
-        } => {
-            let config = tls_config(trust, false)?;
-            let name = ServerName::try_from(server_name.clone())
-                .map_err(|e| ClientError::Tls(format!("server name {server_name:?}: {e}")))?;
-            let tcp = tcp_connect(*addr, options.local_ip).await?;
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, tcp)
-                .await?;
-            Ok(framed(tls))
+        Ok(connection)
+    }
+
+    /// How the TLS and QUIC handshakes went so far (none over TCP and
+    /// WebSocket).
+    pub fn handshakes(&self) -> HandshakeCounts {
+        *self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The local address of the QUIC endpoint's socket (`None` before the
+    /// first QUIC connection, and for the other transports).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        let endpoint = self.quic_endpoint();
+        endpoint.and_then(|e| e.local_addr().ok())
+    }
+
+    /// The network changed: moves the QUIC endpoint to a new UDP socket (a
+    /// new local port, on the address the system now routes from). The
+    /// open connection migrates: quinn validates the new path and the
+    /// server keeps the connection, so the session goes on without a
+    /// reconnect. Returns the new local address; `None` for the other
+    /// transports (a TCP connection cannot move: the heartbeat notices a
+    /// dead one and the client reconnects) or before the first QUIC
+    /// connection. Must run inside a tokio runtime.
+    pub fn rebind(&self) -> Result<Option<SocketAddr>> {
+        let Some(endpoint) = self.quic_endpoint() else {
+            return Ok(None);
+        };
+        let family_any = match endpoint.local_addr()? {
+            SocketAddr::V4(_) => IpAddr::from([0, 0, 0, 0]),
+            SocketAddr::V6(_) => IpAddr::from([0u16; 8]),
+        };
+        let ip = self.options.local_ip.unwrap_or(family_any);
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))?;
+        endpoint.rebind(socket)?;
+        Ok(Some(endpoint.local_addr()?))
+    }
+
+    fn quic_endpoint(&self) -> Option<quinn::Endpoint> {
+        self.quic_endpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The endpoint for a connection to `addr`: the one every connection of
+    /// this connector shares, made on first use (or again if `addr` is of
+    /// the other IP family).
+    fn quic_endpoint_for(&self, addr: SocketAddr) -> Result<quinn::Endpoint> {
+        let mut slot = self.quic_endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(endpoint) = slot.as_ref()
+            && endpoint
+                .local_addr()
+                .is_ok_and(|local| local.is_ipv4() == addr.is_ipv4())
+        {
+            return Ok(endpoint.clone());
         }
-        Endpoint::Quic {
-            addr,
-            server_name,
-            trust,
-        } => quic_connect(*addr, server_name, trust, options).await,
-        Endpoint::WebSocket { addr, url } => {
-            let tcp = tcp_connect(*addr, options.local_ip).await?;
-            let (ws, _response) = tokio_tungstenite::client_async(url.as_str(), tcp)
-                .await
-                .map_err(|e| ClientError::WebSocket(e.to_string()))?;
-            Ok(websocket(ws))
-        }
+        let bind_ip = self.options.local_ip.unwrap_or(if addr.is_ipv4() {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            IpAddr::from([0u16; 8])
+        });
+        let mut endpoint = quinn::Endpoint::client(SocketAddr::new(bind_ip, 0))?;
+        endpoint
+            .set_default_client_config(self.quic_config.clone().expect("built for QUIC endpoints"));
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    async fn quic_connect(&self, addr: SocketAddr, server_name: &str) -> Result<Connection> {
+        let endpoint = self.quic_endpoint_for(addr)?;
+        let connection = endpoint
+            .connect(addr, server_name)
+            .map_err(|e| ClientError::Quic(e.to_string()))?
+            .await
+            .map_err(|e| ClientError::Quic(e.to_string()))?;
+        let (send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::Quic(e.to_string()))?;
+        // The endpoint and connection handles must outlive the stream
+        // halves; they ride along inside the stream.
+        let keep_alive = (endpoint, connection);
+        let Connection { sink, stream } = framed_halves(recv, send);
+        let stream = stream.map(move |frame| {
+            let _ = &keep_alive;
+            frame
+        });
+        Ok(Connection {
+            sink,
+            stream: Box::pin(stream),
+        })
     }
 }
 
@@ -319,50 +531,25 @@ fn decode_ws_frame(data: &[u8]) -> Result<ServerFrame> {
     }
 }
 
-async fn quic_connect(
-    addr: SocketAddr,
-    server_name: &str,
-    trust: &Trust,
-    options: &ConnectOptions,
-) -> Result<Connection> {
-    let mut tls = tls_config(trust, true)?;
-    tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| ClientError::Quic(e.to_string()))?;
-    let bind_ip = options.local_ip.unwrap_or(if addr.is_ipv4() {
-        IpAddr::from([0, 0, 0, 0])
-    } else {
-        IpAddr::from([0u16; 8])
-    });
-    let mut endpoint = quinn::Endpoint::client(SocketAddr::new(bind_ip, 0))?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let connection = endpoint
-        .connect(addr, server_name)
-        .map_err(|e| ClientError::Quic(e.to_string()))?
-        .await
-        .map_err(|e| ClientError::Quic(e.to_string()))?;
-    let (send, recv) = connection
-        .open_bi()
-        .await
-        .map_err(|e| ClientError::Quic(e.to_string()))?;
-    // The endpoint and connection handles must outlive the stream halves;
-    // they ride along inside the stream.
-    let keep_alive = (endpoint, connection);
-    let Connection { sink, stream } = framed_halves(recv, send);
-    let stream = stream.map(move |frame| {
-        let _ = &keep_alive;
-        frame
-    });
-    Ok(Connection {
-        sink,
-        stream: Box::pin(stream),
-    })
-}
-
 /// The rustls client configuration for `trust`, with the ring provider
 /// (never the process-wide default, so the SDK works whatever the app
-/// installed). QUIC requires TLS 1.3.
+/// installed). QUIC requires TLS 1.3. Sessions are cached in memory (the
+/// rustls default), which helps only if the configuration is reused: a
+/// [`Connector`] does.
 pub fn tls_config(trust: &Trust, tls13_only: bool) -> Result<rustls::ClientConfig> {
+    let options = ConnectOptions::default();
+    client_tls_config(trust, tls13_only, &options, Arc::new(AtomicU64::new(0)))
+}
+
+/// [`tls_config`] with the connector's resumption choice and a counter of
+/// verified certificates. Early data (0-RTT) stays off: the first frames
+/// carry the access token, and 0-RTT data can be replayed.
+fn client_tls_config(
+    trust: &Trust,
+    tls13_only: bool,
+    options: &ConnectOptions,
+    verified: Arc<AtomicU64>,
+) -> Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone());
     let builder = if tls13_only {
@@ -371,23 +558,94 @@ pub fn tls_config(trust: &Trust, tls13_only: bool) -> Result<rustls::ClientConfi
         builder.with_safe_default_protocol_versions()
     }
     .map_err(|e| ClientError::Tls(e.to_string()))?;
-    let config = match trust {
-        Trust::AcceptAnyDevCert => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert { provider }))
-            .with_no_client_auth(),
+    let inner: Arc<dyn ServerCertVerifier> = match trust {
+        Trust::AcceptAnyDevCert => Arc::new(AcceptAnyCert {
+            provider: provider.clone(),
+        }),
         Trust::CaFile(path) => {
             let pem = std::fs::read(path)
                 .map_err(|e| ClientError::Tls(format!("reading {}: {e}", path.display())))?;
-            builder
-                .with_root_certificates(roots(&pem)?)
-                .with_no_client_auth()
+            webpki_verifier(&pem, provider.clone())?
         }
-        Trust::CaPem(pem) => builder
-            .with_root_certificates(roots(pem)?)
-            .with_no_client_auth(),
+        Trust::CaPem(pem) => webpki_verifier(pem, provider.clone())?,
     };
+    let mut config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CountingVerifier { inner, verified }))
+        .with_no_client_auth();
+    config.resumption = if options.tls_resumption {
+        rustls::client::Resumption::in_memory_sessions(TLS_SESSIONS)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
+    config.enable_early_data = false;
     Ok(config)
+}
+
+fn webpki_verifier(
+    pem: &[u8],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>> {
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots(pem)?),
+        provider,
+    )
+    .build()
+    .map_err(|e| ClientError::Tls(format!("CA certificates: {e}")))?;
+    Ok(verifier)
+}
+
+/// Counts the certificates verified (each full handshake verifies one; a
+/// resumed one none), passing every call to the real verifier.
+#[derive(Debug)]
+struct CountingVerifier {
+    inner: Arc<dyn ServerCertVerifier>,
+    verified: Arc<AtomicU64>,
+}
+
+impl ServerCertVerifier for CountingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        self.verified.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
+        self.inner.root_hint_subjects()
+    }
 }
 
 fn roots(pem: &[u8]) -> Result<rustls::RootCertStore> {

@@ -522,6 +522,7 @@ async fn open(shared: &Shared, users: &[User], index: usize) -> Option<Session> 
             .sources
             .as_ref()
             .map(|s| s.for_connection(index as u64)),
+        ..ConnectOptions::default()
     };
     let started = Instant::now();
     match open_session(
