@@ -203,6 +203,7 @@ impl Gateway {
                         .map_err(StartError::Quic)?;
                     let group =
                         bind_udp_group(addr, shard_count).map_err(bind_error(addr, "quic"))?;
+                    quic::steer_by_connection_id(&group).map_err(bind_error(addr, "quic"))?;
                     addrs.quic = group.first().and_then(|s| s.local_addr().ok());
                     group
                         .into_iter()

@@ -114,16 +114,18 @@ async fn run(setup: ShardSetup) {
             Err(error) => tracing::error!(shard = id, %error, "TLS listener failed"),
         }
     }
-    let endpoint = quic.and_then(|(socket, config)| match quic::endpoint(socket, config) {
-        Ok(endpoint) => {
-            tokio::task::spawn_local(quic::accept_quic(endpoint.clone(), ctx.clone()));
-            Some(endpoint)
-        }
-        Err(error) => {
-            tracing::error!(shard = id, %error, "QUIC endpoint failed");
-            None
-        }
-    });
+    let endpoint = quic.and_then(
+        |(socket, config)| match quic::endpoint(socket, config, id) {
+            Ok(endpoint) => {
+                tokio::task::spawn_local(quic::accept_quic(endpoint.clone(), ctx.clone()));
+                Some(endpoint)
+            }
+            Err(error) => {
+                tracing::error!(shard = id, %error, "QUIC endpoint failed");
+                None
+            }
+        },
+    );
     tokio::task::spawn_local(run_inbox(ctx.clone(), inbox));
     tokio::task::spawn_local(sweep_idle(ctx.clone()));
 

@@ -2,15 +2,19 @@
 //! transport (TCP, TLS, QUIC, WebSocket), and a send made while the server
 //! is down that the SDK re-sends after reconnecting, stored exactly once;
 //! a multi-MiB backlog that syncs over TCP, WebSocket and QUIC without the
-//! reader being cut off.
+//! reader being cut off; a QUIC session that survives its clients changing
+//! address (connection migration), and reconnects that resume the TLS
+//! session over QUIC and TLS.
 
 mod e2e;
 
 use std::time::Duration;
 
-use e2e::Server;
+use e2e::{Server, dm};
 use pingme_client::v1::ContentType;
-use pingme_client::{Client, ClientConfig, Endpoint, Event, Events, HttpApi, Trust};
+use pingme_client::{
+    Client, ClientConfig, Endpoint, Event, Events, HandshakeCounts, HttpApi, Trust,
+};
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -324,4 +328,211 @@ async fn the_sdk_calls_the_api_over_https_and_checks_its_certificate() {
         chain.contains("certificate") || chain.contains("Certificate"),
         "{chain}"
     );
+}
+
+fn quic(server: &Server) -> Endpoint {
+    Endpoint::Quic {
+        addr: server.tls,
+        server_name: "localhost".into(),
+        trust: Trust::AcceptAnyDevCert,
+    }
+}
+
+fn tls(server: &Server) -> Endpoint {
+    Endpoint::Tls {
+        addr: server.tls,
+        server_name: "localhost".into(),
+        trust: Trust::AcceptAnyDevCert,
+    }
+}
+
+/// [`message`] on a session that must not be replaced: a reconnect (or a
+/// second `Connected`) fails the test.
+async fn message_on_the_same_session(
+    events: &mut Events,
+    conversation: &str,
+    seq: u64,
+) -> pingme_client::v1::Message {
+    let wait = async {
+        loop {
+            match events.recv().await.expect("event stream ended") {
+                Event::Message(m) if m.conversation_id == conversation && m.seq == seq => return m,
+                Event::Reconnecting { reason, .. } => panic!("the session was lost: {reason}"),
+                Event::Connected { .. } => panic!("a second session was opened"),
+                Event::Closed { reason } => panic!("client closed: {reason}"),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .expect("message not received in time")
+}
+
+/// The sum of a metric's series with `transport="quic"` on the server's
+/// ops port (0 when it has none).
+async fn quic_metric(server: &Server, name: &str) -> f64 {
+    let scrape = reqwest::get(format!("http://{}/metrics", server.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    scrape
+        .lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) && line.contains("transport=\"quic\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 16: a phone changing networks keeps its session. Alice and Bob
+/// chat over QUIC; four times both move their client to a new UDP socket
+/// (a new local port: to the server, a new address, and with two shards a
+/// different reuseport hash each time) and chat on. Every message arrives
+/// once and in order, on the one session each opened: no reconnect, no
+/// second authentication (the clients see one `Connected`, the server
+/// counts two QUIC connections and no QUIC disconnect). Fails if the
+/// server refuses migration (the session times out and reconnects) or if
+/// a migrated client's packets reach a shard that does not own its
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_session_survives_its_clients_changing_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data")).await;
+    let api = HttpApi::new(format!("http://{}", server.http));
+    let alice = user(&api, "alice").await;
+    let bob = user(&api, "bob").await;
+    let conversation = dm(alice, bob);
+    let (alice_client, mut alice_events) = connect(&api, "alice", "phone", quic(&server)).await;
+    let (bob_client, mut bob_events) = connect(&api, "bob", "phone", quic(&server)).await;
+    // The first `Connected` of each: later ones fail the waits below.
+    for events in [&mut alice_events, &mut bob_events] {
+        match events.recv().await.expect("events") {
+            Event::Connected { .. } => {}
+            other => panic!("expected Connected first, got {other:?}"),
+        }
+    }
+
+    let mut sent: Vec<(u64, String)> = Vec::new();
+    for round in 0..5 {
+        if round > 0 {
+            for client in [&alice_client, &bob_client] {
+                let before = client.local_addr().expect("a QUIC socket");
+                let after = client.rebind().unwrap().expect("rebound");
+                assert_ne!(before.port(), after.port(), "a new local port");
+                assert_eq!(client.local_addr(), Some(after));
+            }
+        }
+        for i in 0..3 {
+            let body = format!("alice {round}.{i}");
+            let ack = alice_client
+                .send(&conversation, ContentType::Text, body.clone().into_bytes())
+                .await
+                .unwrap();
+            let got = message_on_the_same_session(&mut bob_events, &conversation, ack.seq).await;
+            assert_eq!(got.body, body.as_bytes());
+            sent.push((ack.seq, body));
+        }
+        let body = format!("bob {round}");
+        let ack = bob_client
+            .send(&conversation, ContentType::Text, body.clone().into_bytes())
+            .await
+            .unwrap();
+        let got = message_on_the_same_session(&mut alice_events, &conversation, ack.seq).await;
+        assert_eq!(got.body, body.as_bytes());
+        sent.push((ack.seq, body));
+    }
+
+    // Nothing lost, nothing twice, in the order sent.
+    let seqs: Vec<u64> = sent.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, (1..=sent.len() as u64).collect::<Vec<_>>());
+    let page = bob_client.fetch(&conversation, 0, 0, 100).await.unwrap();
+    let history: Vec<(u64, String)> = page
+        .messages
+        .iter()
+        .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned()))
+        .collect();
+    assert_eq!(history, sent);
+    // One session each, as the server saw it.
+    assert_eq!(
+        quic_metric(&server, "pingme_gateway_connections").await,
+        2.0
+    );
+    assert_eq!(
+        quic_metric(&server, "pingme_gateway_disconnects_total").await,
+        0.0
+    );
+    alice_client.close();
+    bob_client.close();
+}
+
+/// Issue 16: a reconnect of the same client resumes its TLS session (the
+/// server's ticket, the client's in-memory cache) over QUIC and over TLS;
+/// with the cache off, every reconnect is a full handshake again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_resumes_the_tls_session_over_quic_and_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data")).await;
+    let api = HttpApi::new(format!("http://{}", server.http));
+    let alice = user(&api, "alice").await;
+    let bob = user(&api, "bob").await;
+    let conversation = dm(alice, bob);
+    for (name, endpoint) in [("quic", quic(&server)), ("tls", tls(&server))] {
+        for resumption in [true, false] {
+            let device = format!("{name}-{resumption}");
+            let login = api.login("alice", PASSWORD, &device).await.unwrap();
+            let mut config = ClientConfig::new(endpoint.clone(), login.token);
+            config.connect_options.tls_resumption = resumption;
+            let (client, mut events) = Client::connect(config).await.unwrap();
+            assert_eq!(
+                client.handshakes(),
+                HandshakeCounts {
+                    full: 1,
+                    resumed: 0
+                },
+                "{device}"
+            );
+            for round in 0..2 {
+                client.reconnect().unwrap();
+                let wait = async {
+                    loop {
+                        match events.recv().await.expect("event stream ended") {
+                            Event::Connected {
+                                reconnected: true, ..
+                            } => return,
+                            Event::Closed { reason } => panic!("client closed: {reason}"),
+                            _ => {}
+                        }
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(30), wait)
+                    .await
+                    .expect("reconnected in time");
+                // The new connection carries the session on.
+                client
+                    .send(
+                        &conversation,
+                        ContentType::Text,
+                        format!("{device} {round}").into_bytes(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            let expected = if resumption {
+                HandshakeCounts {
+                    full: 1,
+                    resumed: 2,
+                }
+            } else {
+                HandshakeCounts {
+                    full: 3,
+                    resumed: 0,
+                }
+            };
+            assert_eq!(client.handshakes(), expected, "{device}");
+            client.close();
+        }
+    }
 }

@@ -3,10 +3,24 @@
 //! right after the handshake and both sides write frames on it as on TCP,
 //! so the session code is the same as for TCP. The handshake must
 //! negotiate ALPN `pingme/1` ([`pingme_protocol::QUIC_ALPN`]).
+//!
+//! Connection migration (a phone changing networks keeps its session): the
+//! server allows it, and makes sure a migrated client's packets still reach
+//! the shard that owns its connection. The kernel spreads a reuseport
+//! group's datagrams by a hash of the 4-tuple, so a client's new address
+//! would land on a random shard, whose endpoint knows nothing of the
+//! connection and drops the packets. Instead every shard puts its index in
+//! the first two bytes of the connection IDs it issues, and a classic BPF
+//! program on the group picks the socket by those bytes of the packet's
+//! destination connection ID ([`steer_by_connection_id`]); a client's first
+//! Initial packets carry an ID the client made up, whose first bytes are
+//! mostly no shard index, and the kernel falls back to the hash for them.
 
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
+
+use rand::Rng;
 
 use crate::connection::{CloseReason, Transport};
 use crate::shard_context::{ShardCtx, count_disconnect};
@@ -33,20 +47,122 @@ pub(crate) fn server_config(
     transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
+    // A client whose address changes (new network, NAT rebinding) keeps
+    // its connection and session: quinn validates the new path. This is
+    // quinn's default; said here because the session promise depends on it.
+    config.migration(true);
     Ok(config)
 }
 
-/// The shard's endpoint on its own socket (must run inside the shard's runtime).
+/// Length of the connection IDs the server issues: two bytes of shard
+/// index and ten random bytes (80 bits, so IDs stay unguessable and an
+/// observer links nothing but the shard).
+const SERVER_CID_LEN: usize = 12;
+
+/// Connection IDs that name the shard that issued them (see the module
+/// docs), so the reuseport steering program delivers every packet of a
+/// connection to its shard whatever the client's address.
+#[derive(Debug)]
+struct ShardConnectionIds {
+    shard: u16,
+}
+
+impl quinn::ConnectionIdGenerator for ShardConnectionIds {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut bytes = [0u8; SERVER_CID_LEN];
+        bytes[..2].copy_from_slice(&self.shard.to_be_bytes());
+        rand::rng().fill(&mut bytes[2..]);
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        SERVER_CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The shard's endpoint on its own socket (must run inside the shard's
+/// runtime). `shard` is the socket's index in its reuseport group.
 pub(crate) fn endpoint(
     socket: std::net::UdpSocket,
     config: quinn::ServerConfig,
+    shard: u16,
 ) -> std::io::Result<quinn::Endpoint> {
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    endpoint_config.cid_generator(move || Box::new(ShardConnectionIds { shard }));
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         Some(config),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
+}
+
+/// Makes the kernel deliver each datagram of the reuseport `group` to the
+/// socket whose index is the first two bytes of the packet's destination
+/// connection ID ([`ShardConnectionIds`]); an index past the group's end
+/// (a client-chosen ID) falls back to the 4-tuple hash. The group's sockets
+/// must have been bound in shard order (index = bind order). Nothing to do
+/// for a group of one.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub(crate) fn steer_by_connection_id(group: &[std::net::UdpSocket]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let Some(first) = group.first().filter(|_| group.len() > 1) else {
+        return Ok(());
+    };
+    // Offsets are from the start of the UDP payload. A short-header packet
+    // (top bit of byte 0 clear) has its destination ID at byte 1; a long
+    // header has the ID's length at byte 5 and the ID from byte 6.
+    let program = [
+        bpf(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, 0),
+        bpf(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, 2, 0, 0x80),
+        bpf(libc::BPF_LD | libc::BPF_H | libc::BPF_ABS, 0, 0, 1),
+        bpf(libc::BPF_RET | libc::BPF_A, 0, 0, 0),
+        bpf(libc::BPF_LD | libc::BPF_H | libc::BPF_ABS, 0, 0, 6),
+        bpf(libc::BPF_RET | libc::BPF_A, 0, 0, 0),
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: a valid socket descriptor, and a pointer to a sock_fprog of
+    // its exact size whose filter points to `program`, alive for the call
+    // (the kernel copies the program).
+    let result = unsafe {
+        libc::setsockopt(
+            first.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// Elsewhere the kernel's hash decides; a migrated client may then reach
+/// another shard and lose its connection (it reconnects and resyncs).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn steer_by_connection_id(_group: &[std::net::UdpSocket]) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Accepts QUIC connections until shutdown.

@@ -110,12 +110,25 @@ impl TlsMaterial {
 
     /// A rustls server configuration over this material (TLS 1.2 and 1.3;
     /// QUIC takes the same configuration and uses 1.3).
+    ///
+    /// Reconnecting clients resume their TLS session: the server hands out
+    /// stateless tickets (encrypted under keys rotated every 6 hours, held
+    /// by this process), so a phone back from a short sleep skips the
+    /// certificate and its signature, and the server keeps no per-client
+    /// state for it (the default stateful cache holds 256 sessions, far
+    /// fewer than a gateway's clients). A ticket from another gateway
+    /// process does not decrypt here: that client gets a full handshake.
+    /// Early data (0-RTT) stays refused (`max_early_data_size` 0): see
+    /// docs/architecture.md.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         install_ring_provider();
-        let config = rustls::ServerConfig::builder()
+        let mut config = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Invalid(e.to_string()))?;
+        config.ticketer =
+            rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Invalid(e.to_string()))?;
+        config.max_early_data_size = 0;
         Ok(Arc::new(config))
     }
 }
