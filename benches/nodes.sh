@@ -13,6 +13,8 @@
 #   mysql_database LABEL             a fresh `pingme_*` database, its YAML in $database_yaml
 #                                    (not printed: a $(...) subshell would forget to drop it)
 #
+# NODE_TLS_CERT and NODE_TLS_KEY (PEM files), if set, replace the self-signed development
+# certificate of the TLS and QUIC listeners.
 # The config: app (role and gateway id = NAME, unless ROLE is all), listeners, the data folder, a
 # session line with lifted rates, then YAML (the caller's settings; a
 # `storage: { backend: ...` line in it replaces the data folder line).
@@ -70,7 +72,7 @@ start_node() {
         else
             echo "app: { host: 127.0.0.1, port: $port, env: development, gateway_id: $name, role: $role }"
         fi
-        echo "listeners: { tcp: 127.0.0.1:${NODE_TCP:-$((port + 1))}, tls: 127.0.0.1:$((port + 2)), quic: 127.0.0.1:$((port + 2)), metrics: 127.0.0.1:$((port + 3)) }"
+        echo "listeners: { tcp: 127.0.0.1:${NODE_TCP:-$((port + 1))}, tls: 127.0.0.1:$((port + 2)), quic: 127.0.0.1:$((port + 2)), metrics: 127.0.0.1:$((port + 3))${NODE_TLS_CERT:+, tls_cert: $NODE_TLS_CERT, tls_key: $NODE_TLS_KEY} }"
         grep -q "^storage: { backend" <<< "$extra" || echo "storage: { data_dir: $nodes_dir/$name-data }"
         echo "session: { messages_per_second: 100000, idle_timeout: 300s }"
         echo "$extra"
