@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The chat page's browser test: builds `pingme`, starts `pingme serve` on
-# free loopback ports with a temporary data dir, runs web/tests with node's
-# test runner and headless Chromium (puppeteer-core), and always stops the
-# server (its log is printed when the test fails).
+# The chat page's browser test: builds `pingme`, starts two `pingme serve`
+# (one with a low message rate) on free loopback ports with temporary data
+# dirs, runs web/tests with node's test runner and headless Chromium
+# (puppeteer-core), and always stops the servers (their logs are printed
+# when the test fails).
 #   web/test.sh
 #   WEBCHAT_SCREENSHOT=docs/img/webchat.png web/test.sh   # also save a screenshot
 # CHROMIUM overrides the browser (default /usr/bin/chromium); PINGME_BIN a
@@ -23,53 +24,68 @@ if [ -n "${WEBCHAT_SCREENSHOT:-}" ]; then
 fi
 
 work=$(mktemp -d)
-server_pid=""
-stop_server() {
-    if [ -n "$server_pid" ]; then
-        kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-    fi
+server_pids=()
+stop_servers() {
+    for pid in "${server_pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     rm -rf "$work"
 }
-trap stop_server EXIT
+trap stop_servers EXIT
 
-# Four free TCP ports (QUIC shares the TLS port number over UDP).
-read -r http tcp tls metrics < <(node -e '
-  const net = require("node:net");
-  Promise.all([0, 1, 2, 3].map(() => new Promise((done) => {
-    const server = net.createServer().listen(0, "127.0.0.1", () => done(server));
-  }))).then((servers) => {
-    console.log(servers.map((s) => s.address().port).join(" "));
-    servers.forEach((s) => s.close());
-  });')
-cat > "$work/pingme.yaml" <<YAML
+# start_server NAME SESSION_YAML: runs `pingme serve` on four free TCP
+# ports (QUIC shares the TLS port number over UDP) with the data and log
+# in $work/NAME, waits until it is ready, and sets $base to its URL.
+start_server() {
+    local name=$1 session=$2 http tcp tls metrics
+    read -r http tcp tls metrics < <(node -e '
+      const net = require("node:net");
+      Promise.all([0, 1, 2, 3].map(() => new Promise((done) => {
+        const server = net.createServer().listen(0, "127.0.0.1", () => done(server));
+      }))).then((servers) => {
+        console.log(servers.map((s) => s.address().port).join(" "));
+        servers.forEach((s) => s.close());
+      });')
+    mkdir -p "$work/$name"
+    cat > "$work/$name/pingme.yaml" <<YAML
 app: { host: 127.0.0.1, port: $http, env: development }
 listeners: { tcp: 127.0.0.1:$tcp, tls: 127.0.0.1:$tls, quic: 127.0.0.1:$tls, metrics: 127.0.0.1:$metrics }
-# A short heartbeat, so the page notices the network-drop step's dead link
-# within seconds (a ping unanswered by the next one means a dead link).
-# The history step types 35 messages as fast as the browser can: above the
-# default send rate, so a fast machine got RATE_LIMITED, the page retried
-# those a second later, and they took later seqs than the lines typed after
-# them (the page does not hold later sends back behind a refused one yet).
-session: { heartbeat_interval: 2s, idle_timeout: 30s, messages_per_second: 1000 }
+session: $session
 auth: { jwt_secret: webchat-test-secret-0123456789, password_hash_memory_kib: 64, password_hash_iterations: 1 }
-storage: { data_dir: $work/data }
+storage: { data_dir: $work/$name/data }
 YAML
-RUST_LOG=warn "$PINGME_BIN" serve --config "$work/pingme.yaml" > "$work/server.log" 2>&1 &
-server_pid=$!
+    RUST_LOG=warn "$PINGME_BIN" serve --config "$work/$name/pingme.yaml" > "$work/$name/server.log" 2>&1 &
+    local pid=$!
+    server_pids+=("$pid")
+    base="http://127.0.0.1:$http"
+    for _ in $(seq 300); do
+        if curl -sf "$base/health" > /dev/null; then return 0; fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "pingme serve ($name) did not become ready; log:"; cat "$work/$name/server.log"
+    exit 1
+}
 
-base="http://127.0.0.1:$http"
-ready=""
-for _ in $(seq 300); do
-    if curl -sf "$base/health" > /dev/null; then ready=1; break; fi
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-done
-if [ -z "$ready" ]; then
-    echo "pingme serve did not become ready; log:"; cat "$work/server.log"; exit 1
-fi
+# The main server: a short heartbeat, so the page notices the network-drop
+# step's dead link within seconds (a ping unanswered by the next one means
+# a dead link). The history step types 35 messages as fast as the browser
+# can, above the default rate of frames (sends, fetches, acks and read
+# markers alike): the page would keep their order, but a refused fetch or
+# ack would only slow that step down, so this server allows plenty.
+start_server main "{ heartbeat_interval: 2s, idle_timeout: 30s, messages_per_second: 1000 }"
+main_url=$base
+# A server that allows few frames per second: the send-order test types a
+# burst of lines faster than that, so some sends are refused (RATE_LIMITED)
+# and must be retried before the lines typed after them.
+start_server slow "{ heartbeat_interval: 2s, idle_timeout: 30s, messages_per_second: 10 }"
+slow_url=$base
 
-if ! PINGME_URL="$base" node --test --test-reporter=spec tests/chat.test.mjs; then
-    echo "--- pingme serve log"; tail -n 100 "$work/server.log"
+if ! PINGME_URL="$main_url" PINGME_SLOW_URL="$slow_url" \
+        node --test --test-concurrency=1 --test-reporter=spec tests/chat.test.mjs tests/send_order.test.mjs; then
+    for name in main slow; do
+        echo "--- pingme serve ($name) log"; tail -n 100 "$work/$name/server.log"
+    done
     exit 1
 fi

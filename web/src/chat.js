@@ -2,7 +2,9 @@
 // server: the list with unread counts (HTTP), loaded history (FetchMessages
 // pages, contiguous from the oldest loaded seq), live deliveries with gap
 // fetches and delivery acks, read markers and receipts, outgoing messages
-// resent with the same client_msg_id after a reconnect,
+// sent one at a time per conversation in the order they were typed (a
+// refused one is retried before anything typed after it goes) and resent
+// with the same client_msg_id after a reconnect,
 // and the sync that catches up after one. The open conversation is kept in
 // the address (#conversation-id), so a reload reopens it. No DOM here:
 // `onChange` tells the view what to redraw.
@@ -19,6 +21,8 @@ const PRESENCE_REFRESH_MS = 30000;
 const RETRYABLE = new Set([0, 20005, 30001, 40001, 40002, 40003]);
 /** Attempts of one message while connected before it shows as failed. */
 const MAX_ATTEMPTS = 5;
+/** Wait before retrying a message the server refused for now. */
+const RETRY_DELAY_MS = 1000;
 
 const decoder = new TextDecoder();
 const encoder = new TextEncoder();
@@ -73,7 +77,11 @@ export class Chat {
         first: 1,
         have: 0,
         messages: new Map(),
+        // Typed and not yet stored, in the order typed (a Map keeps
+        // insertion order).
         outgoing: new Map(),
+        // True while `pump` sends this conversation's outgoing messages.
+        pumping: false,
         peerRead: new Map(),
         catchingUp: null,
       };
@@ -166,10 +174,9 @@ export class Chat {
           await this.catchUp(conversation);
         }
         for (const outgoing of conversation.outgoing.values()) {
-          if (outgoing.state !== "waiting") continue;
-          outgoing.attempts = 0;
-          this.transmit(conversation, outgoing);
+          if (outgoing.state === "waiting") outgoing.attempts = 0;
         }
+        this.pump(conversation);
       }
       await this.refreshPresence();
     } catch (error) {
@@ -299,10 +306,35 @@ export class Chat {
     conversation.activity = Date.now();
     this.people.stopTyping();
     this.onChange(id);
-    this.transmit(conversation, outgoing);
+    this.pump(conversation);
   }
 
-  /** One attempt; a disconnect leaves it waiting for the next connect. */
+  /**
+   * Sends a conversation's waiting messages one at a time, in the order
+   * they were typed, so each takes its seq in that order: one the server
+   * refuses for now (rate limit, overload) is retried after a pause before
+   * anything typed after it goes; one that fails for good is shown as
+   * failed and skipped. A disconnect leaves the rest waiting; the next
+   * connect pumps again.
+   */
+  async pump(conversation) {
+    if (conversation.pumping) return;
+    conversation.pumping = true;
+    try {
+      while (this.session?.online) {
+        const next = [...conversation.outgoing.values()].find((outgoing) => outgoing.state === "waiting");
+        if (!next) break;
+        await this.transmit(conversation, next);
+        if (next.state === "waiting" && this.session.online) {
+          await new Promise((done) => setTimeout(done, RETRY_DELAY_MS));
+        }
+      }
+    } finally {
+      conversation.pumping = false;
+    }
+  }
+
+  /** One attempt of one message (`pump` decides which and when). */
   async transmit(conversation, outgoing) {
     outgoing.state = "sending";
     outgoing.attempts = (outgoing.attempts ?? 0) + 1;
@@ -329,9 +361,6 @@ export class Chat {
       const retry = RETRYABLE.has(error.code ?? 0) && outgoing.attempts < MAX_ATTEMPTS;
       outgoing.state = retry ? "waiting" : "failed";
       outgoing.error = error.message;
-      if (outgoing.state === "waiting" && this.session.online) {
-        setTimeout(() => outgoing.state === "waiting" && this.transmit(conversation, outgoing), 1000);
-      }
     }
     this.onChange(conversation.id);
   }
