@@ -209,3 +209,64 @@ async fn serve_quic(incoming: quinn::Incoming, ctx: Rc<ShardCtx>) {
     let _ = tokio::time::timeout(ctx.limits.close_linger, send.stopped()).await;
     connection.close(0u32.into(), b"closed");
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+    use std::time::Duration;
+
+    use quinn::ConnectionIdGenerator;
+
+    use super::*;
+    use crate::transport::tcp::bind_udp_group;
+
+    #[test]
+    fn shard_connection_ids_start_with_the_shard_index() {
+        let mut ids = ShardConnectionIds { shard: 0x0102 };
+        let (a, b) = (ids.generate_cid(), ids.generate_cid());
+        assert_eq!((a.len(), ids.cid_len()), (SERVER_CID_LEN, SERVER_CID_LEN));
+        assert_eq!(&a[..2], &[1, 2]);
+        assert_eq!(&b[..2], &[1, 2]);
+        assert_ne!(a, b, "the rest is random");
+    }
+
+    /// The steering program against the kernel: datagrams shaped as QUIC
+    /// short- and long-header packets reach the group's socket that their
+    /// destination connection ID names, whatever their source port.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn datagrams_reach_the_socket_their_connection_id_names() {
+        let group = bind_udp_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        steer_by_connection_id(&group).unwrap();
+        let server = group[0].local_addr().unwrap();
+        for socket in &group {
+            socket.set_nonblocking(false).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+        }
+        let short = |shard: u8, tag: u8| vec![0x40, 0, shard, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, tag];
+        let long = |shard: u8, tag: u8| {
+            let mut packet = vec![0xc0, 0, 0, 0, 1, SERVER_CID_LEN as u8, 0, shard];
+            packet.extend([7; SERVER_CID_LEN - 2]);
+            packet.push(tag);
+            packet
+        };
+        let mut tag = 0u8;
+        // Several client sockets (new source ports, as after a migration).
+        for _ in 0..4 {
+            let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+            for shard in [2u8, 0, 1] {
+                for packet in [short(shard, tag), long(shard, tag + 1)] {
+                    client.send_to(&packet, server).unwrap();
+                    let mut buf = [0u8; 64];
+                    let (len, _) = group[usize::from(shard)]
+                        .recv_from(&mut buf)
+                        .expect("the named shard's socket gets the datagram");
+                    assert_eq!(&buf[..len], &packet[..]);
+                }
+                tag += 2;
+            }
+        }
+    }
+}
