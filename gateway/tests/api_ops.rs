@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use api_support::start;
 use pingme_gateway::ops::{self, Readiness};
+use pingme_testkit::free_port;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -121,14 +122,6 @@ async fn metrics_show_counters_moving_and_process_memory() {
         "{after}"
     );
     shutdown.cancel();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Server {

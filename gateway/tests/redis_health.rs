@@ -9,15 +9,8 @@ use std::time::{Duration, Instant};
 
 use pingme_gateway::config::Config;
 use pingme_gateway::serve;
+use pingme_testkit::free_port;
 use tokio_util::sync::CancellationToken;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A one-shard server on free ports with the Redis directory at
 /// `host:port` under `key_prefix`; its API base URL and its stop token.

@@ -3,7 +3,8 @@
 //! [`eventually_async`], bounded by [`PATIENCE`]), a recording
 //! [`Outbox`](pingme_router::port::Outbox) standing in for the gateway
 //! ([`RecordingOutbox`]), an embedded store in a temp dir ([`temp_store`])
-//! and names unique to a run ([`unique_suffix`]).
+//! names unique to a run ([`unique_suffix`]) and ports for servers the
+//! tests start ([`free_port`]).
 
 mod outbox;
 
@@ -45,6 +46,27 @@ where
             "gave up waiting after {PATIENCE:?}"
         );
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A port nothing listens on now, and never handed out before in this
+/// test process. The listeners bind with SO_REUSEPORT, so two servers of
+/// the tests running in parallel given the same port would silently share
+/// it (and each other's clients); the kernel may hand a port it just
+/// freed out again, so the ones given are remembered.
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 #[path = "../binary/mod.rs"]
 pub mod binary;
@@ -22,20 +22,13 @@ use pingme_protocol::v1::{
 };
 use pingme_protocol::{ClientCodec, ClientFrame, ErrorCode, ServerFrame};
 use pingme_storage::mysql::MysqlConfig;
+use pingme_testkit::free_port;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 /// How long any single wait may take before a test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The id of the direct conversation of users `a` and `b`.
 pub fn dm(a: u64, b: u64) -> String {
