@@ -32,6 +32,8 @@
 # Ports: BASE_PORT (22000): the front (balanced) TCP port BASE+1, gateway i
 #   HTTP BASE+100+10i (TCP +1 without reuseport, TLS/QUIC +2, ops +3),
 #   worker j ops BASE+303+10j, own Redis BASE+9.
+# PUSH=1: offline members get push notifications, to a webhook the harness
+#   runs (python3) on BASE+50; the recipients pushed are printed.
 # Services: KAFKA_BROKERS (127.0.0.1:9092), REDIS_HOST/REDIS_PORT
 #   (127.0.0.1:6379), MYSQL_HOST/PORT/USER/PASSWORD (127.0.0.1:3306,
 #   pingme/pingme); the run gets its own topics, Redis key prefix and
@@ -106,6 +108,25 @@ if [ "$kill_what" = redis ]; then
     start_own_redis
 fi
 
+# PUSH=1: push notifications on, to a webhook of the harness's own on
+# BASE+50 that answers 200 (python3), so offline members' push events are
+# counted (the workers' pingme_router_push_sent_total, in recipients).
+push_yaml=""
+if [ "${PUSH:-0}" = 1 ]; then
+    python3 -c '
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Hook(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *args): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Hook).serve_forever()
+' "$((base + 50))" > "$out/webhook.log" 2>&1 &
+    helper_pids+=($!)
+    push_yaml="push: { webhook_url: \"http://127.0.0.1:$((base + 50))/push\" }"
+fi
+
 suffix="scale$$"
 mysql_database scale
 cluster_yaml="auth: { jwt_secret: scale-benchmark-secret-0123456789, password_hash_memory_kib: 64, password_hash_iterations: 1,
@@ -114,10 +135,12 @@ http: { max_connections: 100000, max_connections_per_ip: 100000 }
 $database_yaml
 redis: { enabled: true, host: $redis_host, port: $redis_port, key_prefix: \"$suffix:\" }
 kafka: { brokers: \"$brokers\", downstream_topic_prefix: down-$suffix-, push_topic: push-$suffix, dlq_topic: dlq-$suffix }
-task: { task_topic: task-$suffix, persistence_topic: persist-$suffix, consumer_group: task-$suffix-group, persistence_group: persist-$suffix-group }"
+task: { task_topic: task-$suffix, persistence_topic: persist-$suffix, consumer_group: task-$suffix-group, persistence_group: persist-$suffix-group }
+$push_yaml"
 
 echo "== scale: $gateways gateways ($balancer), $workers workers, $shards load generator shards, $scenario, $connections connections, kill: $kill_what; out $out"
 echo "load average at start: $(load_average)"
+services_before=$(services_cpu)
 for j in $(seq 1 "$workers"); do start_node "worker-$j" worker "$(worker_port "$j")" "$cluster_yaml"; done
 gateway_addrs=()
 for i in $(seq 1 "$gateways"); do
@@ -213,17 +236,17 @@ spread() { for i in $(seq 1 "$gateways"); do echo -n "gw-$i=$(connected_on "$i")
 total_connected() { local t=0; for i in $(seq 1 "$gateways"); do t=$((t + $(connected_on "$i"))); done; echo "$t"; }
 shards_running() { for pid in "${shard_pids[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
 
+for _ in $(seq $(( limit * 2 ))); do
+    [ "$(total_connected)" -ge "$connections" ] && break
+    shards_running || break
+    sleep 0.5
+done
+echo "connected: $(spread)"
+if [ "$(total_connected)" -lt "$connections" ]; then
+    echo "only $(total_connected) of $connections connections came up; load generators:"
+    tail -n 5 "$out"/shard-*.log; exit 1
+fi
 if [ "$kill_what" != none ]; then
-    for _ in $(seq $(( limit * 2 ))); do
-        [ "$(total_connected)" -ge "$connections" ] && break
-        shards_running || break
-        sleep 0.5
-    done
-    echo "connected: $(spread)"
-    if [ "$(total_connected)" -lt "$connections" ]; then
-        echo "only $(total_connected) of $connections connections came up; load generators:"
-        tail -n 5 "$out"/shard-*.log; exit 1
-    fi
     sleep "$kill_at"
     echo "load average before the kill: $(load_average)"
     killed_at=$(date +%s%3N)
@@ -256,12 +279,21 @@ fi
 
 status=0
 for pid in "${shard_pids[@]}"; do wait "$pid" || status=$?; done
-[ "$kill_what" = none ] && echo "connected at the end: $(spread)"
 for i in $(seq 0 $((shards - 1))); do
     [ -s "$out/shard-$i.json" ] || { echo "shard $i wrote no report (exit $status):"; tail -n 20 "$out/shard-$i.log"; exit 1; }
 done
 echo "load average at the end: $(load_average)"
+if [ "${PUSH:-0}" = 1 ]; then
+    pushed=0
+    for j in $(seq 1 "$workers"); do
+        n=$(curl -sf "http://127.0.0.1:$(( $(worker_port "$j") + 3 ))/metrics" \
+            | awk '/^pingme_router_push_sent_total[ {]/ { s += $NF } END { printf "%d", s + 0 }') || n=0
+        pushed=$((pushed + n))
+    done
+    echo "push notifications sent (recipients, workers' pingme_router_push_sent_total): $pushed"
+fi
 nodes_usage
+echo "broker + Redis + database: $(awk -v a="$(services_cpu)" -v b="$services_before" 'BEGIN { printf "%.2f", a - b }') s CPU during the run ($(services_by_name))"
 echo; echo "== joined report of $shards shards"
 merged=0
 "$loadgen_bin" merge "$out"/shard-*.json --report "$out/merged.json" --timeline-png "$out/merged.png" || merged=$?
