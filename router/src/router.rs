@@ -643,26 +643,49 @@ static DIRECTORY_WRITE_ERRORS: crate::directory::ThrottledWarning =
     crate::directory::ThrottledWarning::new(Duration::from_secs(10));
 
 /// Renews `gateway`'s directory lease every `every` until aborted at
-/// shutdown. A failed renewal is retried at the next tick (the lease
-/// outlasts two missed ones).
+/// shutdown. A failed renewal is retried after a short backoff (250 ms,
+/// doubling up to 2 s) rather than at the next tick: the renewal is what
+/// writes this gateway's connections back into a directory that lost them
+/// (Redis restarted empty), and until then no other node can reach its
+/// users.
 async fn renew_lease(directory: Arc<dyn Directory>, gateway: Arc<str>, every: Duration) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let longest_wait = RENEW_RETRY_MAX.min(every);
     loop {
         ticks.tick().await;
-        match directory.renew_lease(&gateway).await {
-            Ok(true) => {}
-            Ok(false) => tracing::error!(
-                %gateway,
-                "the directory lease had lapsed: other gateways saw this gateway's users offline until now"
-            ),
-            Err(error) => {
-                crate::telemetry::failed(ErrorCode::DirectoryUnavailable, 1);
-                tracing::warn!(%error, %gateway, "directory lease not renewed; retrying");
+        let mut wait = RENEW_RETRY_FIRST.min(longest_wait);
+        loop {
+            match directory.renew_lease(&gateway).await {
+                Ok(true) => break,
+                Ok(false) => {
+                    tracing::error!(
+                        %gateway,
+                        "the directory lease had lapsed: other gateways saw this gateway's users offline until now"
+                    );
+                    break;
+                }
+                Err(error) => {
+                    crate::telemetry::failed(ErrorCode::DirectoryUnavailable, 1);
+                    if let Some(held_back) = LEASE_RENEWAL_ERRORS.due() {
+                        tracing::warn!(%error, %gateway, held_back, "directory lease not renewed; retrying");
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(longest_wait);
+                }
             }
         }
     }
 }
+
+/// The first and the longest wait before a failed lease renewal is retried.
+const RENEW_RETRY_FIRST: Duration = Duration::from_millis(250);
+const RENEW_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Renewals retried through an outage fail every second or two: one line
+/// per 10 s says so.
+static LEASE_RENEWAL_ERRORS: crate::directory::ThrottledWarning =
+    crate::directory::ThrottledWarning::new(Duration::from_secs(10));
 
 /// The push provider the config asks for, if any.
 fn push_provider(config: &RouterConfig) -> Option<Arc<dyn PushProvider>> {

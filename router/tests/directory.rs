@@ -663,6 +663,64 @@ async fn a_directory_with_leases_is_renewed_until_shutdown() {
     router.shutdown().await;
 }
 
+/// A directory that is down until a test says otherwise, with leases
+/// renewed once an hour: only a retry after a failure renews sooner.
+struct DownDirectory {
+    inner: SharedDirectory,
+    down: std::sync::atomic::AtomicBool,
+    failed: AtomicUsize,
+    renewed: AtomicUsize,
+}
+
+#[async_trait]
+impl Directory for DownDirectory {
+    async fn register(&self, connection: &Registration) -> Result<(), DirectoryError> {
+        self.inner.register(connection).await
+    }
+    async fn unregister(&self, connection: &Registration) -> Result<(), DirectoryError> {
+        self.inner.unregister(connection).await
+    }
+    fn renew_every(&self) -> Option<Duration> {
+        Some(Duration::from_secs(3600))
+    }
+    async fn renew_lease(&self, gateway: &str) -> Result<bool, DirectoryError> {
+        if self.down.load(Ordering::SeqCst) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(DirectoryError::Unavailable("down".into()));
+        }
+        self.renewed.fetch_add(1, Ordering::SeqCst);
+        self.inner.renew_lease(gateway).await
+    }
+    async fn locate(
+        &self,
+        users: &[UserId],
+        need_offline: bool,
+    ) -> Result<Located, DirectoryError> {
+        self.inner.locate(users, need_offline).await
+    }
+    async fn presence(&self, users: &[UserId]) -> Result<Vec<Presence>, DirectoryError> {
+        self.inner.presence(users).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_lease_renewal_is_retried_before_the_next_period() {
+    let (_dir, store) = open_store();
+    let directory = Arc::new(DownDirectory {
+        inner: SharedDirectory::new(Duration::from_secs(30), Arc::new(ManualClock::new(0))),
+        down: true.into(),
+        failed: AtomicUsize::new(0),
+        renewed: AtomicUsize::new(0),
+    });
+    let (_, router) = router_on(&Stores::all_from(store), "gw-a", directory.clone());
+    // The first renewal (at start) fails; the directory comes back.
+    eventually(|| (directory.failed.load(Ordering::SeqCst) >= 1).then_some(())).await;
+    directory.down.store(false, Ordering::SeqCst);
+    // Renewed long before the next hourly period.
+    eventually(|| (directory.renewed.load(Ordering::SeqCst) >= 1).then_some(())).await;
+    router.shutdown().await;
+}
+
 #[tokio::test]
 async fn with_redis_unreachable_calls_fail_fast_and_deliveries_stay_on_this_gateway() {
     // A port nobody listens on.
