@@ -578,14 +578,18 @@ async fn answer_on(
     .await
 }
 
-/// A shared directory whose registrations wait for a gate (a slow Redis),
-/// counting calls, with a short renewal period.
+/// A shared directory whose registrations wait for a gate (a slow Redis)
+/// and whose renewals fail while it is `down`, counting calls, renewing
+/// every `renew_every`.
 struct SlowDirectory {
     inner: SharedDirectory,
     gate: watch::Receiver<bool>,
+    down: std::sync::atomic::AtomicBool,
+    renew_every: Duration,
     registered: AtomicUsize,
     unregistered: AtomicUsize,
     renewals: AtomicUsize,
+    failed_renewals: AtomicUsize,
 }
 
 #[async_trait]
@@ -603,9 +607,13 @@ impl Directory for SlowDirectory {
         self.inner.unregister(connection).await
     }
     fn renew_every(&self) -> Option<Duration> {
-        Some(Duration::from_millis(10))
+        Some(self.renew_every)
     }
     async fn renew_lease(&self, gateway: &str) -> Result<bool, DirectoryError> {
+        if self.down.load(Ordering::SeqCst) {
+            self.failed_renewals.fetch_add(1, Ordering::SeqCst);
+            return Err(DirectoryError::Unavailable("down".into()));
+        }
         self.renewals.fetch_add(1, Ordering::SeqCst);
         self.inner.renew_lease(gateway).await
     }
@@ -622,13 +630,24 @@ impl Directory for SlowDirectory {
 }
 
 fn slow_directory(gate_open: bool) -> (watch::Sender<bool>, Arc<SlowDirectory>) {
+    test_directory(gate_open, false, Duration::from_millis(10))
+}
+
+fn test_directory(
+    gate_open: bool,
+    down: bool,
+    renew_every: Duration,
+) -> (watch::Sender<bool>, Arc<SlowDirectory>) {
     let (open, gate) = watch::channel(gate_open);
     let directory = Arc::new(SlowDirectory {
         inner: SharedDirectory::new(Duration::from_secs(30), Arc::new(ManualClock::new(0))),
         gate,
+        down: down.into(),
+        renew_every,
         registered: AtomicUsize::new(0),
         unregistered: AtomicUsize::new(0),
         renewals: AtomicUsize::new(0),
+        failed_renewals: AtomicUsize::new(0),
     });
     (open, directory)
 }
@@ -663,61 +682,17 @@ async fn a_directory_with_leases_is_renewed_until_shutdown() {
     router.shutdown().await;
 }
 
-/// A directory that is down until a test says otherwise, with leases
-/// renewed once an hour: only a retry after a failure renews sooner.
-struct DownDirectory {
-    inner: SharedDirectory,
-    down: std::sync::atomic::AtomicBool,
-    failed: AtomicUsize,
-    renewed: AtomicUsize,
-}
-
-#[async_trait]
-impl Directory for DownDirectory {
-    async fn register(&self, connection: &Registration) -> Result<(), DirectoryError> {
-        self.inner.register(connection).await
-    }
-    async fn unregister(&self, connection: &Registration) -> Result<(), DirectoryError> {
-        self.inner.unregister(connection).await
-    }
-    fn renew_every(&self) -> Option<Duration> {
-        Some(Duration::from_secs(3600))
-    }
-    async fn renew_lease(&self, gateway: &str) -> Result<bool, DirectoryError> {
-        if self.down.load(Ordering::SeqCst) {
-            self.failed.fetch_add(1, Ordering::SeqCst);
-            return Err(DirectoryError::Unavailable("down".into()));
-        }
-        self.renewed.fetch_add(1, Ordering::SeqCst);
-        self.inner.renew_lease(gateway).await
-    }
-    async fn locate(
-        &self,
-        users: &[UserId],
-        need_offline: bool,
-    ) -> Result<Located, DirectoryError> {
-        self.inner.locate(users, need_offline).await
-    }
-    async fn presence(&self, users: &[UserId]) -> Result<Vec<Presence>, DirectoryError> {
-        self.inner.presence(users).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_lease_renewal_is_retried_before_the_next_period() {
     let (_dir, store) = open_store();
-    let directory = Arc::new(DownDirectory {
-        inner: SharedDirectory::new(Duration::from_secs(30), Arc::new(ManualClock::new(0))),
-        down: true.into(),
-        failed: AtomicUsize::new(0),
-        renewed: AtomicUsize::new(0),
-    });
+    // Down for the first renewal (at start), renewing once an hour: only a
+    // retry after the failure renews sooner.
+    let (_open, directory) = test_directory(true, true, Duration::from_secs(3600));
     let (_, router) = router_on(&Stores::all_from(store), "gw-a", directory.clone());
-    // The first renewal (at start) fails; the directory comes back.
-    eventually(|| (directory.failed.load(Ordering::SeqCst) >= 1).then_some(())).await;
+    eventually(|| (directory.failed_renewals.load(Ordering::SeqCst) >= 1).then_some(())).await;
     directory.down.store(false, Ordering::SeqCst);
     // Renewed long before the next hourly period.
-    eventually(|| (directory.renewed.load(Ordering::SeqCst) >= 1).then_some(())).await;
+    eventually(|| (directory.renewals.load(Ordering::SeqCst) >= 1).then_some(())).await;
     router.shutdown().await;
 }
 
