@@ -623,21 +623,6 @@ impl SeqFloor {
 /// while the directory was down) stays.
 const GAP_WAIT: Duration = Duration::from_secs(1);
 
-/// Whether an error answer says "try again later": the send was not
-/// carried out, and repeating it with the same client_msg_id is safe.
-pub fn is_retryable(code: u32) -> bool {
-    matches!(
-        ErrorCode::from_code(code),
-        Some(
-            ErrorCode::RateLimited
-                | ErrorCode::Overloaded
-                | ErrorCode::ShuttingDown
-                | ErrorCode::StorageUnavailable
-                | ErrorCode::DirectoryUnavailable
-        )
-    )
-}
-
 /// Reconnect pacing: quick first tries (a killed gateway's clients find
 /// the others at once), up to 5 s between tries.
 fn reconnect_backoff() -> Backoff {
@@ -1183,7 +1168,7 @@ fn handle(
                     // "Later": the same send again after a backoff delay
                     // (on this transport, or on the next one if this one
                     // closes).
-                    Some(unacked) if is_retryable(error.code) => {
+                    Some(unacked) if ErrorCode::is_retryable_code(error.code) => {
                         let delay = reconnect_backoff().delay(unacked.refusals, &mut rand::rng());
                         unacked.refusals += 1;
                         requests.retry_at.insert(counter, Instant::now() + delay);
@@ -1295,8 +1280,6 @@ mod tests {
         assert_eq!((held.floor(), held.has_gap()), (5, false));
         held.hold(5);
         assert_eq!(held.floor(), 5);
-        assert!(is_retryable(ErrorCode::Overloaded as u32));
-        assert!(!is_retryable(ErrorCode::Forbidden as u32));
     }
 
     #[test]

@@ -54,6 +54,26 @@ impl ErrorCode {
     pub fn name(self) -> &'static str {
         self.as_str_name()
     }
+
+    /// Whether an error answer with this code says "try again later": the
+    /// request was not carried out, and repeating it (a send with the same
+    /// `client_msg_id`) is safe (docs/protocol.md, "Requests on an
+    /// authenticated session").
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::RateLimited
+                | ErrorCode::Overloaded
+                | ErrorCode::ShuttingDown
+                | ErrorCode::StorageUnavailable
+                | ErrorCode::DirectoryUnavailable
+        )
+    }
+
+    /// [`ErrorCode::is_retryable`] for a wire code (false for unknown codes).
+    pub fn is_retryable_code(code: u32) -> bool {
+        ErrorCode::from_code(code).is_some_and(ErrorCode::is_retryable)
+    }
 }
 
 impl ServerFrame {
@@ -94,6 +114,14 @@ impl ServerFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn try_again_later_codes_are_retryable_and_refusals_are_not() {
+        assert!(ErrorCode::is_retryable_code(ErrorCode::Overloaded.code()));
+        assert!(ErrorCode::RateLimited.is_retryable());
+        assert!(!ErrorCode::is_retryable_code(ErrorCode::Forbidden.code()));
+        assert!(!ErrorCode::is_retryable_code(99_999));
+    }
 
     #[test]
     fn kafka_family_matches_the_seed_exactly() {

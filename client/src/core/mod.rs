@@ -256,22 +256,6 @@ struct Pending {
     retry_at: Option<Instant>,
 }
 
-/// Whether the server's answer says "try again later": the request was not
-/// carried out and repeating it (a send with the same `client_msg_id`) is
-/// safe (docs/protocol.md, "Requests on an authenticated session").
-fn is_retryable(code: u32) -> bool {
-    matches!(
-        ErrorCode::from_code(code),
-        Some(
-            ErrorCode::RateLimited
-                | ErrorCode::Overloaded
-                | ErrorCode::ShuttingDown
-                | ErrorCode::StorageUnavailable
-                | ErrorCode::DirectoryUnavailable
-        )
-    )
-}
-
 /// Where the connection is.
 #[derive(Debug)]
 enum Link {
@@ -877,7 +861,7 @@ impl ClientCore {
             let error = error.clone();
             // The request it answers fails with it, unless it only says
             // "later" (then it is re-sent on the next connection).
-            if !is_retryable(error.code)
+            if !ErrorCode::is_retryable_code(error.code)
                 && let Some(pending) = self.pending.remove(&request_id)
             {
                 self.deadlines.remove(&(pending.deadline, request_id));
@@ -936,7 +920,7 @@ impl ClientCore {
     fn answered(&mut self, now: Instant, request_id: u64, body: server_frame::Body) {
         use server_frame::Body;
         let result = match (body, &self.pending[&request_id].body) {
-            (Body::Error(error), _) if is_retryable(error.code) => {
+            (Body::Error(error), _) if ErrorCode::is_retryable_code(error.code) => {
                 let pending = self.pending.get_mut(&request_id).expect("checked");
                 let delay = self.config.backoff.delay(pending.refusals, &mut self.rng);
                 pending.refusals += 1;
