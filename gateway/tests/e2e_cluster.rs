@@ -172,10 +172,9 @@ async fn users_on_different_gateways_chat_through_kafka() {
         "pingme_kafka_consumer_lag{{topic=\"persist-{}\",group=\"persist-{}-group\",partition=\"",
         cluster.suffix, cluster.suffix
     );
-    let url = format!("http://{}/metrics", worker.metrics);
     let deadline = std::time::Instant::now() + PATIENCE;
     loop {
-        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let text = worker.metrics_text().await;
         let partitions = text.lines().filter(|l| l.starts_with(&wanted)).count();
         if partitions == 4 {
             break;
@@ -383,11 +382,10 @@ async fn a_killed_gateway_s_users_reconnect_elsewhere_and_sync() {
 /// Reads `server`'s `/metrics` until `name` (without labels) shows
 /// `value`, failing after [`PATIENCE`].
 async fn metric_becomes(server: &Server, name: &str, value: &str) {
-    let url = format!("http://{}/metrics", server.metrics);
     let wanted = format!("{name} {value}");
     let deadline = std::time::Instant::now() + PATIENCE;
     loop {
-        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let text = server.metrics_text().await;
         if text.lines().any(|line| line == wanted) {
             return;
         }

@@ -56,12 +56,7 @@ async fn every_exported_series_is_a_listed_metric() {
     b.deliver().await;
     drop(b);
 
-    let scrape = reqwest::get(format!("http://{}/metrics", server.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = server.metrics_text().await;
     let exported = exported_families(&scrape);
     let listed = listed_metrics();
 

@@ -18,6 +18,16 @@ use pingme_client::{
 
 const PASSWORD: &str = "correct horse battery";
 
+/// A server keeping its data in `dir`, its API, and users alice and bob
+/// registered there; the third value is their direct conversation.
+async fn alice_and_bob(dir: &std::path::Path) -> (Server, HttpApi, String) {
+    let server = Server::start(&dir.join("data")).await;
+    let api = HttpApi::new(format!("http://{}", server.http));
+    let alice = user(&api, "alice").await;
+    let bob = user(&api, "bob").await;
+    (server, api, dm(alice, bob))
+}
+
 async fn user(api: &HttpApi, name: &str) -> u64 {
     api.register(name, PASSWORD).await.unwrap()
 }
@@ -52,26 +62,11 @@ async fn the_sdk_chats_over_every_transport() {
     let api = HttpApi::new(format!("http://{}", server.http));
     let alice = user(&api, "alice").await;
     let bob = user(&api, "bob").await;
-    let conversation = format!("dm:{}:{}", alice.min(bob), alice.max(bob));
-    let dev = || (String::from("localhost"), Trust::AcceptAnyDevCert);
+    let conversation = dm(alice, bob);
     let endpoints = [
         ("tcp", Endpoint::Tcp(server.tcp)),
-        (
-            "tls",
-            Endpoint::Tls {
-                addr: server.tls,
-                server_name: dev().0,
-                trust: dev().1,
-            },
-        ),
-        (
-            "quic",
-            Endpoint::Quic {
-                addr: server.tls,
-                server_name: dev().0,
-                trust: dev().1,
-            },
-        ),
+        ("tls", tls(&server)),
+        ("quic", quic(&server)),
         (
             "ws",
             Endpoint::WebSocket {
@@ -102,11 +97,7 @@ async fn the_sdk_chats_over_every_transport() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_made_while_the_server_is_down_is_stored_once_after_reconnect() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(&dir.path().join("data")).await;
-    let api = HttpApi::new(format!("http://{}", server.http));
-    let alice = user(&api, "alice").await;
-    let bob = user(&api, "bob").await;
-    let conversation = format!("dm:{}:{}", alice.min(bob), alice.max(bob));
+    let (mut server, api, conversation) = alice_and_bob(dir.path()).await;
     let (sender, _events) = connect(&api, "alice", "phone", Endpoint::Tcp(server.tcp)).await;
 
     server.kill();
@@ -372,13 +363,9 @@ async fn message_on_the_same_session(
 /// The sum of a metric's series with `transport="quic"` on the server's
 /// ops port (0 when it has none).
 async fn quic_metric(server: &Server, name: &str) -> f64 {
-    let scrape = reqwest::get(format!("http://{}/metrics", server.metrics))
+    server
+        .metrics_text()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    scrape
         .lines()
         .filter(|line| {
             line.starts_with(&format!("{name}{{")) && line.contains("transport=\"quic\"")
@@ -400,11 +387,7 @@ async fn quic_metric(server: &Server, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_session_survives_its_clients_changing_address() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("data")).await;
-    let api = HttpApi::new(format!("http://{}", server.http));
-    let alice = user(&api, "alice").await;
-    let bob = user(&api, "bob").await;
-    let conversation = dm(alice, bob);
+    let (server, api, conversation) = alice_and_bob(dir.path()).await;
     let (alice_client, mut alice_events) = connect(&api, "alice", "phone", quic(&server)).await;
     let (bob_client, mut bob_events) = connect(&api, "bob", "phone", quic(&server)).await;
     // The first `Connected` of each: later ones fail the waits below.
@@ -474,11 +457,7 @@ async fn a_quic_session_survives_its_clients_changing_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_resumes_the_tls_session_over_quic_and_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("data")).await;
-    let api = HttpApi::new(format!("http://{}", server.http));
-    let alice = user(&api, "alice").await;
-    let bob = user(&api, "bob").await;
-    let conversation = dm(alice, bob);
+    let (server, api, conversation) = alice_and_bob(dir.path()).await;
     for (name, endpoint) in [("quic", quic(&server)), ("tls", tls(&server))] {
         for resumption in [true, false] {
             let device = format!("{name}-{resumption}");

@@ -225,6 +225,16 @@ impl Server {
         self.child.try_wait().unwrap()
     }
 
+    /// What the server's ops port serves at `/metrics` now.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn http(&self) -> Http {
         Http {
             base: format!("http://{}", self.http),
