@@ -644,9 +644,9 @@ impl ClientContext for MemberEvents {
 
 impl ConsumerContext for MemberEvents {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let change = match rebalance {
-            Rebalance::Assign(list) => Change::Assigned(self.partitions(list)),
-            Rebalance::Revoke(list) => Change::Revoked(self.partitions(list)),
+        let (change, what) = match rebalance {
+            Rebalance::Assign(list) => (Change::Assigned(self.partitions(list)), "assigned"),
+            Rebalance::Revoke(list) => (Change::Revoked(self.partitions(list)), "revoked"),
             Rebalance::Error(error) => {
                 let code = ErrorCode::KafkaConsumerGroupError;
                 crate::telemetry::failed(code, 1);
@@ -654,24 +654,13 @@ impl ConsumerContext for MemberEvents {
                 return;
             }
         };
-        match &change {
-            Change::Assigned(partitions) => {
-                tracing::info!(
-                    topic = self.topic,
-                    group = self.board_key.1,
-                    ?partitions,
-                    "partitions assigned"
-                );
-            }
-            Change::Revoked(partitions) => {
-                tracing::info!(
-                    topic = self.topic,
-                    group = self.board_key.1,
-                    ?partitions,
-                    "partitions revoked"
-                );
-            }
-        }
+        let (Change::Assigned(partitions) | Change::Revoked(partitions)) = &change;
+        tracing::info!(
+            topic = self.topic,
+            group = self.board_key.1,
+            ?partitions,
+            "partitions {what}"
+        );
         self.lock().push_back(change);
         self.changed.notify_one();
     }
