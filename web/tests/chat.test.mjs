@@ -8,10 +8,9 @@
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import puppeteer from "puppeteer-core";
+import { launchBrowser, openProfile, waitOnline as waitOnlineWithin } from "./browser.mjs";
 
 const BASE = process.env.PINGME_URL;
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SCREENSHOT = process.env.WEBCHAT_SCREENSHOT;
 const WAIT = { timeout: 60_000 };
 const PASSWORD = "correct horse battery";
@@ -22,28 +21,12 @@ let browser;
 const pageErrors = [];
 const people = {};
 
-async function openBrowserProfile(name) {
-  const context = await browser.createBrowserContext();
-  const page = await context.newPage();
-  // Uncaught exceptions and rejections, and anything the page's
-  // Content-Security-Policy blocked. (Not every console error: Chromium logs
-  // the refused connections of the network-drop step as errors.)
-  page.on("pageerror", (error) => pageErrors.push(`${name}: ${error.message}`));
-  page.on("console", (message) => {
-    if (message.text().startsWith("CSP violation")) pageErrors.push(`${name}: ${message.text()}`);
-  });
-  await page.evaluateOnNewDocument(() => {
-    document.addEventListener("securitypolicyviolation", (event) => {
-      console.error(`CSP violation: ${event.violatedDirective} ${event.blockedURI}`);
-    });
-  });
-  await page.setViewport({ width: 960, height: 600 });
-  await page.goto(`${BASE}/`);
-  return page;
+function openBrowserProfile(name) {
+  return openProfile(browser, `${BASE}/`, name, pageErrors);
 }
 
 function waitOnline(page) {
-  return page.waitForFunction(() => document.getElementById("status").dataset.state === "online", WAIT);
+  return waitOnlineWithin(page, WAIT);
 }
 
 /** Waits until a message with `text` is shown; returns its seq ("" while pending). */
@@ -70,12 +53,7 @@ function messageTexts(page) {
 }
 
 before(async () => {
-  browser = await puppeteer.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    // Root in CI containers: Chromium's sandbox needs user namespaces.
-    args: ["--no-sandbox", "--disable-dev-shm-usage"],
-  });
+  browser = await launchBrowser();
 });
 
 after(async () => {

@@ -8,10 +8,9 @@
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import puppeteer from "puppeteer-core";
+import { launchBrowser, openProfile, waitOnline } from "./browser.mjs";
 
 const BASE = process.env.PINGME_SLOW_URL;
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const WAIT = { timeout: 120_000 };
 const PASSWORD = "correct horse battery";
 const LINES = 20;
@@ -22,17 +21,13 @@ let browser;
 const pageErrors = [];
 
 async function register(name) {
-  const context = await browser.createBrowserContext();
-  const page = await context.newPage();
-  page.on("pageerror", (error) => pageErrors.push(`${name}: ${error.message}`));
-  await page.setViewport({ width: 960, height: 600 });
-  await page.goto(`${BASE}/`);
+  const page = await openProfile(browser, `${BASE}/`, name, pageErrors);
   await page.waitForSelector("#signin:not([hidden])", WAIT);
   await page.type("#username", name);
   await page.type("#password", PASSWORD);
   await page.click("#register");
   await page.waitForSelector("#app:not([hidden])", WAIT);
-  await page.waitForFunction(() => document.getElementById("status").dataset.state === "online", WAIT);
+  await waitOnline(page, WAIT);
   return page;
 }
 
@@ -51,11 +46,7 @@ async function storedMessages(page, last) {
 }
 
 before(async () => {
-  browser = await puppeteer.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--no-sandbox", "--disable-dev-shm-usage"],
-  });
+  browser = await launchBrowser();
 });
 
 after(async () => {
