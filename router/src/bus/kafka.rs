@@ -1084,9 +1084,15 @@ mod tests {
         Some(settings)
     }
 
+    /// `name` with a suffix of this run's own (see [`run_suffix`]).
     fn unique(name: &str) -> String {
+        format!("{name}-{}", run_suffix())
+    }
+
+    /// A suffix no other run shares on the broker: process id and time.
+    fn run_suffix() -> String {
         format!(
-            "{name}-{}-{}",
+            "{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -1186,14 +1192,7 @@ mod tests {
     #[tokio::test]
     async fn a_lost_effect_rewinds_to_the_last_commit() {
         let Some(settings) = broker() else { return };
-        let suffix = format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        );
+        let suffix = run_suffix();
         let bus = KafkaBus::new(settings).unwrap();
         let input = Topic::<DeadLetterRecord>::new(format!("rewind-in-{suffix}"), 1);
         let effects = Topic::<DeadLetterRecord>::new(format!("rewind-out-{suffix}"), 1);
