@@ -182,16 +182,15 @@ impl Gateway {
             .as_ref()
             .map(TlsMaterial::server_config)
             .transpose()?;
-        let mut tls: Vec<Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>> =
+        let mut tls: Vec<Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>> =
             match (config.listeners.tls, &tls_config) {
                 (Some(addr), Some(tls_config)) => {
                     let group =
                         bind_tcp_group(addr, shard_count).map_err(bind_error(addr, "tls"))?;
                     addrs.tls = group.first().and_then(|l| l.local_addr().ok());
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls_config.clone());
                     group
                         .into_iter()
-                        .map(|listener| Some((listener, acceptor.clone())))
+                        .map(|listener| Some((listener, tls_config.clone())))
                         .collect()
                 }
                 _ => (0..shard_count).map(|_| None).collect(),

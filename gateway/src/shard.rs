@@ -39,7 +39,7 @@ pub(crate) struct ShardSetup {
     pub(crate) grace_ms: Arc<AtomicU64>,
     pub(crate) inbox: UnboundedReceiver<ShardCommand>,
     pub(crate) tcp: Option<std::net::TcpListener>,
-    pub(crate) tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+    pub(crate) tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
     pub(crate) quic: Option<(std::net::UdpSocket, quinn::ServerConfig)>,
 }
 

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use pingme_protocol::{ErrorCode, split_frame};
@@ -16,6 +17,7 @@ use crate::connection::{CloseReason, Conn, Transport};
 use crate::session::{FrameTransport, Refusal, handshake};
 use crate::shard_context::{ShardCtx, count_disconnect};
 use crate::transport::stream::drive_stream;
+use crate::transport::tls_stream;
 
 /// Binds `count` TCP listeners on the same address with SO_REUSEPORT, so
 /// the kernel spreads new connections over the shards. Port 0 picks one
@@ -30,12 +32,25 @@ pub(crate) fn bind_tcp_group(
     })
 }
 
-/// Binds `count` UDP sockets on the same address with SO_REUSEPORT (QUIC).
+/// Kernel buffer asked for each QUIC socket, each way. A reconnect storm
+/// sends thousands of Initial packets (1,200+ bytes each) at once; with the
+/// kernel's default (about 200 KB, some 90 datagrams on loopback) most were
+/// dropped (`RcvbufErrors` in /proc/net/snmp) and their clients waited for
+/// retransmission timers: seconds per handshake. The kernel caps the size
+/// at `net.core.rmem_max` / `wmem_max`; it is memory only while datagrams
+/// wait, never per connection.
+pub(crate) const UDP_SOCKET_BUFFER: usize = 8 << 20;
+
+/// Binds `count` UDP sockets on the same address with SO_REUSEPORT (QUIC),
+/// with [`UDP_SOCKET_BUFFER`] each way.
 pub(crate) fn bind_udp_group(
     addr: SocketAddr,
     count: usize,
 ) -> std::io::Result<Vec<std::net::UdpSocket>> {
     bind_reuseport_group(addr, count, Type::DGRAM, Protocol::UDP, |socket| {
+        // Best effort: a kernel that refuses keeps its default.
+        let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+        let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
         Ok(socket.into())
     })
 }
@@ -99,7 +114,7 @@ pub(crate) fn auth_deadline(ctx: &ShardCtx) -> tokio::time::Instant {
 /// against the auth timeout.
 pub(crate) async fn accept_tls(
     listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     ctx: Rc<ShardCtx>,
 ) {
     let mut backoff = AcceptBackoff::new("tls");
@@ -113,9 +128,10 @@ pub(crate) async fn accept_tls(
                 let _ = stream.set_nodelay(true);
                 let deadline = auth_deadline(&ctx);
                 let ctx = ctx.clone();
-                let acceptor = acceptor.clone();
+                let config = config.clone();
                 tokio::task::spawn_local(async move {
-                    let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
+                    let tls =
+                        tokio::time::timeout_at(deadline, tls_stream::accept(stream, config)).await;
                     match tls {
                         Ok(Ok(stream)) => {
                             serve_stream(stream, ctx, Transport::Tls, deadline).await;
