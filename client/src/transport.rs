@@ -181,6 +181,32 @@ impl Default for ConnectOptions {
     }
 }
 
+/// Kernel buffer asked for a QUIC endpoint's socket, each way (the kernel
+/// caps it at `net.core.rmem_max` / `wmem_max`). One endpoint carries
+/// every connection of its connector; a load tool's connector carries
+/// thousands of handshakes at once, whose server flights the kernel's
+/// default (about 200 KB) dropped.
+const QUIC_SOCKET_BUFFER: usize = 8 << 20;
+
+/// A UDP socket for a QUIC endpoint, bound to `addr`, with
+/// [`QUIC_SOCKET_BUFFER`] each way (best effort: a kernel that refuses
+/// keeps its default).
+fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        // Dual-stack where the system allows, as quinn's own client does.
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// Sessions the TLS cache holds (one per server name is all a client uses;
 /// redirects to other gateways add a few).
 const TLS_SESSIONS: usize = 32;
@@ -389,7 +415,11 @@ impl Connector {
         } else {
             IpAddr::from([0u16; 8])
         });
-        let mut endpoint = quinn::Endpoint::client(SocketAddr::new(bind_ip, 0))?;
+        let socket = quic_socket(SocketAddr::new(bind_ip, 0))?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| ClientError::Quic("no async runtime for QUIC".into()))?;
+        let mut endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)?;
         endpoint
             .set_default_client_config(self.quic_config.clone().expect("built for QUIC endpoints"));
         *slot = Some(endpoint.clone());

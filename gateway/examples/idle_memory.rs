@@ -292,16 +292,40 @@ fn client(args: &[String]) -> anyhow::Result<()> {
                 let mut quic_tls = (**tls).clone();
                 quic_tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
                 let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(quic_tls)?;
-                let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 2], 0)))?;
-                endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+                // A large socket buffer, as the gateway's: the server's
+                // handshake flights for a whole batch arrive at once.
+                let socket = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::DGRAM,
+                    Some(socket2::Protocol::UDP),
+                )?;
+                let _ = socket.set_recv_buffer_size(8 << 20);
+                let _ = socket.set_send_buffer_size(8 << 20);
+                socket.bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())?;
+                let runtime = quinn::default_runtime().expect("inside tokio");
+                let mut endpoint = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    socket.into(),
+                    runtime,
+                )?;
+                let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+                // quinn's default idle timeout (30 s) would close the first
+                // sessions while the last are still opening; without one
+                // the server's (the session's idle timeout) applies.
+                let mut transport = quinn::TransportConfig::default();
+                transport.max_idle_timeout(None);
+                config.transport_config(Arc::new(transport));
+                endpoint.set_default_client_config(config);
                 Some(endpoint)
             }
             _ => None,
         };
         let mut held = Vec::with_capacity(count);
         // QUIC handshakes burst several datagrams each: a smaller batch
-        // avoids overflowing UDP socket buffers (and retransmission delays).
-        let batch = if transport == "quic" { 32 } else { 256 };
+        // keeps them within the UDP socket buffers (no retransmission
+        // delays).
+        let batch = if transport == "quic" { 128 } else { 256 };
         for start in (0..count).step_by(batch) {
             let mut tasks = Vec::new();
             for i in start..(start + batch).min(count) {

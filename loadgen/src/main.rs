@@ -122,6 +122,11 @@ struct RunArgs {
     /// Connect + auth timeout, seconds.
     #[arg(long, default_value_t = 10.0)]
     connect_timeout: f64,
+    /// TLS and QUIC: connections from one source address share a session
+    /// cache, so after the first ones they resume (as the SDK's reconnects
+    /// do). Off: every handshake is a full one.
+    #[arg(long)]
+    tls_resumption: bool,
     /// Local addresses to spread connections over: `a,b,first-last`.
     /// Default: 127.0.0.1.. (as many as needed) when the gateway is on
     /// loopback, the system's choice otherwise.
@@ -349,6 +354,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {
         connect_rate: args.connect_rate,
         connect_concurrency: args.connect_concurrency,
         connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+        tls_resumption: args.tls_resumption,
         duration: Duration::from_secs_f64(args.duration),
         drain: Duration::from_secs_f64(args.drain),
         heartbeat: args.heartbeat.map(Duration::from_secs_f64),

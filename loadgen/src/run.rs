@@ -18,6 +18,7 @@
 //! could not route) is fetched too, as the SDK does.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,11 +27,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::{FutureExt, SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use pingme_client::Backoff;
-use pingme_client::session::{Session, open_session};
-use pingme_client::transport::{ConnectOptions, Endpoint};
+use pingme_client::session::{Session, handshake};
+use pingme_client::transport::{ConnectOptions, Connector, Endpoint};
 use pingme_client::v1::{
     ContentType, DeliveryAck, FetchMessages, Ping, SendMessage, client_frame, server_frame,
 };
+use pingme_client::{ClientError, Result as ClientResult};
 use pingme_protocol::{ClientFrame, ErrorCode};
 use tokio::sync::{Semaphore, watch};
 
@@ -70,6 +72,9 @@ pub struct Plan {
     pub connect_rate: u64,
     pub connect_concurrency: usize,
     pub connect_timeout: Duration,
+    /// TLS and QUIC connections of one source address resume each
+    /// other's sessions.
+    pub tls_resumption: bool,
     pub duration: Duration,
     pub drain: Duration,
     pub heartbeat: Option<Duration>,
@@ -116,6 +121,33 @@ struct Shared {
     /// Fetches of a gap that outlasted GAP_WAIT.
     gap_fetches: AtomicU64,
     outages: Mutex<Outages>,
+    /// One connector per (gateway, source address), made on first use:
+    /// its QUIC connections share one UDP socket and endpoint (a socket and
+    /// an endpoint task per connection cost the load generator more than
+    /// the handshake), and with `--tls-resumption` its TLS sessions.
+    connectors: Mutex<HashMap<ConnectorKey, Arc<Connector>>>,
+}
+
+/// A gateway (its index in the plan) and the local address connecting to it.
+type ConnectorKey = (usize, Option<IpAddr>);
+
+impl Shared {
+    fn connector(&self, endpoint: usize, local_ip: Option<IpAddr>) -> ClientResult<Arc<Connector>> {
+        let mut connectors = self.connectors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(connector) = connectors.get(&(endpoint, local_ip)) {
+            return Ok(connector.clone());
+        }
+        let options = ConnectOptions {
+            local_ip,
+            tls_resumption: self.plan.tls_resumption,
+        };
+        let connector = Arc::new(Connector::new(
+            self.plan.endpoints[endpoint].clone(),
+            options,
+        )?);
+        connectors.insert((endpoint, local_ip), connector.clone());
+        Ok(connector)
+    }
 }
 
 /// Episodes during which connections were down: from the first drop while
@@ -290,6 +322,7 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         resent: AtomicU64::new(0),
         gap_fetches: AtomicU64::new(0),
         outages: Mutex::new(Outages::default()),
+        connectors: Mutex::new(HashMap::new()),
     });
     let users = Arc::new(users);
     let total = users.len() as u64;
@@ -517,23 +550,20 @@ fn take_quantiles<const N: usize>(
 
 async fn open(shared: &Shared, users: &[User], index: usize) -> Option<Session> {
     let plan = &shared.plan;
-    let options = ConnectOptions {
-        local_ip: plan
-            .sources
-            .as_ref()
-            .map(|s| s.for_connection(index as u64)),
-        ..ConnectOptions::default()
-    };
+    let local_ip = plan
+        .sources
+        .as_ref()
+        .map(|s| s.for_connection(index as u64));
     let started = Instant::now();
-    match open_session(
-        &plan.endpoints[index % plan.endpoints.len()],
-        &options,
-        &users[index].token,
-        "pingme-loadgen",
-        plan.connect_timeout,
-    )
-    .await
-    {
+    let opening = async {
+        let connector = shared.connector(index % plan.endpoints.len(), local_ip)?;
+        let connection = connector.connect().await?;
+        handshake(connection, &users[index].token, "pingme-loadgen").await
+    };
+    let opened = tokio::time::timeout(plan.connect_timeout, opening)
+        .await
+        .unwrap_or(Err(ClientError::Timeout));
+    match opened {
         Ok(session) => {
             record(&shared.connect_latency, started.elapsed());
             shared.connects.fetch_add(1, Ordering::Relaxed);

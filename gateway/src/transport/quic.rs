@@ -46,6 +46,12 @@ pub(crate) fn server_config(
     // Clients open exactly one bidirectional stream.
     transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // No path MTU probing: payloads stay at QUIC's 1,200 bytes. Probes
+    // grew every connection's send buffer to the larger MTU for good (1.4
+    // KB of an idle connection), and quinn repeats them every ten minutes
+    // per connection, waking an idle phone's radio for nothing; a chat
+    // gateway's packets are small.
+    transport.mtu_discovery_config(None);
     config.transport_config(Arc::new(transport));
     // A client whose address changes (new network, NAT rebinding) keeps
     // its connection and session: quinn validates the new path. This is
@@ -228,6 +234,47 @@ mod tests {
         assert_eq!(&a[..2], &[1, 2]);
         assert_eq!(&b[..2], &[1, 2]);
         assert_ne!(a, b, "the rest is random");
+    }
+
+    /// No path MTU probes: they grew every idle connection's send buffer
+    /// and would wake idle phones every ten minutes.
+    #[test]
+    fn the_server_does_not_probe_path_mtu() {
+        let material =
+            crate::transport::tls::TlsMaterial::load_or_generate(None, None, true).unwrap();
+        let tls = material.server_config().unwrap();
+        let config = server_config(&tls, Duration::from_secs(60)).unwrap();
+        let transport = format!("{:?}", config.transport);
+        assert!(
+            transport.contains("mtu_discovery_config: None"),
+            "{transport}"
+        );
+    }
+
+    /// Each socket of a QUIC group asks for a large kernel buffer, so a
+    /// burst of Initial packets queues instead of being dropped; checked
+    /// against the kernel's default for new sockets and its ceiling.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn quic_sockets_get_buffers_larger_than_the_kernel_default() {
+        use crate::transport::tcp::UDP_SOCKET_BUFFER;
+        let sysctl = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let (default, max) = (sysctl("rmem_default"), sysctl("rmem_max"));
+        // Linux reports twice the size it granted (bookkeeping overhead).
+        let expected = 2 * UDP_SOCKET_BUFFER.min(max);
+        for socket in bind_udp_group("127.0.0.1:0".parse().unwrap(), 2).unwrap() {
+            let granted = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+            assert_eq!(granted, expected);
+            if max > default {
+                assert!(granted > 2 * default, "{granted} vs default {default}");
+            }
+        }
     }
 
     /// The steering program against the kernel: datagrams shaped as QUIC

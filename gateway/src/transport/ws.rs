@@ -28,8 +28,11 @@ use crate::shard_context::{ShardCtx, count_disconnect};
 use crate::transport::stream::after_flush;
 use crate::transport::tcp::guarded_handshake;
 
-/// Read buffer of a WebSocket connection (grows for larger messages).
-const WS_READ_BUFFER: usize = 2 * 1024;
+/// Read buffer of a WebSocket connection, held for the connection's life:
+/// a client's frames are small (a chat message is well under it; a larger
+/// frame reserves its whole length once its header is read). Also the most
+/// asked of the socket per read, so a large frame takes several reads.
+pub(crate) const WS_READ_BUFFER: usize = 512;
 
 /// The WebSocket route (`GET /v1/ws`), to merge into the HTTP app. It
 /// answers 503 until the gateway has started.
