@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 use crate::{
     ConversationId, DeadLetter, GroupId, MAX_BODY_BYTES, MAX_PAGE, Member, MessageStore,
-    NewMessage, Role, Seq, StoreError, StoreResult, Stores, UserId,
+    NewAccount, NewMessage, Role, Seq, StoreError, StoreResult, Stores, UserId,
 };
 
 /// A user id no backend will have assigned.
@@ -60,7 +60,10 @@ impl StoreRole {
 /// with a second, separately built handle on the same database.
 pub async fn run_role(role: StoreRole, make: impl Fn() -> Stores) {
     match role {
-        StoreRole::Users => users_and_devices(&make()).await,
+        StoreRole::Users => {
+            users_and_devices(&make()).await;
+            bulk_import(&make()).await;
+        }
         StoreRole::Conversations => {
             groups_and_membership(&make()).await;
             huge_group_member_paging(&make(), 10_000).await;
@@ -220,6 +223,79 @@ pub async fn users_and_devices(stores: &Stores) {
     ));
     assert!(is_not_found(
         &stores.users.touch_device(UNKNOWN_USER, "laptop", 1).await
+    ));
+}
+
+/// Bulk import: every account is stored with its hash, in order, with
+/// the named device at generation 0 (what a token minted at import
+/// carries); a batch with a taken name is refused.
+pub async fn bulk_import(stores: &Stores) {
+    // More than one page, so a backend that chunks its statements is
+    // checked across a chunk boundary.
+    let accounts: Vec<NewAccount> = (0..MAX_PAGE + 5)
+        .map(|i| NewAccount {
+            username: unique(&format!("imp{i}")),
+            password_hash: format!("$argon2id$v=19$m=8,t=1,p=1$c2FsdA$hash{i}"),
+        })
+        .collect();
+    let imported = stores
+        .users
+        .import_accounts(&accounts, Some("bench"), 500)
+        .await
+        .unwrap();
+    assert_eq!(imported.len(), accounts.len());
+    let mut ids = BTreeSet::new();
+    for (account, done) in accounts.iter().zip(&imported) {
+        assert_eq!(done.user.username, account.username);
+        assert!(ids.insert(done.user.id), "ids are distinct");
+        let stored = stores
+            .users
+            .user_by_name(&account.username)
+            .await
+            .unwrap()
+            .expect("imported user stored");
+        assert_eq!(stored, done.user);
+        assert_eq!(stored.password_hash, account.password_hash);
+        assert_eq!(stored.created_ms, 500);
+        let device = done.device.clone().expect("device asked for");
+        assert_eq!(device.token_generation, 0, "a new device starts at 0");
+        assert_eq!(
+            stores.users.device(done.user.id, "bench").await.unwrap(),
+            Some(device)
+        );
+    }
+
+    // Without a device: users only.
+    let plain = [NewAccount {
+        username: unique("imp-plain"),
+        password_hash: "$argon2id$fake".into(),
+    }];
+    let done = stores.users.import_accounts(&plain, None, 1).await.unwrap();
+    assert_eq!(done[0].device, None);
+    assert_eq!(
+        stores.users.device(done[0].user.id, "bench").await.unwrap(),
+        None
+    );
+
+    // A taken name fails the batch.
+    let clash = [
+        NewAccount {
+            username: unique("imp-new"),
+            password_hash: "h".into(),
+        },
+        accounts[0].clone(),
+    ];
+    let refused = stores.users.import_accounts(&clash, None, 2).await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "taken name in a batch: {refused:?}"
+    );
+    let nameless = [NewAccount {
+        username: String::new(),
+        password_hash: "h".into(),
+    }];
+    assert!(is_invalid(
+        &stores.users.import_accounts(&nameless, None, 3).await
     ));
 }
 

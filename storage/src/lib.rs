@@ -85,6 +85,32 @@ pub trait UserStore: Send + Sync {
     /// Revokes every token of the device issued so far (logout) and
     /// returns the new generation.
     async fn bump_token_generation(&self, user: UserId, device_id: &str) -> StoreResult<u64>;
+    /// Creates many accounts at once, in order (an operator's bulk path:
+    /// a migration from another system, or users for a load test), each
+    /// with its already-hashed password and, when `device` is given, that
+    /// device as if it had logged in at `now_ms`. A taken username fails
+    /// with `Conflict`: a backend with transactions (MySQL) then stores
+    /// none of the batch; the others (one account at a time, which is what
+    /// this default does) keep the accounts before it.
+    async fn import_accounts(
+        &self,
+        accounts: &[NewAccount],
+        device: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<Vec<ImportedAccount>> {
+        let mut imported = Vec::with_capacity(accounts.len());
+        for account in accounts {
+            let user = self
+                .create_user(&account.username, &account.password_hash, now_ms)
+                .await?;
+            let device = match device {
+                Some(device) => Some(self.touch_device(user.id, device, now_ms).await?),
+                None => None,
+            };
+            imported.push(ImportedAccount { user, device });
+        }
+        Ok(imported)
+    }
 }
 
 /// Groups and membership; direct conversations need no record.

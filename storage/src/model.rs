@@ -153,6 +153,27 @@ pub struct UserRecord {
     pub created_ms: i64,
 }
 
+/// One account of a bulk import ([`crate::UserStore::import_accounts`]):
+/// a login name and its password, already hashed (PHC string) by whoever
+/// hands the accounts over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewAccount {
+    /// Unique login name.
+    pub username: String,
+    /// PHC-format password hash.
+    pub password_hash: String,
+}
+
+/// What a bulk import made of one account: its user and, when the import
+/// named a device, that device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportedAccount {
+    /// The new user.
+    pub user: UserRecord,
+    /// The device created with it, if any.
+    pub device: Option<DeviceRecord>,
+}
+
 /// A device of a user, as far as tokens are concerned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {

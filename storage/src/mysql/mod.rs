@@ -40,8 +40,8 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::checks::{RecordLookups, check_id, check_username};
 use crate::codec::{ConversationKey, conversation_from_key};
 use crate::{
-    ConversationId, DeadLetter, DeadLetterStore, DeviceRecord, MAX_PAGE, StoreError, StoreResult,
-    UserId, UserRecord, UserStore, WatermarkStore, Watermarks,
+    ConversationId, DeadLetter, DeadLetterStore, DeviceRecord, ImportedAccount, MAX_PAGE,
+    NewAccount, StoreError, StoreResult, UserId, UserRecord, UserStore, WatermarkStore, Watermarks,
 };
 
 /// Where the database is and how many connections to keep. The gateway's
@@ -426,6 +426,94 @@ impl UserStore for MysqlStore {
             )));
         }
         Ok(done.last_insert_id())
+    }
+
+    /// One transaction per call: the users in multi-row inserts, their ids
+    /// read back by name, then their devices; a taken name rolls all of it
+    /// back. This is what lets a million accounts in in about a minute
+    /// where one insert per user would take many.
+    async fn import_accounts(
+        &self,
+        accounts: &[NewAccount],
+        device: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<Vec<ImportedAccount>> {
+        for account in accounts {
+            check_username(&account.username)?;
+        }
+        if let Some(device) = device {
+            check_id("device_id", device, false)?;
+        }
+        let mut tx = self.pool.begin().await.map_err(sql)?;
+        let mut ids = std::collections::HashMap::with_capacity(accounts.len());
+        for chunk in accounts.chunks(MAX_PAGE) {
+            let mut insert =
+                sqlx::QueryBuilder::new("INSERT INTO users (username, password_hash, created_ms) ");
+            insert.push_values(chunk, |mut row, account| {
+                row.push_bind(&account.username)
+                    .push_bind(&account.password_hash)
+                    .push_bind(now_ms);
+            });
+            match insert.build().execute(&mut *tx).await {
+                Ok(_) => {}
+                Err(e) if error_number(&e) == Some(ER_DUP_ENTRY) => {
+                    return Err(StoreError::Conflict(format!(
+                        "a username of the batch is taken: {e}"
+                    )));
+                }
+                Err(e) => return Err(sql(e)),
+            }
+            let mut select =
+                sqlx::QueryBuilder::new("SELECT id, username FROM users WHERE username IN ");
+            push_in_list(&mut select, chunk.iter().map(|a| a.username.as_str()));
+            for row in select.build().fetch_all(&mut *tx).await.map_err(sql)? {
+                let id: u64 = row.try_get("id").map_err(sql)?;
+                ids.insert(records::text(&row, "username")?, id);
+            }
+        }
+        let imported = accounts
+            .iter()
+            .map(|account| {
+                let id = *ids.get(&account.username).ok_or_else(|| {
+                    StoreError::Unavailable(format!(
+                        "user {:?} vanished after its insert",
+                        account.username
+                    ))
+                })?;
+                Ok(ImportedAccount {
+                    user: UserRecord {
+                        id,
+                        username: account.username.clone(),
+                        password_hash: account.password_hash.clone(),
+                        created_ms: now_ms,
+                    },
+                    device: device.map(|device| DeviceRecord {
+                        user: id,
+                        device_id: device.to_string(),
+                        token_generation: 0,
+                        last_login_ms: now_ms,
+                    }),
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        if device.is_some() {
+            for chunk in imported.chunks(MAX_PAGE) {
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO devices (user_id, device_id, token_generation, last_login_ms) ",
+                );
+                insert.push_values(chunk, |mut row, account| {
+                    if let Some(device) = &account.device {
+                        row.push_bind(device.user)
+                            .push_bind(&device.device_id)
+                            .push_bind(0u64)
+                            .push_bind(now_ms);
+                    }
+                });
+                insert.build().execute(&mut *tx).await.map_err(sql)?;
+            }
+        }
+        tx.commit().await.map_err(sql)?;
+        Ok(imported)
     }
 }
 

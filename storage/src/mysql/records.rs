@@ -21,7 +21,7 @@ where
 /// A text column. Columns with a binary collation (`utf8mb4_bin`: ids
 /// compare byte for byte) reach the driver flagged binary, which it will
 /// not decode as `String`; their bytes are UTF-8 by construction.
-fn text(row: &MySqlRow, column: &str) -> StoreResult<String> {
+pub fn text(row: &MySqlRow, column: &str) -> StoreResult<String> {
     let bytes: Vec<u8> = get(row, column)?;
     String::from_utf8(bytes).map_err(|_| StoreError::Corrupt(format!("{column}: not UTF-8")))
 }
