@@ -15,6 +15,7 @@ pub mod http;
 pub mod index;
 pub mod limits;
 pub mod ops;
+pub mod provision;
 pub mod serve;
 pub mod server;
 pub mod session;

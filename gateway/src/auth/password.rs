@@ -232,6 +232,41 @@ pub fn verify_blocking(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether `hash` may be imported as a stored password hash (`pingme
+/// users import`): an argon2 PHC string (argon2id, argon2i or argon2d)
+/// with a salt and an output, at a cost within what `auth.password_hash_*`
+/// may configure (memory 8 KiB..1 GiB, 1..16 passes, at most 16 lanes),
+/// so an imported file cannot make each login of its users cost more
+/// than the server's own setting could. The error says what is wrong.
+pub fn check_imported_hash(hash: &str) -> Result<(), String> {
+    let parsed = PasswordHash::new(hash).map_err(|e| format!("not a PHC string: {e}"))?;
+    if !matches!(
+        parsed.algorithm.as_str(),
+        "argon2id" | "argon2i" | "argon2d"
+    ) {
+        return Err(format!(
+            "algorithm {} is not argon2id, argon2i or argon2d",
+            parsed.algorithm
+        ));
+    }
+    if parsed.salt.is_none() || parsed.hash.is_none() {
+        return Err("salt and hash output are both needed".into());
+    }
+    let params = Params::try_from(&parsed).map_err(|e| format!("argon2 parameters: {e}"))?;
+    if !(8..=1024 * 1024).contains(&params.m_cost())
+        || !(1..=16).contains(&params.t_cost())
+        || params.p_cost() > 16
+    {
+        return Err(format!(
+            "cost m={} t={} p={} is outside m 8..=1048576, t 1..=16, p <= 16",
+            params.m_cost(),
+            params.t_cost(),
+            params.p_cost()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +306,35 @@ mod tests {
             "below argon2's minimum"
         );
         assert!(PasswordHasher::new(64, 1, limits(0)).is_err());
+    }
+
+    #[tokio::test]
+    async fn only_argon2_hashes_within_the_configurable_cost_can_be_imported() {
+        let own = PasswordHasher::new(64, 1, limits(1))
+            .unwrap()
+            .hash("a password".into())
+            .await
+            .unwrap();
+        assert_eq!(check_imported_hash(&own), Ok(()));
+        let salted = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$\
+                      MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI";
+        assert_eq!(check_imported_hash(salted), Ok(()));
+        for bad in [
+            "",
+            "plain text password",
+            // Other schemes verify nowhere here.
+            "$2b$12$abcdefghijklmnopqrstuuQ4Q9xX8wYh8m3e3q0q1q2q3q4q5q6q7",
+            "$pbkdf2-sha256$i=1000$c2FsdA$aGFzaA",
+            // No output.
+            "$argon2id$v=19$m=64,t=1,p=1$c29tZXNhbHRzb21lc2FsdA",
+            // A cost the server itself could not be configured with.
+            "$argon2id$v=19$m=4194304,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$\
+             MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI",
+            "$argon2id$v=19$m=64,t=100,p=1$c29tZXNhbHRzb21lc2FsdA$\
+             MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI",
+        ] {
+            assert!(check_imported_hash(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     fn limits(concurrency: usize) -> HashLimits {

@@ -30,6 +30,7 @@ use pingme_router::port::Outbox;
 use pingme_storage::Stores;
 use tokio_util::sync::CancellationToken;
 
+pub use accounts::valid_username;
 pub use error::{ApiError, ApiResult, http_status};
 
 use crate::auth::jwt::JwtAuthenticator;
