@@ -502,6 +502,9 @@ fn defer_port_choice(_socket: &TcpSocket) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Starting capacity of a byte-stream connection's read buffer.
+const READ_BUFFER_START: usize = 512;
+
 /// A byte-stream transport with the length-prefix codec on both halves.
 fn framed<T: AsyncRead + AsyncWrite + Send + 'static>(io: T) -> Connection {
     let (read, write) = tokio::io::split(io);
@@ -513,12 +516,15 @@ where
     R: AsyncRead + Send + 'static,
     W: AsyncWrite + Send + 'static,
 {
-    let stream =
-        FramedRead::new(read, ClientCodec::default()).map(|r| r.map_err(ClientError::from));
-    let sink = SinkExt::<ClientFrame>::sink_map_err(
-        FramedWrite::new(write, ClientCodec::default()),
-        |e: FrameError| ClientError::from(e),
-    );
+    // Small starting buffers (tokio-util starts both at 8 KiB): they grow
+    // to the frames a connection meets, and a process holding many idle
+    // connections (the load generator's idle runs hold up to 20,000
+    // each) should not keep 16 KiB of unused capacity per connection.
+    let stream = FramedRead::with_capacity(read, ClientCodec::default(), READ_BUFFER_START)
+        .map(|r| r.map_err(ClientError::from));
+    let mut write = FramedWrite::new(write, ClientCodec::default());
+    *write.write_buffer_mut() = bytes::BytesMut::new();
+    let sink = SinkExt::<ClientFrame>::sink_map_err(write, |e: FrameError| ClientError::from(e));
     Connection {
         sink: Box::pin(sink),
         stream: Box::pin(stream),

@@ -24,7 +24,7 @@ pub const HEIGHT: u32 = 800;
 /// The font every label is drawn with.
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 /// The family name plotters looks text up by.
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
 const DELIVERED: RGBColor = RGBColor(31, 119, 180);
 const ACKED: RGBColor = RGBColor(44, 160, 44);
@@ -44,7 +44,7 @@ pub fn write_png(report: &Report, path: &Path) -> anyhow::Result<()> {
 
 /// Registers the embedded font once per process (plotters keeps a global
 /// font table).
-fn register_embedded_font() -> anyhow::Result<()> {
+pub(crate) fn register_embedded_font() -> anyhow::Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
     anyhow::ensure!(ok, "the embedded chart font does not parse");
@@ -193,7 +193,7 @@ fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
 }
 
 /// An axis top a little above the data (and never an empty range).
-fn headroom(max: f64) -> f64 {
+pub(crate) fn headroom(max: f64) -> f64 {
     if max > 0.0 { max * 1.1 } else { 1.0 }
 }
 

@@ -5,6 +5,7 @@
 mod accounting;
 mod chart;
 mod limits;
+mod ramp_chart;
 mod report;
 mod run;
 mod shard;
@@ -54,6 +55,19 @@ enum Command {
         /// (per-second latencies of merged shards are the worst shard's).
         #[arg(long, value_name = "FILE")]
         timeline_png: Option<PathBuf>,
+    },
+    /// Draw a ramp's samples (connections, memory; see benches/million.sh)
+    /// as a PNG.
+    RampChart {
+        /// Samples CSV: second,connections,gateways_rss_kib,
+        /// loadgens_rss_kib,slab_kib,tcp_mem_pages,used_kib.
+        samples: PathBuf,
+        /// The PNG to write.
+        #[arg(long)]
+        png: PathBuf,
+        /// The chart's title.
+        #[arg(long, default_value = "ramp")]
+        title: String,
     },
 }
 
@@ -201,6 +215,15 @@ fn main() -> ExitCode {
             timeline_png,
         } => merge(&reports, report.as_deref(), timeline_png.as_deref()),
         Command::Run(args) => on_runtime(run_scenario(*args)),
+        Command::RampChart {
+            samples,
+            png,
+            title,
+        } => std::fs::read_to_string(&samples)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", samples.display()))
+            .and_then(|text| ramp_chart::parse_samples(&text))
+            .and_then(|parsed| ramp_chart::write_png(&parsed, &title, &png))
+            .map(|()| true),
         Command::Group(args) => on_runtime(create_group(args)),
     };
     match outcome {
@@ -332,7 +355,9 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {
     }
 
     let users = if let Some(path) = &args.tokens {
-        users::from_tokens_file(&std::fs::read_to_string(path)?, range.clone())?
+        let file =
+            std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        users::from_tokens_file(std::io::BufReader::new(file), range.clone())?
     } else if args.register {
         let api = HttpApi::new(&args.api);
         register(

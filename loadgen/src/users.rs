@@ -3,6 +3,7 @@
 //! from a file of pre-provisioned tokens (`user_id token` per line; line i
 //! is user i, so `--shard` slices the file like it slices registration).
 
+use std::io::BufRead;
 use std::ops::Range;
 
 use futures::StreamExt;
@@ -73,32 +74,39 @@ pub async fn create_group(api: &HttpApi, name: &str, users: &[User]) -> anyhow::
     Ok(group)
 }
 
-/// Reads the users of `range` from a tokens file.
-pub fn from_tokens_file(text: &str, range: Range<u64>) -> anyhow::Result<Vec<User>> {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    if (lines.len() as u64) < range.end {
-        anyhow::bail!(
-            "the tokens file has {} users, the run needs {}",
-            lines.len(),
-            range.end
-        );
-    }
-    lines[range.start as usize..range.end as usize]
-        .iter()
-        .map(|line| {
+/// Reads the users of `range` from a tokens file, line by line: only the
+/// shard's own lines are kept (a million-user file is ~250 MB, and fifty
+/// shards reading it whole at once would hold it fifty times).
+pub fn from_tokens_file(input: impl BufRead, range: Range<u64>) -> anyhow::Result<Vec<User>> {
+    let mut users = Vec::with_capacity((range.end - range.start) as usize);
+    let mut index = 0u64;
+    for line in input.lines() {
+        if index >= range.end {
+            break;
+        }
+        let line = line?;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if index >= range.start {
             let (id, token) = line
                 .split_once(char::is_whitespace)
                 .ok_or_else(|| anyhow::anyhow!("tokens line {line:?} is not `user_id token`"))?;
-            Ok(User {
+            users.push(User {
                 user_id: id.parse()?,
                 token: token.trim().to_string(),
-            })
-        })
-        .collect()
+            });
+        }
+        index += 1;
+    }
+    if index < range.end {
+        anyhow::bail!(
+            "the tokens file has {index} users, the run needs {}",
+            range.end
+        );
+    }
+    Ok(users)
 }
 
 #[cfg(test)]
@@ -108,11 +116,11 @@ mod tests {
     #[test]
     fn a_shard_reads_its_lines_of_the_tokens_file() {
         let file = "# users\n1 tok-a\n2 tok-b\n\n3 tok-c\n4 tok-d\n";
-        let users = from_tokens_file(file, 1..3).unwrap();
+        let users = from_tokens_file(file.as_bytes(), 1..3).unwrap();
         assert_eq!(users.len(), 2);
         assert_eq!((users[0].user_id, users[0].token.as_str()), (2, "tok-b"));
         assert_eq!((users[1].user_id, users[1].token.as_str()), (3, "tok-c"));
-        assert!(from_tokens_file(file, 0..5).is_err());
-        assert!(from_tokens_file("x", 0..1).is_err());
+        assert!(from_tokens_file(file.as_bytes(), 0..5).is_err());
+        assert!(from_tokens_file("x".as_bytes(), 0..1).is_err());
     }
 }
