@@ -18,6 +18,10 @@
 # The config: app (role and gateway id = NAME, unless ROLE is all), listeners, the data folder, a
 # session line with lifted rates, then YAML (the caller's settings; a
 # `storage: { backend: ...` line in it replaces the data folder line).
+# NODE_NAMED=1 gives a role-all node its gateway id (= NAME) too: nodes that
+# share a Redis directory need distinct ids.
+# NODE_IDLE_TIMEOUT (300s) and NODE_HEARTBEAT (the server's default) set the
+# session's idle timeout and the heartbeat interval it announces.
 # NODE_READY_SECONDS (60) bounds the readiness wait; a node that is not
 # ready by then fails the script with its log.
 
@@ -67,14 +71,14 @@ start_node() {
     {
         # A single node (role all) gets no cluster keys: the scripts compare
         # older binaries too, which refuse keys they do not know.
-        if [ "$role" = all ]; then
+        if [ "$role" = all ] && [ -z "${NODE_NAMED:-}" ]; then
             echo "app: { host: 127.0.0.1, port: $port, env: development }"
         else
             echo "app: { host: 127.0.0.1, port: $port, env: development, gateway_id: $name, role: $role }"
         fi
         echo "listeners: { tcp: 127.0.0.1:${NODE_TCP:-$((port + 1))}, tls: 127.0.0.1:$((port + 2)), quic: 127.0.0.1:$((port + 2)), metrics: 127.0.0.1:$((port + 3))${NODE_TLS_CERT:+, tls_cert: $NODE_TLS_CERT, tls_key: $NODE_TLS_KEY} }"
         grep -q "^storage: { backend" <<< "$extra" || echo "storage: { data_dir: $nodes_dir/$name-data }"
-        echo "session: { messages_per_second: 100000, idle_timeout: 300s }"
+        echo "session: { messages_per_second: 100000, idle_timeout: ${NODE_IDLE_TIMEOUT:-300s}${NODE_HEARTBEAT:+, heartbeat_interval: $NODE_HEARTBEAT} }"
         echo "$extra"
     } > "$config"
     RUST_LOG=${RUST_LOG:-warn} "$node_bin" serve --config "$config" 2> "$nodes_dir/$name.log" &
