@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use pingme_protocol::v1::{
     ContentType, FetchMessages, MessagePage, PresenceList, PresenceQuery, ReadMarker, SendAck,
     SendMessage, Typing,
@@ -564,7 +564,7 @@ async fn next_frame(
     transport: &mut Option<Connection>,
 ) -> Option<Result<pingme_protocol::ServerFrame>> {
     match transport {
-        Some(connection) => connection.stream.next().await,
+        Some(connection) => connection.next_frame().await,
         None => std::future::pending().await,
     }
 }

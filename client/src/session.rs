@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use pingme_protocol::v1::{AuthOk, Authenticate, Hello, HelloAck, client_frame, server_frame};
 use pingme_protocol::{ClientFrame, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ServerFrame};
 
@@ -95,8 +95,7 @@ pub async fn handshake(
 async fn next_reply(connection: &mut Connection) -> Result<server_frame::Body> {
     loop {
         let frame: ServerFrame = connection
-            .stream
-            .next()
+            .next_frame()
             .await
             .ok_or(ClientError::ConnectionClosed)??;
         match frame.body {

@@ -16,9 +16,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use pingme_protocol::{
-    ClientCodec, ClientFrame, FrameError, MAX_DOWNSTREAM_FRAME_SIZE, ServerFrame, decode_message,
+    ClientFrame, FrameError, MAX_DOWNSTREAM_FRAME_SIZE, RawFrameCodec, ServerFrame, decode_message,
     encode_frame, split_frame,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -33,8 +34,11 @@ use crate::error::{ClientError, Result};
 
 /// Frames going to the server.
 pub type FrameSink = Pin<Box<dyn Sink<ClientFrame, Error = ClientError> + Send>>;
-/// Frames coming from the server; `None` when the server closed cleanly.
-pub type FrameStream = Pin<Box<dyn Stream<Item = Result<ServerFrame>> + Send>>;
+/// Frames coming from the server, each still encoded (one `ServerFrame`
+/// without its length prefix); `None` when the server closed cleanly.
+/// [`Connection::next_frame`] decodes them; a reader that only looks at a
+/// few fields of a frame can skip the decode.
+pub type RawFrameStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
 
 /// Which certificates a TLS or QUIC client trusts.
 #[derive(Debug, Clone)]
@@ -215,8 +219,17 @@ const TLS_SESSIONS: usize = 32;
 pub struct Connection {
     /// Frames to the server.
     pub sink: FrameSink,
-    /// Frames from the server.
-    pub stream: FrameStream,
+    /// Frames from the server, encoded.
+    pub frames: RawFrameStream,
+}
+
+impl Connection {
+    /// The next frame from the server, decoded; `None` when the server
+    /// closed cleanly.
+    pub async fn next_frame(&mut self) -> Option<Result<ServerFrame>> {
+        let payload = self.frames.next().await?;
+        Some(payload.and_then(|payload| Ok(decode_message(payload)?)))
+    }
 }
 
 impl std::fmt::Debug for Connection {
@@ -440,14 +453,14 @@ impl Connector {
         // The endpoint and connection handles must outlive the stream
         // halves; they ride along inside the stream.
         let keep_alive = (endpoint, connection);
-        let Connection { sink, stream } = framed_halves(recv, send);
-        let stream = stream.map(move |frame| {
+        let Connection { sink, frames } = framed_halves(recv, send);
+        let frames = frames.map(move |frame| {
             let _ = &keep_alive;
             frame
         });
         Ok(Connection {
             sink,
-            stream: Box::pin(stream),
+            frames: Box::pin(frames),
         })
     }
 }
@@ -520,14 +533,18 @@ where
     // to the frames a connection meets, and a process holding many idle
     // connections (the load generator's idle runs hold up to 20,000
     // each) should not keep 16 KiB of unused capacity per connection.
-    let stream = FramedRead::with_capacity(read, ClientCodec::default(), READ_BUFFER_START)
-        .map(|r| r.map_err(ClientError::from));
-    let mut write = FramedWrite::new(write, ClientCodec::default());
+    let frames = FramedRead::with_capacity(
+        read,
+        RawFrameCodec::new(MAX_DOWNSTREAM_FRAME_SIZE),
+        READ_BUFFER_START,
+    )
+    .map(|r| r.map_err(ClientError::from));
+    let mut write = FramedWrite::new(write, RawFrameCodec::new(MAX_DOWNSTREAM_FRAME_SIZE));
     *write.write_buffer_mut() = bytes::BytesMut::new();
     let sink = SinkExt::<ClientFrame>::sink_map_err(write, |e: FrameError| ClientError::from(e));
     Connection {
         sink: Box::pin(sink),
-        stream: Box::pin(stream),
+        frames: Box::pin(frames),
     }
 }
 
@@ -541,9 +558,9 @@ where
         .with(|frame: ClientFrame| async move {
             Ok::<_, ClientError>(WsMessage::Binary(encode_frame(&frame)))
         });
-    let stream = read.filter_map(|message| async move {
+    let frames = read.filter_map(|message| async move {
         match message {
-            Ok(WsMessage::Binary(data)) => Some(decode_ws_frame(&data)),
+            Ok(WsMessage::Binary(data)) => Some(ws_frame_payload(data)),
             Ok(WsMessage::Close(_)) => None,
             // Pings are answered by tungstenite itself; text is not ours.
             Ok(_) => None,
@@ -552,15 +569,16 @@ where
     });
     Connection {
         sink: Box::pin(sink),
-        stream: Box::pin(stream),
+        frames: Box::pin(frames),
     }
 }
 
-/// One WebSocket binary message holds exactly one frame, prefix included.
-fn decode_ws_frame(data: &[u8]) -> Result<ServerFrame> {
+/// One WebSocket binary message holds exactly one frame, prefix included;
+/// its payload, still encoded.
+fn ws_frame_payload(data: Bytes) -> Result<Bytes> {
     let mut buf = bytes::BytesMut::from(data);
     match split_frame(&mut buf, MAX_DOWNSTREAM_FRAME_SIZE)? {
-        Some(payload) if buf.is_empty() => Ok(decode_message(payload)?),
+        Some(payload) if buf.is_empty() => Ok(payload),
         _ => Err(ClientError::Protocol(
             "a WebSocket message must hold exactly one frame".into(),
         )),
@@ -776,13 +794,13 @@ mod tests {
     #[test]
     fn a_ws_message_must_be_exactly_one_frame() {
         let frame = encode_frame(&ServerFrame::default());
-        assert!(decode_ws_frame(&frame).is_ok());
+        assert!(ws_frame_payload(frame.clone()).is_ok());
         let mut two = frame.to_vec();
         two.extend_from_slice(&frame);
         assert!(matches!(
-            decode_ws_frame(&two),
+            ws_frame_payload(two.into()),
             Err(ClientError::Protocol(_))
         ));
-        assert!(decode_ws_frame(&frame[..2]).is_err());
+        assert!(ws_frame_payload(frame.slice(..2)).is_err());
     }
 }

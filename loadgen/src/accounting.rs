@@ -12,8 +12,13 @@
 //! client_msg_id is answered from the idempotency record and fanned out
 //! again (at-least-once delivery, docs/router.md): a second push of it is
 //! a redelivery the client drops by seq, not a duplicate.
+//!
+//! Each connection keeps its own ledger (no lock on the receive path); the
+//! run absorbs them all at the end. Only the sends retried are shared:
+//! senders note them, and recipients ask when a push repeats.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 /// One recipient's view of one conversation. Seqs arrive mostly in order,
 /// so what was seen is kept as a contiguous range plus the few seqs outside
@@ -173,7 +178,48 @@ pub struct Arrival<'a> {
     pub path: Path,
 }
 
-/// The ledger of one run.
+/// The sends retried in a run, which every ledger consults when a push
+/// repeats.
+#[derive(Debug, Default)]
+pub struct Retries {
+    /// (sender, counter) of every send sent more than once.
+    retried: Mutex<HashSet<(u64, u64)>>,
+    /// Every repeated push is a redelivery (a run that kills a worker).
+    accept_all: bool,
+}
+
+impl Retries {
+    /// Counts every repeated push as a redelivery when `accept_all` (the
+    /// router's at-least-once delivery after a worker's partitions move),
+    /// else only those after a retry.
+    pub fn new(accept_all: bool) -> Self {
+        Retries {
+            accept_all,
+            ..Retries::default()
+        }
+    }
+
+    /// `sender` sends its send `counter` again (before it goes out, so the
+    /// redelivery it may cause is known when it arrives).
+    pub fn retrying(&self, sender: u64, counter: u64) {
+        self.retried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((sender, counter));
+    }
+
+    fn excuse(&self, sender: u64, counter: u64) -> bool {
+        self.accept_all
+            || self
+                .retried
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&(sender, counter))
+    }
+}
+
+/// A ledger: one connection's (what it sent that was acknowledged, what
+/// reached it), or a run's once it has absorbed them all.
 #[derive(Debug, Default)]
 pub struct Accounting {
     expected: u64,
@@ -186,29 +232,9 @@ pub struct Accounting {
     recovered: u64,
     overlaps: u64,
     redelivered: u64,
-    /// (sender, counter) of every send sent more than once.
-    retried: HashSet<(u64, u64)>,
-    /// Every repeated push is a redelivery (a run that kills a worker).
-    accept_redelivery: bool,
 }
 
 impl Accounting {
-    /// A ledger that counts every repeated push as a redelivery when
-    /// `accept_redelivery` (the router's at-least-once delivery after a
-    /// worker's partitions move), else only those after a retry.
-    pub fn new(accept_redelivery: bool) -> Self {
-        Accounting {
-            accept_redelivery,
-            ..Accounting::default()
-        }
-    }
-
-    /// `sender` sends its send `counter` again (before it goes out, so the
-    /// redelivery it may cause is known when it arrives).
-    pub fn retrying(&mut self, sender: u64, counter: u64) {
-        self.retried.insert((sender, counter));
-    }
-
     /// An acknowledged send that `recipients` connections must receive.
     pub fn expect(&mut self, recipients: u64) {
         self.expected += recipients;
@@ -219,18 +245,21 @@ impl Accounting {
     /// check).
     #[cfg(test)]
     pub fn deliver(&mut self, recipient: u64, conversation_id: &str, seq: u64) -> Delivery {
-        self.arrive(Arrival {
-            recipient,
-            conversation_id,
-            seq,
-            sender: 0,
-            counter: 0,
-            path: Path::Pushed,
-        })
+        self.arrive(
+            Arrival {
+                recipient,
+                conversation_id,
+                seq,
+                sender: 0,
+                counter: 0,
+                path: Path::Pushed,
+            },
+            &Retries::default(),
+        )
     }
 
     /// One arrival, pushed or fetched.
-    pub fn arrive(&mut self, arrival: Arrival<'_>) -> Delivery {
+    pub fn arrive(&mut self, arrival: Arrival<'_>, retries: &Retries) -> Delivery {
         let conversations = self.streams.entry(arrival.recipient).or_default();
         let new = match conversations.get_mut(arrival.conversation_id) {
             Some(held) => held.seqs.insert(arrival.seq),
@@ -254,10 +283,7 @@ impl Accounting {
                     self.overlaps += 1;
                     Delivery::Overlap
                 }
-                Path::Pushed
-                    if self.accept_redelivery
-                        || self.retried.contains(&(arrival.sender, arrival.counter)) =>
-                {
+                Path::Pushed if retries.excuse(arrival.sender, arrival.counter) => {
                     self.redelivered += 1;
                     Delivery::Redelivered
                 }
@@ -302,6 +328,19 @@ impl Accounting {
                 Delivery::New
             }
         }
+    }
+
+    /// Adds a connection's ledger to this one (recipients are distinct per
+    /// connection, so their streams are not merged, only counted).
+    pub fn absorb(&mut self, other: &Accounting) {
+        self.expected += other.expected;
+        self.delivered += other.delivered;
+        self.duplicated += other.duplicated;
+        self.out_of_order += other.out_of_order;
+        self.stored_twice += other.stored_twice;
+        self.recovered += other.recovered;
+        self.overlaps += other.overlaps;
+        self.redelivered += other.redelivered;
     }
 
     /// The counts so far; `lost` is what is still missing (a send stored
@@ -360,6 +399,36 @@ mod tests {
     }
 
     #[test]
+    fn a_run_absorbs_its_connections_ledgers_and_counts_loss_from_the_totals() {
+        // The sender's ledger expects two deliveries; each recipient's
+        // ledger sees what reached it (one lost at the second recipient).
+        let mut sender = Accounting::default();
+        sender.expect(2);
+        sender.expect(2);
+        let mut first = Accounting::default();
+        first.deliver(10, "g:1", 1);
+        first.deliver(10, "g:1", 2);
+        let mut second = Accounting::default();
+        second.deliver(11, "g:1", 1);
+        second.deliver(11, "g:1", 1);
+        let mut run = Accounting::default();
+        for ledger in [&sender, &first, &second] {
+            run.absorb(ledger);
+        }
+        let counts = run.counts();
+        assert_eq!(
+            counts,
+            DeliveryCounts {
+                expected: 4,
+                delivered: 3,
+                lost: 1,
+                duplicated: 1,
+                ..DeliveryCounts::default()
+            }
+        );
+    }
+
+    #[test]
     fn gaps_late_arrivals_and_repeats_are_told_apart() {
         use Delivery::{Duplicate, New, OutOfOrder};
         let mut ledger = Accounting::default();
@@ -395,6 +464,13 @@ mod tests {
         assert_eq!(ledger.counts().duplicated, 0);
     }
 
+    impl Accounting {
+        /// An arrival with no send retried.
+        fn arrive_now(&mut self, arrival: Arrival<'_>) -> Delivery {
+            self.arrive(arrival, &Retries::default())
+        }
+    }
+
     fn arrival(seq: u64, counter: u64, path: Path) -> Arrival<'static> {
         Arrival {
             recipient: 7,
@@ -415,14 +491,14 @@ mod tests {
         // Pushed 1 and 2, then the connection dropped; 3 and 4 went to the
         // dead gateway; after the reconnect 6 is pushed before the fetch
         // answers with 3..=6 (6 both ways), and 5 is pushed late.
-        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), New);
-        assert_eq!(ledger.arrive(arrival(2, 2, Pushed)), New);
-        assert_eq!(ledger.arrive(arrival(6, 6, Pushed)), New);
-        assert_eq!(ledger.arrive(arrival(3, 3, Fetched)), Recovered);
-        assert_eq!(ledger.arrive(arrival(4, 4, Fetched)), Recovered);
-        assert_eq!(ledger.arrive(arrival(5, 5, Fetched)), Recovered);
-        assert_eq!(ledger.arrive(arrival(6, 6, Fetched)), Overlap);
-        assert_eq!(ledger.arrive(arrival(5, 5, Pushed)), Overlap);
+        assert_eq!(ledger.arrive_now(arrival(1, 1, Pushed)), New);
+        assert_eq!(ledger.arrive_now(arrival(2, 2, Pushed)), New);
+        assert_eq!(ledger.arrive_now(arrival(6, 6, Pushed)), New);
+        assert_eq!(ledger.arrive_now(arrival(3, 3, Fetched)), Recovered);
+        assert_eq!(ledger.arrive_now(arrival(4, 4, Fetched)), Recovered);
+        assert_eq!(ledger.arrive_now(arrival(5, 5, Fetched)), Recovered);
+        assert_eq!(ledger.arrive_now(arrival(6, 6, Fetched)), Overlap);
+        assert_eq!(ledger.arrive_now(arrival(5, 5, Pushed)), Overlap);
         let counts = ledger.counts();
         assert_eq!(
             counts,
@@ -442,9 +518,12 @@ mod tests {
         use Path::{Fetched, Pushed};
         let mut ledger = Accounting::default();
         ledger.expect(1);
-        ledger.arrive(arrival(1, 1, Fetched));
-        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::Overlap);
-        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::Duplicate);
+        ledger.arrive_now(arrival(1, 1, Fetched));
+        assert_eq!(ledger.arrive_now(arrival(1, 1, Pushed)), Delivery::Overlap);
+        assert_eq!(
+            ledger.arrive_now(arrival(1, 1, Pushed)),
+            Delivery::Duplicate
+        );
         assert_eq!(ledger.counts().duplicated, 1);
         assert!(ledger.counts().has_errors());
     }
@@ -454,22 +533,33 @@ mod tests {
         use Path::Pushed;
         let mut ledger = Accounting::default();
         ledger.expect(2);
-        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::New);
-        assert_eq!(ledger.arrive(arrival(2, 2, Pushed)), Delivery::New);
+        assert_eq!(ledger.arrive_now(arrival(1, 1, Pushed)), Delivery::New);
+        assert_eq!(ledger.arrive_now(arrival(2, 2, Pushed)), Delivery::New);
         // Sender 1 retries counter 1 (its ack was lost): the server answers
         // from the idempotency record and pushes seq 1 again.
-        ledger.retrying(1, 1);
-        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::Redelivered);
+        let retries = Retries::new(false);
+        retries.retrying(1, 1);
+        assert_eq!(
+            ledger.arrive(arrival(1, 1, Pushed), &retries),
+            Delivery::Redelivered
+        );
         // Counter 2 was never retried: its second push is a duplicate.
-        assert_eq!(ledger.arrive(arrival(2, 2, Pushed)), Delivery::Duplicate);
+        assert_eq!(
+            ledger.arrive(arrival(2, 2, Pushed), &retries),
+            Delivery::Duplicate
+        );
         let counts = ledger.counts();
         assert_eq!((counts.redelivered, counts.duplicated), (1, 1));
         assert_eq!(counts.lost, 0);
         // A run that kills a worker accepts every repeated push.
-        let mut ledger = Accounting::new(true);
+        let mut ledger = Accounting::default();
         ledger.expect(1);
-        ledger.arrive(arrival(1, 1, Pushed));
-        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::Redelivered);
+        let accept_all = Retries::new(true);
+        ledger.arrive(arrival(1, 1, Pushed), &accept_all);
+        assert_eq!(
+            ledger.arrive(arrival(1, 1, Pushed), &accept_all),
+            Delivery::Redelivered
+        );
         assert!(!ledger.counts().has_errors());
     }
 
@@ -480,9 +570,12 @@ mod tests {
         // Three acknowledged sends (counters 1..=3); counter 2's retry was
         // stored again as seq 3, and counter 3 (seq 4) never arrived.
         ledger.expect(3);
-        assert_eq!(ledger.arrive(arrival(1, 1, Pushed)), Delivery::New);
-        assert_eq!(ledger.arrive(arrival(2, 2, Pushed)), Delivery::New);
-        assert_eq!(ledger.arrive(arrival(3, 2, Fetched)), Delivery::StoredTwice);
+        assert_eq!(ledger.arrive_now(arrival(1, 1, Pushed)), Delivery::New);
+        assert_eq!(ledger.arrive_now(arrival(2, 2, Pushed)), Delivery::New);
+        assert_eq!(
+            ledger.arrive_now(arrival(3, 2, Fetched)),
+            Delivery::StoredTwice
+        );
         let counts = ledger.counts();
         assert_eq!(counts.stored_twice, 1);
         assert_eq!(counts.delivered, 3);
@@ -491,6 +584,6 @@ mod tests {
         // Another sender's counters are its own.
         let mut other = arrival(5, 1, Pushed);
         other.sender = 2;
-        assert_eq!(ledger.arrive(other), Delivery::New);
+        assert_eq!(ledger.arrive_now(other), Delivery::New);
     }
 }

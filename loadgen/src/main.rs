@@ -4,7 +4,9 @@
 
 mod accounting;
 mod chart;
+mod frame_view;
 mod limits;
+mod peers;
 mod ramp_chart;
 mod report;
 mod run;
@@ -43,6 +45,10 @@ enum Command {
     /// group owned by the first; prints its conversation id (`g:ID`). With
     /// `run huge-group -n N --group g:ID` the first N of them come online.
     Group(GroupArgs),
+    /// The fanout scenario against another broker (NATS core pub/sub or
+    /// MQTT QoS 0) through its usual client, every delivery checked: for
+    /// side-by-side figures (`benches/peers.sh`).
+    Peers(PeersArgs),
     /// Merge JSON reports of processes that ran side by side.
     Merge {
         /// Report files.
@@ -69,6 +75,43 @@ enum Command {
         #[arg(long, default_value = "ramp")]
         title: String,
     },
+}
+
+#[derive(Args, Debug)]
+struct PeersArgs {
+    /// Which broker.
+    #[arg(value_enum)]
+    peer: peers::Peer,
+    /// Its address, host:port.
+    #[arg(long)]
+    address: String,
+    /// Subscribers, one connection each.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    subscribers: u64,
+    /// Messages per burst.
+    #[arg(long, default_value_t = 100)]
+    burst: u64,
+    /// Milliseconds between bursts.
+    #[arg(long, default_value_t = 50)]
+    burst_interval_ms: u64,
+    /// Message size in bytes (at least 16: counter, send time).
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds to wait for outstanding deliveries after the last publish.
+    #[arg(long, default_value_t = 5.0)]
+    drain: f64,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// The broker's process id: its CPU time over the run.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -225,6 +268,7 @@ fn main() -> ExitCode {
             .and_then(|parsed| ramp_chart::write_png(&parsed, &title, &png))
             .map(|()| true),
         Command::Group(args) => on_runtime(create_group(args)),
+        Command::Peers(args) => on_runtime(run_peer(args)),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -294,6 +338,31 @@ async fn register(
         started.elapsed().as_secs_f64()
     );
     Ok(users)
+}
+
+async fn run_peer(args: PeersArgs) -> anyhow::Result<bool> {
+    limits::ensure_open_files(args.subscribers + 1).map_err(anyhow::Error::msg)?;
+    if args.size < 16 {
+        anyhow::bail!("--size must be at least 16 (counter, send time)");
+    }
+    let plan = peers::PeerPlan {
+        peer: args.peer,
+        address: args.address,
+        subscribers: args.subscribers,
+        burst: args.burst.max(1),
+        burst_interval: Duration::from_millis(args.burst_interval_ms.max(1)),
+        size: args.size,
+        duration: Duration::from_secs_f64(args.duration),
+        drain: Duration::from_secs_f64(args.drain),
+        connect_concurrency: args.connect_concurrency,
+        server_pid: args.server_pid,
+    };
+    let report = peers::run(plan).await?;
+    report.print_summary();
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(!report.has_errors())
 }
 
 async fn create_group(args: GroupArgs) -> anyhow::Result<bool> {

@@ -36,7 +36,8 @@ use pingme_client::{ClientError, Result as ClientResult};
 use pingme_protocol::{ClientFrame, ErrorCode};
 use tokio::sync::{Semaphore, watch};
 
-use crate::accounting::{Accounting, Arrival, Path};
+use crate::accounting::{Accounting, Arrival, Path, Retries};
+use crate::frame_view::{DeliveredView, FrameView};
 use crate::report::{LatencySummary, Outage, Report, Sample, new_histogram};
 use crate::source::SourceAddrs;
 use crate::users::User;
@@ -111,7 +112,9 @@ struct Shared {
     /// Send-to-deliver of the current second only; the progress loop
     /// reads its p50/p99 and resets it every second.
     deliver_latency_second: Mutex<Histogram<u64>>,
+    /// The run's ledger: each connection's is added when it ends.
     accounting: Mutex<Accounting>,
+    retries: Retries,
     /// Local fanout members online (recipients per fanout send).
     members: AtomicU64,
     /// From a drop until the connection authenticated again.
@@ -210,7 +213,7 @@ fn record(histogram: &Mutex<Histogram<u64>>, elapsed: Duration) {
         .saturating_record(micros);
 }
 
-fn unix_micros() -> u64 {
+pub(crate) fn unix_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
@@ -277,7 +280,7 @@ fn read_vm_rss_kib(pid: u32) -> Option<u64> {
 
 /// CPU time (user + system) the process has used, seconds. /proc counts
 /// in USER_HZ ticks, which Linux fixes at 100 per second for user space.
-fn read_cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn read_cpu_seconds(pid: u32) -> Option<f64> {
     cpu_seconds_of_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
@@ -316,7 +319,8 @@ pub async fn run(plan: Plan, users: Vec<User>, shard_label: String) -> Report {
         ack_latency_second: Mutex::new(new_histogram()),
         deliver_latency: Mutex::new(new_histogram()),
         deliver_latency_second: Mutex::new(new_histogram()),
-        accounting: Mutex::new(Accounting::new(plan.accept_redelivery)),
+        accounting: Mutex::new(Accounting::default()),
+        retries: Retries::new(plan.accept_redelivery),
         members: AtomicU64::new(0),
         reconnect_latency: Mutex::new(new_histogram()),
         resent: AtomicU64::new(0),
@@ -614,6 +618,8 @@ struct Carry {
     /// Conversation -> the seqs it holds (own acknowledged sends and
     /// arrivals); after a reconnect each is fetched from its floor.
     held: HashMap<String, SeqFloor>,
+    /// What it sent that was acknowledged and what reached it.
+    ledger: Accounting,
 }
 
 /// The seqs of one conversation a connection holds: all up to `floor`,
@@ -755,6 +761,11 @@ async fn connection(
     shared
         .send_failures
         .fetch_add(carry.unacked.len() as u64, Ordering::Relaxed);
+    shared
+        .accounting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .absorb(&carry.ledger);
 }
 
 /// Reconnects after a drop, with backoff, until it works or the run stops.
@@ -867,7 +878,7 @@ async fn drive(
         hello_ack,
         ..
     } = session;
-    let (mut sink, mut stream) = (connection.sink, connection.stream);
+    let (mut sink, mut stream) = (connection.sink, connection.frames);
     let heartbeat_period = plan
         .heartbeat
         .unwrap_or(match hello_ack.heartbeat_interval_ms {
@@ -911,11 +922,8 @@ async fn drive(
         // client_msg_id, so the server stores each once), then what this
         // connection missed, from where it holds everything.
         let mut frames = Vec::new();
-        {
-            let mut accounting = shared.accounting.lock().unwrap_or_else(|e| e.into_inner());
-            for counter in carry.unacked.keys() {
-                accounting.retrying(me, *counter);
-            }
+        for counter in carry.unacked.keys() {
+            shared.retries.retrying(me, *counter);
         }
         for (counter, unacked) in &carry.unacked {
             frames.push(send_frame(&mut requests, *counter, unacked));
@@ -943,20 +951,22 @@ async fn drive(
                     // cumulatively: one ack per conversation per batch, as
                     // a real client does (the SDK too), not one per frame.
                     let mut followups = Vec::new();
-                    let mut result = handle(shared, index as u64, me, frame, carry, &mut requests, &mut followups);
+                    let mut batch = Batch::default();
+                    let mut result = receive(shared, index as u64, me, frame, carry, &mut requests, &mut followups, &mut batch);
                     for _ in 0..DRAIN_PER_TURN {
                         if result.is_err() {
                             break;
                         }
                         match stream.next().now_or_never() {
                             Some(Some(Ok(frame))) => {
-                                result = handle(shared, index as u64, me, frame, carry, &mut requests, &mut followups);
+                                result = receive(shared, index as u64, me, frame, carry, &mut requests, &mut followups, &mut batch);
                             }
                             // The end or an error shows up again on the
                             // next poll of the select.
                             _ => break,
                         }
                     }
+                    batch.record(shared);
                     match result {
                         Ok(()) => send_followups(&mut sink, followups, &mut requests.acks).await,
                         err => err,
@@ -1008,7 +1018,7 @@ async fn drive(
                 for counter in due {
                     requests.retry_at.remove(&counter);
                     let Some(unacked) = carry.unacked.get(&counter) else { continue };
-                    shared.accounting.lock().unwrap_or_else(|e| e.into_inner()).retrying(me, counter);
+                    shared.retries.retrying(me, counter);
                     let frame = send_frame(&mut requests, counter, unacked);
                     shared.resent.fetch_add(1, Ordering::Relaxed);
                     result = sink.feed(frame).await;
@@ -1111,55 +1121,136 @@ async fn send_followups(
     sink.flush().await
 }
 
+/// What one wake-up's frames add to the shared figures, added under one
+/// lock each instead of one per delivery.
+#[derive(Debug, Default)]
+struct Batch {
+    delivered: u64,
+    /// Send-to-deliver of each delivery.
+    latencies: Vec<Duration>,
+}
+
+impl Batch {
+    fn record(self, shared: &Shared) {
+        if self.delivered > 0 {
+            shared
+                .delivered
+                .fetch_add(self.delivered, Ordering::Relaxed);
+        }
+        if self.latencies.is_empty() {
+            return;
+        }
+        for histogram in [&shared.deliver_latency, &shared.deliver_latency_second] {
+            let mut histogram = histogram.lock().unwrap_or_else(|e| e.into_inner());
+            for latency in &self.latencies {
+                histogram.saturating_record(latency.as_micros().max(1) as u64);
+            }
+        }
+    }
+}
+
+/// One frame as read: a delivery is checked straight from its bytes (the
+/// hot path of a fanout run); any other frame is decoded in full.
+#[allow(clippy::too_many_arguments)]
+fn receive(
+    shared: &Shared,
+    index: u64,
+    me: u64,
+    frame: Bytes,
+    carry: &mut Carry,
+    requests: &mut Requests,
+    followups: &mut Vec<ClientFrame>,
+    batch: &mut Batch,
+) -> pingme_client::Result<()> {
+    let protocol =
+        |e: crate::frame_view::BadFrame| pingme_client::ClientError::Protocol(e.to_string());
+    match crate::frame_view::view(&frame).map_err(protocol)? {
+        FrameView::Delivered(message) => {
+            arrived(
+                shared,
+                index,
+                me,
+                message,
+                Path::Pushed,
+                carry,
+                &mut requests.acks,
+                batch,
+            );
+            Ok(())
+        }
+        FrameView::Other => {
+            let frame =
+                pingme_protocol::decode_message(frame).map_err(pingme_client::ClientError::from)?;
+            handle(shared, me, frame, carry, requests, followups, index, batch)
+        }
+    }
+}
+
 /// One message that reached this connection, pushed or fetched.
+#[allow(clippy::too_many_arguments)]
 fn arrived(
     shared: &Shared,
     index: u64,
     me: u64,
-    message: &pingme_client::v1::Message,
+    message: DeliveredView<'_>,
     path: Path,
     carry: &mut Carry,
     acks: &mut HashMap<String, u64>,
+    batch: &mut Batch,
 ) {
-    if let Some(held) = carry.held.get_mut(&message.conversation_id) {
+    if let Some(held) = carry.held.get_mut(message.conversation_id) {
         held.hold(message.seq);
     }
-    let ours = decode_body(&message.body).filter(|(tag, ..)| *tag == shared.run_tag);
+    let ours = decode_body(message.body).filter(|(tag, ..)| *tag == shared.run_tag);
     if let Some((_, sent_us, counter)) = ours
         && message.sender_id != me
     {
-        shared.delivered.fetch_add(1, Ordering::Relaxed);
-        let verdict = shared
-            .accounting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .arrive(Arrival {
+        batch.delivered += 1;
+        let verdict = carry.ledger.arrive(
+            Arrival {
                 recipient: index,
-                conversation_id: &message.conversation_id,
+                conversation_id: message.conversation_id,
                 seq: message.seq,
                 sender: message.sender_id,
                 counter,
                 path,
-            });
+            },
+            &shared.retries,
+        );
         if !matches!(verdict, crate::accounting::Delivery::Overlap) {
-            let latency = Duration::from_micros(unix_micros().saturating_sub(sent_us));
-            record(&shared.deliver_latency, latency);
-            record(&shared.deliver_latency_second, latency);
+            batch
+                .latencies
+                .push(Duration::from_micros(unix_micros().saturating_sub(sent_us)));
         }
     }
     // Acknowledged after the batch, so the ack write is not in the latency.
-    let highest = acks.entry(message.conversation_id.clone()).or_default();
-    *highest = (*highest).max(message.seq);
+    match acks.get_mut(message.conversation_id) {
+        Some(highest) => *highest = (*highest).max(message.seq),
+        None => {
+            acks.insert(message.conversation_id.to_owned(), message.seq);
+        }
+    }
 }
 
+fn view_of(message: &pingme_client::v1::Message) -> DeliveredView<'_> {
+    DeliveredView {
+        conversation_id: &message.conversation_id,
+        seq: message.seq,
+        sender_id: message.sender_id,
+        body: &message.body,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn handle(
     shared: &Shared,
-    index: u64,
     me: u64,
     frame: pingme_protocol::ServerFrame,
     carry: &mut Carry,
     requests: &mut Requests,
     followups: &mut Vec<ClientFrame>,
+    index: u64,
+    batch: &mut Batch,
 ) -> pingme_client::Result<()> {
     match frame.body {
         Some(server_frame::Body::SendAck(ack)) => {
@@ -1185,11 +1276,7 @@ fn handle(
                 }
                 _ => 1,
             };
-            shared
-                .accounting
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .expect(recipients);
+            carry.ledger.expect(recipients);
         }
         Some(server_frame::Body::Error(error)) => {
             shared.errors.fetch_add(1, Ordering::Relaxed);
@@ -1225,10 +1312,11 @@ fn handle(
                     shared,
                     index,
                     me,
-                    &message,
+                    view_of(&message),
                     Path::Pushed,
                     carry,
                     &mut requests.acks,
+                    batch,
                 );
             }
         }
@@ -1241,10 +1329,11 @@ fn handle(
                     shared,
                     index,
                     me,
-                    message,
+                    view_of(message),
                     Path::Fetched,
                     carry,
                     &mut requests.acks,
+                    batch,
                 );
             }
             if page.has_more

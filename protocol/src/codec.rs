@@ -88,11 +88,70 @@ impl<In> Encoder<EncodedFrame> for FrameCodec<In> {
     }
 }
 
+/// Splits incoming frames but leaves each payload encoded, for readers that
+/// look into frames without decoding all of them (the load generator reads
+/// a delivery's few checked fields in place). Encodes like [`FrameCodec`].
+#[derive(Debug)]
+pub struct RawFrameCodec {
+    max_frame_size: usize,
+}
+
+impl RawFrameCodec {
+    /// A codec refusing incoming frames larger than `max_frame_size`.
+    pub fn new(max_frame_size: usize) -> Self {
+        Self { max_frame_size }
+    }
+}
+
+impl Decoder for RawFrameCodec {
+    type Item = Bytes;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        split_frame(src, self.max_frame_size)
+    }
+}
+
+impl<Out: Message> Encoder<Out> for RawFrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
+        encode_frame_into(&item, dst);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::encode_frame;
     use crate::v1::{Ping, client_frame};
+
+    #[test]
+    fn the_raw_codec_splits_frames_and_leaves_payloads_encoded() {
+        let frame = ClientFrame {
+            request_id: 9,
+            body: Some(client_frame::Body::Ping(Ping { client_time_ms: 5 })),
+        };
+        let mut wire = BytesMut::new();
+        let mut codec = RawFrameCodec::new(1024);
+        codec.encode(frame.clone(), &mut wire).unwrap();
+        codec.encode(frame.clone(), &mut wire).unwrap();
+        wire.extend_from_slice(&encode_frame(&frame)[..3]);
+        for _ in 0..2 {
+            let payload = codec.decode(&mut wire).unwrap().expect("a whole frame");
+            assert_eq!(decode_message::<ClientFrame>(payload).unwrap(), frame);
+        }
+        assert_eq!(
+            codec.decode(&mut wire).unwrap(),
+            None,
+            "a partial frame waits"
+        );
+        let mut small = RawFrameCodec::new(2);
+        let mut big = BytesMut::new();
+        small.encode(frame, &mut big).unwrap();
+        assert!(small.decode(&mut big).is_err(), "over the limit");
+    }
 
     #[test]
     fn codec_round_trips_a_stream_of_frames() {

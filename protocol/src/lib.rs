@@ -19,7 +19,7 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/pingme.v1.rs"));
 }
 
-pub use codec::{ClientCodec, EncodedFrame, FrameCodec, ServerCodec};
+pub use codec::{ClientCodec, EncodedFrame, FrameCodec, RawFrameCodec, ServerCodec};
 pub use error::Family;
 pub use frame::{
     DEFAULT_MAX_FRAME_SIZE, FrameError, LENGTH_PREFIX, MAX_DOWNSTREAM_FRAME_SIZE, decode_message,

@@ -102,8 +102,9 @@ struct Inner {
     persist: Option<PersistMode>,
     /// Serialises read-modify-writes of everything but messages and watermarks.
     admin: Mutex<Counters>,
-    /// Serialises watermark raises (read, compare, write).
-    watermarks: Mutex<()>,
+    /// Serialises watermark raises (compare, write) and knows the values
+    /// raised recently.
+    watermarks: Mutex<watermarks::RaisedWatermarks>,
     published: Published,
     stats: Arc<WriterStats>,
     appends: Arc<AppendQueue>,
@@ -245,7 +246,7 @@ impl EmbeddedStore {
                 tables,
                 persist,
                 admin: Mutex::new(counters),
-                watermarks: Mutex::new(()),
+                watermarks: Mutex::new(watermarks::RaisedWatermarks::default()),
                 published,
                 stats,
                 appends,

@@ -2,6 +2,8 @@
 //! move forward, written without their own fsync (a lost one only means a
 //! message is delivered again).
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use fjall::Keyspace;
 
@@ -9,18 +11,70 @@ use super::keys;
 use super::{EmbeddedStore, Inner, check_id, db};
 use crate::{ConversationId, Seq, StoreResult, UserId, WatermarkStore, Watermarks};
 
+/// Watermarks this process raised recently, by table and key. A raise
+/// compares against the cached value instead of reading the memtable first
+/// (a delivered-watermark window writes thousands of them, and the read
+/// was half their cost). Exact because every write to these tables goes
+/// through [`Inner::raise`] under the same lock; bounded by starting over
+/// when full, after which each key is read once more.
+#[derive(Debug, Default)]
+pub(super) struct RaisedWatermarks {
+    delivered: HashMap<Vec<u8>, Seq>,
+    read: HashMap<Vec<u8>, Seq>,
+}
+
+/// Which watermark table a key belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Table {
+    Delivered,
+    Read,
+}
+
+/// Cached watermarks per table at most (a few tens of MiB with their keys).
+const RAISED_CAPACITY: usize = 131_072;
+
+impl RaisedWatermarks {
+    fn table(&mut self, table: Table) -> &mut HashMap<Vec<u8>, Seq> {
+        match table {
+            Table::Delivered => &mut self.delivered,
+            Table::Read => &mut self.read,
+        }
+    }
+
+    /// The value known for `key`, if cached.
+    fn get(&mut self, table: Table, key: &[u8]) -> Option<Seq> {
+        self.table(table).get(key).copied()
+    }
+
+    fn put(&mut self, table: Table, key: Vec<u8>, seq: Seq) {
+        let seqs = self.table(table);
+        if seqs.len() >= RAISED_CAPACITY && !seqs.contains_key(&key) {
+            seqs.clear();
+        }
+        seqs.insert(key, seq);
+    }
+}
+
 impl Inner {
     /// Raises a watermark kept under `key` to `seq`.
-    fn raise(&self, keyspace: &Keyspace, key: Vec<u8>, seq: Seq) -> StoreResult<()> {
-        let _guard = self.watermarks.lock().unwrap_or_else(|p| p.into_inner());
-        let current = match db(keyspace.get(&key))? {
-            Some(value) => keys::value_u64(&value)?,
-            None => 0,
+    fn raise(&self, table: Table, key: Vec<u8>, seq: Seq) -> StoreResult<()> {
+        let keyspace = match table {
+            Table::Delivered => &self.tables.delivered,
+            Table::Read => &self.tables.read,
+        };
+        let mut raised = self.watermarks.lock().unwrap_or_else(|p| p.into_inner());
+        let current = match raised.get(table, &key) {
+            Some(seq) => seq,
+            None => match db(keyspace.get(&key))? {
+                Some(value) => keys::value_u64(&value)?,
+                None => 0,
+            },
         };
         if seq > current {
             // Buffered, not fsynced: see the module doc.
-            db(keyspace.insert(key, seq.to_be_bytes()))?;
+            db(keyspace.insert(key.as_slice(), seq.to_be_bytes()))?;
         }
+        raised.put(table, key, seq.max(current));
         Ok(())
     }
 
@@ -43,7 +97,7 @@ impl WatermarkStore for EmbeddedStore {
     ) -> StoreResult<()> {
         check_id("device_id", device_id, false)?;
         let key = keys::delivered_key(user, device_id, conversation);
-        self.inner.raise(&self.inner.tables.delivered, key, seq)
+        self.inner.raise(Table::Delivered, key, seq)
     }
 
     async fn set_read(
@@ -53,7 +107,7 @@ impl WatermarkStore for EmbeddedStore {
         seq: Seq,
     ) -> StoreResult<()> {
         let key = keys::user_conversation_key(user, conversation);
-        self.inner.raise(&self.inner.tables.read, key, seq)
+        self.inner.raise(Table::Read, key, seq)
     }
 
     async fn watermarks(
@@ -78,5 +132,70 @@ impl WatermarkStore for EmbeddedStore {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raised_watermarks_are_kept_per_table_and_bounded() {
+        let mut raised = RaisedWatermarks::default();
+        raised.put(Table::Delivered, b"k".to_vec(), 5);
+        assert_eq!(raised.get(Table::Delivered, b"k"), Some(5));
+        assert_eq!(raised.get(Table::Read, b"k"), None, "tables apart");
+        for i in 0..RAISED_CAPACITY as u64 + 10 {
+            raised.put(Table::Read, i.to_be_bytes().to_vec(), i);
+        }
+        assert!(raised.read.len() <= RAISED_CAPACITY);
+        assert_eq!(raised.get(Table::Delivered, b"k"), Some(5));
+        // Raising a cached key again never counts as a new entry.
+        let full = raised.read.len();
+        raised.put(
+            Table::Read,
+            (RAISED_CAPACITY as u64 + 9).to_be_bytes().to_vec(),
+            1,
+        );
+        assert_eq!(raised.read.len(), full);
+    }
+
+    #[tokio::test]
+    async fn a_raise_never_lowers_whether_or_not_the_value_is_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), super::super::Durability::Sync).unwrap();
+        let conversation = ConversationId::Group(7);
+        store
+            .set_delivered(1, "phone", conversation, 9)
+            .await
+            .unwrap();
+        store
+            .set_delivered(1, "phone", conversation, 4)
+            .await
+            .unwrap();
+        let read = |store: &EmbeddedStore| {
+            let store = store.clone();
+            async move { store.watermarks(1, "phone", &[conversation]).await.unwrap()[0].delivered }
+        };
+        assert_eq!(read(&store).await, 9);
+        // Forgotten (as when the cache starts over): the table still decides.
+        store.inner.watermarks.lock().unwrap().delivered.clear();
+        store
+            .set_delivered(1, "phone", conversation, 6)
+            .await
+            .unwrap();
+        assert_eq!(read(&store).await, 9);
+        store
+            .set_delivered(1, "phone", conversation, 12)
+            .await
+            .unwrap();
+        assert_eq!(read(&store).await, 12);
+        assert_eq!(
+            store.inner.watermarks.lock().unwrap().get(
+                Table::Delivered,
+                &keys::delivered_key(1, "phone", conversation)
+            ),
+            Some(12)
+        );
     }
 }
