@@ -5,7 +5,8 @@
 # serve`, durable embedded store, `pingme-loadgen run fanout`), a NATS
 # server (core pub/sub) and an MQTT broker (QoS 0) through
 # `pingme-loadgen peers`, which checks every delivery the same way. The
-# brokers alternate within each round. Prints deliveries/s on the machine,
+# brokers alternate within each round. Prints deliveries/s on the machine
+# (pingme's over the seconds of its timeline that delivered),
 # deliveries per server CPU-second and the ratios to pingme; a broker that is
 # not running is named and skipped. Bounded: ROUNDS x sizes x brokers runs of
 # RUN_SECONDS each.
@@ -94,9 +95,14 @@ for path in sorted(glob.glob(os.path.join(out, "*.json"))):
     broker, members, round_ = name.rsplit("-", 2)
     r = json.load(open(path))
     if broker == "pingme":
-        rate = r["delivered_per_s"]
+        # Over the seconds that delivered (first to last), as the peers'
+        # figure runs from the first publish to the last delivery: the
+        # report's own rate also counts the idle end of the drain.
+        busy = [i for i, sample in enumerate(r["timeline"]) if sample["delivered"] > 0]
+        delivered = r["deliveries"]["delivered"]
+        rate = delivered / (busy[-1] - busy[0] + 1) if busy else 0.0
         cpu = r.get("server_cpu_s")
-        per_cpu = rate * r["duration_s"] / cpu if cpu else None
+        per_cpu = delivered / cpu if cpu else None
         bad = sum(r["deliveries"][k] for k in ("lost", "duplicated", "out_of_order", "stored_twice"))
     else:
         rate = r["deliveries_per_second"]
