@@ -244,6 +244,15 @@ echo "== idle ramp: $idle_up of $idle up after $ramp_s s ($(awk -v n="$idle_up" 
 # 5. The chat through the million: CHAT_CONNECTIONS more, partners on two
 #    gateways (cluster) or one (nodes), CHAT_RATE msg/s each.
 chat_status=0
+# The figures at the peak: every connection up (and the chat running, if any).
+sample_peak() {
+    peak_connections=$(connected)
+    peak_gateways_rss=$(rss_kib "${gateway_pids[@]}")
+    peak_loadgens_rss=$(loadgens_rss_kib)
+    peak_sockstat=$(grep '^TCP:' /proc/net/sockstat)
+    peak_slab=$(meminfo Slab)
+    peak_available=$(meminfo MemAvailable)
+}
 if [ "$chat_gateways" -gt 0 ] && [ ! -e "$out/memory-floor" ]; then
     chat_targets=()
     for k in $(seq 1 "$chat_gateways"); do
@@ -259,21 +268,11 @@ if [ "$chat_gateways" -gt 0 ] && [ ! -e "$out/memory-floor" ]; then
     echo "$chat_pid" >> "$out/loadgen.pids"
     # The peak: every connection up while the chat runs.
     sleep $(( 10 + chat_duration / 2 ))
-    peak_connections=$(connected)
-    peak_gateways_rss=$(rss_kib "${gateway_pids[@]}")
-    peak_loadgens_rss=$(loadgens_rss_kib)
-    peak_sockstat=$(grep '^TCP:' /proc/net/sockstat)
-    peak_slab=$(meminfo Slab)
-    peak_available=$(meminfo MemAvailable)
+    sample_peak
     gw_cpu_mid=$(cpu_sum "${gateway_pids[@]}")
     wait "$chat_pid" || chat_status=$?
 else
-    peak_connections=$(connected)
-    peak_gateways_rss=$(rss_kib "${gateway_pids[@]}")
-    peak_loadgens_rss=$(loadgens_rss_kib)
-    peak_sockstat=$(grep '^TCP:' /proc/net/sockstat)
-    peak_slab=$(meminfo Slab)
-    peak_available=$(meminfo MemAvailable)
+    sample_peak
 fi
 
 echo "== at the peak: $peak_connections connections up; load average $(load_average)"

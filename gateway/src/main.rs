@@ -107,30 +107,13 @@ fn main() -> ExitCode {
             role,
         } => {
             let role = role.as_deref().and_then(NodeRole::parse);
-            let mut config = match Config::load_with_role(config.as_deref(), role) {
-                Ok(config) => config,
-                Err(e) => {
-                    eprintln!("pingme: invalid configuration: {e}");
-                    return ExitCode::from(EXIT_CONFIG as u8);
-                }
+            let (mut config, runtime) = match start(config.as_deref(), role) {
+                Ok(started) => started,
+                Err(code) => return code,
             };
             if let Some(dir) = data_dir {
                 config.storage.data_dir = dir;
             }
-            pingme_gateway::serve::restrict_new_file_modes();
-            if let Err(e) = rustls::crypto::ring::default_provider().install_default() {
-                eprintln!("pingme: a TLS crypto provider was already installed: {e:?}");
-            }
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    eprintln!("pingme: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
             match runtime.block_on(pingme_gateway::serve::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -151,6 +134,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `serve` and the `users` tools share before they run: the config
+/// loaded and checked, new files private, the TLS provider (the store's
+/// client may speak TLS too, database.tls), and the runtime.
+fn start(
+    config_path: Option<&std::path::Path>,
+    role: Option<NodeRole>,
+) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    let config = Config::load_with_role(config_path, role).map_err(|e| {
+        eprintln!("pingme: invalid configuration: {e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })?;
+    pingme_gateway::serve::restrict_new_file_modes();
+    if let Err(e) = rustls::crypto::ring::default_provider().install_default() {
+        eprintln!("pingme: a TLS crypto provider was already installed: {e:?}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("pingme: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })?;
+    Ok((config, runtime))
+}
+
 /// `pingme users ...`: loads the config, then runs the tool on a runtime.
 fn users(command: UsersCommand) -> ExitCode {
     let config_path = match &command {
@@ -158,25 +166,9 @@ fn users(command: UsersCommand) -> ExitCode {
             config.clone()
         }
     };
-    let config = match Config::load_with_role(config_path.as_deref(), None) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("pingme: invalid configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG as u8);
-        }
-    };
-    pingme_gateway::serve::restrict_new_file_modes();
-    // The store's client may speak TLS (database.tls), as under `serve`.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("pingme: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (config, runtime) = match start(config_path.as_deref(), None) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let outcome = runtime.block_on(async move {
         match command {

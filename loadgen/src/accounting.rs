@@ -222,22 +222,17 @@ impl Retries {
 /// reached it), or a run's once it has absorbed them all.
 #[derive(Debug, Default)]
 pub struct Accounting {
-    expected: u64,
     /// recipient -> conversation -> what it got.
     streams: HashMap<u64, HashMap<String, Held>>,
-    delivered: u64,
-    duplicated: u64,
-    out_of_order: u64,
-    stored_twice: u64,
-    recovered: u64,
-    overlaps: u64,
-    redelivered: u64,
+    /// Every count but `lost`, which `counts()` derives from the totals
+    /// (a connection's ledger alone cannot tell what is missing).
+    tally: DeliveryCounts,
 }
 
 impl Accounting {
     /// An acknowledged send that `recipients` connections must receive.
     pub fn expect(&mut self, recipients: u64) {
-        self.expected += recipients;
+        self.tally.expected += recipients;
     }
 
     /// A pushed delivery of `seq` in `conversation_id` to connection
@@ -280,24 +275,24 @@ impl Accounting {
             // paths, the overlap a reconnect brings.
             return match arrival.path {
                 Path::Pushed if held.fetched.remove(&arrival.seq) => {
-                    self.overlaps += 1;
+                    self.tally.overlaps += 1;
                     Delivery::Overlap
                 }
                 Path::Pushed if retries.excuse(arrival.sender, arrival.counter) => {
-                    self.redelivered += 1;
+                    self.tally.redelivered += 1;
                     Delivery::Redelivered
                 }
                 Path::Pushed => {
-                    self.duplicated += 1;
+                    self.tally.duplicated += 1;
                     Delivery::Duplicate
                 }
                 Path::Fetched => {
-                    self.overlaps += 1;
+                    self.tally.overlaps += 1;
                     Delivery::Overlap
                 }
             };
         }
-        self.delivered += 1;
+        self.tally.delivered += 1;
         if arrival.counter != 0 {
             let fresh = match held.counters.get_mut(&arrival.sender) {
                 Some(seen) => seen.insert(arrival.counter),
@@ -308,7 +303,7 @@ impl Accounting {
                 }
             };
             if !fresh {
-                self.stored_twice += 1;
+                self.tally.stored_twice += 1;
                 return Delivery::StoredTwice;
             }
         }
@@ -316,11 +311,11 @@ impl Accounting {
             Path::Fetched => {
                 held.fetched.insert(arrival.seq);
                 held.seqs.highest = held.seqs.highest.max(arrival.seq);
-                self.recovered += 1;
+                self.tally.recovered += 1;
                 Delivery::Recovered
             }
             Path::Pushed if arrival.seq < held.seqs.highest => {
-                self.out_of_order += 1;
+                self.tally.out_of_order += 1;
                 Delivery::OutOfOrder
             }
             Path::Pushed => {
@@ -333,31 +328,18 @@ impl Accounting {
     /// Adds a connection's ledger to this one (recipients are distinct per
     /// connection, so their streams are not merged, only counted).
     pub fn absorb(&mut self, other: &Accounting) {
-        self.expected += other.expected;
-        self.delivered += other.delivered;
-        self.duplicated += other.duplicated;
-        self.out_of_order += other.out_of_order;
-        self.stored_twice += other.stored_twice;
-        self.recovered += other.recovered;
-        self.overlaps += other.overlaps;
-        self.redelivered += other.redelivered;
+        self.tally.merge(&other.tally);
     }
 
     /// The counts so far; `lost` is what is still missing (a send stored
     /// twice counts once towards what arrived).
     pub fn counts(&self) -> DeliveryCounts {
+        let tally = self.tally;
         DeliveryCounts {
-            expected: self.expected,
-            delivered: self.delivered,
-            lost: self
+            lost: tally
                 .expected
-                .saturating_sub(self.delivered - self.stored_twice),
-            duplicated: self.duplicated,
-            out_of_order: self.out_of_order,
-            stored_twice: self.stored_twice,
-            recovered: self.recovered,
-            overlaps: self.overlaps,
-            redelivered: self.redelivered,
+                .saturating_sub(tally.delivered - tally.stored_twice),
+            ..tally
         }
     }
 }

@@ -21,6 +21,11 @@ pub const WIDTH: u32 = 1200;
 /// Height of the PNG, pixels.
 pub const HEIGHT: u32 = 800;
 
+/// A drawing error of the bitmap backend (its error type is not exported
+/// by name).
+pub(crate) type BitmapError =
+    DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>;
+
 /// The font every label is drawn with.
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 /// The family name plotters looks text up by.
@@ -35,16 +40,25 @@ const ACK_P99: RGBColor = RGBColor(255, 127, 14);
 
 /// Draws the report's timeline into a PNG file of `WIDTH` x `HEIGHT`.
 pub fn write_png(report: &Report, path: &Path) -> anyhow::Result<()> {
+    write_bitmap(path, |root| draw(root, report))
+}
+
+/// A chart PNG of `WIDTH` x `HEIGHT` at `path`, drawn by `draw`, text in
+/// the embedded font (every chart of the load generator is drawn so).
+pub(crate) fn write_bitmap(
+    path: &Path,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<(), BitmapError>,
+) -> anyhow::Result<()> {
     register_embedded_font()?;
     let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
-    draw(&root, report)
+    draw(&root)
         .and_then(|()| root.present())
         .map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))
 }
 
 /// Registers the embedded font once per process (plotters keeps a global
 /// font table).
-pub(crate) fn register_embedded_font() -> anyhow::Result<()> {
+fn register_embedded_font() -> anyhow::Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
     anyhow::ensure!(ok, "the embedded chart font does not parse");
@@ -115,7 +129,7 @@ fn draw<DB: DrawingBackend>(
                 CONNECTED.stroke_width(2),
             ))?
             .label("connected (right axis)")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], CONNECTED.stroke_width(2)));
+            .legend(legend_key(CONNECTED, 2));
     }
     legend(&mut throughput)?;
 
@@ -176,11 +190,20 @@ where
             color.stroke_width(width),
         ))?
         .label(label)
-        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(width)));
+        .legend(legend_key(color, width));
     Ok(())
 }
 
-fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+/// A series' key in the legend: a short line in its colour and width.
+pub(crate) fn legend_key(
+    color: RGBColor,
+    width: u32,
+) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(width))
+}
+
+/// The legend box, top left of the panel.
+pub(crate) fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     chart
@@ -195,6 +218,30 @@ fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
 /// An axis top a little above the data (and never an empty range).
 pub(crate) fn headroom(max: f64) -> f64 {
     if max > 0.0 { max * 1.1 } else { 1.0 }
+}
+
+/// Draws a chart into a pixel buffer (RGB, `WIDTH` x `HEIGHT`), for tests
+/// that look at what was drawn.
+#[cfg(test)]
+pub(crate) fn render_pixels(
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<(), BitmapError>,
+) -> Vec<u8> {
+    register_embedded_font().unwrap();
+    let mut pixels = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
+    let root = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
+    draw(&root).unwrap();
+    root.present().unwrap();
+    drop(root);
+    pixels
+}
+
+/// How many pixels of a rendered chart have exactly `color`.
+#[cfg(test)]
+pub(crate) fn count(pixels: &[u8], color: RGBColor) -> usize {
+    pixels
+        .chunks_exact(3)
+        .filter(|p| *p == [color.0, color.1, color.2])
+        .count()
 }
 
 #[cfg(test)]
@@ -245,21 +292,7 @@ mod tests {
 
     #[test]
     fn the_chart_draws_lines_and_text_not_a_blank_page() {
-        register_embedded_font().unwrap();
-        let render = |report: &Report| {
-            let mut pixels = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
-            let root = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
-            draw(&root, report).unwrap();
-            root.present().unwrap();
-            drop(root);
-            pixels
-        };
-        let count = |pixels: &[u8], color: RGBColor| {
-            pixels
-                .chunks_exact(3)
-                .filter(|p| *p == [color.0, color.1, color.2])
-                .count()
-        };
+        let render = |report: &Report| render_pixels(|root| draw(root, report));
         let pixels = render(&timeline_report());
         let non_white = pixels.chunks_exact(3).filter(|p| *p != [255; 3]).count();
         assert!(non_white > 1000, "only {non_white} pixels drawn");

@@ -271,10 +271,39 @@ pub async fn run(plan: PeerPlan) -> anyhow::Result<PeerReport> {
     Ok(report)
 }
 
+/// The publishing side of a peer run.
+enum Publisher {
+    Nats(async_nats::Client),
+    Mqtt(rumqttc::AsyncClient),
+}
+
+impl Publisher {
+    async fn publish(&self, body: Bytes) -> anyhow::Result<()> {
+        match self {
+            Publisher::Nats(client) => client.publish(SUBJECT, body).await?,
+            Publisher::Mqtt(client) => {
+                client
+                    .publish(SUBJECT_MQTT, rumqttc::QoS::AtMostOnce, false, body)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a burst to the server before the next one, like a pingme
+    /// sender whose sends are acknowledged (MQTT at QoS 0 has no such
+    /// step: its event loop writes as the requests come).
+    async fn end_burst(&self) -> anyhow::Result<()> {
+        if let Publisher::Nats(client) = self {
+            client.flush().await?;
+        }
+        Ok(())
+    }
+}
+
 /// Publishes bursts for the run's duration as fast as the broker takes
 /// them; returns how many.
-async fn nats_publish(plan: &PeerPlan) -> anyhow::Result<u64> {
-    let client = async_nats::connect(plan.address.as_str()).await?;
+async fn publish_bursts(plan: &PeerPlan, publisher: &Publisher) -> anyhow::Result<u64> {
     let mut ticks = tokio::time::interval(plan.burst_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let until = Instant::now() + plan.duration;
@@ -282,14 +311,17 @@ async fn nats_publish(plan: &PeerPlan) -> anyhow::Result<u64> {
     while Instant::now() < until {
         ticks.tick().await;
         for _ in 0..plan.burst {
-            client.publish(SUBJECT, encode(counter, plan.size)).await?;
+            publisher.publish(encode(counter, plan.size)).await?;
             counter += 1;
         }
-        // Handed to the server before the next burst, like a pingme
-        // sender whose sends are acknowledged.
-        client.flush().await?;
+        publisher.end_burst().await?;
     }
     Ok(counter)
+}
+
+async fn nats_publish(plan: &PeerPlan) -> anyhow::Result<u64> {
+    let client = async_nats::connect(plan.address.as_str()).await?;
+    publish_bursts(plan, &Publisher::Nats(client)).await
 }
 
 const SUBJECT: &str = "pingme.peers.fanout";
@@ -335,24 +367,8 @@ async fn mqtt_publish(plan: &PeerPlan) -> anyhow::Result<u64> {
             }
         }
     });
-    let mut ticks = tokio::time::interval(plan.burst_interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let until = Instant::now() + plan.duration;
-    let mut counter = 0;
-    while Instant::now() < until {
-        ticks.tick().await;
-        for _ in 0..plan.burst {
-            client
-                .publish(
-                    SUBJECT_MQTT,
-                    rumqttc::QoS::AtMostOnce,
-                    false,
-                    encode(counter, plan.size),
-                )
-                .await?;
-            counter += 1;
-        }
-    }
+    // (A clone is a handle on the same request queue.)
+    let counter = publish_bursts(plan, &Publisher::Mqtt(client.clone())).await?;
     // Out of the client before it disconnects.
     client.disconnect().await?;
     let _ = tokio::time::timeout(Duration::from_secs(10), driver).await;

@@ -16,12 +16,7 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::chart::{FAMILY, headroom, register_embedded_font};
-
-/// Width of the PNG, pixels.
-pub const WIDTH: u32 = 1200;
-/// Height of the PNG, pixels.
-pub const HEIGHT: u32 = 800;
+use crate::chart::{FAMILY, HEIGHT, headroom, legend, legend_key, write_bitmap};
 
 const CONNECTIONS: RGBColor = RGBColor(31, 119, 180);
 const GATEWAYS: RGBColor = RGBColor(214, 39, 40);
@@ -111,13 +106,9 @@ pub fn parse_samples(text: &str) -> anyhow::Result<Vec<RampSample>> {
         .collect()
 }
 
-/// Draws the ramp into a PNG file of `WIDTH` x `HEIGHT`.
+/// Draws the ramp into a PNG file (the chart size of `crate::chart`).
 pub fn write_png(samples: &[RampSample], title: &str, path: &Path) -> anyhow::Result<()> {
-    register_embedded_font()?;
-    let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
-    draw(&root, samples, title)
-        .and_then(|()| root.present())
-        .map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))
+    write_bitmap(path, |root| draw(root, samples, title))
 }
 
 /// A line of the memory panel: its label, colour and value in GiB.
@@ -155,13 +146,8 @@ fn draw<DB: DrawingBackend>(
         CONNECTIONS.stroke_width(3),
     ))?
     .label("connections (gateways' gauges)")
-    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], CONNECTIONS.stroke_width(3)));
-    up.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font((FAMILY, 14))
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    .legend(legend_key(CONNECTIONS, 3));
+    legend(&mut up)?;
 
     let series: [MemorySeries; 5] = [
         ("machine used", USED, |s| gib(s.used_kib)),
@@ -200,21 +186,16 @@ fn draw<DB: DrawingBackend>(
                 color.stroke_width(3),
             ))?
             .label(*label)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3)));
+            .legend(legend_key(color, 3));
     }
-    memory
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font((FAMILY, 14))
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut memory)?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chart::{count, render_pixels};
 
     const SAMPLES: &str = "\
 second,connections,gateways_rss_kib,loadgens_rss_kib,slab_kib,tcp_mem_pages,used_kib,load
@@ -240,21 +221,7 @@ second,connections,gateways_rss_kib,loadgens_rss_kib,slab_kib,tcp_mem_pages,used
 
     #[test]
     fn every_series_is_drawn() {
-        register_embedded_font().unwrap();
-        let render = |samples: &[RampSample]| {
-            let mut pixels = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
-            let root = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
-            draw(&root, samples, "ramp").unwrap();
-            root.present().unwrap();
-            drop(root);
-            pixels
-        };
-        let count = |pixels: &[u8], color: RGBColor| {
-            pixels
-                .chunks_exact(3)
-                .filter(|p| *p == [color.0, color.1, color.2])
-                .count()
-        };
+        let render = |samples: &[RampSample]| render_pixels(|root| draw(root, samples, "ramp"));
         let drawn = render(&parse_samples(SAMPLES).unwrap());
         let empty = render(&[]);
         for color in [CONNECTIONS, GATEWAYS, LOADGENS, SLAB, USED] {

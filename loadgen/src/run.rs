@@ -679,7 +679,10 @@ async fn connection(
     mut phase: watch::Receiver<Phase>,
     mut storm: watch::Receiver<u64>,
 ) {
-    let Some(mut session) = open(&shared, &users, index).await else {
+    // Opening and reopening are boxed: their state (connect, TLS or QUIC
+    // handshake, authentication) is the largest a connection goes through,
+    // and inline it would size every connection's task for the whole run.
+    let Some(mut session) = Box::pin(open(&shared, &users, index)).await else {
         shared.connect_failures.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -717,7 +720,7 @@ async fn connection(
                 if *phase.borrow() == Phase::Stop {
                     break;
                 }
-                match open(&shared, &users, index).await {
+                match Box::pin(open(&shared, &users, index)).await {
                     Some(next) => {
                         shared.reconnects.fetch_add(1, Ordering::Relaxed);
                         session = next;
@@ -739,7 +742,7 @@ async fn connection(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .dropped();
-                match reopen(&shared, &users, index, &mut phase).await {
+                match Box::pin(reopen(&shared, &users, index, &mut phase)).await {
                     Some(next) => {
                         record(&shared.reconnect_latency, dropped.elapsed());
                         shared.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -859,6 +862,16 @@ fn fetch_frame(requests: &mut Requests, conversation_id: &str, after_seq: u64) -
     }
 }
 
+/// The next tick of a timer a connection may not have (never, then).
+async fn tick(timer: &mut Option<tokio::time::Interval>) {
+    match timer {
+        Some(timer) => {
+            timer.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     shared: &Shared,
@@ -897,17 +910,23 @@ async fn drive(
         Role::FanoutSender => Some(plan.burst_interval),
         _ => None,
     };
-    let mut sender = tokio::time::interval(send_period.unwrap_or(Duration::from_secs(3600)));
-    sender.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Timers only where they can fire: each is an allocation, and an idle
+    // fleet of hundreds of thousands needs only its heartbeats.
+    let delayed = |period| {
+        let mut timer = tokio::time::interval(period);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer
+    };
+    let mut sender = send_period.map(delayed);
     // Stagger senders so a fleet does not send in lockstep.
     let offset = send_period.map_or(Duration::ZERO, |p| p.mul_f64(rand::random::<f64>()));
-    sender.reset_at(tokio::time::Instant::now() + offset);
+    if let Some(sender) = &mut sender {
+        sender.reset_at(tokio::time::Instant::now() + offset);
+    }
     // Sends refused with "later" go again from here.
-    let mut retry = tokio::time::interval(Duration::from_millis(100));
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = send_period.map(|_| delayed(Duration::from_millis(100)));
     // Gaps are looked at twice a second, only while there is one.
-    let mut gap_check = tokio::time::interval(GAP_WAIT / 2);
-    gap_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gap_check = (!carry.held.is_empty()).then(|| delayed(GAP_WAIT / 2));
     let mut requests = Requests {
         next_request_id: 1000,
         ..Requests::default()
@@ -983,7 +1002,7 @@ async fn drive(
                     body: Some(client_frame::Body::Ping(Ping { client_time_ms: (unix_micros() / 1000) as i64 })),
                 }).await
             }
-            _ = sender.tick(), if send_period.is_some() && *phase.borrow() == Phase::Run => {
+            _ = tick(&mut sender), if *phase.borrow() == Phase::Run => {
                 let count = if matches!(role, Role::FanoutSender) { plan.burst.max(1) } else { 1 };
                 let mut result = Ok(());
                 for _ in 0..count {
@@ -1006,7 +1025,7 @@ async fn drive(
                     err => err,
                 }
             }
-            _ = retry.tick(), if !requests.retry_at.is_empty() => {
+            _ = tick(&mut retry), if !requests.retry_at.is_empty() => {
                 let now = Instant::now();
                 let due: Vec<u64> = requests
                     .retry_at
@@ -1029,7 +1048,7 @@ async fn drive(
                     err => err,
                 }
             }
-            _ = gap_check.tick(), if carry.held.values().any(SeqFloor::has_gap) => {
+            _ = tick(&mut gap_check), if carry.held.values().any(SeqFloor::has_gap) => {
                 let now = Instant::now();
                 let mut result = Ok(());
                 for (conversation, held) in &carry.held {
@@ -1063,7 +1082,9 @@ async fn drive(
                     // first tick is long due on every connection: restart it
                     // at this connection's own offset, or the whole fleet
                     // would send in lockstep from here on.
-                    sender.reset_at(tokio::time::Instant::now() + offset);
+                    if let Some(sender) = &mut sender {
+                        sender.reset_at(tokio::time::Instant::now() + offset);
+                    }
                 }
                 Ok(())
             }

@@ -140,12 +140,8 @@ fn process(
                 if let Some(data) = app_data.take() {
                     // Each record adds a header, the content type and a tag.
                     let room = data.len() + (data.len() / 16_384 + 1) * 32;
-                    append_sized(outgoing, room, |out| match traffic.encrypt(data, out) {
-                        Ok(written) => Ok(Ok(written)),
-                        Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                            required_size,
-                        })) => Ok(Err(required_size)),
-                        Err(error) => Err(io::Error::other(error)),
+                    append_sized(outgoing, room, |out| {
+                        encrypted_size(traffic.encrypt(data, out))
                     })?;
                 }
                 Some(Step::Traffic)
@@ -168,6 +164,18 @@ fn process(
             }
             return Ok(step);
         }
+    }
+}
+
+/// An encryption's outcome in `append_sized`'s terms: bytes written, or
+/// the size it needs.
+fn encrypted_size(outcome: Result<usize, EncryptError>) -> io::Result<Result<usize, usize>> {
+    match outcome {
+        Ok(written) => Ok(Ok(written)),
+        Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+            Ok(Err(required_size))
+        }
+        Err(error) => Err(io::Error::other(error)),
     }
 }
 
@@ -429,12 +437,8 @@ impl AsyncWrite for TlsStream {
             } = &mut *this;
             let status = tls.process_tls_records(&mut incoming[..]);
             if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
-                append_sized(outgoing, 64, |out| match traffic.queue_close_notify(out) {
-                    Ok(written) => Ok(Ok(written)),
-                    Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                        required_size,
-                    })) => Ok(Err(required_size)),
-                    Err(error) => Err(io::Error::other(error)),
+                append_sized(outgoing, 64, |out| {
+                    encrypted_size(traffic.queue_close_notify(out))
                 })?;
             }
         }
