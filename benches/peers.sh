@@ -17,7 +17,10 @@
 # NATS (127.0.0.1:4222) and MQTT (127.0.0.1:1883) addresses: NATS_ADDR,
 # MQTT_ADDR; their process ids for the CPU figures come from pgrep
 # (nats-server, mosquitto) or NATS_PID / MQTT_PID. SIZES ("1000 10000"),
-# BURST (100), BURST_INTERVAL_MS (50), RUN_SECONDS (10), ROUNDS (1).
+# BURST (100), BURST_INTERVAL_MS (50), RUN_SECONDS (10), ROUNDS (1),
+# DRAIN (30 s: pingme stores every acknowledged send and delivers all of
+# them, so at 10,000 subscribers its backlog takes seconds to drain; what
+# has not arrived by then counts as lost).
 # pingme listens on 18180 (HTTP), 18181 (TCP), 18183 (ops). OUT: reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +32,7 @@ loadgen_bin="${LOADGEN:-$target/release/pingme-loadgen}"
 sizes=${SIZES:-1000 10000}
 burst=${BURST:-100}
 interval=${BURST_INTERVAL_MS:-50}
+drain=${DRAIN:-30}
 seconds=${RUN_SECONDS:-10}
 rounds=${ROUNDS:-1}
 nats_addr=${NATS_ADDR:-127.0.0.1:4222}
@@ -61,7 +65,7 @@ run_pingme() {
     group=$("$loadgen_bin" group --api "$api" --members "$members" --user-prefix "p$members" --http-concurrency 128 2>/dev/null)
     "$loadgen_bin" run fanout -n "$members" --register --user-prefix "p$members" --group "$group" \
         --api "$api" --gateway tcp://127.0.0.1:18181 --burst "$burst" --burst-interval-ms "$interval" \
-        --size 100 --duration "$seconds" --server-pid "$(node_pid peers)" --quiet --report "$report"
+        --size 100 --duration "$seconds" --drain "$drain" --server-pid "$(node_pid peers)" --quiet --report "$report"
 }
 
 run_peer() {
