@@ -29,6 +29,18 @@ pub struct DeliveredView<'a> {
     pub body: &'a [u8],
 }
 
+/// The same fields of a message decoded in full (a fetched page's).
+impl<'a> From<&'a pingme_protocol::v1::Message> for DeliveredView<'a> {
+    fn from(message: &'a pingme_protocol::v1::Message) -> Self {
+        DeliveredView {
+            conversation_id: &message.conversation_id,
+            seq: message.seq,
+            sender_id: message.sender_id,
+            body: &message.body,
+        }
+    }
+}
+
 /// What a frame is, as far as the receive path cares.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FrameView<'a> {

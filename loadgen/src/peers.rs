@@ -116,6 +116,12 @@ fn decode(mut body: &[u8]) -> Option<(u64, u64)> {
     (body.len() >= 16).then(|| (body.get_u64(), body.get_u64()))
 }
 
+/// Publish-to-deliver in microseconds, up to 10 minutes; two significant
+/// digits keep the sampled subscribers' histograms small.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds")
+}
+
 /// One subscriber's check of what reached it.
 #[derive(Debug)]
 struct Tally {
@@ -135,8 +141,7 @@ impl Tally {
             delivered: 0,
             lost: 0,
             repeated: 0,
-            latency: sampled
-                .then(|| Histogram::new_with_bounds(1, 600_000_000, 2).expect("bounds")),
+            latency: sampled.then(latency_histogram),
         }
     }
 
@@ -250,7 +255,7 @@ pub async fn run(plan: PeerPlan) -> anyhow::Result<PeerReport> {
         latency_p50_ms: 0.0,
         latency_p99_ms: 0.0,
     };
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2).expect("bounds");
+    let mut latency = latency_histogram();
     for subscriber in subscribers {
         let (tally, dropped) = subscriber.await.context("subscriber task")??;
         report.delivered += tally.delivered;

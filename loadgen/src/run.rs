@@ -1202,7 +1202,7 @@ fn receive(
         FrameView::Other => {
             let frame =
                 pingme_protocol::decode_message(frame).map_err(pingme_client::ClientError::from)?;
-            handle(shared, me, frame, carry, requests, followups, index, batch)
+            handle(shared, index, me, frame, carry, requests, followups, batch)
         }
     }
 }
@@ -1253,24 +1253,15 @@ fn arrived(
     }
 }
 
-fn view_of(message: &pingme_client::v1::Message) -> DeliveredView<'_> {
-    DeliveredView {
-        conversation_id: &message.conversation_id,
-        seq: message.seq,
-        sender_id: message.sender_id,
-        body: &message.body,
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn handle(
     shared: &Shared,
+    index: u64,
     me: u64,
     frame: pingme_protocol::ServerFrame,
     carry: &mut Carry,
     requests: &mut Requests,
     followups: &mut Vec<ClientFrame>,
-    index: u64,
     batch: &mut Batch,
 ) -> pingme_client::Result<()> {
     match frame.body {
@@ -1333,7 +1324,7 @@ fn handle(
                     shared,
                     index,
                     me,
-                    view_of(&message),
+                    DeliveredView::from(&message),
                     Path::Pushed,
                     carry,
                     &mut requests.acks,
@@ -1350,7 +1341,7 @@ fn handle(
                     shared,
                     index,
                     me,
-                    view_of(message),
+                    DeliveredView::from(message),
                     Path::Fetched,
                     carry,
                     &mut requests.acks,
