@@ -26,11 +26,15 @@
 # Sizes: CONNECTIONS (1000000, chat ones included), PER_GATEWAY (18000),
 #   CHAT_CONNECTIONS (10000, on 2 gateways of their own in cluster mode,
 #   partners across them; 1 in nodes mode), CHAT_RATE (0.03 msg/s each),
-#   CHAT_DURATION (60 s of sends once all are up), CONNECT_RATE (10000/s in
-#   all, split over the shards), HEARTBEAT (240s, announced to clients;
+#   CHAT_DURATION (60 s of sends once all are up), CONNECT_RATE (1000/s in
+#   all, split over the shards), CONNECT_CONCURRENCY (16 handshakes in
+#   flight per shard), HEARTBEAT (240s, announced to clients;
 #   IDLE_TIMEOUT 600s), FETCH_WAIT_MS (Kafka consumers' fetch.wait.max.ms,
 #   10), SAMPLE_EVERY (2 s), MIN_AVAILABLE_MIB (2048), RAMP_LIMIT (900 s;
 #   the wait for the ramp also ends after 30 s without progress).
+# Threads: GATEWAY_SHARDS (1 connection shard per gateway process) and
+#   WORKER_THREADS (1 tokio worker per gateway and load generator process):
+#   a hundred processes on two cores should not each run a thread per core.
 # Ports: BASE_PORT (30000): gateway i (1-based) HTTP BASE+100+10i, TCP +1,
 #   TLS/QUIC +2, ops +3; worker j ops BASE+1003+10j; own Redis BASE+9.
 # Services: KAFKA_BROKERS (127.0.0.1:9092), MYSQL_HOST/PORT/USER/PASSWORD
@@ -48,7 +52,8 @@ per_gateway=${PER_GATEWAY:-18000}
 chat_connections=${CHAT_CONNECTIONS:-10000}
 chat_rate=${CHAT_RATE:-0.03}
 chat_duration=${CHAT_DURATION:-60}
-connect_rate=${CONNECT_RATE:-10000}
+connect_rate=${CONNECT_RATE:-1000}
+connect_concurrency=${CONNECT_CONCURRENCY:-16}
 workers=${WORKERS:-1}
 sample_every=${SAMPLE_EVERY:-2}
 min_available_mib=${MIN_AVAILABLE_MIB:-2048}
@@ -57,6 +62,8 @@ brokers=${KAFKA_BROKERS:-127.0.0.1:9092}
 out=${OUT:-$(mktemp -d)}
 mkdir -p "$out"
 export NODE_HEARTBEAT=${HEARTBEAT:-240s} NODE_IDLE_TIMEOUT=${IDLE_TIMEOUT:-600s} NODE_NAMED=1
+# Read by tokio's multi-threaded runtime in every process started below.
+export TOKIO_WORKER_THREADS=${WORKER_THREADS:-1}
 
 case $mode in cluster | nodes) ;; *) echo "MODE is cluster or nodes"; exit 64 ;; esac
 if [ "$per_gateway" -gt 19500 ]; then
@@ -100,7 +107,8 @@ mysql_database million
 gateway_db_yaml=${database_yaml/pool_size: 16/pool_size: 2}
 worker_db_yaml=${database_yaml/pool_size: 16/pool_size: 8}
 common_yaml="auth: { jwt_secret: million-benchmark-secret-0123456789, access_token_ttl: 2h, password_hash_memory_kib: 64, password_hash_iterations: 1 }
-redis: { enabled: true, host: 127.0.0.1, port: $redis_port, key_prefix: \"$suffix:\" }"
+redis: { enabled: true, host: 127.0.0.1, port: $redis_port, key_prefix: \"$suffix:\" }
+shards: ${GATEWAY_SHARDS:-1}"
 if [ "$mode" = cluster ]; then
     common_yaml="$common_yaml
 kafka: { brokers: \"$brokers\", downstream_topic_prefix: down-$suffix-, push_topic: push-$suffix, dlq_topic: dlq-$suffix, downstream_partitions: 1, fetch_wait_max_ms: ${FETCH_WAIT_MS:-10} }
@@ -213,7 +221,7 @@ for file in "$out"/idle-tokens-*; do
     gw=$((shard + 1))
     timeout --kill-after=10 $(( ramp_bound + hold + 120 )) "$loadgen_bin" run idle -n "$n" --tokens "$file" \
         --gateway "tcp://127.0.0.1:$(( $(gateway_port "$gw") + 1 ))" --connect-rate "$shard_rate" \
-        --connect-concurrency 200 --connect-timeout 30 --duration "$hold" --drain 1 --quiet \
+        --connect-concurrency "$connect_concurrency" --connect-timeout 30 --duration "$hold" --drain 1 --quiet \
         --report "$out/idle-$shard.json" > "$out/idle-$shard.log" 2>&1 &
     shard_pids+=($!)
     helper_pids+=($!)
