@@ -36,7 +36,8 @@
 #   HTTP BASE+100+10i (TCP +1 without reuseport, TLS/QUIC +2, ops +3),
 #   worker j ops BASE+303+10j, own Redis BASE+9, own broker BASE+8.
 # PUSH=1: offline members get push notifications, to a webhook the harness
-#   runs (python3) on BASE+50; the recipients pushed are printed.
+#   runs (python3) on BASE+50; the recipients pushed are printed, and after
+#   the load ends the push stage gets up to PUSH_DRAIN (120) s to catch up.
 # Services: KAFKA_BROKERS (127.0.0.1:9092), REDIS_HOST/REDIS_PORT
 #   (127.0.0.1:6379), MYSQL_HOST/PORT/USER/PASSWORD (127.0.0.1:3306,
 #   pingme/pingme); the run gets its own topics, Redis key prefix and
@@ -135,18 +136,25 @@ fi
 
 # PUSH=1: push notifications on, to a webhook of the harness's own on
 # BASE+50 that answers 200 (python3), so offline members' push events are
-# counted (the workers' pingme_router_push_sent_total, in recipients).
+# counted (the workers' pingme_router_push_sent_total, in recipients). It
+# keeps connections alive and listens with a real backlog, as a provider's
+# endpoint does: Python's defaults (HTTP/1.0, a backlog of 5) made the
+# push stage's 64 concurrent calls open 64 connections a batch, overflow
+# the backlog and wait out SYN retransmits and 5 s timeouts (11 events/s).
 push_yaml=""
 if [ "${PUSH:-0}" = 1 ]; then
     python3 -c '
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Hook(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
     def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
     def log_message(self, *args): pass
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Hook).serve_forever()
+class Server(ThreadingHTTPServer):
+    request_queue_size = 1024
+Server(("127.0.0.1", int(sys.argv[1])), Hook).serve_forever()
 ' "$((base + 50))" > "$out/webhook.log" 2>&1 &
     helper_pids+=($!)
     push_yaml="push: { webhook_url: \"http://127.0.0.1:$((base + 50))/push\" }"
@@ -318,13 +326,34 @@ for i in $(seq 0 $((shards - 1))); do
 done
 echo "load average at the end: $(load_average)"
 if [ "${PUSH:-0}" = 1 ]; then
-    pushed=0
-    for j in $(seq 1 "$workers"); do
-        n=$(curl -sf "http://127.0.0.1:$(( $(worker_port "$j") + 3 ))/metrics" \
-            | awk '/^pingme_router_push_sent_total[ {]/ { s += $NF } END { printf "%d", s + 0 }') || n=0
-        pushed=$((pushed + n))
+    # The workers' push figures, summed: recipients pushed, events still
+    # queued on the push topic, and notifications dropped because the push
+    # producer's queue was full (code 50008).
+    push_figures() {
+        local j
+        for j in $(seq 1 "$workers"); do
+            curl -sf --max-time 5 "http://127.0.0.1:$(( $(worker_port "$j") + 3 ))/metrics" || true
+        done | awk '
+            /^pingme_router_push_sent_total[ {]/ { sent += $NF }
+            /^pingme_router_queue_depth\{.*topic="push"/ { queued += $NF }
+            /^pingme_router_messages_failed_total\{.*code="50008"/ { dropped += $NF }
+            END { printf "%d %d %d", sent, queued, dropped }'
+    }
+    read -r pushed queued dropped <<< "$(push_figures)"
+    echo "push when the shards ended: $pushed recipients pushed, $queued events queued, $dropped dropped (queue full)"
+    # PUSH_DRAIN (120 s): how long the push stage may take to catch up.
+    # The queue gauge is set when a batch is polled, so it can rest at a
+    # batch's last few events: the stage has caught up when nothing more
+    # was pushed in 5 s either.
+    push_started=$SECONDS
+    while [ "$queued" -gt 0 ] && [ $(( SECONDS - push_started )) -lt "${PUSH_DRAIN:-120}" ]; do
+        sleep 5
+        before=$pushed
+        read -r pushed queued dropped <<< "$(push_figures)"
+        echo "  +$(( SECONDS - push_started )) s: $pushed pushed, $queued queued"
+        [ "$pushed" = "$before" ] && break
     done
-    echo "push notifications sent (recipients, workers' pingme_router_push_sent_total): $pushed"
+    echo "push notifications sent (recipients, workers' pingme_router_push_sent_total): $pushed; $queued events still queued, $dropped dropped"
 fi
 nodes_usage
 echo "broker + Redis + database: $(awk -v a="$(services_cpu)" -v b="$services_before" 'BEGIN { printf "%.2f", a - b }') s CPU during the run ($(services_by_name))"
