@@ -33,8 +33,9 @@
 #   10), SAMPLE_EVERY (2 s), MIN_AVAILABLE_MIB (2048), RAMP_LIMIT (900 s;
 #   the wait for the ramp also ends after 30 s without progress).
 # Threads: GATEWAY_SHARDS (1 connection shard per gateway process) and
-#   WORKER_THREADS (1 tokio worker per gateway and load generator process):
-#   a hundred processes on two cores should not each run a thread per core.
+#   WORKER_THREADS (1 tokio worker in every process the script starts:
+#   gateways, workers, the import, the load generators): a hundred
+#   processes on two cores should not each run a thread per core.
 # Ports: BASE_PORT (30000): gateway i (1-based) HTTP BASE+100+10i, TCP +1,
 #   TLS/QUIC +2, ops +3; worker j ops BASE+1003+10j; own Redis BASE+9.
 # Services: KAFKA_BROKERS (127.0.0.1:9092), MYSQL_HOST/PORT/USER/PASSWORD

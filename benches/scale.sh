@@ -327,8 +327,8 @@ done
 echo "load average at the end: $(load_average)"
 if [ "${PUSH:-0}" = 1 ]; then
     # The workers' push figures, summed: recipients pushed, events still
-    # queued on the push topic, and notifications dropped because the push
-    # producer's queue was full (code 50008).
+    # queued on the push topic, and producer errors (code 50008: a push
+    # dropped because the push queue was full is one of them).
     push_figures() {
         local j
         for j in $(seq 1 "$workers"); do
@@ -340,20 +340,22 @@ if [ "${PUSH:-0}" = 1 ]; then
             END { printf "%d %d %d", sent, queued, dropped }'
     }
     read -r pushed queued dropped <<< "$(push_figures)"
-    echo "push when the shards ended: $pushed recipients pushed, $queued events queued, $dropped dropped (queue full)"
+    echo "push when the shards ended: $pushed recipients pushed, $queued events queued, $dropped producer errors (50008)"
     # PUSH_DRAIN (120 s): how long the push stage may take to catch up.
-    # The queue gauge is set when a batch is polled, so it can rest at a
-    # batch's last few events: the stage has caught up when nothing more
-    # was pushed in 5 s either.
+    # The queue gauge is set when a batch is polled, so once the stage is
+    # idle it rests at what the last poll saw. So the wait also ends when
+    # nothing more was pushed over two samples (10 s: longer than one
+    # webhook call's 5 s timeout, which a batch may be waiting out).
     push_started=$SECONDS
-    while [ "$queued" -gt 0 ] && [ $(( SECONDS - push_started )) -lt "${PUSH_DRAIN:-120}" ]; do
+    still=0
+    while [ "$queued" -gt 0 ] && [ "$still" -lt 2 ] && [ $(( SECONDS - push_started )) -lt "${PUSH_DRAIN:-120}" ]; do
         sleep 5
         before=$pushed
         read -r pushed queued dropped <<< "$(push_figures)"
         echo "  +$(( SECONDS - push_started )) s: $pushed pushed, $queued queued"
-        [ "$pushed" = "$before" ] && break
+        if [ "$pushed" = "$before" ]; then still=$((still + 1)); else still=0; fi
     done
-    echo "push notifications sent (recipients, workers' pingme_router_push_sent_total): $pushed; $queued events still queued, $dropped dropped"
+    echo "push notifications sent (recipients, workers' pingme_router_push_sent_total): $pushed; $queued events still queued, $dropped producer errors (50008)"
 fi
 nodes_usage
 echo "broker + Redis + database: $(awk -v a="$(services_cpu)" -v b="$services_before" 'BEGIN { printf "%.2f", a - b }') s CPU during the run ($(services_by_name))"
