@@ -76,10 +76,6 @@ pub(crate) async fn run(ctx: Arc<PipelineContext>, mut member: Box<dyn GroupMemb
             }
             Polled::Left => break,
         };
-        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "accepted").set(
-            ctx.bus
-                .lag(&ctx.topics.accepted, &ctx.config.topics.persistence_group) as f64,
-        );
         process_batch(&ctx, sends, &mut large_groups).await;
         if let Err(error) = member.commit().await {
             tracing::warn!(%error, "commit of the persistence topic failed");

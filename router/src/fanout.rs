@@ -258,10 +258,6 @@ pub(crate) async fn run(ctx: Arc<PipelineContext>, mut member: Box<dyn GroupMemb
                 None => {}
             }
         }
-        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "fanout").set(
-            ctx.bus
-                .lag(&ctx.topics.tasks, &ctx.config.topics.consumer_group) as f64,
-        );
         for batch in FanoutBatch::split(tasks) {
             if let Err((tasks, error, attempts)) = run_fanout(&ctx, batch, ctx.retry).await {
                 for task in tasks {

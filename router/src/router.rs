@@ -34,6 +34,8 @@ use crate::{conversation_worker, fanout, requests, stages, watermarks};
 struct Stage {
     /// The topic's name (logs).
     topic: String,
+    /// Keeps the topic's queue-depth gauge current, if it has one.
+    depth_sampler: Option<JoinHandle<()>>,
     /// This node stops producing to the topic.
     stop_producing: Box<dyn Fn() + Send + Sync>,
     /// Tells the members to finish what is queued for them and leave.
@@ -43,7 +45,9 @@ struct Stage {
 
 impl Stage {
     /// Joins `members` members of `group` on `topic` (over `bus`, the
-    /// pipeline's bus seen for this record type), each run by `worker`.
+    /// pipeline's bus seen for this record type), each run by `worker`;
+    /// with a `depth_label`, samples the group's lag into
+    /// `pingme_router_queue_depth{topic=depth_label}`.
     fn start<R: BusRecord, Fut>(
         ctx: &Arc<PipelineContext>,
         topic: &Topic<R>,
@@ -51,6 +55,7 @@ impl Stage {
         group: &str,
         members: usize,
         worker: fn(Arc<PipelineContext>, Box<dyn GroupMember<R>>) -> Fut,
+        depth_label: Option<&'static str>,
     ) -> Result<Stage, BusError>
     where
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -63,13 +68,43 @@ impl Stage {
             let member = bus.join(topic, group, &name, leave.clone())?;
             tasks.push(tokio::spawn(worker(ctx.clone(), member)));
         }
+        let depth_sampler = depth_label.map(|label| {
+            let gauge = metrics::gauge!(crate::telemetry::QUEUE_DEPTH, "topic" => label);
+            tokio::spawn(sample_queue_depth(
+                bus.clone(),
+                topic.clone(),
+                group.to_string(),
+                gauge,
+            ))
+        });
         let stop_topic = topic.clone();
         Ok(Stage {
             topic: topic.name().to_string(),
+            depth_sampler,
             stop_producing: Box::new(move || bus.stop_producing(&stop_topic)),
             leave,
             tasks,
         })
+    }
+}
+
+/// How often a stage's queue depth is sampled.
+const QUEUE_DEPTH_PERIOD: Duration = Duration::from_secs(1);
+
+/// Keeps `gauge` at what `group` has not processed of `topic` (its lag),
+/// sampled every [`QUEUE_DEPTH_PERIOD`] until aborted. From a timer rather
+/// than from the consumers' loops, so it stays true while they are idle.
+async fn sample_queue_depth<R: BusRecord>(
+    bus: Arc<dyn Bus<R>>,
+    topic: Topic<R>,
+    group: String,
+    gauge: metrics::Gauge,
+) {
+    let mut ticks = tokio::time::interval(QUEUE_DEPTH_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        gauge.set(bus.lag(&topic, &group) as f64);
     }
 }
 
@@ -177,6 +212,7 @@ impl Router {
                 &layout.persistence_group,
                 ctx.config.workers,
                 conversation_worker::run,
+                Some("accepted"),
             )?);
             running.push(Stage::start(
                 &ctx,
@@ -185,6 +221,7 @@ impl Router {
                 &layout.consumer_group,
                 ctx.config.fanout_workers,
                 fanout::run,
+                Some("fanout"),
             )?);
             running.push(Stage::start(
                 &ctx,
@@ -193,6 +230,7 @@ impl Router {
                 &layout.push_group,
                 ctx.config.push_workers,
                 stages::run_push,
+                Some("push"),
             )?);
             running.push(Stage::start(
                 &ctx,
@@ -201,6 +239,7 @@ impl Router {
                 &layout.dlq_group,
                 1,
                 stages::run_dead_letters,
+                None,
             )?);
         } else {
             // A gateway publishes sends, and replays dead letters, into
@@ -218,6 +257,7 @@ impl Router {
                 downstream.name(),
                 ctx.config.workers,
                 stages::run_downstream,
+                Some("downstream"),
             )?);
         }
         let (stop_watermarks, stopped) = oneshot::channel();
@@ -286,6 +326,9 @@ impl Router {
                 if let Err(error) = task.await {
                     tracing::error!(%error, topic = stage.topic, "stage task failed");
                 }
+            }
+            if let Some(sampler) = stage.depth_sampler {
+                sampler.abort();
             }
         }
         // The gateway unregistered its connections as they closed; the
@@ -702,5 +745,56 @@ fn push_provider(config: &RouterConfig) -> Option<Arc<dyn PushProvider>> {
             tracing::error!(%error, "push webhook client could not be built: push stays off");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::bus::Polled;
+    use crate::records::DeadLetterRecord;
+
+    fn letter(attempts: u32) -> DeadLetterRecord {
+        DeadLetterRecord {
+            kind: "push".into(),
+            payload: Default::default(),
+            code: 50006,
+            error: String::new(),
+            attempts,
+        }
+    }
+
+    /// The queue-depth gauge shows what is queued, and zero again once the
+    /// consumer took it, with no batch polled after that.
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_depth_gauge_follows_the_lag_while_consumers_idle() {
+        let bus = Arc::new(InProcessBus::new(8));
+        let topic = Topic::<DeadLetterRecord>::new("im-dlq", 1);
+        Bus::declare(&*bus, &topic).unwrap();
+        let mut member = Bus::join(&*bus, &topic, "dlq", "m0", CancellationToken::new()).unwrap();
+        assert_eq!(member.poll(10).await, Polled::Assigned(vec![0]));
+        for attempts in 0..3 {
+            bus.try_publish(&topic, 7, letter(attempts)).unwrap();
+        }
+        let depth = Arc::new(AtomicU64::new(f64::NAN.to_bits()));
+        let sampled = || f64::from_bits(depth.load(Ordering::SeqCst));
+        let sampler = tokio::spawn(sample_queue_depth(
+            bus.clone() as Arc<dyn Bus<DeadLetterRecord>>,
+            topic.clone(),
+            "dlq".to_string(),
+            metrics::Gauge::from_arc(depth.clone()),
+        ));
+        // The first sample is taken at once.
+        tokio::time::sleep(QUEUE_DEPTH_PERIOD / 10).await;
+        assert_eq!(sampled(), 3.0);
+        let Polled::Records(taken) = member.poll(10).await else {
+            panic!("the three letters are queued");
+        };
+        assert_eq!(taken.len(), 3);
+        tokio::time::sleep(QUEUE_DEPTH_PERIOD).await;
+        assert_eq!(sampled(), 0.0);
+        sampler.abort();
     }
 }

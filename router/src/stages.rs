@@ -25,7 +25,6 @@ pub(crate) async fn run_downstream(
     ctx: Arc<PipelineContext>,
     mut member: Box<dyn GroupMember<DownstreamEnvelope>>,
 ) {
-    let topic = ctx.topics.downstream(&ctx.config.gateway_id);
     loop {
         let envelopes = match member.poll(256).await {
             Polled::Records(envelopes) => envelopes,
@@ -42,8 +41,6 @@ pub(crate) async fn run_downstream(
             }
             Polled::Left => break,
         };
-        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "downstream")
-            .set(ctx.bus.lag(&topic, topic.name()) as f64);
         for envelope in envelopes.into_iter().map(|consumed| consumed.record) {
             match envelope.target {
                 DownstreamTarget::Connection(conn) => {
@@ -203,8 +200,6 @@ pub(crate) async fn run_push(
             Polled::Assigned(_) | Polled::Revoked(_) => continue,
             Polled::Left => break,
         };
-        metrics::gauge!(telemetry::QUEUE_DEPTH, "topic" => "push")
-            .set(ctx.bus.lag(&ctx.topics.push, &ctx.config.topics.push_group) as f64);
         let mut calls = tokio::task::JoinSet::new();
         for event in events.into_iter().map(|consumed| consumed.record) {
             let span = tracing::debug_span!(

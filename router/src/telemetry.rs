@@ -10,7 +10,8 @@ pub const DELIVERED: &str = "pingme_router_messages_delivered_total";
 pub const FAILED: &str = "pingme_router_messages_failed_total";
 /// Counter: sends answered from the idempotency record.
 pub const DUPLICATES: &str = "pingme_router_messages_duplicates_total";
-/// Gauge, label `topic`: records queued between stages.
+/// Gauge, label `topic`: records queued between stages (the consumer
+/// group's lag), sampled every second.
 pub const QUEUE_DEPTH: &str = "pingme_router_queue_depth";
 /// Gauge, labels `topic`, `group`, `partition`: records on the Kafka
 /// broker not yet committed by the group, as this node's member of the
@@ -56,7 +57,7 @@ pub fn describe() {
     );
     describe_gauge!(
         QUEUE_DEPTH,
-        "records queued between pipeline stages, by topic, sampled when a consumer takes a batch"
+        "records queued between pipeline stages and not processed yet, by topic, sampled every second"
     );
     describe_gauge!(
         CONSUMER_LAG,

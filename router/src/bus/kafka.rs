@@ -81,7 +81,8 @@ pub struct KafkaSettings {
     pub request_timeout: Duration,
     /// A member commits at most this often: [`GroupMember::commit`] calls
     /// in between return at once and their offsets go with the next one
-    /// due (or with the member's leaving). Each real commit waits for the
+    /// due, with the member's leaving, or, when no more records come, once
+    /// the interval is over (its idle poll wakes for it). Each real commit waits for the
     /// node's deliveries and a broker round trip, which per batch would
     /// serialise a partition's work on them; a crash re-delivers up to
     /// this much more. Zero (the default): every call commits.
@@ -541,7 +542,8 @@ impl<R: BusRecord> Bus<R> for KafkaBus {
             deliveries: self.deliveries.clone(),
             timeout: self.settings.request_timeout,
             commit_interval: self.settings.commit_interval,
-            last_commit: tokio::time::Instant::now(),
+            // A new member's first commit goes out at once.
+            commit_due: tokio::time::Instant::now(),
             record: PhantomData,
         }))
     }
@@ -696,8 +698,10 @@ struct KafkaMember<R> {
     deliveries: Arc<Deliveries>,
     timeout: Duration,
     commit_interval: Duration,
-    /// When the last real commit went out (or the member joined).
-    last_commit: tokio::time::Instant,
+    /// When the next real commit may go out: an interval after the last
+    /// one tried, failed or not, so a broker that refuses commits is not
+    /// asked again at once.
+    commit_due: tokio::time::Instant,
     record: PhantomData<fn() -> R>,
 }
 
@@ -896,10 +900,18 @@ impl<R: BusRecord> GroupMember<R> for KafkaMember<R> {
                 }
                 return Polled::Left;
             }
+            // Spaced commits: records processed and not committed yet are
+            // committed once due even if no more come, so an idle member's
+            // lag goes to zero and a restart does not process them again.
+            let commit_pending = !self.commit_interval.is_zero() && !self.uncommitted.is_empty();
             tokio::select! {
                 biased;
                 _ = self.events.changed.notified() => {}
                 _ = self.leave.cancelled() => {}
+                _ = tokio::time::sleep_until(self.commit_due), if commit_pending => {
+                    // Nothing to process; the caller's commit is due.
+                    return Polled::Records(Vec::new());
+                }
                 message = consumer.recv() => {
                     if self.accept(message) {
                         self.take_fetched(&consumer, max.saturating_sub(1));
@@ -913,10 +925,11 @@ impl<R: BusRecord> GroupMember<R> for KafkaMember<R> {
     }
 
     async fn commit(&mut self) -> Result<(), BusError> {
-        if self.last_commit.elapsed() < self.commit_interval && self.consumer.is_some() {
+        if tokio::time::Instant::now() < self.commit_due && self.consumer.is_some() {
             // Goes with the next commit due, or with leaving.
             return Ok(());
         }
+        self.commit_due = tokio::time::Instant::now() + self.commit_interval;
         self.commit_now().await
     }
 }
@@ -970,7 +983,6 @@ impl<R: BusRecord> KafkaMember<R> {
                 self.committed.extend(advanced);
                 self.uncommitted.clear();
                 self.since = issued;
-                self.last_commit = tokio::time::Instant::now();
                 Ok(())
             }
             Err(KafkaError::ConsumerCommit(code)) if fenced(code) => Err(BusError::Fenced(
@@ -1124,25 +1136,28 @@ mod tests {
         for n in 1..=3 {
             bus.publish(&topic, 0, numbered(n)).await.unwrap();
         }
-        // A member that processes 1-3, "commits" (spaced: nothing yet) and
-        // crashes: the next one gets 1-3 again.
+        // A member that processes 1 and commits (its first commit goes out),
+        // then 2 and 3 and "commits" (spaced: nothing yet), and crashes:
+        // the next one gets 2 and 3 again.
         let mut crashed = bus
             .join(&topic, &group, "m0", CancellationToken::new())
             .unwrap();
         assigned(&mut crashed).await;
-        assert_eq!(next_records(&mut crashed, 3).await, [1, 2, 3]);
+        assert_eq!(next_records(&mut crashed, 1).await, [1]);
+        crashed.commit().await.unwrap();
+        assert_eq!(next_records(&mut crashed, 2).await, [2, 3]);
         crashed.commit().await.unwrap();
         drop(crashed);
-        // This one processes them, commits (spaced again) and leaves: the
-        // leaving commits, so the next member starts after 3.
+        // This one processes them and 4, and leaves: the leaving commits,
+        // so the next member starts after 4.
         let leave = CancellationToken::new();
         let mut leaving = bus.join(&topic, &group, "m1", leave.clone()).unwrap();
         assigned(&mut leaving).await;
-        assert_eq!(
-            next_records(&mut leaving, 3).await,
-            [1, 2, 3],
-            "re-delivered"
-        );
+        assert_eq!(next_records(&mut leaving, 2).await, [2, 3], "re-delivered");
+        // Its first commit goes out; then 4, "committed" (spaced).
+        leaving.commit().await.unwrap();
+        bus.publish(&topic, 0, numbered(4)).await.unwrap();
+        assert_eq!(next_records(&mut leaving, 1).await, [4]);
         leaving.commit().await.unwrap();
         leave.cancel();
         loop {
@@ -1155,16 +1170,57 @@ mod tests {
                 Polled::Assigned(_) | Polled::Revoked(_) => {}
             }
         }
-        bus.publish(&topic, 0, numbered(4)).await.unwrap();
+        bus.publish(&topic, 0, numbered(5)).await.unwrap();
         let mut next = bus
             .join(&topic, &group, "m2", CancellationToken::new())
             .unwrap();
         assigned(&mut next).await;
         assert_eq!(
             next_records(&mut next, 1).await,
-            [4],
+            [5],
             "from after the leaving commit"
         );
+    }
+
+    /// Spaced commits of a member that goes idle: what it processed is
+    /// committed once the interval is over, without more records or a
+    /// leave, so a crash after that re-delivers nothing.
+    #[tokio::test]
+    async fn an_idle_member_commits_when_its_commit_falls_due() {
+        let Some(mut settings) = broker() else { return };
+        let interval = Duration::from_secs(15);
+        settings.commit_interval = interval;
+        let bus = KafkaBus::new(settings).unwrap();
+        let topic = Topic::<DeadLetterRecord>::new(unique("idle-commit"), 1);
+        let group = unique("idle-commit-group");
+        bus.declare(&topic).unwrap();
+        let mut member = bus
+            .join(&topic, &group, "m0", CancellationToken::new())
+            .unwrap();
+        assigned(&mut member).await;
+        bus.publish(&topic, 0, numbered(1)).await.unwrap();
+        assert_eq!(next_records(&mut member, 1).await, [1]);
+        // The first commit went out; this one, right after it, is put off.
+        member.commit().await.unwrap();
+        bus.publish(&topic, 0, numbered(2)).await.unwrap();
+        assert_eq!(next_records(&mut member, 1).await, [2]);
+        member.commit().await.unwrap();
+        match tokio::time::timeout(interval + Duration::from_secs(60), member.poll(10))
+            .await
+            .expect("the idle member wakes for its commit")
+        {
+            Polled::Records(records) => assert!(records.is_empty(), "{records:?}"),
+            other => panic!("expected the commit's wake, got {other:?}"),
+        }
+        member.commit().await.unwrap();
+        // Crashes: no leave, no last commit.
+        drop(member);
+        bus.publish(&topic, 0, numbered(3)).await.unwrap();
+        let mut next = bus
+            .join(&topic, &group, "m1", CancellationToken::new())
+            .unwrap();
+        assigned(&mut next).await;
+        assert_eq!(next_records(&mut next, 1).await, [3], "1 and 2 committed");
     }
 
     async fn next_records(

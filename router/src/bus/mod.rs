@@ -271,6 +271,8 @@ pub trait Bus<R: BusRecord>: Send + Sync + 'static {
 pub trait GroupMember<R>: Send {
     /// Waits for the next event and returns up to `max` records.
     /// Cancel-safe: a call dropped before it completes takes nothing.
+    /// May return no records when a commit the member put off falls due
+    /// (spaced commits): the caller commits, as after any batch.
     async fn poll(&mut self, max: usize) -> Polled<R>;
 
     /// Everything polled so far has durable effects: commit its offsets,

@@ -32,9 +32,9 @@ mod users;
 mod watermarks;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
@@ -109,6 +109,33 @@ struct Inner {
     stats: Arc<WriterStats>,
     appends: Arc<AppendQueue>,
     writer: Option<std::thread::JoinHandle<()>>,
+    known_users: KnownUsers,
+}
+
+/// Users found to exist. Both parties of a direct conversation are checked
+/// on every send and every delivery ack; a user is never deleted, so once
+/// found an entry stays true and the check skips the users table (a
+/// memtable and LSM lookup). Bounded: past [`KnownUsers::MAX`] entries
+/// (about 16 MiB) further users are looked up each time.
+#[derive(Default)]
+struct KnownUsers(RwLock<HashSet<UserId>>);
+
+impl KnownUsers {
+    const MAX: usize = 1 << 20;
+
+    fn contains(&self, user: UserId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&user)
+    }
+
+    fn insert(&self, user: UserId) {
+        let mut known = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if known.len() < Self::MAX {
+            known.insert(user);
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -251,6 +278,7 @@ impl EmbeddedStore {
                 stats,
                 appends,
                 writer: Some(writer),
+                known_users: KnownUsers::default(),
             }),
         })
     }
@@ -295,7 +323,14 @@ impl Inner {
     }
 
     fn user_exists(&self, id: UserId) -> StoreResult<bool> {
-        db(self.tables.users.contains_key(id.to_be_bytes()))
+        if self.known_users.contains(id) {
+            return Ok(true);
+        }
+        let exists = db(self.tables.users.contains_key(id.to_be_bytes()))?;
+        if exists {
+            self.known_users.insert(id);
+        }
+        Ok(exists)
     }
 
     fn require_users(&self, users: impl IntoIterator<Item = UserId>) -> StoreResult<()> {
@@ -403,5 +438,29 @@ mod tests {
         assert_eq!(out[1].as_ref().unwrap().message.seq, 2);
         assert_eq!(store.create_user("c", "h", 0).await.unwrap().id, 3);
         assert_eq!(store.user_conversations(1, None, 10).await.unwrap(), [dm]);
+    }
+
+    /// A direct conversation's parties, once found, are answered from the
+    /// known-users set; a user who does not exist is never added and is
+    /// refused every time.
+    #[tokio::test]
+    async fn direct_parties_found_once_are_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Durability::Sync).unwrap();
+        store.create_user("a", "h", 0).await.unwrap();
+        store.create_user("b", "h", 0).await.unwrap();
+        let known = |user| store.inner.known_users.contains(user);
+        assert!(!known(1) && !known(2));
+        let dm = ConversationId::direct(1, 2).unwrap();
+        let out = store.append(vec![message(dm, 1, "x")]).await.unwrap();
+        assert!(out[0].is_ok());
+        assert!(known(1) && known(2));
+
+        let stranger = ConversationId::direct(1, 9).unwrap();
+        for _ in 0..2 {
+            let out = store.append(vec![message(stranger, 1, "y")]).await.unwrap();
+            assert!(matches!(out[0], Err(StoreError::NotFound(_))), "{out:?}");
+            assert!(!known(9));
+        }
     }
 }
