@@ -333,7 +333,10 @@ impl Connector {
         let connection = match &endpoint {
             Endpoint::Tcp(addr) => {
                 let tcp = tcp_connect(*addr, self.options.local_ip).await?;
-                return Ok(framed(tcp));
+                // Owned halves: reading and writing without the lock that
+                // `tokio::io::split` takes on every poll.
+                let (read, write) = tcp.into_split();
+                return Ok(framed_halves(read, write));
             }
             Endpoint::Tls {
                 addr, server_name, ..
@@ -516,7 +519,7 @@ fn defer_port_choice(_socket: &TcpSocket) -> std::io::Result<()> {
 }
 
 /// Starting capacity of a byte-stream connection's read buffer.
-const READ_BUFFER_START: usize = 512;
+const READ_BUFFER_START: usize = RawFrameCodec::READ_ROOM_MIN;
 
 /// A byte-stream transport with the length-prefix codec on both halves.
 fn framed<T: AsyncRead + AsyncWrite + Send + 'static>(io: T) -> Connection {
@@ -532,7 +535,9 @@ where
     // Small starting buffers (tokio-util starts both at 8 KiB): they grow
     // to the frames a connection meets, and a process holding many idle
     // connections (the load generator's idle runs hold up to 20,000
-    // each) should not keep 16 KiB of unused capacity per connection.
+    // each) should not keep 16 KiB of unused capacity per connection. The
+    // codec sizes the reads from there: larger during a burst, small
+    // again after it.
     let frames = FramedRead::with_capacity(
         read,
         RawFrameCodec::new(MAX_DOWNSTREAM_FRAME_SIZE),

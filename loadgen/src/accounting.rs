@@ -17,8 +17,10 @@
 //! run absorbs them all at the end. Only the sends retried are shared:
 //! senders note them, and recipients ask when a push repeats.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Mutex;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 /// One recipient's view of one conversation. Seqs arrive mostly in order,
 /// so what was seen is kept as a contiguous range plus the few seqs outside
@@ -31,9 +33,9 @@ struct Stream {
     floor: u64,
     highest: u64,
     /// Seen seqs above `floor + 1` (a gap before them).
-    above: HashSet<u64>,
+    above: FxHashSet<u64>,
     /// Seen seqs below `base`.
-    below: HashSet<u64>,
+    below: FxHashSet<u64>,
 }
 
 impl Stream {
@@ -42,8 +44,8 @@ impl Stream {
             base: seq,
             floor: seq,
             highest: seq,
-            above: HashSet::new(),
-            below: HashSet::new(),
+            above: FxHashSet::default(),
+            below: FxHashSet::default(),
         }
     }
 
@@ -91,17 +93,17 @@ struct Held {
     seqs: Stream,
     /// Seqs that came through a fetch and were not pushed (yet): a later
     /// push of one is an overlap.
-    fetched: HashSet<u64>,
+    fetched: FxHashSet<u64>,
     /// Sender -> the counters of its sends seen (kept like seqs).
-    counters: HashMap<u64, Stream>,
+    counters: FxHashMap<u64, Stream>,
 }
 
 impl Held {
     fn starting_at(seq: u64) -> Self {
         Held {
             seqs: Stream::starting_at(seq),
-            fetched: HashSet::new(),
-            counters: HashMap::new(),
+            fetched: FxHashSet::default(),
+            counters: FxHashMap::default(),
         }
     }
 }
@@ -223,7 +225,7 @@ impl Retries {
 #[derive(Debug, Default)]
 pub struct Accounting {
     /// recipient -> conversation -> what it got.
-    streams: HashMap<u64, HashMap<String, Held>>,
+    streams: FxHashMap<u64, FxHashMap<String, Held>>,
     /// Every count but `lost`, which `counts()` derives from the totals
     /// (a connection's ledger alone cannot tell what is missing).
     tally: DeliveryCounts,
@@ -256,19 +258,19 @@ impl Accounting {
     /// One arrival, pushed or fetched.
     pub fn arrive(&mut self, arrival: Arrival<'_>, retries: &Retries) -> Delivery {
         let conversations = self.streams.entry(arrival.recipient).or_default();
-        let new = match conversations.get_mut(arrival.conversation_id) {
-            Some(held) => held.seqs.insert(arrival.seq),
-            None => {
-                conversations.insert(
-                    arrival.conversation_id.to_string(),
-                    Held::starting_at(arrival.seq),
-                );
-                true
+        // One lookup on the hot path (a conversation already held).
+        let (held, new) = match conversations.get_mut(arrival.conversation_id) {
+            Some(held) => {
+                let new = held.seqs.insert(arrival.seq);
+                (held, new)
             }
+            None => (
+                conversations
+                    .entry(arrival.conversation_id.to_string())
+                    .or_insert_with(|| Held::starting_at(arrival.seq)),
+                true,
+            ),
         };
-        let held = conversations
-            .get_mut(arrival.conversation_id)
-            .expect("present or just added");
         if !new {
             // Seen before: a repeat of the same path is a duplicate push
             // (or a refetch of what a fetch brought: harmless); across the

@@ -18,6 +18,8 @@
 //! could not route) is fetched too, as the SDK does.
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -617,7 +619,7 @@ struct Carry {
     unacked: BTreeMap<u64, Unacked>,
     /// Conversation -> the seqs it holds (own acknowledged sends and
     /// arrivals); after a reconnect each is fetched from its floor.
-    held: HashMap<String, SeqFloor>,
+    held: FxHashMap<String, SeqFloor>,
     /// What it sent that was acknowledged and what reached it.
     ledger: Accounting,
 }
@@ -636,7 +638,13 @@ impl SeqFloor {
         if seq <= self.floor {
             return;
         }
-        self.above.insert(seq);
+        if seq != self.floor + 1 {
+            self.above.insert(seq);
+            return;
+        }
+        // The next one, the usual case: no set to touch unless a gap
+        // above it closes.
+        self.floor = seq;
         while self.above.remove(&(self.floor + 1)) {
             self.floor += 1;
         }
@@ -816,7 +824,7 @@ struct Requests {
     /// Fetch request id -> its conversation.
     fetches: HashMap<u64, String>,
     /// Highest seq received per conversation, not yet acknowledged.
-    acks: HashMap<String, u64>,
+    acks: FxHashMap<String, u64>,
     /// Sends refused with "later": counter -> when to send again.
     retry_at: BTreeMap<u64, Instant>,
     /// Conversations with a gap: since when (or since its last fetch).
@@ -931,6 +939,7 @@ async fn drive(
         next_request_id: 1000,
         ..Requests::default()
     };
+    let mut batch = Batch::default();
 
     let conversation_id = match role {
         Role::Chat { conversation_id } => conversation_id.clone(),
@@ -970,7 +979,6 @@ async fn drive(
                     // cumulatively: one ack per conversation per batch, as
                     // a real client does (the SDK too), not one per frame.
                     let mut followups = Vec::new();
-                    let mut batch = Batch::default();
                     let mut result = receive(shared, index as u64, me, frame, carry, &mut requests, &mut followups, &mut batch);
                     for _ in 0..DRAIN_PER_TURN {
                         if result.is_err() {
@@ -1121,7 +1129,7 @@ const DRAIN_PER_TURN: usize = 256;
 async fn send_followups(
     sink: &mut pingme_client::transport::FrameSink,
     followups: Vec<ClientFrame>,
-    acks: &mut HashMap<String, u64>,
+    acks: &mut FxHashMap<String, u64>,
 ) -> pingme_client::Result<()> {
     if acks.is_empty() && followups.is_empty() {
         return Ok(());
@@ -1147,16 +1155,28 @@ async fn send_followups(
 #[derive(Debug, Default)]
 struct Batch {
     delivered: u64,
-    /// Send-to-deliver of each delivery.
-    latencies: Vec<Duration>,
+    /// Send-to-deliver of each delivery, in microseconds.
+    latencies: Vec<u64>,
+    /// When this wake-up's frames were taken, read once: they were all in
+    /// hand at once (read together, or buffered), so one clock read
+    /// stands for all of them.
+    now_us: Option<u64>,
 }
 
 impl Batch {
-    fn record(self, shared: &Shared) {
+    /// Unix time in microseconds at this wake-up.
+    fn now_us(&mut self) -> u64 {
+        *self.now_us.get_or_insert_with(unix_micros)
+    }
+
+    /// Adds the wake-up's figures to the shared ones and starts the next
+    /// wake-up (the latency buffer is kept).
+    fn record(&mut self, shared: &Shared) {
+        self.now_us = None;
         if self.delivered > 0 {
             shared
                 .delivered
-                .fetch_add(self.delivered, Ordering::Relaxed);
+                .fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
         }
         if self.latencies.is_empty() {
             return;
@@ -1164,9 +1184,10 @@ impl Batch {
         for histogram in [&shared.deliver_latency, &shared.deliver_latency_second] {
             let mut histogram = histogram.lock().unwrap_or_else(|e| e.into_inner());
             for latency in &self.latencies {
-                histogram.saturating_record(latency.as_micros().max(1) as u64);
+                histogram.saturating_record((*latency).max(1));
             }
         }
+        self.latencies.clear();
     }
 }
 
@@ -1216,7 +1237,7 @@ fn arrived(
     message: DeliveredView<'_>,
     path: Path,
     carry: &mut Carry,
-    acks: &mut HashMap<String, u64>,
+    acks: &mut FxHashMap<String, u64>,
     batch: &mut Batch,
 ) {
     if let Some(held) = carry.held.get_mut(message.conversation_id) {
@@ -1239,9 +1260,8 @@ fn arrived(
             &shared.retries,
         );
         if !matches!(verdict, crate::accounting::Delivery::Overlap) {
-            batch
-                .latencies
-                .push(Duration::from_micros(unix_micros().saturating_sub(sent_us)));
+            let now = batch.now_us();
+            batch.latencies.push(now.saturating_sub(sent_us));
         }
     }
     // Acknowledged after the batch, so the ack write is not in the latency.

@@ -91,15 +91,49 @@ impl<In> Encoder<EncodedFrame> for FrameCodec<In> {
 /// Splits incoming frames but leaves each payload encoded, for readers that
 /// look into frames without decoding all of them (the load generator reads
 /// a delivery's few checked fields in place). Encodes like [`FrameCodec`].
+///
+/// It also sizes the reads (`tokio_util`'s `FramedRead` reads into whatever
+/// room the buffer has): an idle connection keeps a small buffer, and one
+/// taking a burst (a sync, a busy group) gets larger reads instead of a
+/// system call per few frames. The room asked for doubles while reads fill
+/// the buffer to its end and halves when one does not, between
+/// [`RawFrameCodec::READ_ROOM_MIN`] and [`RawFrameCodec::READ_ROOM_MAX`];
+/// an emptied buffer much larger than that is let go.
 #[derive(Debug)]
 pub struct RawFrameCodec {
     max_frame_size: usize,
+    /// Room to have before the next read.
+    read_room: usize,
+    /// The last read took all the room the buffer had.
+    read_filled: bool,
 }
 
 impl RawFrameCodec {
+    /// The smallest read room: what an idle connection's buffer holds.
+    pub const READ_ROOM_MIN: usize = 512;
+    /// The largest read room, reached after a few full reads in a row.
+    pub const READ_ROOM_MAX: usize = 64 * 1024;
+
     /// A codec refusing incoming frames larger than `max_frame_size`.
     pub fn new(max_frame_size: usize) -> Self {
-        Self { max_frame_size }
+        Self {
+            max_frame_size,
+            read_room: Self::READ_ROOM_MIN,
+            read_filled: false,
+        }
+    }
+
+    /// Called when `src` holds no whole frame, i.e. before the next read.
+    fn make_room(&mut self, src: &mut BytesMut) {
+        self.read_room = if std::mem::take(&mut self.read_filled) {
+            (self.read_room * 2).min(Self::READ_ROOM_MAX)
+        } else {
+            (self.read_room / 2).max(Self::READ_ROOM_MIN)
+        };
+        if src.is_empty() && src.capacity() > 2 * self.read_room {
+            *src = BytesMut::new();
+        }
+        src.reserve(self.read_room);
     }
 }
 
@@ -108,7 +142,17 @@ impl Decoder for RawFrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
-        split_frame(src, self.max_frame_size)
+        // Data up to the end of the buffer: the last read took all the
+        // room it had, and the socket probably holds more. (Splitting off
+        // frames keeps this true until the buffer is empty or a partial
+        // frame makes room for itself, so the first decode after a read
+        // sees it.)
+        self.read_filled |= !src.is_empty() && src.len() == src.capacity();
+        let frame = split_frame(src, self.max_frame_size)?;
+        if frame.is_none() {
+            self.make_room(src);
+        }
+        Ok(frame)
     }
 }
 
@@ -151,6 +195,52 @@ mod tests {
         let mut big = BytesMut::new();
         small.encode(frame, &mut big).unwrap();
         assert!(small.decode(&mut big).is_err(), "over the limit");
+    }
+
+    /// Reads as `FramedRead` does them: into the buffer's room, then
+    /// decode until no whole frame is left.
+    fn read_into(codec: &mut RawFrameCodec, buf: &mut BytesMut, wire: &mut BytesMut) -> usize {
+        let room = buf.capacity() - buf.len();
+        let n = room.min(wire.len());
+        buf.extend_from_slice(&wire.split_to(n));
+        std::iter::from_fn(|| codec.decode(buf).unwrap()).count()
+    }
+
+    #[test]
+    fn the_raw_codec_reads_more_in_a_burst_and_lets_the_room_go_after() {
+        let frame = ClientFrame {
+            request_id: 9,
+            body: Some(client_frame::Body::Ping(Ping { client_time_ms: 5 })),
+        };
+        let one = encode_frame(&frame);
+        let mut codec = RawFrameCodec::new(1024);
+        let mut buf = BytesMut::with_capacity(RawFrameCodec::READ_ROOM_MIN);
+        // A burst of 256 KiB: each read fills the room, which doubles.
+        let mut wire = BytesMut::new();
+        while wire.len() < 256 * 1024 {
+            wire.extend_from_slice(&one);
+        }
+        let total = wire.len() / one.len();
+        let (mut frames, mut reads, mut largest) = (0, 0, 0);
+        while !wire.is_empty() {
+            largest = largest.max(buf.capacity() - buf.len());
+            frames += read_into(&mut codec, &mut buf, &mut wire);
+            reads += 1;
+        }
+        assert_eq!(frames, total, "every frame, whole");
+        assert!(largest >= RawFrameCodec::READ_ROOM_MAX, "{largest}");
+        assert!(reads <= 12, "{reads} reads for 256 KiB (512 B reads: 512)");
+        // Then single frames: the room halves back down and the large
+        // buffer is let go.
+        for _ in 0..12 {
+            let mut wire = BytesMut::from(&one[..]);
+            assert_eq!(read_into(&mut codec, &mut buf, &mut wire), 1);
+        }
+        assert!(
+            buf.capacity() < 4 * RawFrameCodec::READ_ROOM_MIN,
+            "{}",
+            buf.capacity()
+        );
     }
 
     #[test]
