@@ -199,6 +199,20 @@ pub struct DeadLetterRecord {
     pub attempts: u32,
 }
 
+#[cfg(test)]
+impl DeadLetterRecord {
+    /// A push dead letter told apart by its `attempts` (bus tests).
+    pub(crate) fn numbered(attempts: u32) -> Self {
+        DeadLetterRecord {
+            kind: "push".into(),
+            payload: Default::default(),
+            code: 50006,
+            error: String::new(),
+            attempts,
+        }
+    }
+}
+
 fn conversation(field: &'static str, text: &str) -> Result<ConversationId, RecordError> {
     text.parse().map_err(
         |e: pingme_storage::InvalidConversationId| RecordError::Invalid {

@@ -756,16 +756,6 @@ mod tests {
     use crate::bus::Polled;
     use crate::records::DeadLetterRecord;
 
-    fn letter(attempts: u32) -> DeadLetterRecord {
-        DeadLetterRecord {
-            kind: "push".into(),
-            payload: Default::default(),
-            code: 50006,
-            error: String::new(),
-            attempts,
-        }
-    }
-
     /// The queue-depth gauge shows what is queued, and zero again once the
     /// consumer took it, with no batch polled after that.
     #[tokio::test(start_paused = true)]
@@ -776,7 +766,8 @@ mod tests {
         let mut member = Bus::join(&*bus, &topic, "dlq", "m0", CancellationToken::new()).unwrap();
         assert_eq!(member.poll(10).await, Polled::Assigned(vec![0]));
         for attempts in 0..3 {
-            bus.try_publish(&topic, 7, letter(attempts)).unwrap();
+            bus.try_publish(&topic, 7, DeadLetterRecord::numbered(attempts))
+                .unwrap();
         }
         let depth = Arc::new(AtomicU64::new(f64::NAN.to_bits()));
         let sampled = || f64::from_bits(depth.load(Ordering::SeqCst));
