@@ -364,16 +364,35 @@ async fn nats_subscriber(
 
 async fn mqtt_publish(plan: &PeerPlan) -> anyhow::Result<u64> {
     let (client, mut events) = mqtt_connect(plan, "peers-publisher", plan.burst as usize * 2)?;
+    // A broker that stops reading holds the publisher back (as TCP does):
+    // rumqttc's default gives up on a write after 5 s ("Flush timeout"),
+    // which a busy single-threaded broker exceeds when publishes come
+    // faster than it fans them out.
+    let mut network = events.network_options();
+    network.set_connection_timeout(PUBLISHER_WRITE_WAIT.as_secs());
+    events.set_network_options(network);
     // The event loop does the network I/O; it runs beside the publishing.
-    let driver = tokio::spawn(async move {
+    // The first error ends it: the publisher's connection is gone.
+    let mut driver = tokio::spawn(async move {
         loop {
-            if events.poll().await.is_err() {
-                break;
+            if let Err(error) = events.poll().await {
+                return error;
             }
         }
     });
     // (A clone is a handle on the same request queue.)
-    let counter = publish_bursts(plan, &Publisher::Mqtt(client.clone())).await?;
+    let publisher = Publisher::Mqtt(client.clone());
+    let counter = match publish_bursts(plan, &publisher).await {
+        Ok(counter) => counter,
+        Err(error) => {
+            // The request queue only says it closed; the event loop's own
+            // error says why.
+            if let Ok(Ok(cause)) = tokio::time::timeout(Duration::from_secs(1), &mut driver).await {
+                anyhow::bail!("the MQTT publisher's connection ended: {cause}");
+            }
+            return Err(error);
+        }
+    };
     // Out of the client before it disconnects.
     client.disconnect().await?;
     let _ = tokio::time::timeout(Duration::from_secs(10), driver).await;
@@ -381,6 +400,9 @@ async fn mqtt_publish(plan: &PeerPlan) -> anyhow::Result<u64> {
 }
 
 const SUBJECT_MQTT: &str = "pingme/peers/fanout";
+
+/// How long the MQTT publisher waits for the broker to take a write.
+const PUBLISHER_WRITE_WAIT: Duration = Duration::from_secs(60);
 
 fn mqtt_connect(
     plan: &PeerPlan,
