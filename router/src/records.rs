@@ -199,15 +199,17 @@ pub struct DeadLetterRecord {
     pub attempts: u32,
 }
 
-/// A push dead letter told apart by its `attempts` (bus tests).
 #[cfg(test)]
-pub(crate) fn letter(attempts: u32) -> DeadLetterRecord {
-    DeadLetterRecord {
-        kind: "push".into(),
-        payload: Default::default(),
-        code: 50006,
-        error: String::new(),
-        attempts,
+impl DeadLetterRecord {
+    /// A push dead letter told apart by its `attempts` (bus tests).
+    pub(crate) fn numbered(attempts: u32) -> Self {
+        DeadLetterRecord {
+            kind: "push".into(),
+            payload: Default::default(),
+            code: 50006,
+            error: String::new(),
+            attempts,
+        }
     }
 }
 
