@@ -18,8 +18,6 @@
 //! could not route) is fetched too, as the SDK does.
 
 use std::collections::{BTreeMap, HashMap};
-
-use rustc_hash::FxHashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +34,7 @@ use pingme_client::v1::{
 };
 use pingme_client::{ClientError, Result as ClientResult};
 use pingme_protocol::{ClientFrame, ErrorCode};
+use rustc_hash::FxHashMap;
 use tokio::sync::{Semaphore, watch};
 
 use crate::accounting::{Accounting, Arrival, Path, Retries};

@@ -199,17 +199,15 @@ pub struct DeadLetterRecord {
     pub attempts: u32,
 }
 
+/// A push dead letter told apart by its `attempts` (bus tests).
 #[cfg(test)]
-impl DeadLetterRecord {
-    /// A push dead letter told apart by its `attempts` (bus tests).
-    pub(crate) fn numbered(attempts: u32) -> Self {
-        DeadLetterRecord {
-            kind: "push".into(),
-            payload: Default::default(),
-            code: 50006,
-            error: String::new(),
-            attempts,
-        }
+pub(crate) fn letter(attempts: u32) -> DeadLetterRecord {
+    DeadLetterRecord {
+        kind: "push".into(),
+        payload: Default::default(),
+        code: 50006,
+        error: String::new(),
+        attempts,
     }
 }
 

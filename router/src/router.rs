@@ -754,7 +754,7 @@ mod tests {
 
     use super::*;
     use crate::bus::Polled;
-    use crate::records::DeadLetterRecord;
+    use crate::records::{DeadLetterRecord, letter};
 
     /// The queue-depth gauge shows what is queued, and zero again once the
     /// consumer took it, with no batch polled after that.
@@ -766,8 +766,7 @@ mod tests {
         let mut member = Bus::join(&*bus, &topic, "dlq", "m0", CancellationToken::new()).unwrap();
         assert_eq!(member.poll(10).await, Polled::Assigned(vec![0]));
         for attempts in 0..3 {
-            bus.try_publish(&topic, 7, DeadLetterRecord::numbered(attempts))
-                .unwrap();
+            bus.try_publish(&topic, 7, letter(attempts)).unwrap();
         }
         let depth = Arc::new(AtomicU64::new(f64::NAN.to_bits()));
         let sampled = || f64::from_bits(depth.load(Ordering::SeqCst));

@@ -237,7 +237,7 @@ mod tests {
 
     use super::*;
     use crate::bus::conversation_key;
-    use crate::records::{DeadLetterRecord, PushEvent};
+    use crate::records::{DeadLetterRecord, PushEvent, letter};
 
     fn records<R>(polled: Polled<R>) -> Vec<R> {
         match polled {
@@ -269,23 +269,21 @@ mod tests {
             Polled::Assigned(vec![topic.partition_of(key)])
         );
         for attempts in 0..4 {
-            bus.try_publish(&topic, key, DeadLetterRecord::numbered(attempts))
-                .unwrap();
+            bus.try_publish(&topic, key, letter(attempts)).unwrap();
         }
         assert_eq!(
-            bus.try_publish(&topic, key, DeadLetterRecord::numbered(9)),
+            bus.try_publish(&topic, key, letter(9)),
             Err(BusError::Full("im-dlq".into()))
         );
         assert_eq!(Bus::<DeadLetterRecord>::lag(&bus, &topic, "dlq"), 4);
         Bus::<DeadLetterRecord>::stop_producing(&bus, &topic);
         assert_eq!(
-            bus.publish(&topic, key, DeadLetterRecord::numbered(9))
-                .await,
+            bus.publish(&topic, key, letter(9)).await,
             Err(BusError::Closed("im-dlq".into()))
         );
         assert_eq!(
             records(member.poll(10).await),
-            (0..4).map(DeadLetterRecord::numbered).collect::<Vec<_>>()
+            (0..4).map(letter).collect::<Vec<_>>()
         );
         assert_eq!(member.poll(10).await, Polled::Left);
     }
@@ -298,26 +296,18 @@ mod tests {
         let leave = CancellationToken::new();
         let mut member = bus.join(&topic, "dlq", "m0", leave.clone()).unwrap();
         assert_eq!(member.poll(10).await, Polled::Assigned(vec![0]));
-        bus.try_publish(&topic, 1, DeadLetterRecord::numbered(1))
-            .unwrap();
+        bus.try_publish(&topic, 1, letter(1)).unwrap();
         leave.cancel();
-        assert_eq!(
-            records(member.poll(10).await),
-            vec![DeadLetterRecord::numbered(1)]
-        );
+        assert_eq!(records(member.poll(10).await), vec![letter(1)]);
         // Told to leave, but this node still produces: a record published
         // now (a racing ingress call) is not left behind.
         let polled = tokio::spawn(async move {
             let more = records(member.poll(10).await);
             (more, member.poll(10).await)
         });
-        bus.try_publish(&topic, 1, DeadLetterRecord::numbered(2))
-            .unwrap();
+        bus.try_publish(&topic, 1, letter(2)).unwrap();
         Bus::<DeadLetterRecord>::stop_producing(&bus, &topic);
-        assert_eq!(
-            polled.await.unwrap(),
-            (vec![DeadLetterRecord::numbered(2)], Polled::Left)
-        );
+        assert_eq!(polled.await.unwrap(), (vec![letter(2)], Polled::Left));
     }
 
     #[test]

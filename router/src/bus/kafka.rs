@@ -82,10 +82,11 @@ pub struct KafkaSettings {
     /// A member commits at most this often: [`GroupMember::commit`] calls
     /// in between return at once and their offsets go with the next one
     /// due, with the member's leaving, or, when no more records come, once
-    /// the interval is over (its idle poll wakes for it). Each real commit waits for the
-    /// node's deliveries and a broker round trip, which per batch would
-    /// serialise a partition's work on them; a crash re-delivers up to
-    /// this much more. Zero (the default): every call commits.
+    /// the interval is over (its idle poll wakes for it). Each real commit
+    /// waits for the node's deliveries and a broker round trip, which per
+    /// batch would serialise a partition's work on them; a crash
+    /// re-delivers up to this much more. Zero (the default): every call
+    /// commits.
     pub commit_interval: Duration,
 }
 
@@ -1008,7 +1009,7 @@ fn fenced(code: RDKafkaErrorCode) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::DeadLetterRecord;
+    use crate::records::{DeadLetterRecord, letter};
 
     #[tokio::test]
     async fn a_failure_counts_against_the_commits_whose_window_holds_it() {
@@ -1124,9 +1125,7 @@ mod tests {
         let group = unique("spaced-group");
         bus.declare(&topic).unwrap();
         for n in 1..=3 {
-            bus.publish(&topic, 0, DeadLetterRecord::numbered(n))
-                .await
-                .unwrap();
+            bus.publish(&topic, 0, letter(n)).await.unwrap();
         }
         // A member that processes 1 and commits (its first commit goes out),
         // then 2 and 3 and "commits" (spaced: nothing yet), and crashes:
@@ -1148,9 +1147,7 @@ mod tests {
         assert_eq!(next_records(&mut leaving, 2).await, [2, 3], "re-delivered");
         // Its first commit goes out; then 4, "committed" (spaced).
         leaving.commit().await.unwrap();
-        bus.publish(&topic, 0, DeadLetterRecord::numbered(4))
-            .await
-            .unwrap();
+        bus.publish(&topic, 0, letter(4)).await.unwrap();
         assert_eq!(next_records(&mut leaving, 1).await, [4]);
         leaving.commit().await.unwrap();
         leave.cancel();
@@ -1164,9 +1161,7 @@ mod tests {
                 Polled::Assigned(_) | Polled::Revoked(_) => {}
             }
         }
-        bus.publish(&topic, 0, DeadLetterRecord::numbered(5))
-            .await
-            .unwrap();
+        bus.publish(&topic, 0, letter(5)).await.unwrap();
         let mut next = bus
             .join(&topic, &group, "m2", CancellationToken::new())
             .unwrap();
@@ -1194,15 +1189,11 @@ mod tests {
             .join(&topic, &group, "m0", CancellationToken::new())
             .unwrap();
         assigned(&mut member).await;
-        bus.publish(&topic, 0, DeadLetterRecord::numbered(1))
-            .await
-            .unwrap();
+        bus.publish(&topic, 0, letter(1)).await.unwrap();
         assert_eq!(next_records(&mut member, 1).await, [1]);
         // The first commit went out; this one, right after it, is put off.
         member.commit().await.unwrap();
-        bus.publish(&topic, 0, DeadLetterRecord::numbered(2))
-            .await
-            .unwrap();
+        bus.publish(&topic, 0, letter(2)).await.unwrap();
         assert_eq!(next_records(&mut member, 1).await, [2]);
         member.commit().await.unwrap();
         match tokio::time::timeout(interval + Duration::from_secs(60), member.poll(10))
@@ -1215,9 +1206,7 @@ mod tests {
         member.commit().await.unwrap();
         // Crashes: no leave, no last commit.
         drop(member);
-        bus.publish(&topic, 0, DeadLetterRecord::numbered(3))
-            .await
-            .unwrap();
+        bus.publish(&topic, 0, letter(3)).await.unwrap();
         let mut next = bus
             .join(&topic, &group, "m1", CancellationToken::new())
             .unwrap();
@@ -1272,28 +1261,20 @@ mod tests {
             "{polled:?}"
         );
         for n in 1..=3 {
-            bus.publish(&input, 0, DeadLetterRecord::numbered(n))
-                .await
-                .unwrap();
+            bus.publish(&input, 0, letter(n)).await.unwrap();
         }
         assert_eq!(next_records(&mut member, 3).await, [1, 2, 3]);
-        bus.publish(&effects, 0, DeadLetterRecord::numbered(100))
-            .await
-            .unwrap();
+        bus.publish(&effects, 0, letter(100)).await.unwrap();
         member.commit().await.unwrap();
 
         for n in 4..=5 {
-            bus.publish(&input, 0, DeadLetterRecord::numbered(n))
-                .await
-                .unwrap();
+            bus.publish(&input, 0, letter(n)).await.unwrap();
         }
         assert_eq!(next_records(&mut member, 2).await, [4, 5]);
         // The effect of 4 and 5 is lost: as librdkafka reports a record
         // whose retries ran out.
         let lost = bus.deliveries.issued();
-        bus.publish(&effects, 0, DeadLetterRecord::numbered(200))
-            .await
-            .unwrap();
+        bus.publish(&effects, 0, letter(200)).await.unwrap();
         bus.deliveries.report(lost, false);
         let refused = member.commit().await;
         assert!(
@@ -1302,13 +1283,9 @@ mod tests {
         );
 
         assert_eq!(next_records(&mut member, 2).await, [4, 5], "4 and 5 again");
-        bus.publish(&effects, 0, DeadLetterRecord::numbered(200))
-            .await
-            .unwrap();
+        bus.publish(&effects, 0, letter(200)).await.unwrap();
         member.commit().await.unwrap();
-        bus.publish(&input, 0, DeadLetterRecord::numbered(6))
-            .await
-            .unwrap();
+        bus.publish(&input, 0, letter(6)).await.unwrap();
         assert_eq!(
             next_records(&mut member, 1).await,
             [6],

@@ -565,7 +565,7 @@ fn decode_all<R: BusRecord>(topic: &str, encoded: Vec<Consumed<Bytes>>) -> Vec<C
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::DeadLetterRecord;
+    use crate::records::{DeadLetterRecord, letter};
 
     type Member = Box<dyn GroupMember<DeadLetterRecord>>;
 
@@ -601,12 +601,8 @@ mod tests {
         let (mut first, _) = join(&a, &topic, "a-0");
         assert_eq!(first.poll(10).await, Polled::Assigned(vec![0, 1]));
         // Keys 0 and 1 land on partitions 0 and 1.
-        a.publish(&topic, 0, DeadLetterRecord::numbered(1))
-            .await
-            .unwrap();
-        b.publish(&topic, 1, DeadLetterRecord::numbered(2))
-            .await
-            .unwrap();
+        a.publish(&topic, 0, letter(1)).await.unwrap();
+        b.publish(&topic, 1, letter(2)).await.unwrap();
         assert_eq!(next_records(&mut first, 10).await, vec![1, 2]);
         first.commit().await.unwrap();
         assert_eq!(Bus::<DeadLetterRecord>::lag(&*a, &topic, "g"), 0);
@@ -616,12 +612,8 @@ mod tests {
         // happens when the owner next polls.
         assert_eq!(first.poll(10).await, Polled::Revoked(vec![1]));
         assert_eq!(second.poll(10).await, Polled::Assigned(vec![1]));
-        a.publish(&topic, 1, DeadLetterRecord::numbered(3))
-            .await
-            .unwrap();
-        a.publish(&topic, 0, DeadLetterRecord::numbered(4))
-            .await
-            .unwrap();
+        a.publish(&topic, 1, letter(3)).await.unwrap();
+        a.publish(&topic, 0, letter(4)).await.unwrap();
         assert_eq!(next_records(&mut second, 10).await, vec![3]);
         assert_eq!(next_records(&mut first, 10).await, vec![4]);
         assert_eq!(
@@ -639,9 +631,7 @@ mod tests {
         let (mut survivor, _) = join(&b, &topic, "b-0");
         assert_eq!(doomed.poll(10).await, Polled::Assigned(vec![0]));
         for attempts in 1..=3 {
-            b.publish(&topic, 0, DeadLetterRecord::numbered(attempts))
-                .await
-                .unwrap();
+            b.publish(&topic, 0, letter(attempts)).await.unwrap();
         }
         assert_eq!(next_records(&mut doomed, 1).await, vec![1]);
         doomed.commit().await.unwrap();
@@ -650,7 +640,7 @@ mod tests {
         cluster.drop_node("a");
         assert!(matches!(doomed.commit().await, Err(BusError::Fenced(_))));
         assert!(matches!(
-            a.publish(&topic, 0, DeadLetterRecord::numbered(9)).await,
+            a.publish(&topic, 0, letter(9)).await,
             Err(BusError::Broker(_))
         ));
         assert_eq!(doomed.poll(10).await, Polled::Left);
@@ -665,12 +655,10 @@ mod tests {
         let topic = Topic::new("im-dlq", 1);
         let (mut leaving, leave) = join(&a, &topic, "a-0");
         assert_eq!(leaving.poll(10).await, Polled::Assigned(vec![0]));
-        a.publish(&topic, 0, DeadLetterRecord::numbered(1))
-            .await
-            .unwrap();
+        a.publish(&topic, 0, letter(1)).await.unwrap();
         Bus::<DeadLetterRecord>::stop_producing(&*a, &topic);
         assert!(matches!(
-            a.publish(&topic, 0, DeadLetterRecord::numbered(9)).await,
+            a.publish(&topic, 0, letter(9)).await,
             Err(BusError::Closed(_))
         ));
         let (mut staying, _) = join(&b, &topic, "b-0");
@@ -679,9 +667,7 @@ mod tests {
         assert_eq!(next_records(&mut leaving, 10).await, vec![1]);
         leaving.commit().await.unwrap();
         // Published after: the next owner's (b still produces).
-        b.publish(&topic, 0, DeadLetterRecord::numbered(2))
-            .await
-            .unwrap();
+        b.publish(&topic, 0, letter(2)).await.unwrap();
         assert_eq!(leaving.poll(10).await, Polled::Left);
         assert_eq!(staying.poll(10).await, Polled::Assigned(vec![0]));
         assert_eq!(next_records(&mut staying, 10).await, vec![2]);
@@ -698,9 +684,7 @@ mod tests {
         tokio::task::yield_now().await;
         a.append("im-dlq", 1, 0, Bytes::from_static(b"\xff\xff"))
             .unwrap();
-        a.publish(&topic, 0, DeadLetterRecord::numbered(7))
-            .await
-            .unwrap();
+        a.publish(&topic, 0, letter(7)).await.unwrap();
         assert_eq!(waiting.await.unwrap(), vec![7]);
     }
 
@@ -710,9 +694,7 @@ mod tests {
         let a = cluster.node("a");
         let topic = Topic::new("downstream-topic-gone", 1);
         for attempts in 1..=5 {
-            a.publish(&topic, 0, DeadLetterRecord::numbered(attempts))
-                .await
-                .unwrap();
+            a.publish(&topic, 0, letter(attempts)).await.unwrap();
         }
         let (mut late, _) = join(&a, &topic, "late");
         assert_eq!(late.poll(10).await, Polled::Assigned(vec![0]));
