@@ -48,6 +48,25 @@ async function send(page, text) {
   return waitForMessage(page, text);
 }
 
+/**
+ * Opens a conversation from the list. The list is drawn again whenever a
+ * name, presence or unread count arrives, so an element handle found a
+ * moment earlier can be detached by the time a click reaches it ("Node is
+ * detached from document"): find and click in one step inside the page,
+ * waiting until the entry is there.
+ */
+async function openConversation(page, selector) {
+  await page.waitForFunction(
+    (wanted) => {
+      const entry = document.querySelector(wanted);
+      entry?.click();
+      return entry !== null;
+    },
+    WAIT,
+    selector,
+  );
+}
+
 function messageTexts(page) {
   return page.$$eval("#messages .message .body", (bodies) => bodies.map((body) => body.textContent));
 }
@@ -90,7 +109,7 @@ test("alice opens a conversation with bob and her message reaches him", async ()
     WAIT,
   );
   assert.equal(await unread.jsonValue(), "1");
-  await bob.click("#conversations .conversation");
+  await openConversation(bob, "#conversations .conversation");
   assert.equal(await waitForMessage(bob, "hello bob"), "1");
   // Alice arrived as a user id; the page looked her name up.
   await bob.waitForFunction(() => document.getElementById("chat-title").textContent === "alice", WAIT);
@@ -134,7 +153,7 @@ test("alice makes a group with bob; it reaches him with its name, both ways", as
       )?.dataset.id,
     WAIT,
   );
-  await bob.click(`#conversations .conversation[data-id="${await group.jsonValue()}"]`);
+  await openConversation(bob, `#conversations .conversation[data-id="${await group.jsonValue()}"]`);
   assert.equal(await waitForMessage(bob, "who brings the tent?"), "1");
   const sender = await bob.waitForFunction(
     () => document.querySelector('#messages .message[data-seq="1"] .sender')?.textContent === "alice",
@@ -152,9 +171,9 @@ test("alice makes a group with bob; it reaches him with its name, both ways", as
 
 test("a picture of the conversation (WEBCHAT_SCREENSHOT)", { skip: !SCREENSHOT }, async () => {
   const { alice, bob } = people;
-  await alice.click('#conversations .conversation[data-id^="dm:"]');
+  await openConversation(alice, '#conversations .conversation[data-id^="dm:"]');
   await waitForMessage(alice, "hi alice");
-  await bob.click('#conversations .conversation[data-id^="dm:"]');
+  await openConversation(bob, '#conversations .conversation[data-id^="dm:"]');
   await bob.type("#message-input", "let me check");
   await alice.waitForFunction(() => document.getElementById("typing").textContent === "bob is typing…", WAIT);
   await alice.screenshot({ path: SCREENSHOT });
@@ -165,8 +184,8 @@ test("a picture of the conversation (WEBCHAT_SCREENSHOT)", { skip: !SCREENSHOT }
 
 test("after a reload alice is still signed in, sees the history and pages back through it", async () => {
   const { alice, bob } = people;
-  await alice.click('#conversations .conversation[data-id^="dm:"]');
-  await bob.click('#conversations .conversation[data-id^="dm:"]');
+  await openConversation(alice, '#conversations .conversation[data-id^="dm:"]');
+  await openConversation(bob, '#conversations .conversation[data-id^="dm:"]');
   // More than one page (30) of history.
   for (let n = 1; n <= 35; n++) {
     await bob.type("#message-input", `line ${n}`);
