@@ -1,8 +1,8 @@
-//! A bare session opening over a [`Connection`]: `Hello` -> `HelloAck`,
-//! then `Authenticate` -> `AuthOk`, awaited in place. For the load
-//! generator, which drives many bare sessions without the client's
-//! machinery; [`crate::Client`] runs the same handshake inside its core
-//! ([`crate::core`]) on every (re)connect.
+//! A bare session opening over a [`Connection`]: `Hello` and
+//! `Authenticate` in one write, then `HelloAck` and `AuthOk`, awaited in
+//! place. For the load generator, which drives many bare sessions without
+//! the client's machinery; [`crate::Client`] runs the same handshake
+//! inside its core ([`crate::core`]) on every (re)connect.
 
 use std::time::Duration;
 
@@ -46,7 +46,9 @@ pub async fn open_session(
         .map_err(|_| ClientError::Timeout)?
 }
 
-/// Runs the handshake on an open connection.
+/// Runs the handshake on an open connection: `Hello` and `Authenticate`
+/// in one write (the server answers pipelined frames in order), then
+/// their answers, so an opening costs one round trip, not two.
 pub async fn handshake(
     mut connection: Connection,
     token: &str,
@@ -54,12 +56,21 @@ pub async fn handshake(
 ) -> Result<Session> {
     connection
         .sink
-        .send(ClientFrame {
+        .feed(ClientFrame {
             request_id: HELLO_REQUEST,
             body: Some(client_frame::Body::Hello(Hello {
                 max_version: PROTOCOL_VERSION,
                 min_version: MIN_PROTOCOL_VERSION,
                 client_name: client_name.to_string(),
+            })),
+        })
+        .await?;
+    connection
+        .sink
+        .send(ClientFrame {
+            request_id: AUTH_REQUEST,
+            body: Some(client_frame::Body::Authenticate(Authenticate {
+                token: token.to_string(),
             })),
         })
         .await?;
@@ -70,15 +81,6 @@ pub async fn handshake(
     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello_ack.version) {
         return Err(ClientError::UnsupportedVersion);
     }
-    connection
-        .sink
-        .send(ClientFrame {
-            request_id: AUTH_REQUEST,
-            body: Some(client_frame::Body::Authenticate(Authenticate {
-                token: token.to_string(),
-            })),
-        })
-        .await?;
     let auth_ok = match next_reply(&mut connection).await? {
         server_frame::Body::AuthOk(ok) => ok,
         other => return Err(unexpected("AuthOk", &other)),

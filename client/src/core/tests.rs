@@ -185,10 +185,11 @@ impl Harness {
         );
         self.core.handle_connected(self.now);
         self.drain();
-        let hello = self.frames();
+        // Hello and Authenticate go out together, before any answer.
+        let opening = self.frames();
         assert!(
-            matches!(hello[..], [(1, client_frame::Body::Hello(_))]),
-            "{hello:?}"
+            matches!(&opening[..], [(1, client_frame::Body::Hello(_)), (2, client_frame::Body::Authenticate(a))] if a.token == "good-token"),
+            "{opening:?}"
         );
         self.receive(frame(
             1,
@@ -198,11 +199,8 @@ impl Harness {
                 ..Default::default()
             }),
         ));
-        let auth = self.frames();
-        assert!(
-            matches!(&auth[..], [(2, client_frame::Body::Authenticate(a))] if a.token == "good-token"),
-            "{auth:?}"
-        );
+        let after_hello_ack = self.frames();
+        assert!(after_hello_ack.is_empty(), "{after_hello_ack:?}");
         self.receive(frame(
             2,
             server_frame::Body::AuthOk(AuthOk {
@@ -807,6 +805,41 @@ fn a_rejected_token_and_an_exhausted_budget_stop_the_core() {
     assert!(h.core.is_closed());
     assert!(
         matches!(h.take_events().last(), Some(Event::Closed { reason }) if reason.contains("gave up"))
+    );
+}
+
+#[test]
+fn a_version_refused_in_hello_ack_fails_the_attempt_despite_the_pipelined_authenticate() {
+    let mut h = Harness::synced(config(1));
+    h.lose();
+    h.fire();
+    h.wire();
+    h.core.handle_connected(h.now);
+    h.drain();
+    assert_eq!(h.frames().len(), 2, "Hello and Authenticate");
+    h.receive(frame(
+        1,
+        server_frame::Body::HelloAck(HelloAck {
+            version: 99,
+            ..Default::default()
+        }),
+    ));
+    assert_eq!(h.wire().first(), Some(&Transmit::Disconnect));
+    // The answer to the pipelined Authenticate, still on its way from the
+    // dropped connection, does not make the core connected.
+    h.receive(frame(
+        2,
+        server_frame::Body::AuthOk(AuthOk {
+            user_id: 7,
+            device_id: "phone".into(),
+            ..Default::default()
+        }),
+    ));
+    assert!(
+        !h.take_events()
+            .iter()
+            .any(|event| matches!(event, Event::Connected { .. })),
+        "connected on a refused version"
     );
 }
 
