@@ -86,7 +86,9 @@ impl Refusal {
 pub(crate) trait FrameTransport {
     /// The next frame's payload; `Ok(None)` when the peer closed.
     async fn next_payload(&mut self, max_frame_size: usize) -> Result<Option<Bytes>, ErrorCode>;
-    /// Sends one encoded frame (prefix included) and flushes it.
+    /// Sends one encoded frame (prefix included): at once, or (a byte
+    /// stream) before the transport next waits for the peer, or with the
+    /// handshake's outcome, whichever comes first.
     async fn send(&mut self, frame: Bytes) -> std::io::Result<()>;
 }
 

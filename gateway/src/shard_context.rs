@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use pingme_router::port::{ConnRef, Dispatch, SessionInfo};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -47,12 +47,15 @@ impl ShardCtx {
 
     /// Registers an authenticated session: shard map, gateway index, the
     /// router. `AuthOk` is the first queued frame, so it precedes anything
-    /// the router sends.
+    /// the router sends; `held`, the handshake's answers not written yet
+    /// (encoded frames back to back), goes out just before it, in the same
+    /// write.
     pub(crate) fn open_session(
         &self,
         claims: &Claims,
         request_id: u64,
         transport: Transport,
+        held: Bytes,
         leftover: BytesMut,
     ) -> Rc<Conn> {
         let conn_ref = ConnRef {
@@ -69,7 +72,7 @@ impl ShardCtx {
             transport,
             &self.limits,
             self.now_ms(),
-            auth_ok(request_id, claims),
+            with_held(held, auth_ok(request_id, claims)),
             leftover,
         ));
         self.conns
@@ -123,4 +126,15 @@ impl ShardCtx {
 pub(crate) fn count_disconnect(transport: Transport, reason: CloseReason) {
     metrics::counter!("pingme_gateway_disconnects_total", "transport" => transport.label(), "reason" => reason.label())
         .increment(1);
+}
+
+/// `first` with the `held` frames before it, as one buffer.
+fn with_held(held: Bytes, first: Bytes) -> Bytes {
+    if held.is_empty() {
+        return first;
+    }
+    let mut both = BytesMut::with_capacity(held.len() + first.len());
+    both.extend_from_slice(&held);
+    both.extend_from_slice(&first);
+    both.freeze()
 }

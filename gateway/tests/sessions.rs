@@ -577,6 +577,52 @@ async fn pipelined_frames_after_authenticate_are_served() {
 }
 
 #[tokio::test]
+async fn a_pipelined_hello_and_bad_token_get_hello_ack_then_the_refusal() {
+    let harness = Harness::start(limits(), 1).await;
+    for kind in [Kind::Tcp, Kind::Tls] {
+        let mut client = harness.connect(kind).await;
+        let mut wire = BytesMut::new();
+        for (id, body) in [
+            (
+                1,
+                client_frame::Body::Hello(v1::Hello {
+                    max_version: 1,
+                    min_version: 1,
+                    client_name: String::new(),
+                }),
+            ),
+            (
+                2,
+                client_frame::Body::Authenticate(v1::Authenticate {
+                    token: "not-a-token".into(),
+                }),
+            ),
+        ] {
+            pingme_protocol::encode_frame_into(
+                &pingme_protocol::ClientFrame {
+                    request_id: id,
+                    body: Some(body),
+                },
+                &mut wire,
+            );
+        }
+        client.send_raw(wire.freeze()).await;
+        // The HelloAck held back for the Authenticate behind it still
+        // goes out, before the refusal.
+        assert!(matches!(
+            client.recv_body().await,
+            (1, server_frame::Body::HelloAck(_))
+        ));
+        let (id, body) = client.recv_body().await;
+        assert_eq!(
+            (id, error_of(&body)),
+            (2, Some((ErrorCode::TokenInvalid, true))),
+            "{kind:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn shutdown_sends_go_away_and_closes_within_grace() {
     let mut harness = Harness::start(limits(), 2).await;
     let mut clients = Vec::new();

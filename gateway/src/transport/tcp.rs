@@ -151,6 +151,19 @@ pub(crate) async fn accept_tls(
 struct StreamHandshake<'a, S> {
     io: &'a mut S,
     buf: BytesMut,
+    /// Answers not written yet: they go out when the handshake next waits
+    /// for the peer, or with `AuthOk` or the refusal. A client that
+    /// pipelines Hello and Authenticate (the SDK does) so gets HelloAck and
+    /// AuthOk in one write (one send, one wake-up on each side, and for TLS
+    /// one record fewer). At most `MAX_FRAMES_BEFORE_AUTH` small answers.
+    held: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> StreamHandshake<'_, S> {
+    /// The held answers, taken.
+    fn take_held(&mut self) -> Bytes {
+        std::mem::take(&mut self.held).freeze()
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FrameTransport for StreamHandshake<'_, S> {
@@ -161,6 +174,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameTransport for StreamHandshake<'_, S
                 Ok(None) => {}
                 Err(error) => return Err(error.code()),
             }
+            // The peer may be waiting for our answers before it sends more.
+            if !self.held.is_empty() {
+                let held = self.take_held();
+                if self.io.write_all(&held).await.is_err() || self.io.flush().await.is_err() {
+                    return Ok(None);
+                }
+            }
             self.buf.reserve(512);
             match self.io.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Ok(None),
@@ -170,8 +190,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameTransport for StreamHandshake<'_, S
     }
 
     async fn send(&mut self, frame: Bytes) -> std::io::Result<()> {
-        self.io.write_all(&frame).await?;
-        self.io.flush().await
+        self.held.extend_from_slice(&frame);
+        Ok(())
     }
 }
 
@@ -202,15 +222,31 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     transport: Transport,
     deadline: tokio::time::Instant,
 ) -> Option<Rc<Conn>> {
-    match open(io, ctx, deadline).await {
-        Ok((claims, request_id, leftover)) => {
-            Some(ctx.open_session(&claims, request_id, transport, leftover))
+    let mut handshake = StreamHandshake {
+        io: &mut *io,
+        buf: BytesMut::new(),
+        held: BytesMut::new(),
+    };
+    match guarded_handshake(&mut handshake, ctx, deadline).await {
+        Ok((claims, request_id)) => {
+            let held = handshake.take_held();
+            // Keep frames pipelined after Authenticate, in a buffer of their own.
+            let leftover = if handshake.buf.is_empty() {
+                BytesMut::new()
+            } else {
+                BytesMut::from(&handshake.buf[..])
+            };
+            Some(ctx.open_session(&claims, request_id, transport, held, leftover))
         }
         Err(refusal) => {
             count_disconnect(transport, refusal.reason());
+            let mut last_words = BytesMut::from(&handshake.take_held()[..]);
             if let Some(frame) = refusal.frame(ctx.limits.shutdown_retry_after) {
+                last_words.extend_from_slice(&frame);
+            }
+            if !last_words.is_empty() {
                 let _ = tokio::time::timeout(ctx.limits.close_linger, async {
-                    io.write_all(&frame).await?;
+                    io.write_all(&last_words).await?;
                     io.shutdown().await
                 })
                 .await;
@@ -218,25 +254,6 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
             None
         }
     }
-}
-
-async fn open<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut S,
-    ctx: &ShardCtx,
-    deadline: tokio::time::Instant,
-) -> Result<(crate::auth::Claims, u64, BytesMut), Refusal> {
-    let mut transport = StreamHandshake {
-        io,
-        buf: BytesMut::new(),
-    };
-    let (claims, request_id) = guarded_handshake(&mut transport, ctx, deadline).await?;
-    // Keep frames pipelined after Authenticate, in a buffer of their own.
-    let leftover = if transport.buf.is_empty() {
-        BytesMut::new()
-    } else {
-        BytesMut::from(&transport.buf[..])
-    };
-    Ok((claims, request_id, leftover))
 }
 
 /// The handshake under the connection's auth deadline (see
@@ -256,5 +273,60 @@ pub(crate) async fn guarded_handshake<T: FrameTransport>(
             }))
         }
         _ = ctx.shutdown.cancelled() => Err(Refusal::ShuttingDown),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A frame on the wire: length prefix, then `payload`.
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut wire = (payload.len() as u32).to_be_bytes().to_vec();
+        wire.extend_from_slice(payload);
+        wire
+    }
+
+    #[tokio::test]
+    async fn answers_are_held_until_the_handshake_would_wait_for_the_peer() {
+        let (mut server_side, mut peer) = tokio::io::duplex(4096);
+        // The peer pipelines two frames.
+        peer.write_all(&[framed(b"hello"), framed(b"auth")].concat())
+            .await
+            .unwrap();
+        let mut handshake = StreamHandshake {
+            io: &mut server_side,
+            buf: BytesMut::new(),
+            held: BytesMut::new(),
+        };
+        let first = handshake.next_payload(1024).await.unwrap().unwrap();
+        assert_eq!(&first[..], b"hello");
+        handshake
+            .send(Bytes::from_static(b"hello-ack"))
+            .await
+            .unwrap();
+        // The second frame is already here: taking it writes nothing.
+        let second = handshake.next_payload(1024).await.unwrap().unwrap();
+        assert_eq!(&second[..], b"auth");
+        let mut probe = [0u8; 64];
+        assert!(
+            peer.read(&mut probe).now_or_never().is_none(),
+            "an answer went out while the peer's next frame was waiting"
+        );
+        handshake.send(Bytes::from_static(b"error")).await.unwrap();
+        // Nothing left to read: the held answers go out, in order, before
+        // the handshake waits, and the peer's answer to them comes back.
+        let peer_side = async {
+            let mut answers = [0u8; 14];
+            peer.read_exact(&mut answers).await.unwrap();
+            assert_eq!(&answers, b"hello-ackerror");
+            peer.write_all(&framed(b"retry")).await.unwrap();
+        };
+        let (third, ()) = tokio::join!(handshake.next_payload(1024), peer_side);
+        assert_eq!(&third.unwrap().unwrap()[..], b"retry");
+        assert!(handshake.take_held().is_empty());
     }
 }

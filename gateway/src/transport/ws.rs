@@ -124,6 +124,7 @@ pub(crate) async fn serve_websocket(
                 &claims,
                 request_id,
                 Transport::WebSocket,
+                Bytes::new(),
                 Default::default(),
             );
             drop(claims);
