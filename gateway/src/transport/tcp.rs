@@ -130,8 +130,11 @@ pub(crate) async fn accept_tls(
                 let ctx = ctx.clone();
                 let config = config.clone();
                 tokio::task::spawn_local(async move {
-                    let tls =
-                        tokio::time::timeout_at(deadline, tls_stream::accept(stream, config)).await;
+                    // Boxed: the handshake's state (rustls' connection,
+                    // about 1.3 KB) is freed when it ends, rather than
+                    // sizing the task for the connection's whole life.
+                    let handshake = Box::pin(tls_stream::accept(stream, config));
+                    let tls = tokio::time::timeout_at(deadline, handshake).await;
                     match tls {
                         Ok(Ok(stream)) => {
                             serve_stream(stream, ctx, Transport::Tls, deadline).await;

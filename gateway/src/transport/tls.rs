@@ -136,6 +136,10 @@ impl TlsMaterial {
         // Our order, not the client's: rustls clients (the SDK among
         // them) put AES-256-GCM-SHA384 first.
         config.ignore_client_order = true;
+        // The TCP listener's record layer takes the traffic keys over from
+        // rustls once the handshake is done (`transport::tls_record`);
+        // QUIC's configuration turns this off again.
+        config.enable_secret_extraction = true;
         Ok(Arc::new(config))
     }
 }

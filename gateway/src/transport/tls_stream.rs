@@ -1,15 +1,16 @@
-//! The server side of TLS over TCP, on rustls' unbuffered API: the
-//! handshake and then a byte stream ([`AsyncRead`] + [`AsyncWrite`]) that
-//! holds no buffer while the connection is idle.
+//! The server side of TLS over TCP: the handshake on rustls' unbuffered
+//! API, then a byte stream ([`AsyncRead`] + [`AsyncWrite`]) over our lean
+//! record layer (`tls_record`) that holds no buffer while the connection
+//! is idle.
 //!
 //! rustls' buffered connection (what tokio-rustls wraps) keeps a 4 KiB
 //! receive buffer for every connection from its first read to its close,
-//! though an idle chat connection has nothing in flight: that buffer was
-//! the largest part of an idle TLS session. Here the connection owns three
-//! buffers, each allocated only while it holds bytes: an unfinished record
-//! received, encrypted bytes the socket has not taken yet, and decrypted
-//! bytes the reader has not taken yet. What stays per connection is
-//! rustls' own state (keys, sequence numbers).
+//! though an idle chat connection has nothing in flight, and rustls'
+//! connection object itself keeps several KB more after the handshake.
+//! Here the connection owns three buffers, each allocated only while it
+//! holds bytes: an unfinished record received, encrypted bytes the socket
+//! has not taken yet, and decrypted bytes the reader has not taken yet.
+//! What stays per connection is two keys and their sequence numbers.
 
 use std::cell::RefCell;
 use std::io;
@@ -19,11 +20,11 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
-};
+use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::transport::tls_record::{Opened, RecordLayer};
 
 /// Bytes asked of the socket per read (a record larger than this takes
 /// several reads).
@@ -46,29 +47,56 @@ thread_local! {
 }
 
 /// Runs the server side of a TLS handshake on `tcp` (the caller bounds it
-/// in time).
+/// in time); the config must allow secret extraction (the record layer
+/// takes the keys over).
+///
+/// The stream comes boxed: a future holding it by value (the connection's
+/// task, its session driver) can keep more than one slot of its size
+/// across awaits, and it is some 800 bytes; a box is one word.
 pub(crate) async fn accept(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
-) -> io::Result<TlsStream> {
-    let tls = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
-    let mut stream = TlsStream {
+) -> io::Result<Box<TlsStream>> {
+    let mut handshake = Handshake {
         tcp,
-        tls,
+        tls: UnbufferedServerConnection::new(config).map_err(io::Error::other)?,
         incoming: BytesMut::new(),
         outgoing: BytesMut::new(),
         plaintext: BytesMut::new(),
+    };
+    std::future::poll_fn(|cx| handshake.poll_complete(cx)).await?;
+    let Handshake {
+        tcp,
+        tls,
+        incoming,
+        outgoing,
+        plaintext,
+    } = handshake;
+    Ok(Box::new(TlsStream {
+        tcp,
+        records: RecordLayer::take_over(tls)?,
+        incoming,
+        outgoing,
+        plaintext,
         read_closed: false,
         close_notify_sent: false,
-    };
-    std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
-    Ok(stream)
+    }))
+}
+
+/// A connection during its handshake: rustls drives it, and the buffers
+/// pass on to the [`TlsStream`].
+struct Handshake {
+    tcp: TcpStream,
+    tls: UnbufferedServerConnection,
+    incoming: BytesMut,
+    outgoing: BytesMut,
+    plaintext: BytesMut,
 }
 
 /// A TLS connection after its handshake. See the module docs.
 pub(crate) struct TlsStream {
     tcp: TcpStream,
-    tls: UnbufferedServerConnection,
+    records: RecordLayer,
     /// Received bytes not yet processed: an unfinished record. Empty and
     /// unallocated otherwise.
     incoming: BytesMut,
@@ -82,200 +110,152 @@ pub(crate) struct TlsStream {
     close_notify_sent: bool,
 }
 
-/// Where processing the received records stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    /// The handshake needs more bytes from the peer.
-    NeedMore,
-    /// Application data may be sent (and more bytes read).
-    Traffic,
-    /// The peer sent close_notify.
-    PeerClosed,
-}
-
 fn tls_error(error: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
-/// Processes every complete record in `incoming` (consumed bytes are
-/// dropped from it): handshake output goes to `outgoing`, decrypted bytes
-/// to `on_plaintext`, and `app_data`, if given, is encrypted into
-/// `outgoing` once the connection can send it.
-fn process(
-    tls: &mut UnbufferedServerConnection,
-    incoming: &mut BytesMut,
-    outgoing: &mut BytesMut,
-    mut app_data: Option<&[u8]>,
-    on_plaintext: &mut dyn FnMut(&[u8]),
-) -> io::Result<Step> {
-    loop {
-        let UnbufferedStatus { mut discard, state } = tls.process_tls_records(&mut incoming[..]);
-        let step = match state.map_err(tls_error)? {
-            ConnectionState::ReadTraffic(mut traffic) => {
-                while let Some(record) = traffic.next_record() {
-                    let record = record.map_err(tls_error)?;
-                    discard += record.discard;
-                    on_plaintext(record.payload);
-                }
-                None
-            }
-            ConnectionState::EncodeTlsData(mut data) => {
-                append_sized(outgoing, 512, |out| match data.encode(out) {
-                    Ok(written) => Ok(Ok(written)),
-                    Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                        Ok(Err(required_size))
-                    }
-                    Err(error) => Err(io::Error::other(error)),
-                })?;
-                None
-            }
-            // Our output is in `outgoing`, which is written before
-            // anything encrypted later.
-            ConnectionState::TransmitTlsData(data) => {
-                data.done();
-                None
-            }
-            ConnectionState::BlockedHandshake => Some(Step::NeedMore),
-            ConnectionState::WriteTraffic(mut traffic) => {
-                if let Some(data) = app_data.take() {
-                    // Each record adds a header, the content type and a tag.
-                    let room = data.len() + (data.len() / 16_384 + 1) * 32;
-                    append_sized(outgoing, room, |out| {
-                        encrypted_size(traffic.encrypt(data, out))
-                    })?;
-                }
-                Some(Step::Traffic)
-            }
-            ConnectionState::PeerClosed | ConnectionState::Closed => Some(Step::PeerClosed),
-            // Early data stays refused (max_early_data_size 0), so this
-            // and any later state are a broken peer.
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "unexpected TLS state",
-                ));
-            }
-        };
-        incoming.advance(discard);
-        if let Some(step) = step {
-            if incoming.is_empty() {
-                // Release the allocation: an idle connection holds none.
-                *incoming = BytesMut::new();
-            }
-            return Ok(step);
-        }
+/// Gives back `buf`'s allocation once it holds nothing: an idle
+/// connection holds no buffer.
+fn release_if_empty(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
     }
 }
 
-/// An encryption's outcome in `append_sized`'s terms: bytes written, or
-/// the size it needs.
-fn encrypted_size(outcome: Result<usize, EncryptError>) -> io::Result<Result<usize, usize>> {
-    match outcome {
-        Ok(written) => Ok(Ok(written)),
-        Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-            Ok(Err(required_size))
-        }
-        Err(error) => Err(io::Error::other(error)),
-    }
-}
-
-/// Appends what `write` puts into a slice (first of `room` bytes) to
-/// `buf`; `write` answers `Ok(Err(size))` when it needs `size` bytes.
-fn append_sized(
-    buf: &mut BytesMut,
-    mut room: usize,
-    mut write: impl FnMut(&mut [u8]) -> io::Result<Result<usize, usize>>,
-) -> io::Result<()> {
-    let start = buf.len();
-    loop {
-        buf.resize(start + room, 0);
-        match write(&mut buf[start..]) {
-            Ok(Ok(written)) => {
-                buf.truncate(start + written);
-                return Ok(());
-            }
-            Ok(Err(required)) if required > room => room = required,
-            Ok(Err(_)) => {
-                buf.truncate(start);
-                return Err(io::Error::other(
-                    "TLS output does not fit what it asked for",
-                ));
-            }
-            Err(error) => {
-                buf.truncate(start);
-                return Err(error);
-            }
-        }
-    }
-}
-
-impl TlsStream {
-    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+impl Handshake {
+    /// Drives the handshake until rustls would let application data be
+    /// sent and every byte of its own is out.
+    fn poll_complete(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             // The peer waits for our flight before it sends more.
-            ready!(self.poll_write_outgoing(cx))?;
-            let Self {
-                tls,
-                incoming,
-                outgoing,
-                plaintext,
-                ..
-            } = self;
-            // A client may send data right behind its Finished.
-            let step = process(tls, incoming, outgoing, None, &mut |bytes| {
-                plaintext.extend_from_slice(bytes)
-            })?;
-            match step {
-                Step::PeerClosed => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
-                Step::Traffic if !self.tls.is_handshaking() => {
-                    // Session tickets may still be on their way out;
-                    // later reads and writes flush them.
-                    let _ = self.poll_write_outgoing(cx)?;
-                    return Poll::Ready(Ok(()));
-                }
-                Step::NeedMore | Step::Traffic => {}
+            ready!(poll_write_all(&mut self.tcp, &mut self.outgoing, cx))?;
+            if self.process()? && !self.tls.is_handshaking() {
+                // Our last flight and the session tickets: the record
+                // layer takes over only once rustls holds nothing unsent.
+                ready!(poll_write_all(&mut self.tcp, &mut self.outgoing, cx))?;
+                return Poll::Ready(Ok(()));
             }
             if !self.outgoing.is_empty() {
                 continue;
             }
-            if ready!(self.poll_fill(cx))? == 0 {
+            if ready!(poll_fill(&mut self.tcp, &mut self.incoming, cx))? == 0 {
                 return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
             }
         }
     }
 
-    /// Reads what the socket has into `incoming`. Room is reserved only
-    /// once the socket has something, and given back if it had nothing:
-    /// an idle connection waits without a buffer.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.incoming.is_empty() {
-            ready!(self.tcp.poll_read_ready(cx))?;
-        }
-        self.incoming.reserve(READ_SIZE);
-        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.incoming);
-        if self.incoming.is_empty() && !matches!(read, Poll::Ready(Ok(n)) if n > 0) {
-            self.incoming = BytesMut::new();
-        }
-        read
-    }
-
-    /// Writes `outgoing` to the socket; Ready once all of it is out (its
-    /// allocation is then released).
-    fn poll_write_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.outgoing.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        while !self.outgoing.is_empty() {
-            let written = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing))?;
-            if written == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+    /// Processes every complete record in `incoming` (consumed bytes are
+    /// dropped from it): rustls' output goes to `outgoing`, application
+    /// data a client sent right behind its Finished to `plaintext`.
+    /// Answers whether the connection may now send application data.
+    fn process(&mut self) -> io::Result<bool> {
+        let Self {
+            tls,
+            incoming,
+            outgoing,
+            plaintext,
+            ..
+        } = self;
+        loop {
+            let UnbufferedStatus { mut discard, state } =
+                tls.process_tls_records(&mut incoming[..]);
+            let traffic = match state.map_err(tls_error)? {
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        let record = record.map_err(tls_error)?;
+                        discard += record.discard;
+                        plaintext.extend_from_slice(record.payload);
+                    }
+                    None
+                }
+                ConnectionState::EncodeTlsData(mut data) => {
+                    let start = outgoing.len();
+                    let mut room = 512;
+                    loop {
+                        outgoing.resize(start + room, 0);
+                        match data.encode(&mut outgoing[start..]) {
+                            Ok(written) => {
+                                outgoing.truncate(start + written);
+                                break;
+                            }
+                            Err(EncodeError::InsufficientSize(InsufficientSizeError {
+                                required_size,
+                            })) if required_size > room => room = required_size,
+                            Err(error) => {
+                                outgoing.truncate(start);
+                                return Err(io::Error::other(error));
+                            }
+                        }
+                    }
+                    None
+                }
+                // Our output is in `outgoing`, written before anything
+                // later.
+                ConnectionState::TransmitTlsData(data) => {
+                    data.done();
+                    None
+                }
+                ConnectionState::BlockedHandshake => Some(false),
+                ConnectionState::WriteTraffic(_) => Some(true),
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                // Early data stays refused (max_early_data_size 0), so this
+                // and any later state are a broken peer.
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "unexpected TLS state",
+                    ));
+                }
+            };
+            incoming.advance(discard);
+            if let Some(traffic) = traffic {
+                release_if_empty(incoming);
+                return Ok(traffic);
             }
-            self.outgoing.advance(written);
         }
-        self.outgoing = BytesMut::new();
-        Poll::Ready(Ok(()))
     }
+}
 
+/// Reads what the socket has into `incoming`. Room is reserved only once
+/// the socket has something, and given back if it had nothing: an idle
+/// connection waits without a buffer.
+fn poll_fill(
+    tcp: &mut TcpStream,
+    incoming: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if incoming.is_empty() {
+        ready!(tcp.poll_read_ready(cx))?;
+    }
+    incoming.reserve(READ_SIZE);
+    let read = tokio_util::io::poll_read_buf(Pin::new(tcp), cx, incoming);
+    if !matches!(read, Poll::Ready(Ok(n)) if n > 0) {
+        release_if_empty(incoming);
+    }
+    read
+}
+
+/// Writes `outgoing` to the socket; Ready once all of it is out (its
+/// allocation is then released).
+fn poll_write_all(
+    tcp: &mut TcpStream,
+    outgoing: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    while !outgoing.is_empty() {
+        let written = ready!(Pin::new(&mut *tcp).poll_write(cx, outgoing))?;
+        if written == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        outgoing.advance(written);
+    }
+    release_if_empty(outgoing);
+    Poll::Ready(Ok(()))
+}
+
+impl TlsStream {
     /// Moves decrypted bytes waiting in `plaintext` into `buf`.
     fn take_plaintext(&mut self, buf: &mut ReadBuf<'_>) {
         if self.plaintext.is_empty() {
@@ -284,9 +264,7 @@ impl TlsStream {
         let n = self.plaintext.len().min(buf.remaining());
         buf.put_slice(&self.plaintext[..n]);
         self.plaintext.advance(n);
-        if self.plaintext.is_empty() {
-            self.plaintext = BytesMut::new();
-        }
+        release_if_empty(&mut self.plaintext);
     }
 }
 
@@ -302,11 +280,6 @@ impl AsyncRead for TlsStream {
         }
         let before = buf.filled().len();
         loop {
-            // Owed handshake output (tickets, a key update) goes out as
-            // soon as the socket takes it; a full socket wakes us later.
-            if let Poll::Ready(Err(error)) = this.poll_write_outgoing(cx) {
-                return Poll::Ready(Err(error));
-            }
             this.take_plaintext(buf);
             // Bytes handed over (or the end) make this read ready: a
             // Pending now would lose them.
@@ -315,25 +288,25 @@ impl AsyncRead for TlsStream {
             }
             if !this.incoming.is_empty() {
                 let Self {
-                    tls,
+                    records,
                     incoming,
-                    outgoing,
                     plaintext,
                     ..
                 } = &mut *this;
-                let step = process(tls, incoming, outgoing, None, &mut |bytes| {
+                let opened = records.open(incoming, &mut |bytes| {
                     let direct = bytes.len().min(buf.remaining());
                     buf.put_slice(&bytes[..direct]);
                     plaintext.extend_from_slice(&bytes[direct..]);
                 })?;
-                if step == Step::PeerClosed {
+                release_if_empty(incoming);
+                if opened == Opened::PeerClosed {
                     this.read_closed = true;
                 }
                 if buf.filled().len() > before || this.read_closed {
                     continue;
                 }
             }
-            if ready!(this.poll_fill(cx))? == 0 {
+            if ready!(poll_fill(&mut this.tcp, &mut this.incoming, cx))? == 0 {
                 // The socket ended without close_notify: the end all the
                 // same (frames are length-prefixed, so a cut frame shows).
                 this.read_closed = true;
@@ -361,7 +334,7 @@ impl AsyncWrite for TlsStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         // Earlier output first: this is where a slow reader pushes back.
-        ready!(this.poll_write_outgoing(cx))?;
+        ready!(poll_write_all(&mut this.tcp, &mut this.outgoing, cx))?;
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let Scratch { gathered, sealed } = &mut *scratch;
@@ -377,25 +350,7 @@ impl AsyncWrite for TlsStream {
             if gathered.is_empty() {
                 return Poll::Ready(Ok(0));
             }
-            let Self {
-                tls,
-                incoming,
-                plaintext,
-                ..
-            } = &mut *this;
-            let step = process(tls, incoming, sealed, Some(&gathered[..]), &mut |bytes| {
-                plaintext.extend_from_slice(bytes)
-            })?;
-            if step != Step::Traffic {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "TLS connection cannot send",
-                )));
-            }
-            if !this.plaintext.is_empty() {
-                // Data for the reader turned up: make sure it is polled.
-                cx.waker().wake_by_ref();
-            }
+            this.records.seal(gathered, sealed)?;
             // Straight from the thread's buffer to the socket; only what
             // the socket does not take now is kept, in `outgoing`.
             let mut written = 0;
@@ -420,29 +375,18 @@ impl AsyncWrite for TlsStream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_write_outgoing(cx))?;
+        ready!(poll_write_all(&mut this.tcp, &mut this.outgoing, cx))?;
         Pin::new(&mut this.tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.close_notify_sent {
-            ready!(this.poll_write_outgoing(cx))?;
+            ready!(poll_write_all(&mut this.tcp, &mut this.outgoing, cx))?;
             this.close_notify_sent = true;
-            let Self {
-                tls,
-                incoming,
-                outgoing,
-                ..
-            } = &mut *this;
-            let status = tls.process_tls_records(&mut incoming[..]);
-            if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
-                append_sized(outgoing, 64, |out| {
-                    encrypted_size(traffic.queue_close_notify(out))
-                })?;
-            }
+            this.records.seal_close_notify(&mut this.outgoing)?;
         }
-        ready!(this.poll_write_outgoing(cx))?;
+        ready!(poll_write_all(&mut this.tcp, &mut this.outgoing, cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }
@@ -450,6 +394,7 @@ impl AsyncWrite for TlsStream {
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream")
+            .field("records", &self.records)
             .field("incoming", &self.incoming.len())
             .field("outgoing", &self.outgoing.len())
             .field("plaintext", &self.plaintext.len())
@@ -469,7 +414,7 @@ mod tests {
     use crate::transport::tls::TlsMaterial;
 
     struct Pair {
-        server: TlsStream,
+        server: Box<TlsStream>,
         client: tokio_rustls::client::TlsStream<TcpStream>,
         resumed: bool,
     }
@@ -503,7 +448,7 @@ mod tests {
             .await
             .unwrap();
         let server = server.await.unwrap();
-        let resumed = server.tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let resumed = server.records.resumed();
         Pair {
             server,
             client,
@@ -596,8 +541,126 @@ mod tests {
         let first_choice = rustls::crypto::ring::default_provider().cipher_suites[0].suite();
         assert_eq!(first_choice, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
         let pair = connect(&material.server_config().unwrap(), &client_config).await;
-        let suite = pair.server.tls.negotiated_cipher_suite().unwrap().suite();
+        let suite = pair.server.records.cipher_suite().suite();
         assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    }
+
+    /// Writes `message` on one side and reads it whole on the other.
+    async fn server_to_client(pair: &mut Pair, message: &[u8]) {
+        pair.server.write_all(message).await.unwrap();
+        pair.server.flush().await.unwrap();
+        let mut got = vec![0u8; message.len()];
+        pair.client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, message);
+    }
+
+    async fn client_to_server(pair: &mut Pair, message: &[u8]) {
+        pair.client.write_all(message).await.unwrap();
+        pair.client.flush().await.unwrap();
+        let mut got = vec![0u8; message.len()];
+        pair.server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, message);
+    }
+
+    /// Near the suite's record limit the server replaces its key (a
+    /// KeyUpdate under the old key, the rest under the new), and the
+    /// client reads on through every change.
+    #[tokio::test]
+    async fn the_server_changes_its_key_before_the_record_limit() {
+        let material = TlsMaterial::load_or_generate(None, None, true).unwrap();
+        let mut pair = connect(
+            &material.server_config().unwrap(),
+            &client_config(&material),
+        )
+        .await;
+        // Each key seals at most 4 records, the KeyUpdate among them.
+        pair.server.records.set_tx_limit(4);
+        for i in 0..10u8 {
+            server_to_client(&mut pair, &[i; 100]).await;
+        }
+        // A 40,000-byte write is 3 records: the limit falls inside it.
+        server_to_client(&mut pair, &[7; 40_000]).await;
+        let (ours, theirs) = pair.server.records.key_updates();
+        assert!(ours >= 4, "{:?}", pair.server);
+        assert_eq!(theirs, 0);
+        client_to_server(&mut pair, b"still both ways").await;
+    }
+
+    /// A client's KeyUpdate changes the key the server reads with; when it
+    /// asks for the server's, one is sent before the server's next data.
+    #[tokio::test]
+    async fn a_clients_key_update_is_followed_and_answered() {
+        let material = TlsMaterial::load_or_generate(None, None, true).unwrap();
+        let mut pair = connect(
+            &material.server_config().unwrap(),
+            &client_config(&material),
+        )
+        .await;
+        client_to_server(&mut pair, b"before").await;
+        for round in 1..=3u32 {
+            // rustls' refresh asks for the peer's update too.
+            pair.client.get_mut().1.refresh_traffic_keys().unwrap();
+            client_to_server(&mut pair, b"under the client's new key").await;
+            assert_eq!(pair.server.records.key_updates(), (round - 1, round));
+            server_to_client(&mut pair, b"under the server's new key").await;
+            assert_eq!(pair.server.records.key_updates(), (round, round));
+        }
+    }
+
+    /// TLS 1.2 clients are still served, on the same record layer.
+    #[tokio::test]
+    async fn a_tls12_client_is_served() {
+        let material = TlsMaterial::load_or_generate(None, None, true).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(material.chain[0].clone()).unwrap();
+        let tls12 = Arc::new(
+            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let mut pair = connect(&material.server_config().unwrap(), &tls12).await;
+        assert_eq!(
+            pair.server.records.cipher_suite().version(),
+            &rustls::version::TLS12
+        );
+        for size in [1usize, 100, 20_000] {
+            let message: Vec<u8> = (0..size).map(|i| (i % 249) as u8).collect();
+            client_to_server(&mut pair, &message).await;
+            server_to_client(&mut pair, &message).await;
+        }
+        pair.client.shutdown().await.unwrap();
+        let mut end = Vec::new();
+        pair.server.read_to_end(&mut end).await.unwrap();
+        assert!(end.is_empty());
+    }
+
+    /// Records the record layer must refuse, written raw under the
+    /// client's TLS session: each fails the server's read, and none is
+    /// waited for beyond its header.
+    #[tokio::test]
+    async fn a_forged_oversize_or_out_of_place_record_fails_the_read() {
+        let material = TlsMaterial::load_or_generate(None, None, true).unwrap();
+        let server_config = material.server_config().unwrap();
+        let client_config = client_config(&material);
+        let forged: [&[u8]; 3] = [
+            // Application data that does not decrypt.
+            &[
+                23, 3, 3, 0, 20, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+                20,
+            ],
+            // Longer than TLS 1.3 allows: refused from the header alone.
+            &[23, 3, 3, 0x41, 0x01],
+            // A cleartext ChangeCipherSpec after the handshake.
+            &[20, 3, 3, 0, 1, 1],
+        ];
+        for record in forged {
+            let mut pair = connect(&server_config, &client_config).await;
+            client_to_server(&mut pair, b"fine so far").await;
+            pair.client.get_mut().0.write_all(record).await.unwrap();
+            let mut byte = [0u8; 1];
+            let error = pair.server.read(&mut byte).await.unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{record:?}");
+        }
     }
 
     #[tokio::test]
