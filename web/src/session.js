@@ -79,10 +79,7 @@ export class Session {
     socket.binaryType = "arraybuffer";
     this.socket = socket;
     this.timers.handshake = setTimeout(() => this.drop("handshake timed out"), HANDSHAKE_TIMEOUT_MS);
-    socket.onopen = () => this.write(HELLO_REQUEST, {
-      case: "hello",
-      value: { maxVersion: PROTOCOL_VERSION, minVersion: PROTOCOL_VERSION, clientName: "pingme-web/0.1" },
-    });
+    socket.onopen = () => this.open(socket);
     socket.onmessage = (message) => {
       if (socket !== this.socket) return;
       this.lastFrameAt = Date.now();
@@ -93,11 +90,35 @@ export class Session {
         this.drop(`undecodable frame: ${error.message}`);
         return;
       }
-      for (const frame of frames) this.handle(socket, frame);
+      for (const frame of frames) this.handle(frame);
     };
     socket.onclose = () => {
       if (socket === this.socket) this.drop("connection closed");
     };
+  }
+
+  /**
+   * Hello and Authenticate leave together (the protocol allows it), so a
+   * (re)connect waits one round trip, not two. The token is asked for
+   * once the socket is open, as before: an unreachable server does not
+   * make the page refresh tokens.
+   */
+  async open(socket) {
+    let token;
+    try {
+      token = await this.token({ force: this.forceRefresh });
+      this.forceRefresh = false;
+    } catch (error) {
+      if (socket === this.socket) this.drop(`no token: ${error.message}`, { signedOut: true });
+      return;
+    }
+    // The connection may have been replaced while the token refreshed.
+    if (socket !== this.socket) return;
+    this.write(HELLO_REQUEST, {
+      case: "hello",
+      value: { maxVersion: PROTOCOL_VERSION, minVersion: PROTOCOL_VERSION, clientName: "pingme-web/0.1" },
+    });
+    this.write(AUTH_REQUEST, { case: "authenticate", value: { token } });
   }
 
   write(requestId, body) {
@@ -106,22 +127,14 @@ export class Session {
     return true;
   }
 
-  async handle(socket, frame) {
+  handle(frame) {
     const { case: kind, value } = frame.body;
     const requestId = Number(frame.requestId);
     if (!this.online) {
       if (kind === "helloAck") {
+        // Its heartbeat interval is used once the session is open; a
+        // version the page does not speak comes as a fatal error instead.
         this.helloAck = value;
-        try {
-          const token = await this.token({ force: this.forceRefresh });
-          this.forceRefresh = false;
-          // The connection may have been replaced while the token refreshed.
-          if (socket === this.socket) {
-            this.write(AUTH_REQUEST, { case: "authenticate", value: { token } });
-          }
-        } catch (error) {
-          this.drop(`no token: ${error.message}`, { signedOut: true });
-        }
         return;
       }
       if (kind === "authOk") {

@@ -31,6 +31,26 @@ export async function openProfile(browser, url, name, errors) {
     document.addEventListener("securitypolicyviolation", (event) => {
       console.error(`CSP violation: ${event.violatedDirective} ${event.blockedURI}`);
     });
+    // Every WebSocket the page opens: how many messages it sent before the
+    // server's first answer (`window.__openings`, see `openings`). Our
+    // listener is added before the page's, so it runs first.
+    const Native = window.WebSocket;
+    window.__openings = [];
+    window.WebSocket = class extends Native {
+      constructor(...args) {
+        super(...args);
+        const opening = { sentBeforeAnswer: 0, answered: false };
+        window.__openings.push(opening);
+        this.__opening = opening;
+        this.addEventListener("message", () => {
+          opening.answered = true;
+        });
+      }
+      send(data) {
+        if (!this.__opening.answered) this.__opening.sentBeforeAnswer += 1;
+        super.send(data);
+      }
+    };
   });
   await page.setViewport({ width: 960, height: 600 });
   await page.goto(url);
@@ -40,4 +60,9 @@ export async function openProfile(browser, url, name, errors) {
 /** Waits until the page says it is connected. */
 export function waitOnline(page, wait) {
   return page.waitForFunction(() => document.getElementById("status").dataset.state === "online", wait);
+}
+
+/** What `openProfile`'s hook saw of each WebSocket the current document opened. */
+export function openings(page) {
+  return page.evaluate(() => window.__openings);
 }

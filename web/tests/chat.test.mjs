@@ -8,7 +8,7 @@
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { launchBrowser, openProfile, waitOnline as waitOnlineWithin } from "./browser.mjs";
+import { launchBrowser, openings, openProfile, waitOnline as waitOnlineWithin } from "./browser.mjs";
 
 const BASE = process.env.PINGME_URL;
 const SCREENSHOT = process.env.WEBCHAT_SCREENSHOT;
@@ -244,6 +244,14 @@ test("after a network drop alice reconnects and syncs what she missed", async ()
   const texts = await messageTexts(bob);
   assert.equal(texts.filter((text) => text === "written offline").length, 1);
   assert.equal(await alice.$("#messages .message.pending"), null);
+});
+
+test("every connection sent Hello and Authenticate before the server's first answer", async () => {
+  // alice's page since its reload: the first connection and the one after
+  // the network drop.
+  const seen = (await openings(people.alice)).filter((opening) => opening.answered);
+  assert.ok(seen.length >= 2, JSON.stringify(seen));
+  for (const opening of seen) assert.ok(opening.sentBeforeAnswer >= 2, JSON.stringify(seen));
 });
 
 test("no script errors on either page", () => {
