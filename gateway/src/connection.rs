@@ -265,6 +265,10 @@ impl Conn {
         if first < frame.len() {
             let rest = frame.split_off(first);
             out.queue.push_front(rest);
+        } else if out.queue.is_empty() {
+            // An idle connection keeps no queue allocation (as with
+            // `poll_flush_queue`).
+            out.queue = VecDeque::new();
         }
         out.queued_bytes -= frame.len();
         Some(frame)
@@ -408,5 +412,8 @@ mod tests {
         // Split, not copied: the pieces point into the merged buffer.
         assert_eq!(popped[2].as_ptr(), merged[frame(2).len()..].as_ptr());
         assert_eq!(conn.out.borrow().queued_bytes, 0);
+        // Drained, the queue gives its allocation back: an idle
+        // connection holds none.
+        assert_eq!(conn.out.borrow().queue.capacity(), 0);
     }
 }

@@ -182,7 +182,7 @@ async fn run_inbox(ctx: Rc<ShardCtx>, mut inbox: UnboundedReceiver<ShardCommand>
                 }
                 ShardCommand::Drained => ctx.inbox_drained.notify_one(),
                 ShardCommand::AdoptWebSocket(socket, deadline) => {
-                    tokio::task::spawn_local(ws::serve_websocket(*socket, ctx.clone(), deadline));
+                    tokio::task::spawn_local(ws::serve_websocket(socket, ctx.clone(), deadline));
                 }
             }
         }

@@ -28,11 +28,14 @@ use crate::shard_context::{ShardCtx, count_disconnect};
 use crate::transport::stream::after_flush;
 use crate::transport::tcp::guarded_handshake;
 
-/// Read buffer of a WebSocket connection, held for the connection's life:
-/// a client's frames are small (a chat message is well under it; a larger
-/// frame reserves its whole length once its header is read). Also the most
-/// asked of the socket per read, so a large frame takes several reads.
-pub(crate) const WS_READ_BUFFER: usize = 512;
+/// Read buffer of a WebSocket connection, held for the connection's life
+/// (tungstenite keeps it): most of a client's frames fit (acks, typing,
+/// reads, a short chat message; a larger frame reserves its whole length
+/// once its header is read). Also the most asked of the socket per read,
+/// so a larger frame takes several reads: an Authenticate with its token
+/// two, a 64 KiB frame some 340. A browser sends little; every idle tab
+/// holds this.
+pub(crate) const WS_READ_BUFFER: usize = 192;
 
 /// The WebSocket route (`GET /v1/ws`), to merge into the HTTP app. It
 /// answers 503 until the gateway has started.
@@ -105,45 +108,56 @@ impl FrameTransport for WsHandshake<'_> {
     }
 }
 
-/// Serves one WebSocket on this shard.
+/// Serves one WebSocket on this shard. The socket stays boxed: a future
+/// holding it by value can keep more than one slot of its size across
+/// awaits, which made every idle WebSocket's task about 1.2 KB.
 pub(crate) async fn serve_websocket(
-    mut socket: WebSocket,
+    mut socket: Box<WebSocket>,
     ctx: Rc<ShardCtx>,
     deadline: tokio::time::Instant,
 ) {
-    let outcome = Box::pin(async {
-        let mut transport = WsHandshake {
-            socket: &mut socket,
-        };
-        guarded_handshake(&mut transport, &ctx, deadline).await
-    })
+    // Boxed: the handshake, its timers and the refusal path live only
+    // while they run, so the connection's task stays small afterwards.
+    if let Some(conn) = Box::pin(admit(&mut socket, &ctx, deadline)).await {
+        let mut linger: Option<Pin<Box<Sleep>>> = None;
+        poll_fn(|cx| poll_websocket(&mut socket, &conn, &ctx, &mut linger, cx)).await;
+        ctx.forget(&conn);
+    }
+    // Boxed: the timer exists only while closing.
+    let _ = Box::pin(tokio::time::timeout(
+        ctx.limits.close_linger,
+        socket.close(),
+    ))
     .await;
-    match outcome {
-        Ok((claims, request_id)) => {
-            let conn = ctx.open_session(
-                &claims,
-                request_id,
-                Transport::WebSocket,
-                Bytes::new(),
-                Default::default(),
-            );
-            drop(claims);
-            let mut linger: Option<Pin<Box<Sleep>>> = None;
-            poll_fn(|cx| poll_websocket(&mut socket, &conn, &ctx, &mut linger, cx)).await;
-            ctx.forget(&conn);
-        }
+}
+
+/// The handshake: a new session, or the refusal told to the client.
+async fn admit(
+    socket: &mut WebSocket,
+    ctx: &ShardCtx,
+    deadline: tokio::time::Instant,
+) -> Option<Rc<Conn>> {
+    let mut transport = WsHandshake { socket };
+    match guarded_handshake(&mut transport, ctx, deadline).await {
+        Ok((claims, request_id)) => Some(ctx.open_session(
+            &claims,
+            request_id,
+            Transport::WebSocket,
+            Bytes::new(),
+            Default::default(),
+        )),
         Err(refusal) => {
             count_disconnect(Transport::WebSocket, refusal.reason());
             if let Some(frame) = refusal.frame(ctx.limits.shutdown_retry_after) {
                 let _ = tokio::time::timeout(
                     ctx.limits.close_linger,
-                    socket.send(Message::Binary(frame)),
+                    transport.socket.send(Message::Binary(frame)),
                 )
                 .await;
             }
+            None
         }
     }
-    let _ = tokio::time::timeout(ctx.limits.close_linger, socket.close()).await;
 }
 
 fn poll_websocket(
