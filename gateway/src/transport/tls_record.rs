@@ -35,6 +35,10 @@ pub(crate) const MAX_PLAINTEXT: usize = 16_384;
 /// The handshake type of a TLS 1.3 KeyUpdate.
 const KEY_UPDATE: u8 = 24;
 
+/// KeyUpdates a peer may send in a row without application data between
+/// them (each costs a key derivation): as BoringSSL and rustls allow.
+const MAX_KEY_UPDATES_IN_A_ROW: u8 = 32;
+
 /// Why the record layer gave up on a connection.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RecordError {
@@ -79,6 +83,8 @@ pub(crate) struct RecordLayer {
     /// The peer asked for our key update; it goes out before our next
     /// record (RFC 8446 4.6.3; several requests are answered by one).
     key_update_owed: bool,
+    /// The peer's KeyUpdates since its last application data.
+    key_updates_in_a_row: u8,
     /// How many times each side's key changed (tests and Debug).
     tx_updates: u32,
     rx_updates: u32,
@@ -102,6 +108,7 @@ impl RecordLayer {
             rx_seq,
             tx_limit: suite_confidentiality_limit(suite),
             key_update_owed: false,
+            key_updates_in_a_row: 0,
             tx_updates: 0,
             rx_updates: 0,
             resumed,
@@ -211,7 +218,13 @@ impl RecordLayer {
             }
             let mut closed = false;
             match opened.typ {
-                ContentType::ApplicationData => deliver(opened.payload),
+                ContentType::ApplicationData => {
+                    // Empty records do not count as data here.
+                    if !opened.payload.is_empty() {
+                        self.key_updates_in_a_row = 0;
+                    }
+                    deliver(opened.payload);
+                }
                 ContentType::Alert => match *opened.payload {
                     [_, 0] => closed = true,
                     [_, description] => return Err(RecordError::Alert(description)),
@@ -219,6 +232,10 @@ impl RecordLayer {
                 },
                 ContentType::Handshake if tls13 => {
                     let requested = key_update(opened.payload)?;
+                    if self.key_updates_in_a_row == MAX_KEY_UPDATES_IN_A_ROW {
+                        return Err(RecordError::Protocol("too many key updates in a row"));
+                    }
+                    self.key_updates_in_a_row += 1;
                     let (seq, secrets) = self.kernel.update_rx_secret()?;
                     self.rx = decrypter(self.kernel.negotiated_cipher_suite(), secrets)?;
                     self.rx_seq = seq;

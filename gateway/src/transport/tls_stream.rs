@@ -607,6 +607,39 @@ mod tests {
         }
     }
 
+    /// A peer that keeps changing keys without sending data is cut off
+    /// (each change costs the server a key derivation); one that sends
+    /// data between changes may change them as often as it likes.
+    #[tokio::test]
+    async fn a_flood_of_key_updates_without_data_fails_the_read() {
+        let material = TlsMaterial::load_or_generate(None, None, true).unwrap();
+        let server_config = material.server_config().unwrap();
+        let client_config = client_config(&material);
+
+        let mut pair = connect(&server_config, &client_config).await;
+        for _ in 0..3 {
+            for _ in 0..32 {
+                pair.client.get_mut().1.refresh_traffic_keys().unwrap();
+            }
+            client_to_server(&mut pair, b"data between").await;
+        }
+        assert_eq!(pair.server.records.key_updates().1, 96);
+
+        let mut pair = connect(&server_config, &client_config).await;
+        for _ in 0..33 {
+            pair.client.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        pair.client.write_all(b"too late").await.unwrap();
+        pair.client.flush().await.unwrap();
+        let mut buf = [0u8; 8];
+        let error = pair.server.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            error.to_string().contains("too many key updates"),
+            "{error}"
+        );
+    }
+
     /// TLS 1.2 clients are still served, on the same record layer.
     #[tokio::test]
     async fn a_tls12_client_is_served() {
