@@ -30,7 +30,7 @@ use rustls::{
 const HEADER_LEN: usize = 5;
 
 /// Plaintext bytes one record carries at most (RFC 8446 5.1).
-pub(crate) const MAX_PLAINTEXT: usize = 16_384;
+const MAX_PLAINTEXT: usize = 16_384;
 
 /// The handshake type of a TLS 1.3 KeyUpdate.
 const KEY_UPDATE: u8 = 24;

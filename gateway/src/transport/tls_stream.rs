@@ -420,10 +420,18 @@ mod tests {
     }
 
     fn client_config(material: &TlsMaterial) -> Arc<rustls::ClientConfig> {
+        client_config_for(material, rustls::DEFAULT_VERSIONS)
+    }
+
+    /// A client trusting `material`'s certificate that speaks `versions`.
+    fn client_config_for(
+        material: &TlsMaterial,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(material.chain[0].clone()).unwrap();
         Arc::new(
-            rustls::ClientConfig::builder()
+            rustls::ClientConfig::builder_with_protocol_versions(versions)
                 .with_root_certificates(roots)
                 .with_no_client_auth(),
         )
@@ -644,13 +652,7 @@ mod tests {
     #[tokio::test]
     async fn a_tls12_client_is_served() {
         let material = TlsMaterial::load_or_generate(None, None, true).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(material.chain[0].clone()).unwrap();
-        let tls12 = Arc::new(
-            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        );
+        let tls12 = client_config_for(&material, &[&rustls::version::TLS12]);
         let mut pair = connect(&material.server_config().unwrap(), &tls12).await;
         assert_eq!(
             pair.server.records.cipher_suite().version(),
