@@ -198,6 +198,11 @@ struct RunArgs {
     /// Heartbeat period in seconds (default: the server's).
     #[arg(long)]
     heartbeat: Option<f64>,
+    /// Milliseconds a delivery ack waits so one frame acknowledges what
+    /// arrived meanwhile (as the SDK does, `CoreConfig::ack_delay`); acks
+    /// also ride with the next send. 0: ack after every read.
+    #[arg(long, default_value_t = 100)]
+    ack_delay_ms: u64,
     /// chat: messages per second per connection.
     #[arg(long, default_value_t = 1.0)]
     rate: f64,
@@ -452,6 +457,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<bool> {
         duration: Duration::from_secs_f64(args.duration),
         drain: Duration::from_secs_f64(args.drain),
         heartbeat: args.heartbeat.map(Duration::from_secs_f64),
+        ack_delay: Duration::from_millis(args.ack_delay_ms),
         rate_per_connection: args.rate,
         body_size: args.size,
         group: args.group.clone(),

@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -80,6 +81,8 @@ pub struct Plan {
     pub duration: Duration,
     pub drain: Duration,
     pub heartbeat: Option<Duration>,
+    /// How long delivery acks wait for more to acknowledge (zero: none).
+    pub ack_delay: Duration,
     pub rate_per_connection: f64,
     pub body_size: usize,
     pub group: String,
@@ -869,6 +872,14 @@ fn fetch_frame(requests: &mut Requests, conversation_id: &str, after_seq: u64) -
     }
 }
 
+/// When held delivery acks are due (never without a timer).
+async fn ack_due(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next tick of a timer a connection may not have (never, then).
 async fn tick(timer: &mut Option<tokio::time::Interval>) {
     match timer {
@@ -939,6 +950,10 @@ async fn drive(
         ..Requests::default()
     };
     let mut batch = Batch::default();
+    // Delivery acks wait up to the ack delay from the first arrival after
+    // the last ack, or ride with the next frame written (as in the SDK).
+    let mut ack_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut ack_armed = false;
 
     let conversation_id = match role {
         Role::Chat { conversation_id } => conversation_id.clone(),
@@ -994,7 +1009,21 @@ async fn drive(
                     }
                     batch.record(shared);
                     match result {
-                        Ok(()) => send_followups(&mut sink, followups, &mut requests.acks).await,
+                        Ok(()) if followups.is_empty() && !plan.ack_delay.is_zero() => {
+                            if !ack_armed && !requests.acks.is_empty() {
+                                let due = tokio::time::Instant::now() + plan.ack_delay;
+                                match &mut ack_timer {
+                                    Some(timer) => timer.as_mut().reset(due),
+                                    None => ack_timer = Some(Box::pin(tokio::time::sleep_until(due))),
+                                }
+                                ack_armed = true;
+                            }
+                            Ok(())
+                        }
+                        Ok(()) => {
+                            ack_armed = false;
+                            send_followups(&mut sink, followups, &mut requests.acks).await
+                        }
                         err => err,
                     }
                 }
@@ -1003,6 +1032,10 @@ async fn drive(
                     return lost(shared, &mut requests);
                 }
             },
+            _ = ack_due(&mut ack_timer), if ack_armed => {
+                ack_armed = false;
+                send_followups(&mut sink, Vec::new(), &mut requests.acks).await
+            }
             _ = heartbeat.tick() => {
                 sink.send(ClientFrame {
                     request_id: 0,
@@ -1028,7 +1061,10 @@ async fn drive(
                     if result.is_err() { break; }
                 }
                 match result {
-                    Ok(()) => sink.flush().await,
+                    Ok(()) => {
+                        ack_armed = false;
+                        flush_with_acks(&mut sink, &mut requests.acks).await
+                    }
                     err => err,
                 }
             }
@@ -1120,7 +1156,7 @@ fn lost(shared: &Shared, requests: &mut Requests) -> Ended {
     Ended::Lost
 }
 
-/// Frames handled per wake-up before the acks go out.
+/// Frames handled per wake-up before the acks go out (or are held back).
 const DRAIN_PER_TURN: usize = 256;
 
 /// The next fetch pages the batch asked for, then one cumulative delivery
@@ -1136,6 +1172,15 @@ async fn send_followups(
     for frame in followups {
         sink.feed(frame).await?;
     }
+    flush_with_acks(sink, acks).await
+}
+
+/// Writes what was fed, with a `DeliveryAck` for each conversation in
+/// `acks` (drained) in front of the flush.
+async fn flush_with_acks(
+    sink: &mut pingme_client::transport::FrameSink,
+    acks: &mut FxHashMap<String, u64>,
+) -> pingme_client::Result<()> {
     for (conversation_id, seq) in acks.drain() {
         sink.feed(ClientFrame {
             request_id: 0,

@@ -100,6 +100,14 @@ pub struct CoreConfig {
     /// Heartbeat periods without any frame from the server after which the
     /// connection is declared dead (docs/protocol.md: "about three").
     pub dead_after_heartbeats: u32,
+    /// How long a `DeliveryAck` may wait so that one frame acknowledges
+    /// everything that arrived meanwhile (a burst in a busy group, a sync's
+    /// pages). Acks also go out with the next frame the client writes
+    /// anyway, and before a [`Command::Close`]. Zero: ack every read at
+    /// once. The server writes delivered watermarks in windows of its own,
+    /// and this device's sync starts from what it holds, so a short delay
+    /// costs nothing but a few refetched seqs if the app is killed.
+    pub ack_delay: Duration,
     /// Seed of the jitter RNG.
     pub rng_seed: u64,
     /// Whether a failure of the very first connection is retried like a
@@ -125,6 +133,7 @@ impl CoreConfig {
             watermarks: Vec::new(),
             default_heartbeat: Duration::from_secs(30),
             dead_after_heartbeats: 3,
+            ack_delay: Duration::from_millis(100),
             rng_seed: 0,
             retry_first_connect: false,
             unix_ms_at_start: 0,
@@ -374,7 +383,10 @@ impl ClientCore {
     /// A core that starts by asking for a transport
     /// ([`Transmit::Connect`]).
     pub fn new(config: CoreConfig, now: Instant) -> ClientCore {
-        let held = Held::new(Watermarks::from_saved(config.watermarks.iter().cloned()));
+        let held = Held::new(
+            Watermarks::from_saved(config.watermarks.iter().cloned()),
+            config.ack_delay,
+        );
         let mut core = ClientCore {
             rng: StdRng::seed_from_u64(config.rng_seed),
             started: now,
@@ -485,8 +497,15 @@ impl ClientCore {
         let body = match command {
             Command::Close => {
                 if !self.is_closed() {
-                    self.out.transmits.push_back(Transmit::Disconnect);
+                    let ready = matches!(self.link, Link::Ready(_));
+                    // Stopping drops the frames still queued for this
+                    // connection; what this device holds is told after
+                    // that, right before it goes.
                     self.stop(ClientError::Closed);
+                    if ready {
+                        self.held.flush_acks(&mut self.out);
+                    }
+                    self.out.transmits.push_back(Transmit::Disconnect);
                 }
                 return None;
             }
@@ -512,6 +531,7 @@ impl ClientCore {
             return Some(RequestId(request_id));
         }
         if matches!(self.link, Link::Ready(_)) {
+            self.held.flush_acks(&mut self.out);
             self.out.frame(request_id, body.clone());
         }
         // Otherwise it goes out once the next connection is authenticated.
@@ -555,6 +575,9 @@ impl ClientCore {
             Link::Ready(liveness) => {
                 if now >= liveness.last_heard + liveness.heartbeat.saturating_mul(dead_after) {
                     return self.session_lost(now, ClientError::Timeout);
+                }
+                if self.held.ack_due().is_some_and(|due| due <= now) {
+                    self.held.flush_acks(&mut self.out);
                 }
                 if now >= next_ping(liveness, self.out.last_sent) {
                     liveness.last_ping = now;
@@ -602,7 +625,8 @@ impl ClientCore {
                 Some(
                     next_ping(liveness, self.out.last_sent)
                         .min(dead)
-                        .min(retry.unwrap_or(dead)),
+                        .min(retry.unwrap_or(dead))
+                        .min(self.held.ack_due().unwrap_or(dead)),
                 )
             }
             Link::Closed => None,
@@ -847,8 +871,10 @@ impl ClientCore {
             device_id: ok.device_id,
             reconnected,
         });
-        // Unanswered requests first, with their original bodies: a send
-        // goes out again with the same client_msg_id.
+        // Acks a lost connection never sent, then unanswered requests with
+        // their original bodies: a send goes out again with the same
+        // client_msg_id.
+        self.held.flush_acks(&mut self.out);
         for (request_id, pending) in &self.pending {
             self.out.frame(*request_id, pending.body.clone());
         }
@@ -960,6 +986,7 @@ impl ClientCore {
     /// Sends a fire-and-forget frame if a connection is up.
     fn notify(&mut self, body: client_frame::Body) {
         if matches!(self.link, Link::Ready(_)) {
+            self.held.flush_acks(&mut self.out);
             self.out.frame(0, body);
         }
     }

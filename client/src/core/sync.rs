@@ -1,11 +1,13 @@
 //! Catching up, inside the core: the sync after every (re)connect
 //! (`SyncRequest` pages, then `FetchMessages` pages from the watermarks),
 //! gap fetches when a live push skips seqs, dedup by (conversation, seq),
-//! and cumulative `DeliveryAck`s. [`Held`] is what this device holds and
+//! and cumulative `DeliveryAck`s, held back for a moment so one frame
+//! acknowledges a burst. [`Held`] is what this device holds and
 //! outlives connections; [`Catchup`] is one connection's requests in flight
 //! and starts over on the next.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use pingme_protocol::v1::{
     self, DeliveryAck, FetchMessages, SyncRequest, SyncResponse, client_frame, server_frame,
@@ -22,20 +24,74 @@ pub(super) const FETCH_LIMIT: u32 = 200;
 /// consumer (docs/protocol.md, "Paging").
 pub(super) const MAX_FETCHES_IN_FLIGHT: usize = 2;
 
-/// What this device holds, across connections.
+/// What this device holds, across connections, and what of it the server
+/// has not been told yet.
 #[derive(Debug)]
 pub(super) struct Held {
     /// Which seqs are held per conversation.
     pub(super) marks: Watermarks,
     /// Highest seq acknowledged to the server per conversation.
     acked: HashMap<String, u64>,
+    /// How long a moved watermark may wait for others before it is acked
+    /// ([`super::CoreConfig::ack_delay`]).
+    ack_delay: Duration,
+    /// Conversations whose watermark moved past what was acked.
+    unacked: BTreeSet<String>,
+    /// When the first of `unacked` is due.
+    ack_due: Option<Instant>,
 }
 
 impl Held {
-    pub(super) fn new(marks: Watermarks) -> Held {
+    pub(super) fn new(marks: Watermarks, ack_delay: Duration) -> Held {
         Held {
             marks,
             acked: HashMap::new(),
+            ack_delay,
+            unacked: BTreeSet::new(),
+            ack_due: None,
+        }
+    }
+
+    /// When the acks held back are due, if any are.
+    pub(super) fn ack_due(&self) -> Option<Instant> {
+        self.ack_due
+    }
+
+    /// Sends every ack held back: one cumulative `DeliveryAck` per
+    /// conversation whose watermark moved. Only called while a connection
+    /// is up; what a lost connection never sent waits for the next one.
+    pub(super) fn flush_acks(&mut self, out: &mut Outbox) {
+        self.ack_due = None;
+        for conversation_id in std::mem::take(&mut self.unacked) {
+            let watermark = self.marks.get(&conversation_id);
+            let acked = self.acked.entry(conversation_id.clone()).or_default();
+            if watermark > *acked {
+                *acked = watermark;
+                out.frame(
+                    0,
+                    client_frame::Body::DeliveryAck(DeliveryAck {
+                        conversation_id,
+                        seq: watermark,
+                    }),
+                );
+            }
+        }
+    }
+
+    /// The conversation's watermark may have moved: its ack goes out after
+    /// the ack delay, with every other one that moved meanwhile (a burst
+    /// of a busy group costs one uplink frame, not one per read), or at
+    /// once with no delay.
+    fn moved(&mut self, out: &mut Outbox, conversation_id: String) {
+        let watermark = self.marks.get(&conversation_id);
+        if watermark <= self.acked.get(&conversation_id).copied().unwrap_or(0) {
+            return;
+        }
+        self.unacked.insert(conversation_id);
+        if self.ack_delay.is_zero() {
+            self.flush_acks(out);
+        } else if self.ack_due.is_none() {
+            self.ack_due = Some(out.now + self.ack_delay);
         }
     }
 }
@@ -160,7 +216,7 @@ impl Catchup {
             }
         }
         for conversation_id in touched {
-            Self::ack_watermark(held, out, conversation_id);
+            held.moved(out, conversation_id);
         }
     }
 
@@ -184,23 +240,7 @@ impl Catchup {
             if gap.is_some() {
                 self.fill_gap(held, out, conversation_id);
             }
-            Self::ack_watermark(held, out, conversation_id.to_string());
-        }
-    }
-
-    /// Tells the server the conversation's watermark if it moved.
-    fn ack_watermark(held: &mut Held, out: &mut Outbox, conversation_id: String) {
-        let watermark = held.marks.get(&conversation_id);
-        let acked = held.acked.entry(conversation_id.clone()).or_default();
-        if watermark > *acked {
-            *acked = watermark;
-            out.frame(
-                0,
-                client_frame::Body::DeliveryAck(DeliveryAck {
-                    conversation_id,
-                    seq: watermark,
-                }),
-            );
+            held.moved(out, conversation_id.to_string());
         }
     }
 

@@ -35,8 +35,38 @@ fn config(seed: u64) -> CoreConfig {
         rng_seed: seed,
         retry_first_connect: true,
         default_heartbeat: Duration::from_secs(1),
+        // Most tests look at each ack as it is made; the delay has its own.
+        ack_delay: Duration::ZERO,
         ..CoreConfig::new("good-token")
     }
+}
+
+/// [`config`] with acks held back for 100 ms, as by default.
+fn delayed_acks(seed: u64) -> CoreConfig {
+    CoreConfig {
+        ack_delay: 100 * MS,
+        ..config(seed)
+    }
+}
+
+fn deliver(conversation_id: &str, seq: u64) -> ServerFrame {
+    frame(
+        0,
+        server_frame::Body::Deliver(Deliver {
+            message: Some(message(conversation_id, seq)),
+        }),
+    )
+}
+
+/// The (conversation, seq) of each `DeliveryAck` among `frames`.
+fn delivery_acks(frames: &[(u64, client_frame::Body)]) -> Vec<(String, u64)> {
+    frames
+        .iter()
+        .filter_map(|(_, b)| match b {
+            client_frame::Body::DeliveryAck(a) => Some((a.conversation_id.clone(), a.seq)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn frame(request_id: u64, body: server_frame::Body) -> ServerFrame {
@@ -985,4 +1015,80 @@ fn a_reconnect_asked_for_closes_and_reopens_at_once_keeping_pending_sends() {
     assert_eq!(h.wire(), vec![Transmit::Disconnect]);
     h.command(Command::Reconnect);
     assert_eq!(h.wire(), vec![Transmit::Connect { redirect: None }]);
+}
+
+#[test]
+fn acks_wait_for_the_delay_and_one_per_conversation_covers_what_came_meanwhile() {
+    let mut h = Harness::synced(delayed_acks(1));
+    h.receive(deliver("g:1", 1));
+    assert_eq!(h.frames(), vec![], "nothing acked at once");
+    assert_eq!(h.core.poll_timeout(), Some(h.now + 100 * MS));
+    h.advance(60 * MS);
+    h.receive(deliver("g:1", 2));
+    h.receive(deliver("g:2", 1));
+    h.receive(deliver("g:1", 3));
+    assert_eq!(h.frames(), vec![]);
+    // Due 100 ms after the first arrival, not pushed back by the others.
+    assert_eq!(h.fire(), 40 * MS);
+    assert_eq!(
+        delivery_acks(&h.frames()),
+        vec![("g:1".into(), 3), ("g:2".into(), 1)]
+    );
+    // Nothing more to ack: the next timer is the heartbeat's.
+    assert!(h.core.poll_timeout() > Some(h.now + 100 * MS));
+    // A duplicate moves no watermark and arms no timer.
+    h.receive(deliver("g:1", 3));
+    assert_eq!(
+        h.fire(),
+        1000 * MS,
+        "the ping, a heartbeat after the last frame"
+    );
+    assert!(matches!(
+        &h.frames()[..],
+        [(0, client_frame::Body::Ping(_))]
+    ));
+}
+
+#[test]
+fn held_acks_ride_with_the_next_frame_and_go_out_before_a_close() {
+    let mut h = Harness::synced(delayed_acks(1));
+    h.receive(deliver("g:1", 1));
+    let sent = h.command(send("c-1")).unwrap();
+    let frames = h.frames();
+    assert!(
+        matches!(&frames[..], [(0, client_frame::Body::DeliveryAck(a)), (id, client_frame::Body::Send(_))] if a.seq == 1 && *id == sent.0),
+        "the ack goes out in the same write as the send: {frames:?}"
+    );
+    // Nothing is left to be due.
+    h.advance(100 * MS);
+    assert_eq!(h.frames(), vec![]);
+    h.receive(deliver("g:2", 5));
+    h.command(Command::Close);
+    let wire = h.wire();
+    assert!(
+        matches!(&wire[..], [Transmit::Frame(f), Transmit::Disconnect] if matches!(&f.body, Some(client_frame::Body::DeliveryAck(a)) if a.conversation_id == "g:2" && a.seq == 5)),
+        "{wire:?}"
+    );
+}
+
+#[test]
+fn acks_a_lost_connection_never_sent_open_the_next_one() {
+    let mut h = Harness::synced(delayed_acks(3));
+    h.receive(deliver("g:1", 1));
+    h.receive(deliver("g:1", 2));
+    h.lose();
+    assert_eq!(h.wire(), vec![Transmit::Disconnect]);
+    // The wait for the reconnect (at most 100 ms) and the ack's due time
+    // pass: nothing goes out without a connection.
+    h.advance(200 * MS);
+    let after_auth = h.accept_connection();
+    assert_eq!(delivery_acks(&after_auth), vec![("g:1".into(), 2)]);
+    assert!(
+        matches!(
+            after_auth.first(),
+            Some((0, client_frame::Body::DeliveryAck(_)))
+        ),
+        "before the sync, so the server's answer already counts it: {after_auth:?}"
+    );
+    sync_request(&after_auth);
 }
