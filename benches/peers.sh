@@ -21,6 +21,8 @@
 # DRAIN (30 s: pingme stores every acknowledged send and delivers all of
 # them, so at 10,000 subscribers its backlog takes seconds to drain; what
 # has not arrived by then counts as lost).
+# PINGME_RUN_ARGS: more options for pingme's load generator (e.g.
+# "--ack-delay-ms 0" to ack after every read, as before the SDK held acks).
 # pingme listens on 18180 (HTTP), 18181 (TCP), 18183 (ops). OUT: reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,7 +76,8 @@ run_pingme() {
     group=$("$loadgen_bin" group --api "$api" --members "$members" --user-prefix "p$members" --http-concurrency 128 2>/dev/null)
     "$loadgen_bin" run fanout -n "$members" --register --user-prefix "p$members" --group "$group" \
         --api "$api" --gateway tcp://127.0.0.1:18181 --burst "$burst" --burst-interval-ms "$interval" \
-        --size 100 --duration "$seconds" --drain "$drain" --server-pid "$(node_pid peers)" --quiet --report "$report"
+        --size 100 --duration "$seconds" --drain "$drain" --server-pid "$(node_pid peers)" --quiet --report "$report" \
+        ${PINGME_RUN_ARGS:-}
 }
 
 run_peer() {
