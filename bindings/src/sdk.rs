@@ -196,6 +196,9 @@ fn client_config(endpoint: Endpoint, config: ConnectConfig) -> ClientConfig {
     if let Some(name) = config.client_name {
         client.client_name = name;
     }
+    if let Some(ms) = config.ack_delay_ms {
+        client.ack_delay = Duration::from_millis(ms);
+    }
     client
 }
 
@@ -213,6 +216,7 @@ mod tests {
             watermarks: Vec::new(),
             request_timeout_ms: None,
             client_name: None,
+            ack_delay_ms: None,
         }
     }
 
@@ -280,11 +284,19 @@ mod tests {
         }];
         bindings.request_timeout_ms = Some(1500);
         bindings.client_name = Some("app/1".into());
+        bindings.ack_delay_ms = Some(0);
         let endpoint = endpoint(&bindings).unwrap();
         let client = client_config(endpoint, bindings);
         assert_eq!(client.watermarks, vec![("g:1".to_string(), 9)]);
         assert_eq!(client.request_timeout, Duration::from_millis(1500));
         assert_eq!(client.client_name, "app/1");
+        assert_eq!(client.ack_delay, Duration::ZERO);
         assert_eq!(client.token, "t");
+
+        let defaults = client_config(
+            Endpoint::Tcp("127.0.0.1:7000".parse().unwrap()),
+            config("tcp://127.0.0.1:7000", None),
+        );
+        assert_eq!(defaults.ack_delay, Duration::from_millis(100));
     }
 }

@@ -52,6 +52,11 @@ pub struct ConnectConfig {
     /// Sent in `Hello` for the server's logs; default names this SDK.
     #[uniffi(default = None)]
     pub client_name: Option<String>,
+    /// How long a delivery ack may wait so one ack covers what arrives
+    /// meanwhile (default 100 ms; 0 acks every read at once, which costs
+    /// a frame per read in a busy group).
+    #[uniffi(default = None)]
+    pub ack_delay_ms: Option<u64>,
 }
 
 /// This device holds every message of a conversation up to `seq`.

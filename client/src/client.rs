@@ -57,6 +57,9 @@ pub struct ClientConfig {
     pub watermarks: Vec<(String, u64)>,
     /// Heartbeat period if the server does not announce one.
     pub default_heartbeat: Duration,
+    /// How long a delivery ack may wait to cover what arrives meanwhile
+    /// ([`CoreConfig::ack_delay`]; zero acks every read at once).
+    pub ack_delay: Duration,
 }
 
 impl ClientConfig {
@@ -73,6 +76,7 @@ impl ClientConfig {
             request_timeout: core.request_timeout,
             watermarks: Vec::new(),
             default_heartbeat: core.default_heartbeat,
+            ack_delay: core.ack_delay,
         }
     }
 
@@ -85,6 +89,7 @@ impl ClientConfig {
             request_timeout: self.request_timeout,
             watermarks: self.watermarks.clone(),
             default_heartbeat: self.default_heartbeat,
+            ack_delay: self.ack_delay,
             rng_seed: rand::random(),
             // The first failure is `connect`'s to return.
             retry_first_connect: false,
@@ -593,4 +598,18 @@ fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_core_gets_the_configured_ack_delay() {
+        let endpoint = Endpoint::Tcp("127.0.0.1:7000".parse().unwrap());
+        let mut config = ClientConfig::new(endpoint, "t");
+        assert_eq!(config.core_config().ack_delay, Duration::from_millis(100));
+        config.ack_delay = Duration::ZERO;
+        assert_eq!(config.core_config().ack_delay, Duration::ZERO);
+    }
 }
