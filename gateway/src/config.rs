@@ -330,6 +330,14 @@ pub struct StorageConfig {
     /// only safe choice) or `unsafe_no_sync_for_benchmarks` (survives a
     /// process crash, not a power loss).
     pub durability: StorageDurability,
+    /// Embedded store: the shortest time from the start of one
+    /// group-commit round (one fsync for every append it holds) to the
+    /// start of the next. Appends arriving within it wait for the rest of
+    /// it and share the next round: fewer fsyncs and wake-ups per message
+    /// under load, at most this much more latency. `0s`: a round starts
+    /// as soon as the previous one is synced. At most 100 ms.
+    #[serde(deserialize_with = "duration")]
+    pub group_commit_interval: Duration,
     /// ScyllaDB contact points (`host:port`), for the `scylla` backend.
     /// Env `SCYLLA_URI` (comma-separated).
     pub scylla_nodes: Vec<String>,
@@ -623,6 +631,7 @@ impl Default for StorageConfig {
             backend: StorageBackend::Embedded,
             data_dir: PathBuf::from("./data"),
             durability: StorageDurability::Sync,
+            group_commit_interval: pingme_storage::embedded::DEFAULT_GROUP_COMMIT_INTERVAL,
             scylla_nodes: Vec::new(),
             scylla_keyspace: scylla.keyspace,
             scylla_replication_factor: scylla.replication_factor,
@@ -1238,6 +1247,9 @@ impl Config {
         let storage = &self.storage;
         if storage.startup_timeout > Duration::from_secs(3600) {
             return invalid("storage.startup_timeout", "must be at most 1h");
+        }
+        if storage.group_commit_interval > Duration::from_millis(100) {
+            return invalid("storage.group_commit_interval", "must be at most 100ms");
         }
         let (db, default_db) = (&self.database, DatabaseConfig::default());
         if storage.backend != StorageBackend::Mysql {

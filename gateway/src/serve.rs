@@ -427,7 +427,8 @@ pub async fn open_stores(
                     Durability::UnsafeNoSyncForBenchmarks
                 }
             };
-            let store = EmbeddedStore::open(dir, durability)
+            let interval = config.storage.group_commit_interval;
+            let store = EmbeddedStore::open_with(dir, durability, interval)
                 .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
             Ok(OpenStores {
                 stores: Stores::all_from(Arc::new(store)),

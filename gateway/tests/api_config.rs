@@ -683,6 +683,10 @@ fn invalid_values_name_their_field() {
             "storage.startup_timeout",
         ),
         (
+            "storage:\n  group_commit_interval: 1s\n",
+            "storage.group_commit_interval",
+        ),
+        (
             "storage:\n  backend: mysql\ndatabase:\n  name: \"im; DROP DATABASE x\"\n",
             "database.name",
         ),

@@ -12,24 +12,32 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingme_storage::{ConversationId, Seq};
+use pingme_storage::{ConversationId, DeliveredMark, Seq};
 use tokio::sync::oneshot;
 
 use crate::delivered_acks::DeviceAcks;
-use crate::membership::{RequestError, check_member};
+use crate::membership::check_member;
 use crate::pipeline::PipelineContext;
 use crate::wire::error_frame;
 
 /// How long acks wait to be coalesced before they are written.
 pub(crate) const FLUSH_PERIOD: Duration = Duration::from_millis(200);
 
-/// Devices written between yields to the runtime.
-const WRITES_PER_TURN: usize = 32;
+/// Watermarks per store call: one batch each (one journal write in the
+/// embedded store), with a yield to the runtime between them, since the
+/// embedded store works on the calling thread and a window of a busy group
+/// holds thousands.
+const MARKS_PER_WRITE: usize = 512;
+
+/// Group memberships checked between yields to the runtime.
+const CHECKS_PER_TURN: usize = 32;
 
 /// Writes a window of acks: each seq is clamped to its conversation's
 /// latest (a watermark ahead of the timeline would hide future messages
 /// from sync), and group membership is checked here rather than per ack.
-/// A refused ack gets an error frame on the connection that sent it.
+/// A refused ack gets an error frame on the connection that sent it; a
+/// window the store fails to take is dropped (a lower watermark only
+/// means a redelivery).
 pub(crate) async fn write(ctx: &PipelineContext, batch: Vec<DeviceAcks>) {
     if batch.is_empty() {
         return;
@@ -44,52 +52,50 @@ pub(crate) async fn write(ctx: &PipelineContext, batch: Vec<DeviceAcks>) {
         match ctx.stores.messages.latest_seqs(&conversations).await {
             Ok(seqs) => conversations.iter().copied().zip(seqs).collect(),
             Err(error) => {
-                // The window is dropped: a lower watermark only redelivers.
                 tracing::warn!(%error, "delivered watermarks not written");
                 return;
             }
         };
-    let mut written = 0u64;
-    for (i, device) in batch.into_iter().enumerate() {
-        if i % WRITES_PER_TURN == WRITES_PER_TURN - 1 {
-            // The embedded store works on the calling thread: a window of
-            // thousands of writes in one go would hold a runtime worker
-            // (and the deliveries queued behind it) for milliseconds.
-            tokio::task::yield_now().await;
-        }
+    let mut marks = Vec::new();
+    let mut checks = 0usize;
+    for device in &batch {
         for (&conversation, &(seq, request_id)) in &device.conversations {
-            match write_one(ctx, &device, conversation, seq, &latest).await {
-                Ok(()) => written += 1,
-                Err(refused) => {
+            // 1:1 parties were checked when the ack arrived (no store needed).
+            if let ConversationId::Group(_) = conversation {
+                checks += 1;
+                if checks.is_multiple_of(CHECKS_PER_TURN) {
+                    tokio::task::yield_now().await;
+                }
+                if let Err(refused) = check_member(ctx, conversation, device.user).await {
                     crate::telemetry::failed(refused.code, 1);
                     ctx.outbox.to_connection(
                         device.conn,
                         error_frame(request_id, refused.code, refused.message, ""),
                     );
+                    continue;
                 }
+            }
+            marks.push(DeliveredMark {
+                user: device.user,
+                device_id: device.device.to_string(),
+                conversation,
+                seq: seq.min(latest.get(&conversation).copied().unwrap_or(0)),
+            });
+        }
+    }
+    let mut written = 0u64;
+    for (i, chunk) in marks.chunks(MARKS_PER_WRITE).enumerate() {
+        if i > 0 {
+            tokio::task::yield_now().await;
+        }
+        match ctx.stores.watermarks.set_delivered_many(chunk).await {
+            Ok(()) => written += chunk.len() as u64,
+            Err(error) => {
+                tracing::warn!(%error, marks = chunk.len(), "delivered watermarks not written")
             }
         }
     }
     metrics::counter!(crate::telemetry::WATERMARKS_WRITTEN).increment(written);
-}
-
-async fn write_one(
-    ctx: &PipelineContext,
-    device: &DeviceAcks,
-    conversation: ConversationId,
-    seq: Seq,
-    latest: &HashMap<ConversationId, Seq>,
-) -> Result<(), RequestError> {
-    // 1:1 parties were checked when the ack arrived (no store needed).
-    if let ConversationId::Group(_) = conversation {
-        check_member(ctx, conversation, device.user).await?;
-    }
-    let seq = seq.min(latest.get(&conversation).copied().unwrap_or(0));
-    ctx.stores
-        .watermarks
-        .set_delivered(device.user, &device.device, conversation, seq)
-        .await?;
-    Ok(())
 }
 
 /// Writes the pending acks every [`FLUSH_PERIOD`] until `stop` fires, then

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::{
-    ConversationId, DeadLetter, GroupId, MAX_BODY_BYTES, MAX_PAGE, Member, MessageStore,
-    NewAccount, NewMessage, Role, Seq, StoreError, StoreResult, Stores, UserId,
+    ConversationId, DeadLetter, DeliveredMark, GroupId, MAX_BODY_BYTES, MAX_PAGE, Member,
+    MessageStore, NewAccount, NewMessage, Role, Seq, StoreError, StoreResult, Stores, UserId,
 };
 
 /// A user id no backend will have assigned.
@@ -1187,6 +1187,37 @@ pub async fn watermarks_only_move_forward(stores: &Stores) {
         .await
         .unwrap();
     assert_eq!(peer_marks, [Default::default()], "watermarks are per user");
+
+    // Many at once: the same rules, whatever their order, and a key asked
+    // twice in one call keeps the higher seq.
+    let mark = |device: &str, conversation, seq| DeliveredMark {
+        user: me,
+        device_id: device.to_string(),
+        conversation,
+        seq,
+    };
+    stores
+        .watermarks
+        .set_delivered_many(&[
+            mark("phone", dm, 4),
+            mark("laptop", dm, 7),
+            mark("laptop", dm, 6),
+            mark("tablet", group, 3),
+            mark("phone", group, 12),
+        ])
+        .await
+        .unwrap();
+    stores.watermarks.set_delivered_many(&[]).await.unwrap();
+    let phone = marks("phone").await;
+    assert_eq!(
+        (phone[0].delivered, phone[1].delivered),
+        (5, 12),
+        "never lowered, raised where higher"
+    );
+    let laptop = marks("laptop").await;
+    assert_eq!(laptop[0].delivered, 7);
+    let tablet = marks("tablet").await;
+    assert_eq!((tablet[0].delivered, tablet[1].delivered), (0, 3));
 }
 
 /// Dead letters: ascending ids, paging, removal, count.

@@ -194,6 +194,19 @@ pub trait WatermarkStore: Send + Sync {
         conversation: ConversationId,
         seq: Seq,
     ) -> StoreResult<()>;
+    /// Raises many delivered watermarks, as [`WatermarkStore::set_delivered`]
+    /// would one by one. An error may leave some raised and others not (a
+    /// watermark is a lower bound: the caller may write them again). A
+    /// backend that can write them together overrides this: the embedded
+    /// store writes them as one batch, one journal write instead of one
+    /// per watermark.
+    async fn set_delivered_many(&self, marks: &[DeliveredMark]) -> StoreResult<()> {
+        for mark in marks {
+            self.set_delivered(mark.user, &mark.device_id, mark.conversation, mark.seq)
+                .await?;
+        }
+        Ok(())
+    }
     /// Raises the user's read watermark to `seq` (never lowers it).
     async fn set_read(
         &self,

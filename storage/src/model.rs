@@ -232,6 +232,20 @@ pub struct Watermarks {
     pub read: Seq,
 }
 
+/// One delivered watermark to raise: the device of `user` named
+/// `device_id` holds `conversation` up to `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveredMark {
+    /// The user owning the device.
+    pub user: UserId,
+    /// The device.
+    pub device_id: String,
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The seq to raise the watermark to (never lowered).
+    pub seq: Seq,
+}
+
 /// Something the router gave up on after its retries, kept for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {

@@ -9,7 +9,7 @@ use fjall::Keyspace;
 
 use super::keys;
 use super::{EmbeddedStore, Inner, check_id, db};
-use crate::{ConversationId, Seq, StoreResult, UserId, WatermarkStore, Watermarks};
+use crate::{ConversationId, DeliveredMark, Seq, StoreResult, UserId, WatermarkStore, Watermarks};
 
 /// Watermarks this process raised recently, by table and key. A raise
 /// compares against the cached value instead of reading the memtable first
@@ -78,6 +78,45 @@ impl Inner {
         Ok(())
     }
 
+    /// Raises the watermarks kept under each key to its seq, in one write
+    /// batch (one journal write for all of them).
+    fn raise_many(&self, table: Table, marks: Vec<(Vec<u8>, Seq)>) -> StoreResult<()> {
+        let keyspace = match table {
+            Table::Delivered => &self.tables.delivered,
+            Table::Read => &self.tables.read,
+        };
+        // One batch holds one value per key: the highest asked wins.
+        let mut wanted: HashMap<Vec<u8>, Seq> = HashMap::with_capacity(marks.len());
+        for (key, seq) in marks {
+            let entry = wanted.entry(key).or_insert(seq);
+            *entry = (*entry).max(seq);
+        }
+        let mut raised = self.watermarks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch =
+            fjall::OwnedWriteBatch::with_capacity(self.db.clone(), wanted.len()).durability(None);
+        let mut new_values = Vec::with_capacity(wanted.len());
+        for (key, seq) in wanted {
+            let current = match raised.get(table, &key) {
+                Some(seq) => seq,
+                None => match db(keyspace.get(&key))? {
+                    Some(value) => keys::value_u64(&value)?,
+                    None => 0,
+                },
+            };
+            if seq > current {
+                // Buffered, not fsynced: see the module doc.
+                batch.insert(keyspace, key.as_slice(), seq.to_be_bytes());
+            }
+            new_values.push((key, seq.max(current)));
+        }
+        db(batch.commit())?;
+        // Only what is written is remembered as raised.
+        for (key, seq) in new_values {
+            raised.put(table, key, seq);
+        }
+        Ok(())
+    }
+
     fn watermark(&self, keyspace: &Keyspace, key: &[u8]) -> StoreResult<Seq> {
         match db(keyspace.get(key))? {
             Some(value) => keys::value_u64(&value),
@@ -98,6 +137,18 @@ impl WatermarkStore for EmbeddedStore {
         check_id("device_id", device_id, false)?;
         let key = keys::delivered_key(user, device_id, conversation);
         self.inner.raise(Table::Delivered, key, seq)
+    }
+
+    async fn set_delivered_many(&self, marks: &[DeliveredMark]) -> StoreResult<()> {
+        let mut keyed = Vec::with_capacity(marks.len());
+        for mark in marks {
+            check_id("device_id", &mark.device_id, false)?;
+            keyed.push((
+                keys::delivered_key(mark.user, &mark.device_id, mark.conversation),
+                mark.seq,
+            ));
+        }
+        self.inner.raise_many(Table::Delivered, keyed)
     }
 
     async fn set_read(

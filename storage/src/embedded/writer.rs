@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use fjall::{Database, PersistMode};
 use tokio::sync::oneshot;
@@ -57,17 +58,30 @@ impl AppendQueue {
         self.ready.notify_one();
     }
 
-    /// Everything queued (waiting for at least one request); `None` once
-    /// closed and drained.
-    fn take(&self, spare: Vec<AppendRequest>) -> Option<Vec<AppendRequest>> {
+    /// Everything queued, once there is at least one request and
+    /// `not_before` has passed (what arrives until then joins the round);
+    /// `None` once closed and drained.
+    fn take(&self, spare: Vec<AppendRequest>, not_before: Instant) -> Option<Vec<AppendRequest>> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while state.requests.is_empty() {
-            if state.closed {
-                return None;
+        loop {
+            while state.requests.is_empty() {
+                if state.closed {
+                    return None;
+                }
+                state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
             }
-            state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if now >= not_before || state.closed {
+                return Some(std::mem::replace(&mut state.requests, spare));
+            }
+            // Pushes onto a queue that is not empty do not signal, so this
+            // sleeps until the deadline (or a close).
+            state = self
+                .ready
+                .wait_timeout(state, not_before - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        Some(std::mem::replace(&mut state.requests, spare))
     }
 }
 
@@ -118,6 +132,9 @@ pub(super) struct Writer {
     pub stats: Arc<WriterStats>,
     /// The replier task, if the store was opened inside a tokio runtime.
     pub replies: Option<Replies>,
+    /// The shortest time from one round's start to the next
+    /// ([`super::DEFAULT_GROUP_COMMIT_INTERVAL`]).
+    pub round_interval: Duration,
 }
 
 /// Counters of committed rounds, for benchmarks and metrics.
@@ -130,11 +147,14 @@ pub(super) struct WriterStats {
 impl Writer {
     /// Runs rounds until the queue is closed and drained. A round is
     /// everything queued while the previous round was being written and
-    /// synced, so rounds grow with the load (bounded by the number of
-    /// callers waiting, each with one request).
+    /// synced, and until `round_interval` after that round started, so
+    /// rounds grow with the load (bounded by the number of callers
+    /// waiting, each with one request).
     pub fn run(mut self, queue: Arc<AppendQueue>) {
         let mut spare = Vec::new();
-        while let Some(round) = queue.take(spare) {
+        let mut not_before = Instant::now();
+        while let Some(round) = queue.take(spare, not_before) {
+            not_before = Instant::now() + self.round_interval;
             let capacity = round.len();
             self.commit_round(round);
             spare = Vec::with_capacity(capacity);
