@@ -12,7 +12,7 @@ use axum::extract::ws::WebSocket;
 use bytes::Bytes;
 use dashmap::DashMap;
 use pingme_protocol::v1::GoAwayReason;
-use pingme_router::port::{ConnRef, Outbox, UserId};
+use pingme_router::port::{ConnRef, Outbound, Outbox, UserId};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::connection::CloseReason;
@@ -23,6 +23,9 @@ use crate::limits::SessionLimits;
 pub(crate) enum ShardCommand {
     /// Queue `frame` on these connections of the shard.
     Deliver { conn_ids: Vec<u64>, frame: Bytes },
+    /// Several of the above, in order (one router batch's frames for this
+    /// shard: one hand-off, one wake-up).
+    DeliverMany(Vec<(Vec<u64>, Bytes)>),
     /// Queue `frame` as the last frame of these connections and close them.
     Disconnect {
         conn_ids: Vec<u64>,
@@ -196,6 +199,33 @@ impl Connections {
         }
     }
 
+    /// The connections of `users` but `skip`, per shard (only shards with
+    /// some).
+    fn connections_per_shard(
+        &self,
+        users: &[UserId],
+        skip: Option<ConnRef>,
+    ) -> impl Iterator<Item = (usize, Vec<u64>)> + use<> {
+        let mut per_shard: Vec<Vec<u64>> = vec![Vec::new(); self.shard_count()];
+        for user in users {
+            let Some(devices) = self.users.get(user) else {
+                continue;
+            };
+            for device in devices.iter() {
+                if Some(device.conn) == skip {
+                    continue;
+                }
+                if let Some(ids) = per_shard.get_mut(usize::from(device.conn.shard)) {
+                    ids.push(device.conn.conn_id);
+                }
+            }
+        }
+        per_shard
+            .into_iter()
+            .enumerate()
+            .filter(|(_, ids)| !ids.is_empty())
+    }
+
     fn shard_count(&self) -> usize {
         self.links.get().map_or(0, |links| links.inboxes.len())
     }
@@ -215,25 +245,8 @@ impl Outbox for Connections {
     }
 
     fn to_users(&self, users: &[UserId], frame: &Bytes, skip: Option<ConnRef>) -> usize {
-        let mut per_shard: Vec<Vec<u64>> = vec![Vec::new(); self.shard_count()];
-        for user in users {
-            let Some(devices) = self.users.get(user) else {
-                continue;
-            };
-            for device in devices.iter() {
-                if Some(device.conn) == skip {
-                    continue;
-                }
-                if let Some(ids) = per_shard.get_mut(usize::from(device.conn.shard)) {
-                    ids.push(device.conn.conn_id);
-                }
-            }
-        }
         let mut delivered = 0;
-        for (shard, conn_ids) in per_shard.into_iter().enumerate() {
-            if conn_ids.is_empty() {
-                continue;
-            }
+        for (shard, conn_ids) in self.connections_per_shard(users, skip) {
             let n = conn_ids.len();
             let command = ShardCommand::Deliver {
                 conn_ids,
@@ -244,6 +257,48 @@ impl Outbox for Connections {
             }
         }
         delivered
+    }
+
+    fn send_all(&self, frames: Vec<Outbound>) -> Vec<usize> {
+        let mut per_shard: Vec<Vec<(Vec<u64>, Bytes)>> = vec![Vec::new(); self.shard_count()];
+        // Per frame, the shards it went to and how many connections on each.
+        let mut placed: Vec<Vec<(usize, usize)>> = Vec::with_capacity(frames.len());
+        for outbound in frames {
+            let mut shards = Vec::new();
+            match outbound {
+                Outbound::Connection { conn, frame } => {
+                    let shard = usize::from(conn.shard);
+                    if let Some(queue) = per_shard.get_mut(shard) {
+                        queue.push((vec![conn.conn_id], frame));
+                        shards.push((shard, 1));
+                    }
+                }
+                Outbound::Users { users, frame, skip } => {
+                    for (shard, conn_ids) in self.connections_per_shard(&users, skip) {
+                        shards.push((shard, conn_ids.len()));
+                        per_shard[shard].push((conn_ids, frame.clone()));
+                    }
+                }
+            }
+            placed.push(shards);
+        }
+        let handed: Vec<bool> = per_shard
+            .into_iter()
+            .enumerate()
+            .map(|(shard, queue)| {
+                !queue.is_empty() && self.send(shard as u16, ShardCommand::DeliverMany(queue))
+            })
+            .collect();
+        placed
+            .into_iter()
+            .map(|shards| {
+                shards
+                    .into_iter()
+                    .filter(|&(shard, _)| handed[shard])
+                    .map(|(_, n)| n)
+                    .sum()
+            })
+            .collect()
     }
 
     fn online(&self, users: &[UserId]) -> Vec<bool> {
@@ -297,5 +352,58 @@ mod tests {
         // would.
         assert_eq!(restarts_apart, 20);
         assert!(ids.windows(2).all(|pair| pair[1] == pair[0] + 1));
+    }
+
+    /// A router batch's frames reach each shard as one command, in the
+    /// order sent, and every frame's count says how many it reached.
+    #[test]
+    fn a_batch_is_one_command_per_shard_in_order() {
+        let (first, mut first_inbox) = tokio::sync::mpsc::unbounded_channel();
+        let (second, mut second_inbox) = tokio::sync::mpsc::unbounded_channel();
+        let connections = Connections::new();
+        assert!(connections.attach(Arc::new(ShardLinks::new(
+            vec![first, second],
+            SessionLimits::default()
+        ))));
+        let conn = |shard, conn_id| ConnRef { shard, conn_id };
+        let (phone, laptop, peer) = (conn(0, 1), conn(1, 2), conn(1, 3));
+        connections.insert(7, &Arc::from("phone"), phone);
+        connections.insert(7, &Arc::from("laptop"), laptop);
+        connections.insert(8, &Arc::from("phone"), peer);
+        let frame = |byte: u8| Bytes::from(vec![byte]);
+
+        let reached = connections.send_all(vec![
+            Outbound::Connection {
+                conn: peer,
+                frame: frame(1),
+            },
+            Outbound::Users {
+                users: vec![7, 8, 9],
+                frame: frame(2),
+                skip: Some(peer),
+            },
+            Outbound::Connection {
+                conn: phone,
+                frame: frame(3),
+            },
+        ]);
+        assert_eq!(reached, [1, 2, 1]);
+
+        let only = |inbox: &mut tokio::sync::mpsc::UnboundedReceiver<ShardCommand>| {
+            let command = inbox.try_recv().expect("one command");
+            assert!(inbox.try_recv().is_err(), "exactly one command");
+            match command {
+                ShardCommand::DeliverMany(frames) => frames,
+                _ => panic!("expected DeliverMany"),
+            }
+        };
+        assert_eq!(
+            only(&mut first_inbox),
+            [(vec![1], frame(2)), (vec![1], frame(3))]
+        );
+        assert_eq!(
+            only(&mut second_inbox),
+            [(vec![3], frame(1)), (vec![2], frame(2))]
+        );
     }
 }

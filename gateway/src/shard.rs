@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use pingme_router::port::Dispatch;
 use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -162,11 +162,10 @@ async fn run_inbox(ctx: Rc<ShardCtx>, mut inbox: UnboundedReceiver<ShardCommand>
     while inbox.recv_many(&mut batch, 64).await > 0 {
         for command in batch.drain(..) {
             match command {
-                ShardCommand::Deliver { conn_ids, frame } => {
-                    for conn_id in conn_ids {
-                        if let Some(conn) = ctx.lookup(conn_id) {
-                            conn.enqueue(frame.clone(), &ctx.limits);
-                        }
+                ShardCommand::Deliver { conn_ids, frame } => deliver(&ctx, conn_ids, frame),
+                ShardCommand::DeliverMany(frames) => {
+                    for (conn_ids, frame) in frames {
+                        deliver(&ctx, conn_ids, frame);
                     }
                 }
                 ShardCommand::Disconnect {
@@ -185,6 +184,15 @@ async fn run_inbox(ctx: Rc<ShardCtx>, mut inbox: UnboundedReceiver<ShardCommand>
                     tokio::task::spawn_local(ws::serve_websocket(socket, ctx.clone(), deadline));
                 }
             }
+        }
+    }
+}
+
+/// Queues `frame` on those of `conn_ids` still open.
+fn deliver(ctx: &ShardCtx, conn_ids: Vec<u64>, frame: Bytes) {
+    for conn_id in conn_ids {
+        if let Some(conn) = ctx.lookup(conn_id) {
+            conn.enqueue(frame.clone(), &ctx.limits);
         }
     }
 }

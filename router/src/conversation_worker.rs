@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::bus::{Consumed, GroupMember, Partition, Polled, conversation_key};
 use crate::fanout::{all_members, deliver_page};
-use crate::pipeline::{PipelineContext, now_ms};
+use crate::pipeline::{Outgoing, PipelineContext, now_ms};
 use crate::records::{AcceptedSend, FanoutTask, PushPreview};
 use crate::telemetry;
 use crate::wire::{ack_frame, deliver_frame, error_frame, push_preview, store_error_code};
@@ -141,6 +141,8 @@ async fn process_batch(
         .unwrap_or_else(|(error, _)| Err(error));
     metrics::histogram!(telemetry::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
     metrics::histogram!(telemetry::APPEND_BATCH).record(sends.len() as f64);
+    // This batch's answers, then its deliveries, each handed over at once.
+    let out = Outgoing::default();
 
     let results = match outcome {
         Ok(results) => results,
@@ -155,9 +157,10 @@ async fn process_batch(
                     error.to_string(),
                     &send.client_msg_id,
                 );
-                ctx.reply(&send.origin, conversation_key(&send.conversation), frame)
-                    .await;
+                let key = conversation_key(&send.conversation);
+                ctx.reply(&send.origin, key, frame, &out).await;
             }
+            ctx.hand_over(&out);
             return;
         }
     };
@@ -179,7 +182,7 @@ async fn process_batch(
                     span.record("duplicate_of", message.msg_id.as_str());
                 }
                 let frame = ack_frame(send.origin.request_id, &message);
-                ctx.reply(&send.origin, key, frame).await;
+                ctx.reply(&send.origin, key, frame, &out).await;
                 if duplicate {
                     metrics::counter!(telemetry::DUPLICATES).increment(1);
                 } else {
@@ -196,10 +199,11 @@ async fn process_batch(
                     error.to_string(),
                     &send.client_msg_id,
                 );
-                ctx.reply(&send.origin, key, frame).await;
+                ctx.reply(&send.origin, key, frame, &out).await;
             }
         }
     }
+    ctx.hand_over(&out);
 
     let mut plans: HashMap<GroupId, GroupPlan> = HashMap::new();
     for (send, message, partition) in stored {
@@ -223,19 +227,22 @@ async fn process_batch(
             conversation = %task.conversation,
             seq = task.seq,
         );
-        deliver(ctx, task, partition, &mut plans, large_groups)
+        deliver(ctx, task, partition, &mut plans, large_groups, &out)
             .instrument(span)
             .await;
     }
+    ctx.hand_over(&out);
 }
 
-/// Delivers one stored message, or queues its fanout task.
+/// Delivers one stored message (this node's own connections' frames into
+/// `out`), or queues its fanout task.
 async fn deliver(
     ctx: &PipelineContext,
     task: FanoutTask,
     partition: Partition,
     plans: &mut HashMap<GroupId, GroupPlan>,
     large_groups: &mut LargeGroups,
+    out: &Outgoing,
 ) {
     let key = conversation_key(&task.conversation);
     let members = match task.conversation {
@@ -267,7 +274,7 @@ async fn deliver(
     if let Err((error, attempts)) = ctx
         .retry
         .run("deliver", || {
-            deliver_page(ctx, std::slice::from_ref(&task), &task.frame, &members)
+            deliver_page(ctx, std::slice::from_ref(&task), &task.frame, &members, out)
         })
         .await
     {

@@ -15,7 +15,7 @@ use pingme_protocol::ErrorCode;
 use pingme_storage::{ConversationId, GroupId, MAX_PAGE, StoreResult, UserId};
 
 use crate::bus::{BusError, GroupMember, Polled, conversation_key};
-use crate::pipeline::PipelineContext;
+use crate::pipeline::{Outgoing, PipelineContext};
 use crate::records::{FanoutTask, PushEvent};
 use crate::retry::RetryPolicy;
 use crate::telemetry;
@@ -108,13 +108,15 @@ impl FanoutBatch {
 }
 
 /// One delivery step: the tasks' frames (`frame`, back to back) to the
-/// connected devices of `members`, a push event per task for the offline
-/// ones (never the sender). All tasks are of one conversation.
+/// connected devices of `members` (this node's own into `out`), a push
+/// event per task for the offline ones (never the sender). All tasks are
+/// of one conversation.
 pub(crate) async fn deliver_page(
     ctx: &PipelineContext,
     tasks: &[FanoutTask],
     frame: &Bytes,
     members: &[UserId],
+    out: &Outgoing,
 ) -> Result<(), String> {
     let Some(first) = tasks.first() else {
         return Ok(());
@@ -129,6 +131,7 @@ pub(crate) async fn deliver_page(
             key,
             tasks.len() as u32,
             want_push,
+            out,
         )
         .await?;
     if offline.is_empty() {
@@ -169,6 +172,20 @@ pub(crate) async fn deliver_page(
     Ok(())
 }
 
+/// [`deliver_page`], its frames handed over at once (also those of a
+/// step that failed part way: they are as good as published).
+async fn deliver_page_now(
+    ctx: &PipelineContext,
+    tasks: &[FanoutTask],
+    frame: &Bytes,
+    members: &[UserId],
+) -> Result<(), String> {
+    let out = Outgoing::default();
+    let delivered = deliver_page(ctx, tasks, frame, members, &out).await;
+    ctx.hand_over(&out);
+    delivered
+}
+
 /// Runs a batch to the end, page by page from its cursor. On failure
 /// returns its tasks positioned at the failing page, the error and the
 /// tries made.
@@ -185,7 +202,7 @@ pub(crate) async fn run_fanout(
             let _spans = batch.spans(members.len());
             return match policy
                 .run("fanout", || {
-                    deliver_page(ctx, &batch.tasks, &frame, &members)
+                    deliver_page_now(ctx, &batch.tasks, &frame, &members)
                 })
                 .await
             {
@@ -208,7 +225,7 @@ pub(crate) async fn run_fanout(
                     .map_err(|e| e.to_string())?;
                 let users: Vec<UserId> = page.iter().map(|m| m.user).collect();
                 let _spans = batch.spans(users.len());
-                deliver_page(ctx, &batch.tasks, &frame, &users).await?;
+                deliver_page_now(ctx, &batch.tasks, &frame, &users).await?;
                 Ok(users)
             })
             .await;

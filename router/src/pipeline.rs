@@ -16,7 +16,7 @@ use crate::bus::{Bus, BusError, BusRecord, Topic};
 use crate::config::{BusTopics, RouterConfig};
 use crate::delivered_acks::DeliveredAcks;
 use crate::directory::Directory;
-use crate::port::Outbox;
+use crate::port::{Outbound, Outbox};
 use crate::push::PushProvider;
 use crate::records::{
     AcceptedSend, ConnAddress, DeadLetterRecord, DeadWork, DownstreamEnvelope, DownstreamTarget,
@@ -99,6 +99,35 @@ impl DeadLetterWork for PushEvent {
     }
 }
 
+/// Frames for this node's own connections, collected over one piece of
+/// work (a conversation worker's batch, a downstream poll) and handed to
+/// the outbox together by [`PipelineContext::hand_over`]: one hand-off per
+/// gateway shard instead of one per frame. Behind a mutex only so that a
+/// retried step can add to it; one task uses it at a time.
+#[derive(Debug, Default)]
+pub(crate) struct Outgoing {
+    /// Each frame, with the messages it delivers (0: not a delivery).
+    frames: std::sync::Mutex<Vec<(Outbound, u32)>>,
+}
+
+impl Outgoing {
+    pub fn push(&self, outbound: Outbound, messages: u32) {
+        self.frames
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push((outbound, messages));
+    }
+
+    fn take(&self) -> Vec<(Outbound, u32)> {
+        std::mem::take(
+            &mut *self
+                .frames
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+}
+
 /// The shared context of the stages.
 pub(crate) struct PipelineContext {
     pub stores: Stores,
@@ -118,6 +147,13 @@ pub(crate) struct PipelineContext {
     /// send, through its downstream topic) has not come back yet: a
     /// stopping gateway waits for them before it stops consuming.
     pub unanswered: std::sync::atomic::AtomicU64,
+    /// Whether frames for this gateway's connections skip its downstream
+    /// topic and go to the outbox at once: on a single node, where the
+    /// in-process bus reaches no other gateway and one worker owns each
+    /// conversation for the process's life. In a cluster they cross the
+    /// topic: a conversation changing owner could otherwise see its new
+    /// owner's deliveries overtake its old owner's still on the topic.
+    pub local_downstream: bool,
 }
 
 /// Wall clock in Unix milliseconds.
@@ -138,8 +174,15 @@ impl PipelineContext {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Publishes `frame` for the connection of `origin` (on its gateway).
-    pub async fn reply(&self, origin: &Origin, key: u64, frame: Bytes) {
+    /// Answers the connection of `origin` (on its gateway) with `frame`:
+    /// into `out` if it is this node's own and skips the topic, else
+    /// published on its gateway's downstream topic.
+    pub async fn reply(&self, origin: &Origin, key: u64, frame: Bytes, out: &Outgoing) {
+        if self.local_downstream && origin.gateway == self.config.gateway_id {
+            let conn = origin.conn.into();
+            out.push(Outbound::Connection { conn, frame }, 0);
+            return;
+        }
         let envelope = DownstreamEnvelope {
             target: DownstreamTarget::Connection(origin.conn),
             frame,
@@ -151,10 +194,12 @@ impl PipelineContext {
         }
     }
 
-    /// Publishes `frame` for the connected devices of `users`, one envelope
-    /// per gateway, leaving out `skip` (a gateway and connection). `frame`
-    /// delivers `messages` messages (0: not a delivery). Returns the users
+    /// Sends `frame` to the connected devices of `users`, one envelope per
+    /// gateway (this node's own into `out` when they skip the topic),
+    /// leaving out `skip` (a gateway and connection). `frame` delivers
+    /// `messages` messages (0: not a delivery). Returns the users
     /// connected nowhere when `need_offline`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn to_users(
         &self,
         users: &[UserId],
@@ -163,6 +208,7 @@ impl PipelineContext {
         key: u64,
         messages: u32,
         need_offline: bool,
+        out: &Outgoing,
     ) -> Result<Vec<UserId>, String> {
         if users.is_empty() {
             return Ok(Vec::new());
@@ -176,6 +222,15 @@ impl PipelineContext {
             let skip = skip
                 .filter(|(skip_gateway, _)| *skip_gateway == gateway)
                 .map(|(_, conn)| *conn);
+            if self.local_downstream && gateway == self.config.gateway_id {
+                let outbound = Outbound::Users {
+                    users,
+                    frame: frame.clone(),
+                    skip: skip.map(Into::into),
+                };
+                out.push(outbound, messages);
+                continue;
+            }
             let envelope = DownstreamEnvelope {
                 target: DownstreamTarget::Users { users, skip },
                 frame: frame.clone(),
@@ -187,6 +242,37 @@ impl PipelineContext {
                 .map_err(|e: BusError| e.to_string())?;
         }
         Ok(located.offline)
+    }
+
+    /// Hands what `out` collected to this gateway's connections, in order.
+    pub fn hand_over(&self, out: &Outgoing) {
+        let frames = out.take();
+        if frames.is_empty() {
+            return;
+        }
+        let (frames, messages): (Vec<Outbound>, Vec<u32>) = frames.into_iter().unzip();
+        let answers = frames
+            .iter()
+            .filter(|outbound| matches!(outbound, Outbound::Connection { .. }))
+            .count() as u64;
+        if answers > 0 {
+            // One answer per send (a re-delivered one, or one for a
+            // previous process of this gateway, stops at zero).
+            let _ = self.unanswered.fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| Some(n.saturating_sub(answers)),
+            );
+        }
+        let reached = self.outbox.send_all(frames);
+        let delivered: u64 = reached
+            .iter()
+            .zip(messages)
+            .map(|(&reached, messages)| reached as u64 * u64::from(messages))
+            .sum();
+        if delivered > 0 {
+            metrics::counter!(crate::telemetry::DELIVERED).increment(delivered);
+        }
     }
 
     /// Hands work that exhausted its retries to the dead-letter stage.

@@ -32,6 +32,29 @@ pub struct SessionInfo {
     pub conn: ConnRef,
 }
 
+/// A frame for connections of this gateway, as [`Outbox::send_all`] takes
+/// them.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// An answer on one connection (see [`Outbox::to_connection`]).
+    Connection {
+        /// The connection.
+        conn: ConnRef,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+    /// A frame for every connected device of these users but `skip` (see
+    /// [`Outbox::to_users`]).
+    Users {
+        /// The users.
+        users: Vec<UserId>,
+        /// The encoded frame.
+        frame: Bytes,
+        /// The connection left out (the sender's own).
+        skip: Option<ConnRef>,
+    },
+}
+
 /// How the router reaches connected devices. Implemented by the gateway's
 /// connection index; every method only queues and never blocks on a
 /// socket (a slow reader is the gateway's business, not the router's).
@@ -44,6 +67,22 @@ pub trait Outbox: Send + Sync + 'static {
     /// except the connection `skip` (the sending connection already has its
     /// ack). Groups the work per shard. Returns how many connections got it.
     fn to_users(&self, users: &[UserId], frame: &Bytes, skip: Option<ConnRef>) -> usize;
+
+    /// Queues several frames, in order, as the calls above would one by
+    /// one; returns for each how many connections got it. An outbox that
+    /// hands frames to other threads hands these over together (a batch of
+    /// acks and deliveries wakes each thread once, not once per frame).
+    fn send_all(&self, frames: Vec<Outbound>) -> Vec<usize> {
+        frames
+            .into_iter()
+            .map(|outbound| match outbound {
+                Outbound::Connection { conn, frame } => {
+                    usize::from(self.to_connection(conn, frame))
+                }
+                Outbound::Users { users, frame, skip } => self.to_users(&users, &frame, skip),
+            })
+            .collect()
+    }
 
     /// Which of `users` have at least one connected device here, in the
     /// order asked.

@@ -15,7 +15,7 @@ use crate::bus::conversation_key;
 use crate::config::PAGE_OVERHEAD_BYTES;
 use crate::fanout::all_members;
 use crate::membership::{RequestError, member_conversation};
-use crate::pipeline::PipelineContext;
+use crate::pipeline::{Outgoing, PipelineContext};
 use crate::port::SessionInfo;
 use crate::wire::{error_frame, frame, wire_message};
 use crate::{visibility, watermarks};
@@ -140,17 +140,22 @@ async fn relay(
     users: &[UserId],
     frame: Bytes,
 ) -> Result<(), RequestError> {
-    ctx.to_users(
-        users,
-        &frame,
-        None,
-        conversation_key(&conversation),
-        0,
-        false,
-    )
-    .await
-    .map(|_| ())
-    .map_err(|e| RequestError::new(ErrorCode::Internal, e))
+    let out = Outgoing::default();
+    let relayed = ctx
+        .to_users(
+            users,
+            &frame,
+            None,
+            conversation_key(&conversation),
+            0,
+            false,
+            &out,
+        )
+        .await;
+    ctx.hand_over(&out);
+    relayed
+        .map(|_| ())
+        .map_err(|e| RequestError::new(ErrorCode::Internal, e))
 }
 
 async fn read_marker(

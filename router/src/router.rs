@@ -169,7 +169,9 @@ impl Router {
     ) -> Arc<Router> {
         let config = config.normalised().single_node();
         let bus = Arc::new(InProcessBus::new(config.queue_capacity));
-        Self::start_with(stores, outbox, config, bus, directory)
+        // Alone on its bus: frames for its connections skip the downstream
+        // topic (`PipelineContext::local_downstream`).
+        Self::start_pipeline(stores, outbox, config, bus, directory, true)
             .expect("the in-process bus has a partition for every worker")
     }
 
@@ -183,6 +185,17 @@ impl Router {
         config: RouterConfig,
         bus: Arc<dyn PipelineBus>,
         directory: Arc<dyn Directory>,
+    ) -> Result<Arc<Router>, BusError> {
+        Self::start_pipeline(stores, outbox, config, bus, directory, false)
+    }
+
+    fn start_pipeline(
+        stores: Stores,
+        outbox: Arc<dyn Outbox>,
+        config: RouterConfig,
+        bus: Arc<dyn PipelineBus>,
+        directory: Arc<dyn Directory>,
+        local_downstream: bool,
     ) -> Result<Arc<Router>, BusError> {
         let config = config.normalised();
         let push = push_provider(&config);
@@ -198,6 +211,7 @@ impl Router {
             delivered_acks: Default::default(),
             downstream_owned: Default::default(),
             unanswered: Default::default(),
+            local_downstream,
         });
         // Shutdown order: upstream stages first, so each stage drains into
         // a downstream one that is still running; answers go out last.

@@ -12,7 +12,8 @@ use pingme_storage::{DeadLetter, StoreError};
 
 use crate::bus::{BusRecord, GroupMember, Polled, text_key};
 use crate::fanout::{FanoutBatch, run_fanout};
-use crate::pipeline::{PipelineContext, now_ms};
+use crate::pipeline::{Outgoing, PipelineContext, now_ms};
+use crate::port::Outbound;
 use crate::records::{
     DeadLetterRecord, DeadWork, DownstreamEnvelope, DownstreamTarget, FanoutTask, PushEvent,
 };
@@ -41,27 +42,23 @@ pub(crate) async fn run_downstream(
             }
             Polled::Left => break,
         };
+        // The whole poll in one hand-off per shard.
+        let out = Outgoing::default();
         for envelope in envelopes.into_iter().map(|consumed| consumed.record) {
-            match envelope.target {
-                DownstreamTarget::Connection(conn) => {
-                    // One answer per send (a re-delivered one, or one for
-                    // a previous process of this gateway, stops at zero).
-                    let _ = ctx.unanswered.fetch_update(
-                        std::sync::atomic::Ordering::SeqCst,
-                        std::sync::atomic::Ordering::SeqCst,
-                        |n| n.checked_sub(1),
-                    );
-                    ctx.outbox.to_connection(conn.into(), envelope.frame);
-                }
-                DownstreamTarget::Users { users, skip } => {
-                    let reached =
-                        ctx.outbox
-                            .to_users(&users, &envelope.frame, skip.map(Into::into));
-                    metrics::counter!(telemetry::DELIVERED)
-                        .increment(reached as u64 * u64::from(envelope.messages));
-                }
-            }
+            let outbound = match envelope.target {
+                DownstreamTarget::Connection(conn) => Outbound::Connection {
+                    conn: conn.into(),
+                    frame: envelope.frame,
+                },
+                DownstreamTarget::Users { users, skip } => Outbound::Users {
+                    users,
+                    frame: envelope.frame,
+                    skip: skip.map(Into::into),
+                },
+            };
+            out.push(outbound, envelope.messages);
         }
+        ctx.hand_over(&out);
         if let Err(error) = member.commit().await {
             tracing::warn!(%error, "commit of the downstream topic failed");
         }
