@@ -7,6 +7,8 @@
 #   benches/e2e.sh                # full run (release binaries; builds them)
 #   benches/e2e.sh --smoke        # small and short (CI; uses debug binaries)
 #   SCENARIOS="fanout chat" benches/e2e.sh   # only these (default: all)
+#   CHAT=19500 CHAT_SHARDS=2 SCENARIOS=chat benches/e2e.sh   # the chat's
+#       connections over two load generator processes
 #   PINGME=old/pingme LOADGEN=new/pingme-loadgen benches/e2e.sh   # given
 #       binaries, nothing built (a build before and after a change, same
 #       load generator)
@@ -26,13 +28,13 @@ target="${CARGO_TARGET_DIR:-target}"
 if [ "$mode" = smoke ]; then
     profile_dir="$target/debug"
     [ -n "${PINGME:-}" ] || cargo build --locked -q -p pingme-gateway -p pingme-loadgen --bins
-    FANOUT_MEMBERS=200 FANOUT_SECONDS=3 FANOUT_BURST=8 IDLE=500 CHAT=200 CHAT_SECONDS=5
+    FANOUT_MEMBERS=200 FANOUT_SECONDS=3 FANOUT_BURST=8 IDLE=500 CHAT=200 CHAT_SECONDS=5 CHAT_SHARDS=1
     HUGE_MEMBERS=1000 HUGE_ONLINE=100
 else
     profile_dir="$target/release"
     [ -n "${PINGME:-}" ] || cargo build --locked -q --release -p pingme-gateway -p pingme-loadgen --bins
     FANOUT_MEMBERS=${FANOUT_MEMBERS:-5000} FANOUT_SECONDS=${FANOUT_SECONDS:-10} FANOUT_BURST=${FANOUT_BURST:-8}
-    IDLE=${IDLE:-19000} CHAT=${CHAT:-10000} CHAT_SECONDS=${CHAT_SECONDS:-30}
+    IDLE=${IDLE:-19000} CHAT=${CHAT:-10000} CHAT_SECONDS=${CHAT_SECONDS:-30} CHAT_SHARDS=${CHAT_SHARDS:-1}
     HUGE_MEMBERS=${HUGE_MEMBERS:-100000} HUGE_ONLINE=${HUGE_ONLINE:-5000}
 fi
 pingme="${PINGME:-$profile_dir/pingme}"
@@ -91,8 +93,26 @@ fi
 if wanted chat; then
     echo; echo "== chat: $CHAT connections, each sends one 1:1 message per second (durable)"
     start_server
-    loadgen run chat -n "$CHAT" --register --user-prefix chat --rate 1 --size 100 --duration "$CHAT_SECONDS" \
-        --server-pid "$server_pid" --quiet --report "$out/chat.json" --timeline-png "$out/chat.png"
+    if [ "$CHAT_SHARDS" -le 1 ]; then
+        loadgen run chat -n "$CHAT" --register --user-prefix chat --rate 1 --size 100 --duration "$CHAT_SECONDS" \
+            --server-pid "$server_pid" --quiet --report "$out/chat.json" --timeline-png "$out/chat.png"
+    else
+        # One slice of the users per load generator process (a process
+        # holds at most 20,000 open files here), started together; each
+        # prints its own summary, then the reports are merged.
+        chat_pids=()
+        for i in $(seq 0 $((CHAT_SHARDS - 1))); do
+            loadgen run chat -n "$CHAT" --shard "$i/$CHAT_SHARDS" --register --user-prefix chat --rate 1 \
+                --size 100 --duration "$CHAT_SECONDS" --connect-rate $(( 1000 / CHAT_SHARDS )) \
+                --server-pid "$server_pid" --quiet --report "$out/chat-$i.json" > "$out/chat-$i.log" 2>&1 &
+            chat_pids+=($!)
+        done
+        status=0
+        for pid in "${chat_pids[@]}"; do wait "$pid" || status=$?; done
+        for i in $(seq 0 $((CHAT_SHARDS - 1))); do echo "-- load generator $i/$CHAT_SHARDS"; cat "$out/chat-$i.log"; done
+        [ "$status" = 0 ] || { echo "a load generator failed ($status)"; exit 1; }
+        "$loadgen_bin" merge "$out"/chat-*.json --report "$out/chat.json" --timeline-png "$out/chat.png"
+    fi
 fi
 
 echo; echo "e2e scenarios passed; reports in $out"

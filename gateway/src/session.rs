@@ -213,8 +213,7 @@ pub(crate) fn whole_message_payload(
 pub(crate) fn on_frame(conn: &Conn, ctx: &ShardCtx, payload: Bytes) {
     let now_ms = ctx.now_ms();
     conn.touch(now_ms);
-    metrics::counter!("pingme_gateway_frames_in_total", "transport" => conn.transport.label())
-        .increment(1);
+    conn.transport.frames_in(1);
     let Ok(frame) = decode_message::<ClientFrame>(payload) else {
         conn.close(
             Some(encode_frame(&ServerFrame::fatal(

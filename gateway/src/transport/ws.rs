@@ -239,7 +239,7 @@ fn poll_send_queue(
         sent += 1;
     }
     if sent > 0 {
-        metrics::counter!("pingme_gateway_frames_out_total", "transport" => "ws").increment(sent);
+        Transport::WebSocket.frames_out(sent);
     }
     match Pin::new(&mut *socket).poll_flush(cx) {
         Poll::Ready(Ok(())) if !conn.has_queued() => Poll::Ready(Ok(())),
