@@ -10,6 +10,8 @@
 //! `MYSQL_URL` names, in a database of its own (`pingme_t_bench_<pid>`,
 //! dropped at the end); `sync|nosync` applies to the embedded store only
 //! (MySQL is as durable as the server is configured).
+//! `PINGME_GROUP_COMMIT_US` sets the embedded store's group-commit interval
+//! in microseconds (default: the store's own, 1 ms).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,7 +80,12 @@ async fn main() {
                         EmbeddedStore::open(&dir, Durability::UnsafeNoSyncForBenchmarks).unwrap();
                     set_up(&store, conversations).await
                 };
-                let store = Arc::new(EmbeddedStore::open(&dir, durability).unwrap());
+                let interval = std::env::var("PINGME_GROUP_COMMIT_US")
+                    .ok()
+                    .and_then(|us| us.parse().ok())
+                    .map(Duration::from_micros)
+                    .unwrap_or(pingme_storage::embedded::DEFAULT_GROUP_COMMIT_INTERVAL);
+                let store = Arc::new(EmbeddedStore::open_with(&dir, durability, interval).unwrap());
                 let stats = store.clone();
                 (groups, store, Box::new(move || stats.commit_stats()))
             }
