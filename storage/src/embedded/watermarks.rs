@@ -58,24 +58,7 @@ impl RaisedWatermarks {
 impl Inner {
     /// Raises a watermark kept under `key` to `seq`.
     fn raise(&self, table: Table, key: Vec<u8>, seq: Seq) -> StoreResult<()> {
-        let keyspace = match table {
-            Table::Delivered => &self.tables.delivered,
-            Table::Read => &self.tables.read,
-        };
-        let mut raised = self.watermarks.lock().unwrap_or_else(|p| p.into_inner());
-        let current = match raised.get(table, &key) {
-            Some(seq) => seq,
-            None => match db(keyspace.get(&key))? {
-                Some(value) => keys::value_u64(&value)?,
-                None => 0,
-            },
-        };
-        if seq > current {
-            // Buffered, not fsynced: see the module doc.
-            db(keyspace.insert(key.as_slice(), seq.to_be_bytes()))?;
-        }
-        raised.put(table, key, seq.max(current));
-        Ok(())
+        self.raise_many(table, vec![(key, seq)])
     }
 
     /// Raises the watermarks kept under each key to its seq, in one write
