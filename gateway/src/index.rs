@@ -260,45 +260,37 @@ impl Outbox for Connections {
     }
 
     fn send_all(&self, frames: Vec<Outbound>) -> Vec<usize> {
-        let mut per_shard: Vec<Vec<(Vec<u64>, Bytes)>> = vec![Vec::new(); self.shard_count()];
-        // Per frame, the shards it went to and how many connections on each.
-        let mut placed: Vec<Vec<(usize, usize)>> = Vec::with_capacity(frames.len());
-        for outbound in frames {
-            let mut shards = Vec::new();
+        let shards = self.shard_count();
+        let mut queues: Vec<Vec<(Vec<u64>, Bytes)>> = vec![Vec::new(); shards];
+        // Per shard, for each queued item: which frame it is and how many
+        // connections it reaches (counted once the shard took its queue).
+        let mut counts: Vec<Vec<(usize, usize)>> = vec![Vec::new(); shards];
+        let mut reached = vec![0; frames.len()];
+        for (index, outbound) in frames.into_iter().enumerate() {
             match outbound {
                 Outbound::Connection { conn, frame } => {
                     let shard = usize::from(conn.shard);
-                    if let Some(queue) = per_shard.get_mut(shard) {
+                    if let Some(queue) = queues.get_mut(shard) {
                         queue.push((vec![conn.conn_id], frame));
-                        shards.push((shard, 1));
+                        counts[shard].push((index, 1));
                     }
                 }
                 Outbound::Users { users, frame, skip } => {
                     for (shard, conn_ids) in self.connections_per_shard(&users, skip) {
-                        shards.push((shard, conn_ids.len()));
-                        per_shard[shard].push((conn_ids, frame.clone()));
+                        counts[shard].push((index, conn_ids.len()));
+                        queues[shard].push((conn_ids, frame.clone()));
                     }
                 }
             }
-            placed.push(shards);
         }
-        let handed: Vec<bool> = per_shard
-            .into_iter()
-            .enumerate()
-            .map(|(shard, queue)| {
-                !queue.is_empty() && self.send(shard as u16, ShardCommand::DeliverMany(queue))
-            })
-            .collect();
-        placed
-            .into_iter()
-            .map(|shards| {
-                shards
-                    .into_iter()
-                    .filter(|&(shard, _)| handed[shard])
-                    .map(|(_, n)| n)
-                    .sum()
-            })
-            .collect()
+        for (shard, (queue, counts)) in queues.into_iter().zip(counts).enumerate() {
+            if !queue.is_empty() && self.send(shard as u16, ShardCommand::DeliverMany(queue)) {
+                for (index, n) in counts {
+                    reached[index] += n;
+                }
+            }
+        }
+        reached
     }
 
     fn online(&self, users: &[UserId]) -> Vec<bool> {
