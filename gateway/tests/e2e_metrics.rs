@@ -97,4 +97,16 @@ async fn every_exported_series_is_a_listed_metric() {
         "{scrape}"
     );
     assert!(scrape.contains("\npingme_ready 1\n"), "{scrape}");
+    // Both sends (the stored one and the duplicate) were timed from their
+    // acceptance to their worker and to their ack.
+    for histogram in [
+        "pingme_router_send_wait_seconds",
+        "pingme_router_send_ack_seconds",
+    ] {
+        assert_eq!(exported[histogram], "histogram");
+        assert!(
+            scrape.contains(&format!("\n{histogram}_count 2\n")),
+            "{histogram}:\n{scrape}"
+        );
+    }
 }

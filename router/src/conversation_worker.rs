@@ -95,6 +95,10 @@ async fn process_batch(
         .into_iter()
         .map(|consumed| (consumed.partition, consumed.record))
         .unzip();
+    telemetry::since_accepted(
+        telemetry::SEND_WAIT_SECONDS,
+        sends.iter().map(|send| send.accepted_at_us),
+    );
     let now = now_ms();
     let batch: Vec<NewMessage> = sends
         .iter()
@@ -160,12 +164,18 @@ async fn process_batch(
                 let key = conversation_key(&send.conversation);
                 ctx.reply(&send.origin, key, frame, &out).await;
             }
+            // Recorded before the hand-over: an answered sender finds it.
+            telemetry::since_accepted(
+                telemetry::SEND_ACK_SECONDS,
+                sends.iter().map(|send| send.accepted_at_us),
+            );
             ctx.hand_over(&out);
             return;
         }
     };
 
     // Answers first (they are what the senders wait for), then deliveries.
+    let accepted_at: Vec<u64> = sends.iter().map(|send| send.accepted_at_us).collect();
     let mut stored = Vec::new();
     let mut results = results.into_iter();
     for ((send, span), partition) in sends.into_iter().zip(append_spans).zip(partitions) {
@@ -203,6 +213,7 @@ async fn process_batch(
             }
         }
     }
+    telemetry::since_accepted(telemetry::SEND_ACK_SECONDS, accepted_at.into_iter());
     ctx.hand_over(&out);
 
     let mut plans: HashMap<GroupId, GroupPlan> = HashMap::new();

@@ -158,9 +158,14 @@ pub(crate) struct PipelineContext {
 
 /// Wall clock in Unix milliseconds.
 pub(crate) fn now_ms() -> i64 {
+    (now_us() / 1000) as i64
+}
+
+/// Wall clock in Unix microseconds.
+pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
 

@@ -74,6 +74,10 @@ pub struct AcceptedSend {
     pub content_type: ContentType,
     /// The payload.
     pub body: Bytes,
+    /// When the gateway accepted it, microseconds since the Unix epoch (0:
+    /// not known); wall-clock, so it means the same on every node. Feeds
+    /// the send-latency histograms only.
+    pub accepted_at_us: u64,
 }
 
 /// What an offline push says about a message (no body: previews only).
@@ -288,6 +292,7 @@ impl BusRecord for AcceptedSend {
             conversation: self.conversation.to_string(),
             content_type: self.content_type,
             body: self.body.clone(),
+            accepted_at_us: self.accepted_at_us,
         }
         .encode_to_vec()
         .into()
@@ -308,6 +313,7 @@ impl BusRecord for AcceptedSend {
             conversation: conversation("conversation", &send.conversation)?,
             content_type: send.content_type,
             body: send.body,
+            accepted_at_us: send.accepted_at_us,
         })
     }
 }
@@ -473,6 +479,7 @@ mod tests {
             conversation: ConversationId::Direct { low: 4, high: 9 },
             content_type: 1,
             body: Bytes::from_static(b"hello"),
+            accepted_at_us: 1_764_590_000_123_456,
         });
         let task = FanoutTask {
             conversation: ConversationId::Group(7),

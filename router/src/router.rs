@@ -475,6 +475,7 @@ impl Router {
             conversation,
             content_type: send.content_type,
             body: send.body,
+            accepted_at_us: crate::pipeline::now_us(),
         };
         // Counted before publishing: the answer may come back first.
         self.ctx.unanswered.fetch_add(1, Ordering::SeqCst);

@@ -24,6 +24,13 @@ pub const STALE_DOWNSTREAM: &str = "pingme_kafka_stale_downstream_topics";
 pub const APPEND_SECONDS: &str = "pingme_router_store_append_seconds";
 /// Histogram: messages per batched append.
 pub const APPEND_BATCH: &str = "pingme_router_store_append_batch_size";
+/// Histogram: seconds from a send's acceptance by its gateway to its
+/// conversation worker taking it (the persistence topic's queue).
+pub const SEND_WAIT_SECONDS: &str = "pingme_router_send_wait_seconds";
+/// Histogram: seconds from a send's acceptance by its gateway to its ack
+/// (or error) handed on toward the sender's connection: queue, append and
+/// answer, the server's share of what a sender waits for.
+pub const SEND_ACK_SECONDS: &str = "pingme_router_send_ack_seconds";
 /// Counter, label `stage`: retries after a failed try.
 pub const RETRIES: &str = "pingme_router_retries_total";
 /// Gauge: dead letters stored.
@@ -73,6 +80,16 @@ pub fn describe() {
         "duration of one batched, durable message append"
     );
     describe_histogram!(APPEND_BATCH, "messages per batched append");
+    describe_histogram!(
+        SEND_WAIT_SECONDS,
+        Unit::Seconds,
+        "from a send's acceptance by its gateway to its conversation worker taking it"
+    );
+    describe_histogram!(
+        SEND_ACK_SECONDS,
+        Unit::Seconds,
+        "from a send's acceptance by its gateway to its answer handed on toward the sender"
+    );
     describe_counter!(
         RETRIES,
         "retries after a failed try, by pipeline stage (label stage)"
@@ -87,6 +104,17 @@ pub fn describe() {
         DIRECTORY_FALLBACKS,
         "delivery pages planned from this gateway's own connections while the Redis directory was unreachable"
     );
+}
+
+/// Records, for each send, the time since its gateway accepted it
+/// (`accepted_at_us` of 0, unknown, is left out; a clock that stepped
+/// back counts as zero).
+pub(crate) fn since_accepted(histogram: &'static str, accepted_at_us: impl Iterator<Item = u64>) {
+    let now = crate::pipeline::now_us();
+    let histogram = metrics::histogram!(histogram);
+    for at in accepted_at_us.filter(|&at| at != 0) {
+        histogram.record(now.saturating_sub(at) as f64 / 1e6);
+    }
 }
 
 /// Counts one failure with its code.
