@@ -83,7 +83,7 @@ start_server slow "{ heartbeat_interval: 2s, idle_timeout: 30s, messages_per_sec
 slow_url=$base
 
 if ! PINGME_URL="$main_url" PINGME_SLOW_URL="$slow_url" \
-        node --test --test-concurrency=1 --test-reporter=spec tests/chat.test.mjs tests/send_order.test.mjs; then
+        node --test --test-concurrency=1 --test-reporter=spec tests/acks.test.mjs tests/chat.test.mjs tests/send_order.test.mjs; then
     for name in main slow; do
         echo "--- pingme serve ($name) log"; tail -n 100 "$work/$name/server.log"
     done

@@ -23,6 +23,12 @@ const RETRYABLE = new Set([0, 20005, 30001, 40001, 40002, 40003]);
 const MAX_ATTEMPTS = 5;
 /** Wait before retrying a message the server refused for now. */
 const RETRY_DELAY_MS = 1000;
+/**
+ * How long a delivery ack (and the read marker of the open conversation)
+ * waits to cover what arrives meanwhile: one cumulative ack per burst, not
+ * one per message (the SDK's default too).
+ */
+export const ACK_DELAY_MS = 100;
 
 const decoder = new TextDecoder();
 const encoder = new TextEncoder();
@@ -168,6 +174,8 @@ export class Chat {
       await this.loadList();
       await this.sync();
       for (const conversation of this.conversations.values()) {
+        // What the last connection acked may not have reached the server.
+        conversation.ackedSeq = 0;
         if (conversation.id === this.current && !conversation.loaded) {
           await this.loadLatest(conversation);
         } else if (conversation.loaded && conversation.have < conversation.lastSeq) {
@@ -242,15 +250,21 @@ export class Chat {
     return conversation.catchingUp;
   }
 
+  /** Shows what arrived now; acks it (and marks it read) within ACK_DELAY_MS. */
   acknowledge(conversation) {
-    if (conversation.have > 0) {
-      this.session.notify({
-        case: "deliveryAck",
-        value: { conversationId: conversation.id, seq: BigInt(conversation.have) },
-      });
-    }
-    this.markRead(conversation);
     this.onChange(conversation.id);
+    if (conversation.ackTimer) return;
+    conversation.ackTimer = setTimeout(() => {
+      conversation.ackTimer = null;
+      if (conversation.have > (conversation.ackedSeq ?? 0)) {
+        const sent = this.session?.notify({
+          case: "deliveryAck",
+          value: { conversationId: conversation.id, seq: BigInt(conversation.have) },
+        });
+        if (sent) conversation.ackedSeq = conversation.have;
+      }
+      this.markRead(conversation);
+    }, ACK_DELAY_MS);
   }
 
   /** Opens a conversation: its newest page first, then it follows live. */
