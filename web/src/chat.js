@@ -78,6 +78,9 @@ export class Chat {
         name: null,
         lastSeq: 0,
         readSeq: 0,
+        // The read position the server has (listed, synced or sent): own
+        // messages raise readSeq (they are not unread) but not this.
+        markedSeq: 0,
         activity: 0,
         loaded: false,
         first: 1,
@@ -133,6 +136,7 @@ export class Chat {
         const conversation = this.upsert(listed.conversation_id);
         conversation.lastSeq = Math.max(conversation.lastSeq, listed.last_seq);
         conversation.readSeq = Math.max(conversation.readSeq, listed.read_seq);
+        conversation.markedSeq = Math.max(conversation.markedSeq, listed.read_seq);
       }
       if (!answer.next_after) break;
       after = answer.next_after;
@@ -204,6 +208,7 @@ export class Chat {
         const conversation = this.upsert(state.conversationId);
         conversation.lastSeq = Math.max(conversation.lastSeq, Number(state.latestSeq));
         conversation.readSeq = Math.max(conversation.readSeq, Number(state.readSeq));
+        conversation.markedSeq = Math.max(conversation.markedSeq, Number(state.readSeq));
         this.onChange(conversation.id);
       }
       if (!value.hasMore) break;
@@ -305,11 +310,16 @@ export class Chat {
     }
     if (conversation.have > conversation.readSeq) {
       conversation.readSeq = conversation.have;
-      this.session?.notify({
+      this.onChange(conversation.id);
+    }
+    // Against what the server has, not readSeq: a message of one's own
+    // stored meanwhile raised readSeq without telling the server anything.
+    if (conversation.have > conversation.markedSeq) {
+      const sent = this.session?.notify({
         case: "readMarker",
         value: { conversationId: conversation.id, seq: BigInt(conversation.have) },
       });
-      this.onChange(conversation.id);
+      if (sent) conversation.markedSeq = conversation.have;
     }
   }
 

@@ -107,3 +107,16 @@ test("an ack the session could not send goes with the next one", () => {
     .map((body) => Number(body.value.seq));
   assert.deepEqual(acks, [2]);
 });
+
+test("the read marker goes out even when one's own message was stored first", () => {
+  const { session, chat, conversation } = openChat();
+  deliver(chat, 1);
+  // Before the delay runs out the user's own message is stored as seq 2:
+  // it is not unread, but the server has not been told anything is read.
+  chat.remember(conversation, { seq: 2, sender: ME.user_id, clientMsgId: "mine", text: "hi", timeMs: 0 });
+  mock.timers.tick(ACK_DELAY_MS);
+  const markers = session.sent
+    .filter((body) => body.case === "readMarker")
+    .map((body) => Number(body.value.seq));
+  assert.deepEqual(markers, [2]);
+});
