@@ -7,7 +7,10 @@
 #   web/test.sh
 #   WEBCHAT_SCREENSHOT=docs/img/webchat.png web/test.sh   # also save a screenshot
 # CHROMIUM overrides the browser (default /usr/bin/chromium); PINGME_BIN a
-# prebuilt binary (default: cargo build, debug).
+# prebuilt binary (default: cargo build, debug). The binary serves the page
+# embedded when it was built (web/dist): after changing web/src, run
+# web/build.sh and let this script build, or a prebuilt binary tests the
+# old page.
 set -euo pipefail
 cd "$(dirname "$0")"
 web=$(pwd)
