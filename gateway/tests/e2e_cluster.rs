@@ -237,6 +237,14 @@ async fn workers_joining_and_dying_lose_no_acknowledged_message() {
 /// draining (its `/health` says 503); it then goes on within its session
 /// (no rebalance) and answers. The gateway waits up to
 /// `kafka.shutdown_answers_wait`, 60 s here.
+/// Frames the node's TCP connections have read (`/metrics`).
+async fn tcp_frames_read(node: &Server) -> u64 {
+    let text = node.metrics_text().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(r#"pingme_gateway_frames_in_total{transport="tcp"} "#))
+        .map_or(0, |count| count.trim().parse().unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_gateway_answers_the_sends_it_took() {
     let Some(cluster) = Cluster::new() else {
@@ -254,10 +262,22 @@ async fn a_stopping_gateway_answers_the_sends_it_took() {
 
     // The worker is frozen: the next sends wait on the persistence topic.
     worker.pause();
+    let read_before = tcp_frames_read(&gateway).await;
     let mut waiting = std::collections::BTreeMap::new();
     for i in 0..5 {
         let id = format!("in-flight-{i}");
         waiting.insert(a.send_unanswered(&direct, &id, "wait").await, id);
+    }
+    // The gateway has read (and so taken: reading a frame and handing it to
+    // the router is one step on its shard) all five before it is told to
+    // stop; a send it had not read yet would be refused as shutting down.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while tcp_frames_read(&gateway).await < read_before + 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway never read the sends"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     gateway.signal_term();
     // Draining: /health answers 503 from the first moment of the shutdown.
