@@ -90,22 +90,39 @@ pub(crate) struct Tables {
 }
 
 impl Tables {
-    /// Every keyspace, for the memtable keeper.
+    /// Every keyspace, for the memtable keeper. Destructured, so a keyspace
+    /// added to `Tables` cannot be left out of this list unnoticed.
     fn all(&self) -> Vec<Keyspace> {
-        vec![
-            self.users.clone(),
-            self.usernames.clone(),
-            self.devices.clone(),
-            self.groups.clone(),
-            self.members.clone(),
-            self.user_conversations.clone(),
-            self.messages.clone(),
-            self.idempotency.clone(),
-            self.delivered.clone(),
-            self.read.clone(),
-            self.dead_letters.clone(),
-            self.meta.clone(),
+        let Tables {
+            users,
+            usernames,
+            devices,
+            groups,
+            members,
+            user_conversations,
+            messages,
+            idempotency,
+            delivered,
+            read,
+            dead_letters,
+            meta,
+        } = self;
+        [
+            users,
+            usernames,
+            devices,
+            groups,
+            members,
+            user_conversations,
+            messages,
+            idempotency,
+            delivered,
+            read,
+            dead_letters,
+            meta,
         ]
+        .map(Keyspace::clone)
+        .into()
     }
 }
 
