@@ -81,6 +81,10 @@ export class Chat {
         // The read position the server has (listed, synced or sent): own
         // messages raise readSeq (they are not unread) but not this.
         markedSeq: 0,
+        // The delivered position last acked on this connection, and the
+        // pending ack's timer (see `acknowledge`).
+        ackedSeq: 0,
+        ackTimer: null,
         activity: 0,
         loaded: false,
         first: 1,
@@ -261,7 +265,7 @@ export class Chat {
     if (conversation.ackTimer) return;
     conversation.ackTimer = setTimeout(() => {
       conversation.ackTimer = null;
-      if (conversation.have > (conversation.ackedSeq ?? 0)) {
+      if (conversation.have > conversation.ackedSeq) {
         const sent = this.session?.notify({
           case: "deliveryAck",
           value: { conversationId: conversation.id, seq: BigInt(conversation.have) },
