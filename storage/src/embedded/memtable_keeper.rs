@@ -9,6 +9,9 @@
 //! holds a reference to every keyspace's active memtable; once fjall has
 //! replaced it and let go of it, the last reference is the keeper's, and
 //! the memory is freed here, with no lock held.
+//!
+//! The same thread moves fjall's worker between idle and normal CPU
+//! priority as its backlog asks (`background_priority`).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -17,6 +20,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fjall::{AbstractTree, Keyspace};
+
+use super::background_priority::{Backlog, WorkerPriority};
 
 /// How often the active memtables are looked at. A memtable lives for
 /// seconds under load; one replaced and flushed within a single period is
@@ -67,6 +72,10 @@ impl Kept {
         self.freed += (before - self.retired.len()) as u64;
     }
 
+    fn keyspaces(&self) -> &[Keyspace] {
+        &self.keyspaces
+    }
+
     /// Replaced memtables freed here so far.
     #[cfg(test)]
     fn freed(&self) -> u64 {
@@ -88,7 +97,12 @@ pub(super) struct MemtableKeeper {
 }
 
 impl MemtableKeeper {
-    pub(super) fn start(keyspaces: Vec<Keyspace>) -> std::io::Result<MemtableKeeper> {
+    /// Starts the thread; it also looks after the workers' priority, if
+    /// they were put at idle priority.
+    pub(super) fn start(
+        keyspaces: Vec<Keyspace>,
+        mut priority: Option<WorkerPriority>,
+    ) -> std::io::Result<MemtableKeeper> {
         let (stop, stopped) = mpsc::channel::<()>();
         let mut kept = Kept::new(keyspaces);
         let thread = std::thread::Builder::new()
@@ -96,6 +110,9 @@ impl MemtableKeeper {
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(POLL) {
                     kept.poll();
+                    if let Some(priority) = &mut priority {
+                        priority.poll(|| Backlog::of(kept.keyspaces()));
+                    }
                 }
             })?;
         Ok(MemtableKeeper {

@@ -24,6 +24,7 @@
 //!
 //! Keyspaces and key encodings are listed in `docs/storage.md`.
 
+mod background_priority;
 mod conversations;
 mod dead_letters;
 mod keys;
@@ -289,6 +290,7 @@ impl EmbeddedStore {
         durability: Durability,
         group_commit_interval: Duration,
     ) -> StoreResult<EmbeddedStore> {
+        let priority = background_priority::WorkerPriority::before_open();
         let database = db(Database::builder(dir).worker_threads(STORE_WORKERS).open())?;
         let keyspace = |name: &str| {
             db(database.keyspace(name, || {
@@ -354,7 +356,7 @@ impl EmbeddedStore {
             .spawn(move || writer.run(queue))
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer: {e}")))?;
 
-        let keeper = MemtableKeeper::start(tables.all())
+        let keeper = MemtableKeeper::start(tables.all(), priority)
             .map_err(|e| StoreError::Unavailable(format!("cannot start memtable keeper: {e}")))?;
 
         Ok(EmbeddedStore {
