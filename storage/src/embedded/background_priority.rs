@@ -98,7 +98,7 @@ impl WorkerPriority {
         if !os::may_leave_idle() {
             tracing::info!(
                 "fjall's background work stays at normal CPU priority: running it at idle \
-                 priority needs CAP_SYS_NICE or RLIMIT_NICE 20 (systemd LimitNICE=0) to raise \
+                 priority needs CAP_SYS_NICE or RLIMIT_NICE 20 (systemd LimitNICE=20, docker --ulimit nice=20) to raise \
                  it again when it falls behind"
             );
             return None;
