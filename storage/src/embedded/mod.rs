@@ -34,7 +34,7 @@ mod users;
 mod watermarks;
 mod writer;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -345,7 +345,7 @@ impl EmbeddedStore {
             db: database.clone(),
             tables: tables.clone(),
             persist,
-            latest: HashMap::new(),
+            latest: foldhash::HashMap::default(),
             published: published.clone(),
             stats: stats.clone(),
             replies: writer::spawn_replier(),
@@ -525,6 +525,41 @@ mod tests {
         assert!(before_first.elapsed() >= interval);
         assert_eq!(store.latest_seqs(&[dm]).await.unwrap(), [5]);
         assert_eq!(store.commit_stats().messages, 5);
+    }
+
+    #[tokio::test]
+    async fn membership_is_answered_per_sender_and_conversation_within_a_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Durability::Sync).unwrap();
+        for name in ["a", "b", "c"] {
+            store.create_user(name, "h", 0).await.unwrap();
+        }
+        let group = store.create_group(1, "g", &[1, 2], 0).await.unwrap().id;
+        let other = store.create_group(3, "h", &[3], 0).await.unwrap().id;
+        let (g, h) = (ConversationId::Group(group), ConversationId::Group(other));
+        // One call: a member's burst, a stranger between two of its
+        // messages, the member into a group it is not in, then back.
+        let out = store
+            .append(vec![
+                message(g, 1, "1"),
+                message(g, 1, "2"),
+                message(g, 3, "3"),
+                message(g, 1, "4"),
+                message(h, 1, "5"),
+                message(g, 2, "6"),
+                message(g, 2, "7"),
+            ])
+            .await
+            .unwrap();
+        let admitted: Vec<bool> = out.iter().map(Result::is_ok).collect();
+        assert_eq!(admitted, [true, true, false, true, false, true, true]);
+        for refused in [&out[2], &out[4]] {
+            assert!(
+                matches!(refused, Err(StoreError::NotMember { .. })),
+                "{refused:?}"
+            );
+        }
+        assert_eq!(store.latest_seqs(&[g, h]).await.unwrap(), [5, 0]);
     }
 
     #[tokio::test]
