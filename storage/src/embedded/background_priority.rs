@@ -4,15 +4,15 @@
 //! A flush of an 8 MiB memtable or a compaction takes a core for tens of
 //! milliseconds at once. On a small machine that core is one the
 //! conversation workers, the shards and the store writer need, and every
-//! send queued behind the burst waited for it: a 10,000 msg/s chat's p99
-//! was 9-12 ms with the worker at normal priority and 8 ms with it at idle
-//! priority, and 183 against 74 ms at 19,500 msg/s, where the two cores
-//! are full (docs/benchmarks.md). So the worker runs under `SCHED_IDLE`,
-//! where any other thread that wakes takes its core at once, as long as it
-//! keeps up. When it falls behind (sealed memtables or level-0 runs piling
-//! up, which fjall answers by stalling writes) it gets normal priority
-//! back until it has caught up, so foreground load can never starve the
-//! store's own upkeep.
+//! send queued behind the burst waits for it. So the worker runs under
+//! `SCHED_IDLE`, where any other thread that wakes takes its core at once,
+//! as long as it keeps up: a chat at 19,500 msg/s on two full cores had a
+//! p99 of 182-184 ms with it at normal priority and 74-138 ms at idle; at
+//! 10,000 msg/s the difference is within run-to-run spread
+//! (docs/benchmarks.md). When it falls behind (sealed memtables or
+//! level-0 runs piling up, which fjall answers by stalling writes) it gets
+//! normal priority back until it has caught up, so foreground load can
+//! never starve the store's own upkeep.
 //!
 //! Leaving `SCHED_IDLE` needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of at
 //! least 20. Where the process may not, the worker is left at normal
@@ -95,11 +95,14 @@ impl WorkerPriority {
     /// new ones. `None` where they are left at normal priority: the
     /// process could not bring them back from idle, or this is not Linux.
     pub(super) fn before_open() -> Option<WorkerPriority> {
+        if !cfg!(target_os = "linux") {
+            return None;
+        }
         if !os::may_leave_idle() {
             tracing::info!(
                 "fjall's background work stays at normal CPU priority: running it at idle \
-                 priority needs CAP_SYS_NICE or RLIMIT_NICE 20 (systemd LimitNICE=20, docker --ulimit nice=20) to raise \
-                 it again when it falls behind"
+                 priority needs CAP_SYS_NICE or RLIMIT_NICE 20 (systemd LimitNICE=20, \
+                 docker --ulimit nice=20) to raise it again when it falls behind"
             );
             return None;
         }
