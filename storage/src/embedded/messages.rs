@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::keys::{self, ConversationKey};
-use super::writer::{self, AppendRequest};
+use std::sync::atomic::Ordering;
+
+use super::writer::{self, AppendRequest, LookedUp};
 use super::{EmbeddedStore, Inner, db};
 use crate::checks::{admit_sender, check_message_shape, timeline_page};
 use crate::{
@@ -40,6 +42,15 @@ impl Inner {
             }
         };
         admit_sender(message, is_member)
+    }
+
+    /// The message's idempotency key and where it is stored, if it is.
+    fn look_up(&self, message: &NewMessage) -> StoreResult<LookedUp> {
+        let key = keys::idempotency_key(message.sender, &message.client_msg_id);
+        let found = db(self.tables.idempotency.get(&key))?
+            .map(|location| keys::decode_location(&location))
+            .transpose()?;
+        Ok(LookedUp { key, found })
     }
 
     fn messages(
@@ -100,17 +111,30 @@ impl MessageStore for EmbeddedStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        // Acquire: every round counted here has its keys in the store for
+        // the lookups below; the writer checks the rounds after it.
+        let after_round = self.inner.stats.rounds.load(Ordering::Acquire);
         let mut last_member = None;
         let messages = batch
             .into_iter()
             .map(|message| {
-                self.inner
+                let checked = self
+                    .inner
                     .check_new_message(&message, &mut last_member)
-                    .map(|()| message)
+                    .and_then(|()| self.inner.look_up(&message));
+                match checked {
+                    Ok(looked_up) => (Ok(message), looked_up),
+                    Err(error) => (Err(error), LookedUp::default()),
+                }
             })
             .collect();
         let (reply, answer) = oneshot::channel();
-        if !self.inner.appends.push(AppendRequest { messages, reply }) {
+        let request = AppendRequest {
+            messages,
+            after_round,
+            reply,
+        };
+        if !self.inner.appends.push(request) {
             return Err(StoreError::Unavailable("store is closing".into()));
         }
         answer

@@ -346,6 +346,7 @@ impl EmbeddedStore {
             tables: tables.clone(),
             persist,
             latest: foldhash::HashMap::default(),
+            recent: writer::RecentKeys::default(),
             published: published.clone(),
             stats: stats.clone(),
             replies: writer::spawn_replier(),
@@ -560,6 +561,64 @@ mod tests {
             );
         }
         assert_eq!(store.latest_seqs(&[g, h]).await.unwrap(), [5, 0]);
+    }
+
+    /// Queues `message` as a caller would whose idempotency lookup began
+    /// after `after_round` rounds and found nothing.
+    async fn append_looked_up_at(
+        store: &EmbeddedStore,
+        message: NewMessage,
+        after_round: u64,
+    ) -> crate::Appended {
+        let looked_up = writer::LookedUp {
+            key: keys::idempotency_key(message.sender, &message.client_msg_id),
+            found: None,
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        assert!(store.inner.appends.push(writer::AppendRequest {
+            messages: vec![(Ok(message), looked_up)],
+            after_round,
+            reply,
+        }));
+        let mut results = answer.await.unwrap().unwrap();
+        results.remove(0).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_key_stored_after_the_callers_lookup_began_is_still_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Durability::Sync).unwrap();
+        store.create_user("a", "h", 0).await.unwrap();
+        store.create_user("b", "h", 0).await.unwrap();
+        let dm = ConversationId::direct(1, 2).unwrap();
+        let before = store.commit_stats().rounds;
+        store.append(vec![message(dm, 1, "x")]).await.unwrap();
+
+        // A lookup that began before that round missed it: the writer's
+        // memory of recent rounds catches it.
+        let again = append_looked_up_at(&store, message(dm, 1, "x"), before).await;
+        assert!(again.duplicate);
+        assert_eq!(again.message.seq, 1);
+
+        // So does the store itself, once the round is further back than
+        // the writer remembers.
+        for i in 0..writer::RECENT_ROUNDS + 2 {
+            store
+                .append(vec![message(dm, 2, &format!("later-{i}"))])
+                .await
+                .unwrap();
+        }
+        assert!(store.commit_stats().rounds > before + writer::RECENT_ROUNDS as u64);
+        let again = append_looked_up_at(&store, message(dm, 1, "x"), before).await;
+        assert!(again.duplicate);
+        assert_eq!(again.message.seq, 1);
+
+        // A fresh key the lookup did not find is stored.
+        let fresh = append_looked_up_at(&store, message(dm, 1, "y"), before).await;
+        assert!(!fresh.duplicate);
+        let last = 1 + writer::RECENT_ROUNDS as u64 + 2 + 1;
+        assert_eq!(fresh.message.seq, last);
+        assert_eq!(store.latest_seqs(&[dm]).await.unwrap(), [last]);
     }
 
     #[tokio::test]

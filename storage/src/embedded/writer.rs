@@ -1,12 +1,13 @@
 //! The group-commit writer: the single owner of seq assignment in the
 //! embedded store.
 //!
-//! `append` callers validate their messages on their own task, then queue
-//! them here. One dedicated thread takes everything queued, and for the whole
-//! round: assigns seqs in arrival order, checks idempotency (against the
-//! store and against the round itself), writes one atomic fjall batch, syncs
-//! the journal once, publishes the new latest seqs, and only then answers
-//! every caller. Because this thread is the only code that writes messages,
+//! `append` callers validate their messages and look their idempotency
+//! keys up on their own task, then queue them here. One dedicated thread
+//! takes everything queued, and for the whole round: assigns seqs in
+//! arrival order, completes the idempotency check (against the rounds
+//! committed since each caller's lookup began, and against the round
+//! itself), writes one atomic fjall batch, syncs the journal once,
+//! publishes the new latest seqs, and only then answers every caller. Because this thread is the only code that writes messages,
 //! two appends can never be given the same seq, and a latest seq read from
 //! the timeline's last key is exact.
 
@@ -90,10 +91,75 @@ impl AppendQueue {
 }
 
 /// One `append` call: messages that passed validation (`Ok`) or the typed
-/// error they got (`Err`), and where to send the answer.
+/// error they got (`Err`), each with its idempotency key as the caller
+/// looked it up, and where to send the answer.
 pub(super) struct AppendRequest {
-    pub messages: Vec<StoreResult<NewMessage>>,
+    pub messages: Vec<Checked>,
+    /// Rounds committed before the caller's lookups began: keys committed
+    /// by later rounds may be missing from them.
+    pub after_round: u64,
     pub reply: oneshot::Sender<StoreResult<Vec<StoreResult<Appended>>>>,
+}
+
+/// A message as its caller checked it, with its idempotency lookup.
+pub(super) type Checked = (StoreResult<NewMessage>, LookedUp);
+
+/// A message's idempotency key and where the caller's lookup found it.
+/// Callers look their keys up on their own tasks, in parallel: done here,
+/// the lookups were a quarter of the writer thread's CPU, and the writer is
+/// the store's one serial stage.
+#[derive(Debug, Default)]
+pub(super) struct LookedUp {
+    /// Empty for a message that failed its checks.
+    pub key: Vec<u8>,
+    pub found: Option<(ConversationId, Seq)>,
+}
+
+/// How many of the latest rounds' keys the writer remembers, to catch a
+/// key committed after a caller's lookup began (a lookup precedes its
+/// round by a round or two; an older one is done again by the writer).
+pub(super) const RECENT_ROUNDS: usize = 64;
+
+/// Hashes of the idempotency keys of the latest committed rounds, newest
+/// last. A hit is confirmed in the store (hashes may collide).
+#[derive(Default)]
+pub(super) struct RecentKeys {
+    hasher: foldhash::fast::RandomState,
+    rounds: std::collections::VecDeque<(u64, foldhash::HashSet<u64>)>,
+}
+
+impl RecentKeys {
+    fn hash(&self, key: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
+    /// Whether a round after `after_round` (up to `committed`) may have
+    /// stored `key`; `None` if those rounds are no longer all remembered.
+    fn may_hold(&self, after_round: u64, committed: u64, key: &[u8]) -> Option<bool> {
+        if after_round >= committed {
+            return Some(false);
+        }
+        match self.rounds.front() {
+            Some(&(oldest, _)) if oldest <= after_round + 1 => {}
+            _ => return None,
+        }
+        let hash = self.hash(key);
+        Some(
+            self.rounds
+                .iter()
+                .rev()
+                .take_while(|(round, _)| *round > after_round)
+                .any(|(_, hashes)| hashes.contains(&hash)),
+        )
+    }
+
+    fn remember(&mut self, round: u64, keys: impl Iterator<Item = u64>) {
+        if self.rounds.len() == RECENT_ROUNDS {
+            self.rounds.pop_front();
+        }
+        self.rounds.push_back((round, keys.collect()));
+    }
 }
 
 /// Latest seq per conversation as committed, shared with readers.
@@ -139,6 +205,8 @@ pub(super) struct Writer {
     /// The shortest time from one round's start to the next
     /// ([`super::DEFAULT_GROUP_COMMIT_INTERVAL`]).
     pub round_interval: Duration,
+    /// The latest rounds' idempotency keys, for callers' late lookups.
+    pub recent: RecentKeys,
 }
 
 /// Counters of committed rounds, for benchmarks and metrics.
@@ -174,7 +242,7 @@ impl Writer {
             let mut items = Vec::with_capacity(round.len());
             for request in round {
                 replies.push(request.reply);
-                items.push(request.messages);
+                items.push((request.messages, request.after_round));
             }
             let outcome = self.write_round(items, &mut before);
             (replies, outcome)
@@ -182,7 +250,9 @@ impl Writer {
         let answers: Vec<Reply> = match outcome {
             Ok(answers) => {
                 let stored: usize = answers.iter().map(Vec::len).sum();
-                self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+                // Release: a caller that reads this count before its
+                // lookups sees this round's keys in the store.
+                self.stats.rounds.fetch_add(1, Ordering::Release);
                 self.stats
                     .messages
                     .fetch_add(stored as u64, Ordering::Relaxed);
@@ -223,43 +293,49 @@ impl Writer {
 
     /// Builds and commits one batch for the round; returns every answer.
     ///
-    /// Lookups and inserts go to the LSM's in-memory skiplists in key order,
-    /// not arrival order: neighbouring keys share their search paths, which
+    /// Inserts go to the LSM's in-memory skiplists in key order, not
+    /// arrival order: neighbouring keys share their search paths, which
     /// stay in the CPU cache (arrival order jumps across the whole
     /// memtable, one cache miss per level).
     fn write_round(
         &mut self,
-        round: Vec<Vec<StoreResult<NewMessage>>>,
+        round: Vec<(Vec<Checked>, u64)>,
         before: &mut HashMap<ConversationId, Seq>,
     ) -> StoreResult<Vec<Vec<StoreResult<Appended>>>> {
-        let total: usize = round.iter().map(Vec::len).sum();
+        let total: usize = round.iter().map(|(messages, _)| messages.len()).sum();
+        let committed = self.stats.rounds.load(Ordering::Relaxed);
 
-        // Phase 1: the idempotency key of every valid message, looked up in
-        // key order; `known` holds where earlier rounds stored them.
+        // Phase 1: where earlier rounds stored each valid message's key.
+        // The caller's lookup answers for rounds up to its `after_round`;
+        // later rounds are checked here, and the store asked again only
+        // when one of them may hold the key (or they are too far back).
         let requests = round.len();
         let mut items: Vec<(usize, StoreResult<NewMessage>)> = Vec::with_capacity(total);
         let mut idempotency_keys: Vec<Vec<u8>> = Vec::with_capacity(total);
-        for (r, request) in round.into_iter().enumerate() {
-            for item in request {
-                idempotency_keys.push(match &item {
-                    Ok(message) => keys::idempotency_key(message.sender, &message.client_msg_id),
-                    Err(_) => Vec::new(),
-                });
+        let mut found: Vec<Option<(ConversationId, Seq)>> = Vec::with_capacity(total);
+        for (r, (request, after_round)) in round.into_iter().enumerate() {
+            for (item, looked_up) in request {
+                let location = match (&item, looked_up.found) {
+                    (Err(_), _) => None,
+                    (Ok(_), Some(location)) => Some(location),
+                    (Ok(_), None) => {
+                        match self.recent.may_hold(after_round, committed, &looked_up.key) {
+                            Some(false) => None,
+                            Some(true) | None => db(self.tables.idempotency.get(&looked_up.key))?
+                                .map(|location| keys::decode_location(&location))
+                                .transpose()?,
+                        }
+                    }
+                };
+                idempotency_keys.push(looked_up.key);
+                found.push(location);
                 items.push((r, item));
             }
         }
-        let mut order: Vec<usize> = (0..items.len()).filter(|&i| items[i].1.is_ok()).collect();
-        order.sort_unstable_by(|&a, &b| idempotency_keys[a].cmp(&idempotency_keys[b]));
         let mut known: HashMap<&[u8], (ConversationId, Seq)> = HashMap::new();
-        let mut previous: Option<&[u8]> = None;
-        for &i in &order {
-            let key = idempotency_keys[i].as_slice();
-            if previous == Some(key) {
-                continue;
-            }
-            previous = Some(key);
-            if let Some(location) = db(self.tables.idempotency.get(key))? {
-                known.insert(key, keys::decode_location(&location)?);
+        for (key, location) in idempotency_keys.iter().zip(&found) {
+            if let Some(location) = location {
+                known.insert(key.as_slice(), *location);
             }
         }
 
@@ -348,6 +424,11 @@ impl Writer {
             batch.insert(&self.tables.user_conversations, key, []);
         }
         db(batch.commit())?;
+        let stored = in_round
+            .keys()
+            .map(|key| self.recent.hash(key))
+            .collect::<Vec<_>>();
+        self.recent.remember(committed + 1, stored.into_iter());
         Ok(answers)
     }
 
