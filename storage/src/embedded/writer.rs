@@ -7,9 +7,10 @@
 //! arrival order, completes the idempotency check (against the rounds
 //! committed since each caller's lookup began, and against the round
 //! itself), writes one atomic fjall batch, syncs the journal once,
-//! publishes the new latest seqs, and only then answers every caller. Because this thread is the only code that writes messages,
-//! two appends can never be given the same seq, and a latest seq read from
-//! the timeline's last key is exact.
+//! publishes the new latest seqs, and only then answers every caller.
+//! Because this thread is the only code that writes messages, two appends
+//! can never be given the same seq, and a latest seq read from the
+//! timeline's last key is exact.
 
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
