@@ -7,8 +7,9 @@
 //! send queued behind the burst waits for it. So the worker runs under
 //! `SCHED_IDLE`, where any other thread that wakes takes its core at once,
 //! as long as it keeps up: a chat at 19,500 msg/s on two full cores had a
-//! p99 of 182-184 ms with it at normal priority and 74-138 ms at idle; at
-//! 10,000 msg/s the difference is within run-to-run spread
+//! lower median in every measured pair, and a p99 of 74-138 ms against
+//! 182-184 ms at normal priority in a slow hour (the same p99 in a fast
+//! one); at 10,000 msg/s the difference is within run-to-run spread
 //! (docs/benchmarks.md). When it falls behind (sealed memtables or
 //! level-0 runs piling up, which fjall answers by stalling writes) it gets
 //! normal priority back until it has caught up, so foreground load can
