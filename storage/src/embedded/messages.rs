@@ -1,14 +1,15 @@
-//! [`MessageStore`] on fjall: `append` checks each message on the caller's
-//! task and hands it to the group-commit writer ([`super::writer`]), the
-//! single owner of seq assignment; timeline reads are range scans of
+//! [`MessageStore`] on fjall: `append` checks each message and looks its
+//! idempotency key up on the caller's task, then hands it to the
+//! group-commit writer ([`super::writer`]), the single owner of seq
+//! assignment; timeline reads are range scans of
 //! `messages/(conversation, seq)`.
+
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::keys::{self, ConversationKey};
-use std::sync::atomic::Ordering;
-
 use super::writer::{self, AppendRequest, LookedUp};
 use super::{EmbeddedStore, Inner, db};
 use crate::checks::{admit_sender, check_message_shape, timeline_page};

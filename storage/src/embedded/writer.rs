@@ -155,11 +155,11 @@ impl RecentKeys {
         )
     }
 
-    fn remember(&mut self, round: u64, keys: impl Iterator<Item = u64>) {
+    fn remember(&mut self, round: u64, hashes: foldhash::HashSet<u64>) {
         if self.rounds.len() == RECENT_ROUNDS {
             self.rounds.pop_front();
         }
-        self.rounds.push_back((round, keys.collect()));
+        self.rounds.push_back((round, hashes));
     }
 }
 
@@ -425,11 +425,8 @@ impl Writer {
             batch.insert(&self.tables.user_conversations, key, []);
         }
         db(batch.commit())?;
-        let stored = in_round
-            .keys()
-            .map(|key| self.recent.hash(key))
-            .collect::<Vec<_>>();
-        self.recent.remember(committed + 1, stored.into_iter());
+        let stored = in_round.keys().map(|key| self.recent.hash(key)).collect();
+        self.recent.remember(committed + 1, stored);
         Ok(answers)
     }
 
