@@ -62,6 +62,26 @@ export function waitOnline(page, wait) {
   return page.waitForFunction(() => document.getElementById("status").dataset.state === "online", wait);
 }
 
+/**
+ * Opens a conversation from the list. The list is drawn again whenever a
+ * name, presence or unread count arrives, so an element handle found a
+ * moment earlier can be detached by the time a click reaches it ("Node is
+ * detached from document", "Node is either not clickable or not an
+ * Element"): find and click in one step inside the page, waiting until
+ * the entry is there.
+ */
+export function openConversation(page, selector, wait) {
+  return page.waitForFunction(
+    (wanted) => {
+      const entry = document.querySelector(wanted);
+      entry?.click();
+      return entry !== null;
+    },
+    wait,
+    selector,
+  );
+}
+
 /** What `openProfile`'s hook saw of each WebSocket the current document opened. */
 export function openings(page) {
   return page.evaluate(() => window.__openings);

@@ -8,7 +8,13 @@
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { launchBrowser, openings, openProfile, waitOnline as waitOnlineWithin } from "./browser.mjs";
+import {
+  launchBrowser,
+  openConversation as openConversationWithin,
+  openings,
+  openProfile,
+  waitOnline as waitOnlineWithin,
+} from "./browser.mjs";
 
 const BASE = process.env.PINGME_URL;
 const SCREENSHOT = process.env.WEBCHAT_SCREENSHOT;
@@ -29,6 +35,10 @@ function waitOnline(page) {
   return waitOnlineWithin(page, WAIT);
 }
 
+function openConversation(page, selector) {
+  return openConversationWithin(page, selector, WAIT);
+}
+
 /** Waits until a message with `text` is shown; returns its seq ("" while pending). */
 async function waitForMessage(page, text) {
   const handle = await page.waitForFunction(
@@ -46,25 +56,6 @@ async function send(page, text) {
   await page.type("#message-input", text);
   await page.keyboard.press("Enter");
   return waitForMessage(page, text);
-}
-
-/**
- * Opens a conversation from the list. The list is drawn again whenever a
- * name, presence or unread count arrives, so an element handle found a
- * moment earlier can be detached by the time a click reaches it ("Node is
- * detached from document"): find and click in one step inside the page,
- * waiting until the entry is there.
- */
-async function openConversation(page, selector) {
-  await page.waitForFunction(
-    (wanted) => {
-      const entry = document.querySelector(wanted);
-      entry?.click();
-      return entry !== null;
-    },
-    WAIT,
-    selector,
-  );
 }
 
 function messageTexts(page) {

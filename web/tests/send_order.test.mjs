@@ -8,7 +8,7 @@
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { launchBrowser, openProfile, waitOnline } from "./browser.mjs";
+import { launchBrowser, openConversation, openProfile, waitOnline } from "./browser.mjs";
 
 const BASE = process.env.PINGME_SLOW_URL;
 const WAIT = { timeout: 120_000 };
@@ -70,7 +70,7 @@ test("a burst of lines typed faster than the server's rate keeps its typed order
   assert.deepEqual(await storedMessages(carol, typed.at(-1)), expected);
   assert.equal(await carol.$("#messages .message .receipt.failed"), null);
 
-  await dave.click("#conversations .conversation");
+  await openConversation(dave, "#conversations .conversation", WAIT);
   assert.deepEqual(await storedMessages(dave, typed.at(-1)), expected);
 });
 
