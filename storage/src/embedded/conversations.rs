@@ -100,6 +100,7 @@ impl Inner {
         );
         batch.insert(&self.tables.groups, group.to_be_bytes(), to_json(&record));
         self.commit(batch)?;
+        self.known_members.forget(group, user);
         Ok(true)
     }
 

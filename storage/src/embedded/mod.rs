@@ -28,19 +28,20 @@ mod background_priority;
 mod conversations;
 mod dead_letters;
 mod keys;
+mod known;
 mod memtable_keeper;
 mod messages;
 mod users;
 mod watermarks;
 mod writer;
 
-use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
+use self::known::{KnownMembers, KnownUsers};
 use self::memtable_keeper::MemtableKeeper;
 use self::writer::{AppendQueue, Published, Writer, WriterStats};
 use crate::{
@@ -153,32 +154,7 @@ struct Inner {
     /// Frees flushed memtables off fjall's locks (dropped after the writer).
     keeper: Option<MemtableKeeper>,
     known_users: KnownUsers,
-}
-
-/// Users found to exist. Both parties of a direct conversation are checked
-/// on every send and every delivery ack; a user is never deleted, so once
-/// found an entry stays true and the check skips the users table (a
-/// memtable and LSM lookup). Bounded: past [`KnownUsers::MAX`] entries
-/// (about 16 MiB) further users are looked up each time.
-#[derive(Default)]
-struct KnownUsers(RwLock<HashSet<UserId>>);
-
-impl KnownUsers {
-    const MAX: usize = 1 << 20;
-
-    fn contains(&self, user: UserId) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&user)
-    }
-
-    fn insert(&self, user: UserId) {
-        let mut known = self.0.write().unwrap_or_else(|p| p.into_inner());
-        if known.len() < Self::MAX {
-            known.insert(user);
-        }
-    }
+    known_members: KnownMembers,
 }
 
 impl Drop for Inner {
@@ -373,6 +349,7 @@ impl EmbeddedStore {
                 writer: Some(writer),
                 keeper: Some(keeper),
                 known_users: KnownUsers::default(),
+                known_members: KnownMembers::default(),
             }),
         })
     }
@@ -457,9 +434,17 @@ impl Inner {
     }
 
     fn role(&self, group: GroupId, user: UserId) -> StoreResult<Option<Role>> {
-        db(self.tables.members.get(keys::pair_key(group, user)))?
+        if let Some(role) = self.known_members.role(group, user) {
+            return Ok(Some(role));
+        }
+        let start = self.known_members.lookup_start();
+        let role = db(self.tables.members.get(keys::pair_key(group, user)))?
             .map(|value| role_from(&value))
-            .transpose()
+            .transpose()?;
+        if let Some(role) = role {
+            self.known_members.remember(start, group, user, role);
+        }
+        Ok(role)
     }
 
     fn is_member(&self, conversation: ConversationId, user: UserId) -> StoreResult<bool> {
