@@ -99,8 +99,11 @@ impl Inner {
             keys::user_conversation_key(user, ConversationId::Group(group)),
         );
         batch.insert(&self.tables.groups, group.to_be_bytes(), to_json(&record));
-        self.commit(batch)?;
+        let committed = self.commit(batch);
+        // Forgotten even when the commit failed: forgetting costs one lookup
+        // at most, remembering a member who may be gone costs correctness.
         self.known_members.forget(group, user);
+        committed?;
         Ok(true)
     }
 
