@@ -48,9 +48,7 @@ impl Inner {
     /// The message's idempotency key and where it is stored, if it is.
     fn look_up(&self, message: &NewMessage) -> StoreResult<LookedUp> {
         let key = keys::idempotency_key(message.sender, &message.client_msg_id);
-        let found = db(self.tables.idempotency.get(&key))?
-            .map(|location| keys::decode_location(&location))
-            .transpose()?;
+        let found = self.tables.stored_location(&key)?;
         Ok(LookedUp { key, found })
     }
 

@@ -45,7 +45,7 @@ use self::known::{KnownMembers, KnownUsers};
 use self::memtable_keeper::MemtableKeeper;
 use self::writer::{AppendQueue, Published, Writer, WriterStats};
 use crate::{
-    ConversationId, GroupId, GroupRecord, Role, StoreError, StoreResult, UserId, UserRecord,
+    ConversationId, GroupId, GroupRecord, Role, Seq, StoreError, StoreResult, UserId, UserRecord,
 };
 
 pub use crate::checks::MAX_ID_BYTES;
@@ -92,6 +92,17 @@ pub(crate) struct Tables {
 }
 
 impl Tables {
+    /// Where the message with this idempotency key is stored, if it is:
+    /// the callers' lookups and the writer's second look share it.
+    fn stored_location(
+        &self,
+        idempotency_key: &[u8],
+    ) -> StoreResult<Option<(ConversationId, Seq)>> {
+        db(self.idempotency.get(idempotency_key))?
+            .map(|location| keys::decode_location(&location))
+            .transpose()
+    }
+
     /// Every keyspace, for the memtable keeper. Destructured, so a keyspace
     /// added to `Tables` cannot be left out of this list unnoticed.
     fn all(&self) -> Vec<Keyspace> {
@@ -470,6 +481,13 @@ mod tests {
     use crate::{ConversationStore, MessageStore, NewMessage, UserStore};
     use bytes::Bytes;
 
+    /// Registers users 1 ("a") and 2 ("b"); their direct conversation.
+    async fn users_a_and_b(store: &EmbeddedStore) -> ConversationId {
+        store.create_user("a", "h", 0).await.unwrap();
+        store.create_user("b", "h", 0).await.unwrap();
+        ConversationId::direct(1, 2).unwrap()
+    }
+
     fn message(conversation: ConversationId, sender: UserId, client_msg_id: &str) -> NewMessage {
         NewMessage {
             conversation,
@@ -488,9 +506,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let interval = Duration::from_millis(300);
         let store = EmbeddedStore::open_with(dir.path(), Durability::Sync, interval).unwrap();
-        store.create_user("a", "h", 0).await.unwrap();
-        store.create_user("b", "h", 0).await.unwrap();
-        let dm = ConversationId::direct(1, 2).unwrap();
+        let dm = users_a_and_b(&store).await;
         // Round one starts after this instant; round two no sooner than
         // the interval after round one's start.
         let before_first = std::time::Instant::now();
@@ -573,9 +589,7 @@ mod tests {
     async fn a_key_stored_after_the_callers_lookup_began_is_still_a_duplicate() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), Durability::Sync).unwrap();
-        store.create_user("a", "h", 0).await.unwrap();
-        store.create_user("b", "h", 0).await.unwrap();
-        let dm = ConversationId::direct(1, 2).unwrap();
+        let dm = users_a_and_b(&store).await;
         let before = store.commit_stats().rounds;
         store.append(vec![message(dm, 1, "x")]).await.unwrap();
 
@@ -612,8 +626,7 @@ mod tests {
         let dm = ConversationId::direct(1, 2).unwrap();
         {
             let store = EmbeddedStore::open(dir.path(), Durability::Sync).unwrap();
-            store.create_user("a", "h", 0).await.unwrap();
-            store.create_user("b", "h", 0).await.unwrap();
+            users_a_and_b(&store).await;
             let out = store
                 .append(vec![
                     message(dm, 1, "x"),
@@ -649,11 +662,9 @@ mod tests {
     async fn direct_parties_found_once_are_known() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), Durability::Sync).unwrap();
-        store.create_user("a", "h", 0).await.unwrap();
-        store.create_user("b", "h", 0).await.unwrap();
+        let dm = users_a_and_b(&store).await;
         let known = |user| store.inner.known_users.contains(user);
         assert!(!known(1) && !known(2));
-        let dm = ConversationId::direct(1, 2).unwrap();
         let out = store.append(vec![message(dm, 1, "x")]).await.unwrap();
         assert!(out[0].is_ok());
         assert!(known(1) && known(2));

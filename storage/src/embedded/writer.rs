@@ -322,9 +322,7 @@ impl Writer {
                     (Ok(_), None) => {
                         match self.recent.may_hold(after_round, committed, &looked_up.key) {
                             Some(false) => None,
-                            Some(true) | None => db(self.tables.idempotency.get(&looked_up.key))?
-                                .map(|location| keys::decode_location(&location))
-                                .transpose()?,
+                            Some(true) | None => self.tables.stored_location(&looked_up.key)?,
                         }
                     }
                 };
