@@ -30,6 +30,19 @@ pub struct SessionLimits {
     pub close_linger: Duration,
     /// The `retry_after_ms` hint in the shutdown go-away.
     pub shutdown_retry_after: Duration,
+    /// QUIC handshakes in progress on one shard above which a client whose
+    /// address is not validated yet is first sent a Retry (stateless: it
+    /// costs the server a token, not a handshake). A client's first Initial
+    /// makes the server do its most expensive work (key exchange and
+    /// certificate signature) for an address that may be forged; below this
+    /// many such handshakes at once that is affordable, above it only
+    /// clients that prove their address get one.
+    pub quic_handshakes_before_retry: usize,
+    /// QUIC handshakes in progress on one shard above which new ones are
+    /// refused (CONNECTION_REFUSED; clients back off and retry): every
+    /// handshake holds its connection's state until it ends or times out
+    /// (`auth_timeout`), so this bounds that memory.
+    pub max_quic_handshakes: usize,
 }
 
 impl Default for SessionLimits {
@@ -45,6 +58,12 @@ impl Default for SessionLimits {
             max_body_bytes: pingme_storage::MAX_BODY_BYTES,
             close_linger: Duration::from_secs(2),
             shutdown_retry_after: Duration::from_secs(5),
+            // About a second of a shard's handshake work: forged sources
+            // can keep at most this many expensive handshakes in flight.
+            quic_handshakes_before_retry: 1024,
+            // An established QUIC connection holds about 32 KB (more while
+            // its handshake runs): a few hundred MB per shard at most.
+            max_quic_handshakes: 8192,
         }
     }
 }

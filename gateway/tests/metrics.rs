@@ -3,13 +3,35 @@
 
 mod common;
 
+use std::sync::OnceLock;
+
 use common::{Harness, Kind, limits};
+use metrics_exporter_prometheus::PrometheusHandle;
+use pingme_gateway::SessionLimits;
+
+/// The process's recorder, installed by the first test that asks.
+fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).expect("first recorder");
+        handle
+    })
+}
+
+/// The value of one series (`name{labels}`), 0 if absent.
+fn series(handle: &PrometheusHandle, series: &str) -> f64 {
+    handle
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
 
 #[tokio::test]
 async fn sessions_frames_and_disconnect_reasons_are_counted() {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).expect("first recorder");
+    let handle = recorder();
 
     let harness = Harness::start(limits(), 1).await;
     let mut client = harness.connect(Kind::Tcp).await;
@@ -46,4 +68,56 @@ async fn sessions_frames_and_disconnect_reasons_are_counted() {
         text.contains(r#"pingme_gateway_frames_out_total{transport="tcp"} 2"#),
         "{text}"
     );
+}
+
+/// A shard under handshake load (here: a threshold of zero handshakes in
+/// progress) asks a client to prove its address with a Retry before it
+/// starts the expensive handshake; the client answers it and gets its
+/// session. At the maximum of handshakes in progress (zero) a new one is
+/// refused. Both outcomes are counted.
+#[tokio::test]
+async fn quic_handshakes_under_load_are_retried_then_refused() {
+    let handle = recorder();
+    let outcome = |outcome: &str| {
+        series(
+            handle,
+            &format!("pingme_gateway_quic_incoming_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    let (accepted, retried, refused) = (outcome("accepted"), outcome("retry"), outcome("refused"));
+
+    let retrying = Harness::start(
+        SessionLimits {
+            quic_handshakes_before_retry: 0,
+            ..limits()
+        },
+        1,
+    )
+    .await;
+    let mut client = retrying.connect(Kind::Quic).await;
+    client.login(1, "d").await;
+    client.ping().await;
+    assert_eq!(outcome("retry"), retried + 1.0, "one Retry first");
+    assert_eq!(
+        outcome("accepted"),
+        accepted + 1.0,
+        "then the handshake, for the proven address"
+    );
+
+    let full = Harness::start(
+        SessionLimits {
+            max_quic_handshakes: 0,
+            ..limits()
+        },
+        1,
+    )
+    .await;
+    let addr = full.gateway().local_addrs().quic.unwrap();
+    let result = common::quic_connect(addr, &full.cert, &[pingme_protocol::QUIC_ALPN]).await;
+    assert!(
+        matches!(result, Err(quinn::ConnectionError::ConnectionClosed(ref close))
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        "{result:?}"
+    );
+    assert_eq!(outcome("refused"), refused + 1.0);
 }

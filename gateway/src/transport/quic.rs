@@ -15,13 +15,25 @@
 //! destination connection ID ([`steer_by_connection_id`]); a client's first
 //! Initial packets carry an ID the client made up, whose first bytes are
 //! mostly no shard index, and the kernel falls back to the hash for them.
+//!
+//! Handshakes under load: a client's first Initial packet makes the server
+//! run its key exchange and sign with its certificate key, and the packet's
+//! source address may be forged. Each shard counts its handshakes in
+//! progress; above [`SessionLimits::quic_handshakes_before_retry`] a client
+//! that has not proven its address gets a Retry first (a token it must
+//! echo from that address, which costs the server no connection state),
+//! and above [`SessionLimits::max_quic_handshakes`] new handshakes are
+//! refused, so neither forged floods nor reconnect storms can make a shard
+//! hold unbounded handshake work and memory.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 
+use crate::SessionLimits;
 use crate::connection::{CloseReason, Transport};
 use crate::shard_context::{ShardCtx, count_disconnect};
 use crate::transport::tcp::{auth_deadline, serve_stream};
@@ -173,8 +185,62 @@ pub(crate) fn steer_by_connection_id(_group: &[std::net::UdpSocket]) -> std::io:
     Ok(())
 }
 
+/// New QUIC connection attempts by what the shard did with them
+/// (`outcome`: `accepted`, `retry`, `refused`).
+pub(crate) const QUIC_INCOMING: &str = "pingme_gateway_quic_incoming_total";
+
+/// What a shard does with a client's first packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Start the handshake.
+    Accept,
+    /// Send a Retry: the client must prove its address first.
+    Retry,
+    /// Refuse the connection (CONNECTION_REFUSED).
+    Refuse,
+}
+
+impl Admission {
+    /// `in_progress`: the shard's handshakes not finished yet; `validated`:
+    /// the client echoed a token the server gave its address.
+    fn decide(in_progress: usize, validated: bool, limits: &SessionLimits) -> Admission {
+        if in_progress >= limits.max_quic_handshakes {
+            Admission::Refuse
+        } else if !validated && in_progress >= limits.quic_handshakes_before_retry {
+            Admission::Retry
+        } else {
+            Admission::Accept
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Admission::Accept => "accepted",
+            Admission::Retry => "retry",
+            Admission::Refuse => "refused",
+        }
+    }
+}
+
+/// One handshake in progress on the shard, counted until dropped.
+struct HandshakeInProgress(Rc<Cell<usize>>);
+
+impl HandshakeInProgress {
+    fn start(count: &Rc<Cell<usize>>) -> Self {
+        count.set(count.get() + 1);
+        HandshakeInProgress(count.clone())
+    }
+}
+
+impl Drop for HandshakeInProgress {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// Accepts QUIC connections until shutdown.
 pub(crate) async fn accept_quic(endpoint: quinn::Endpoint, ctx: Rc<ShardCtx>) {
+    let in_progress = Rc::new(Cell::new(0));
     loop {
         let incoming = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -183,11 +249,30 @@ pub(crate) async fn accept_quic(endpoint: quinn::Endpoint, ctx: Rc<ShardCtx>) {
         let Some(incoming) = incoming else {
             return;
         };
-        tokio::task::spawn_local(serve_quic(incoming, ctx.clone()));
+        let admission = Admission::decide(
+            in_progress.get(),
+            incoming.remote_address_validated(),
+            &ctx.limits,
+        );
+        metrics::counter!(QUIC_INCOMING, "outcome" => admission.label()).increment(1);
+        match admission {
+            Admission::Accept => {
+                let handshake = HandshakeInProgress::start(&in_progress);
+                tokio::task::spawn_local(serve_quic(incoming, ctx.clone(), handshake));
+            }
+            Admission::Retry => {
+                // Only a client that already answered a Retry may not get
+                // another; under this load it is refused instead.
+                if let Err(refused) = incoming.retry() {
+                    refused.into_incoming().refuse();
+                }
+            }
+            Admission::Refuse => incoming.refuse(),
+        }
     }
 }
 
-async fn serve_quic(incoming: quinn::Incoming, ctx: Rc<ShardCtx>) {
+async fn serve_quic(incoming: quinn::Incoming, ctx: Rc<ShardCtx>, handshake: HandshakeInProgress) {
     // One deadline from the first packet: QUIC handshake, stream, Hello
     // and Authenticate.
     let deadline = auth_deadline(&ctx);
@@ -204,6 +289,9 @@ async fn serve_quic(incoming: quinn::Incoming, ctx: Rc<ShardCtx>) {
             return count_disconnect(Transport::Quic, CloseReason::AuthTimeout);
         }
     };
+    // The cryptographic handshake is done; Hello and Authenticate are
+    // bounded by the deadline like on every transport.
+    drop(handshake);
     let io = serve_stream(
         tokio::io::join(recv, send),
         ctx.clone(),
@@ -227,6 +315,42 @@ mod tests {
 
     use super::*;
     use crate::transport::tcp::bind_udp_group;
+
+    /// Below the Retry threshold every client gets a handshake; above it
+    /// only clients that proved their address; at the maximum nobody.
+    #[test]
+    fn handshakes_under_load_go_to_clients_that_proved_their_address() {
+        let limits = SessionLimits {
+            quic_handshakes_before_retry: 2,
+            max_quic_handshakes: 4,
+            ..SessionLimits::default()
+        };
+        let decide = |in_progress, validated| Admission::decide(in_progress, validated, &limits);
+        for validated in [false, true] {
+            assert_eq!(decide(0, validated), Admission::Accept);
+            assert_eq!(decide(1, validated), Admission::Accept);
+        }
+        for in_progress in [2, 3] {
+            assert_eq!(decide(in_progress, false), Admission::Retry);
+            assert_eq!(decide(in_progress, true), Admission::Accept);
+        }
+        for in_progress in [4, 5] {
+            assert_eq!(decide(in_progress, false), Admission::Refuse);
+            assert_eq!(decide(in_progress, true), Admission::Refuse);
+        }
+    }
+
+    #[test]
+    fn a_handshake_counts_until_it_ends() {
+        let count = Rc::new(Cell::new(0));
+        let first = HandshakeInProgress::start(&count);
+        let second = HandshakeInProgress::start(&count);
+        assert_eq!(count.get(), 2);
+        drop(first);
+        assert_eq!(count.get(), 1);
+        drop(second);
+        assert_eq!(count.get(), 0);
+    }
 
     #[test]
     fn shard_connection_ids_start_with_the_shard_index() {
