@@ -20,6 +20,10 @@ fn recorder() -> &'static PrometheusHandle {
     })
 }
 
+/// Held by the tests that read the QUIC counters, which they share: one
+/// at a time, so each sees only its own connections counted.
+static QUIC_COUNTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The value of one series (`name{labels}`), 0 if absent.
 fn series(handle: &PrometheusHandle, series: &str) -> f64 {
     handle
@@ -77,6 +81,7 @@ async fn sessions_frames_and_disconnect_reasons_are_counted() {
 /// refused. Both outcomes are counted.
 #[tokio::test]
 async fn quic_handshakes_under_load_are_retried_then_refused() {
+    let _alone = QUIC_COUNTERS.lock().await;
     let handle = recorder();
     let outcome = |outcome: &str| {
         series(
@@ -120,4 +125,75 @@ async fn quic_handshakes_under_load_are_retried_then_refused() {
         "{result:?}"
     );
     assert_eq!(outcome("refused"), refused + 1.0);
+}
+
+/// Counts the address tokens (NEW_TOKEN) a client endpoint receives.
+#[derive(Default)]
+struct RecordingTokens {
+    tokens: quinn::TokenMemoryCache,
+    received: std::sync::atomic::AtomicUsize,
+}
+
+impl quinn::TokenStore for RecordingTokens {
+    fn insert(&self, server_name: &str, token: bytes::Bytes) {
+        self.received
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.tokens.insert(server_name, token);
+    }
+
+    fn take(&self, server_name: &str) -> Option<bytes::Bytes> {
+        self.tokens.take(server_name)
+    }
+}
+
+/// A client that connected before holds an address token from the
+/// server (NEW_TOKEN), so when it comes back to a shard under handshake
+/// load it proves its address at once and is not sent a Retry: a phone's
+/// reconnect after a network change or a gateway restart costs no extra
+/// round trip. Fails if the server sends no tokens (quinn without its
+/// `bloom` feature sends none) or does not accept them.
+#[tokio::test]
+async fn a_returning_quic_client_proves_its_address_with_the_token_it_was_given() {
+    let _alone = QUIC_COUNTERS.lock().await;
+    let handle = recorder();
+    let harness = Harness::start(
+        SessionLimits {
+            quic_handshakes_before_retry: 0,
+            ..limits()
+        },
+        1,
+    )
+    .await;
+    let addr = harness.gateway().local_addrs().quic.unwrap();
+    let tokens = std::sync::Arc::new(RecordingTokens::default());
+    let mut tls = common::client_tls(&harness.cert);
+    tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    config.token_store(tokens.clone());
+    let mut endpoint =
+        quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    endpoint.set_default_client_config(config);
+
+    let first = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    pingme_testkit::eventually(|| {
+        (tokens.received.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    first.close(0u32.into(), b"bye");
+    let retries = series(
+        handle,
+        r#"pingme_gateway_quic_incoming_total{outcome="retry"}"#,
+    );
+
+    let again = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    assert_eq!(
+        series(
+            handle,
+            r#"pingme_gateway_quic_incoming_total{outcome="retry"}"#
+        ),
+        retries,
+        "the token proved the address: no Retry"
+    );
+    again.close(0u32.into(), b"bye");
 }

@@ -24,7 +24,9 @@
 //! echo from that address, which costs the server no connection state),
 //! and above [`SessionLimits::max_quic_handshakes`] new handshakes are
 //! refused, so neither forged floods nor reconnect storms can make a shard
-//! hold unbounded handshake work and memory.
+//! hold unbounded handshake work and memory. Clients that connected before
+//! hold address tokens from the server (NEW_TOKEN, quinn's `bloom`
+//! feature) and skip the Retry.
 
 use std::cell::Cell;
 use std::rc::Rc;

@@ -231,7 +231,7 @@ pub struct TestClient {
 
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn client_tls(cert: &rustls::pki_types::CertificateDer<'static>) -> rustls::ClientConfig {
+pub fn client_tls(cert: &rustls::pki_types::CertificateDer<'static>) -> rustls::ClientConfig {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
