@@ -24,6 +24,15 @@ fn recorder() -> &'static PrometheusHandle {
 /// at a time, so each sees only its own connections counted.
 static QUIC_COUNTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A shard as under handshake load: every client that has not proven its
+/// address is sent a Retry first.
+fn retry_unproven_addresses() -> SessionLimits {
+    SessionLimits {
+        quic_handshakes_before_retry: 0,
+        ..limits()
+    }
+}
+
 /// The value of one series (`name{labels}`), 0 if absent.
 fn series(handle: &PrometheusHandle, series: &str) -> f64 {
     handle
@@ -91,14 +100,7 @@ async fn quic_handshakes_under_load_are_retried_then_refused() {
     };
     let (accepted, retried, refused) = (outcome("accepted"), outcome("retry"), outcome("refused"));
 
-    let retrying = Harness::start(
-        SessionLimits {
-            quic_handshakes_before_retry: 0,
-            ..limits()
-        },
-        1,
-    )
-    .await;
+    let retrying = Harness::start(retry_unproven_addresses(), 1).await;
     let mut client = retrying.connect(Kind::Quic).await;
     client.login(1, "d").await;
     client.ping().await;
@@ -156,14 +158,7 @@ impl quinn::TokenStore for RecordingTokens {
 async fn a_returning_quic_client_proves_its_address_with_the_token_it_was_given() {
     let _alone = QUIC_COUNTERS.lock().await;
     let handle = recorder();
-    let harness = Harness::start(
-        SessionLimits {
-            quic_handshakes_before_retry: 0,
-            ..limits()
-        },
-        1,
-    )
-    .await;
+    let harness = Harness::start(retry_unproven_addresses(), 1).await;
     let addr = harness.gateway().local_addrs().quic.unwrap();
     let tokens = std::sync::Arc::new(RecordingTokens::default());
     let mut tls = common::client_tls(&harness.cert);
