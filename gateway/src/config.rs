@@ -270,6 +270,13 @@ pub struct SessionConfig {
     /// it, so it must hold four pages of one maximum-size message
     /// (at least 264 KiB with the 64 KiB body limit).
     pub max_queued_bytes: usize,
+    /// QUIC handshakes in progress per shard above which clients that have
+    /// not proven their address are sent a Retry first; 0 sends every new
+    /// client one (a public gateway under a forged-source flood).
+    pub quic_retry_above: usize,
+    /// QUIC handshakes in progress per shard above which new ones are
+    /// refused (bounds their memory).
+    pub max_quic_handshakes: usize,
 }
 
 /// How many fetch pages fit a connection's outbound budget: the SDK keeps
@@ -600,6 +607,8 @@ impl Default for SessionConfig {
             heartbeat_interval: limits.heartbeat_interval,
             messages_per_second: limits.messages_per_second,
             max_queued_bytes: limits.max_queued_bytes,
+            quic_retry_above: limits.quic_handshakes_before_retry,
+            max_quic_handshakes: limits.max_quic_handshakes,
         }
     }
 }
@@ -983,6 +992,11 @@ impl Config {
                     * pingme_router::single_message_page_bytes(self.router().max_body_bytes),
             "session.max_queued_bytes",
             "must hold four fetch pages of one maximum-size message (at least 270336 bytes)",
+        )?;
+        check(
+            s.max_quic_handshakes > 0,
+            "session.max_quic_handshakes",
+            "must be positive (0 would refuse every QUIC client)",
         )?;
         let a = &self.auth;
         check(
@@ -1435,6 +1449,8 @@ impl Config {
                 burst: self.session.messages_per_second,
                 max_queued_bytes: self.session.max_queued_bytes,
                 max_body_bytes: self.router().max_body_bytes,
+                quic_handshakes_before_retry: self.session.quic_retry_above,
+                max_quic_handshakes: self.session.max_quic_handshakes,
                 ..crate::SessionLimits::default()
             },
             ..crate::GatewayConfig::default()

@@ -98,6 +98,8 @@ fn the_example_file_lists_every_section() {
         "heartbeat_interval",
         "messages_per_second",
         "max_queued_bytes",
+        "quic_retry_above",
+        "max_quic_handshakes",
         "webhook_url",
         "data_dir",
     ] {
@@ -522,6 +524,16 @@ fn the_yaml_defaults_are_the_components_defaults() {
         config.session.messages_per_second,
         limits.messages_per_second
     );
+    assert_eq!(
+        (
+            config.session.quic_retry_above,
+            config.session.max_quic_handshakes
+        ),
+        (
+            limits.quic_handshakes_before_retry,
+            limits.max_quic_handshakes
+        )
+    );
     let router = pingme_router::RouterConfig::default();
     assert_eq!(config.task.fanout_batch_size, router.fanout_batch_size);
     assert_eq!(
@@ -639,6 +651,10 @@ fn invalid_values_name_their_field() {
         (
             "session:\n  messages_per_second: 0\n",
             "session.messages_per_second",
+        ),
+        (
+            "session:\n  max_quic_handshakes: 0\n",
+            "session.max_quic_handshakes",
         ),
         ("auth:\n  jwt_secret: short\n", "auth.jwt_secret"),
         ("auth:\n  refresh_token_ttl: 1m\n", "auth.refresh_token_ttl"),
@@ -794,4 +810,21 @@ fn the_binary_exits_64_naming_the_bad_field() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
+}
+
+/// The QUIC handshake limits reach the gateway's shards: an operator under
+/// a forged-source flood can make every new client prove its address.
+#[test]
+fn the_quic_handshake_limits_reach_the_gateway() {
+    let config =
+        Config::parse_yaml("session:\n  quic_retry_above: 0\n  max_quic_handshakes: 100\n")
+            .unwrap();
+    let limits = config.gateway().limits;
+    assert_eq!(
+        (
+            limits.quic_handshakes_before_retry,
+            limits.max_quic_handshakes
+        ),
+        (0, 100)
+    );
 }
