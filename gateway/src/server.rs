@@ -332,6 +332,10 @@ pub(crate) fn describe_metrics() {
         "pingme_gateway_disconnects_total",
         "closed connections, by transport and reason"
     );
+    metrics::describe_gauge!(
+        quic::QUIC_HANDSHAKES,
+        "QUIC handshakes in progress, by shard (compare with session.quic_retry_above and session.max_quic_handshakes)"
+    );
     metrics::describe_counter!(
         quic::QUIC_INCOMING,
         "new QUIC connection attempts, by what the shard did: accepted, retry (the client must prove its address first, under load) or refused (too many handshakes in progress)"

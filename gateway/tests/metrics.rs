@@ -192,3 +192,61 @@ async fn a_returning_quic_client_proves_its_address_with_the_token_it_was_given(
     );
     again.close(0u32.into(), b"bye");
 }
+
+/// A shard exports its QUIC handshakes in progress: a client that sent
+/// its first packet and went silent holds one (until `auth_timeout`, a
+/// minute here), and a client that completes its handshake holds one only
+/// until then.
+#[tokio::test]
+async fn a_shard_exports_its_quic_handshakes_in_progress() {
+    let _alone = QUIC_COUNTERS.lock().await;
+    let handle = recorder();
+    let harness = Harness::start(
+        SessionLimits {
+            auth_timeout: std::time::Duration::from_secs(60),
+            ..limits()
+        },
+        1,
+    )
+    .await;
+    let addr = harness.gateway().local_addrs().quic.unwrap();
+    let in_progress = || {
+        series(
+            handle,
+            r#"pingme_gateway_quic_handshakes_in_progress{shard="0"}"#,
+        )
+    };
+
+    // A client's first packet, and then silence.
+    let mut tls = common::client_tls(&harness.cert);
+    tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
+    let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut silent = quinn_proto::Endpoint::new(
+        std::sync::Arc::new(quinn_proto::EndpointConfig::default()),
+        None,
+        false,
+        None,
+    );
+    let now = std::time::Instant::now();
+    let (_, mut connection) = silent
+        .connect(
+            now,
+            quinn_proto::ClientConfig::new(std::sync::Arc::new(crypto)),
+            addr,
+            "localhost",
+        )
+        .unwrap();
+    let mut initial = Vec::new();
+    let transmit = connection.poll_transmit(now, 1, &mut initial).unwrap();
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket
+        .send_to(&initial[..transmit.size], addr)
+        .await
+        .unwrap();
+    pingme_testkit::eventually(|| (in_progress() == 1.0).then_some(())).await;
+
+    let mut client = harness.connect(Kind::Quic).await;
+    client.login(1, "d").await;
+    client.ping().await;
+    assert_eq!(in_progress(), 1.0, "the served client's handshake is over");
+}

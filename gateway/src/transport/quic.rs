@@ -224,25 +224,54 @@ impl Admission {
     }
 }
 
+/// The shard's QUIC handshakes in progress (gauge `shard`-labelled).
+pub(crate) const QUIC_HANDSHAKES: &str = "pingme_gateway_quic_handshakes_in_progress";
+
+/// A shard's count of its QUIC handshakes in progress, also exported so
+/// operators see how close a shard runs to its Retry threshold.
+struct Handshakes {
+    in_progress: Cell<usize>,
+    gauge: metrics::Gauge,
+}
+
+impl Handshakes {
+    fn new(gauge: metrics::Gauge) -> Rc<Handshakes> {
+        Rc::new(Handshakes {
+            in_progress: Cell::new(0),
+            gauge,
+        })
+    }
+
+    fn in_progress(&self) -> usize {
+        self.in_progress.get()
+    }
+
+    fn set(&self, in_progress: usize) {
+        self.in_progress.set(in_progress);
+        self.gauge.set(in_progress as f64);
+    }
+}
+
 /// One handshake in progress on the shard, counted until dropped.
-struct HandshakeInProgress(Rc<Cell<usize>>);
+struct HandshakeInProgress(Rc<Handshakes>);
 
 impl HandshakeInProgress {
-    fn start(count: &Rc<Cell<usize>>) -> Self {
-        count.set(count.get() + 1);
-        HandshakeInProgress(count.clone())
+    fn start(handshakes: &Rc<Handshakes>) -> Self {
+        handshakes.set(handshakes.in_progress() + 1);
+        HandshakeInProgress(handshakes.clone())
     }
 }
 
 impl Drop for HandshakeInProgress {
     fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
+        self.0.set(self.0.in_progress() - 1);
     }
 }
 
 /// Accepts QUIC connections until shutdown.
 pub(crate) async fn accept_quic(endpoint: quinn::Endpoint, ctx: Rc<ShardCtx>) {
-    let in_progress = Rc::new(Cell::new(0));
+    let handshakes =
+        Handshakes::new(metrics::gauge!(QUIC_HANDSHAKES, "shard" => ctx.shard_label.clone()));
     loop {
         let incoming = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -252,14 +281,14 @@ pub(crate) async fn accept_quic(endpoint: quinn::Endpoint, ctx: Rc<ShardCtx>) {
             return;
         };
         let admission = Admission::decide(
-            in_progress.get(),
+            handshakes.in_progress(),
             incoming.remote_address_validated(),
             &ctx.limits,
         );
         metrics::counter!(QUIC_INCOMING, "outcome" => admission.label()).increment(1);
         match admission {
             Admission::Accept => {
-                let handshake = HandshakeInProgress::start(&in_progress);
+                let handshake = HandshakeInProgress::start(&handshakes);
                 tokio::task::spawn_local(serve_quic(incoming, ctx.clone(), handshake));
             }
             Admission::Retry => {
@@ -344,14 +373,14 @@ mod tests {
 
     #[test]
     fn a_handshake_counts_until_it_ends() {
-        let count = Rc::new(Cell::new(0));
-        let first = HandshakeInProgress::start(&count);
-        let second = HandshakeInProgress::start(&count);
-        assert_eq!(count.get(), 2);
+        let handshakes = Handshakes::new(metrics::Gauge::noop());
+        let first = HandshakeInProgress::start(&handshakes);
+        let second = HandshakeInProgress::start(&handshakes);
+        assert_eq!(handshakes.in_progress(), 2);
         drop(first);
-        assert_eq!(count.get(), 1);
+        assert_eq!(handshakes.in_progress(), 1);
         drop(second);
-        assert_eq!(count.get(), 0);
+        assert_eq!(handshakes.in_progress(), 0);
     }
 
     #[test]
