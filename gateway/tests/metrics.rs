@@ -33,6 +33,14 @@ fn retry_unproven_addresses() -> SessionLimits {
     }
 }
 
+/// New QUIC connection attempts with this `outcome` so far.
+fn quic_incoming(handle: &PrometheusHandle, outcome: &str) -> f64 {
+    series(
+        handle,
+        &format!("pingme_gateway_quic_incoming_total{{outcome=\"{outcome}\"}}"),
+    )
+}
+
 /// The value of one series (`name{labels}`), 0 if absent.
 fn series(handle: &PrometheusHandle, series: &str) -> f64 {
     handle
@@ -92,12 +100,7 @@ async fn sessions_frames_and_disconnect_reasons_are_counted() {
 async fn quic_handshakes_under_load_are_retried_then_refused() {
     let _alone = QUIC_COUNTERS.lock().await;
     let handle = recorder();
-    let outcome = |outcome: &str| {
-        series(
-            handle,
-            &format!("pingme_gateway_quic_incoming_total{{outcome=\"{outcome}\"}}"),
-        )
-    };
+    let outcome = |outcome: &str| quic_incoming(handle, outcome);
     let (accepted, retried, refused) = (outcome("accepted"), outcome("retry"), outcome("refused"));
 
     let retrying = Harness::start(retry_unproven_addresses(), 1).await;
@@ -161,10 +164,10 @@ async fn a_returning_quic_client_proves_its_address_with_the_token_it_was_given(
     let harness = Harness::start(retry_unproven_addresses(), 1).await;
     let addr = harness.gateway().local_addrs().quic.unwrap();
     let tokens = std::sync::Arc::new(RecordingTokens::default());
-    let mut tls = common::client_tls(&harness.cert);
-    tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let mut config = quinn::ClientConfig::new(common::quic_client_crypto(
+        &harness.cert,
+        &[pingme_protocol::QUIC_ALPN],
+    ));
     config.token_store(tokens.clone());
     let mut endpoint =
         quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
@@ -176,17 +179,11 @@ async fn a_returning_quic_client_proves_its_address_with_the_token_it_was_given(
     })
     .await;
     first.close(0u32.into(), b"bye");
-    let retries = series(
-        handle,
-        r#"pingme_gateway_quic_incoming_total{outcome="retry"}"#,
-    );
+    let retries = quic_incoming(handle, "retry");
 
     let again = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
     assert_eq!(
-        series(
-            handle,
-            r#"pingme_gateway_quic_incoming_total{outcome="retry"}"#
-        ),
+        quic_incoming(handle, "retry"),
         retries,
         "the token proved the address: no Retry"
     );
@@ -218,9 +215,7 @@ async fn a_shard_exports_its_quic_handshakes_in_progress() {
     };
 
     // A client's first packet, and then silence.
-    let mut tls = common::client_tls(&harness.cert);
-    tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
-    let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let crypto = common::quic_client_crypto(&harness.cert, &[pingme_protocol::QUIC_ALPN]);
     let mut silent = quinn_proto::Endpoint::new(
         std::sync::Arc::new(quinn_proto::EndpointConfig::default()),
         None,
@@ -231,7 +226,7 @@ async fn a_shard_exports_its_quic_handshakes_in_progress() {
     let (_, mut connection) = silent
         .connect(
             now,
-            quinn_proto::ClientConfig::new(std::sync::Arc::new(crypto)),
+            quinn_proto::ClientConfig::new(crypto),
             addr,
             "localhost",
         )

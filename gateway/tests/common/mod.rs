@@ -231,7 +231,7 @@ pub struct TestClient {
 
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn client_tls(cert: &rustls::pki_types::CertificateDer<'static>) -> rustls::ClientConfig {
+fn client_tls(cert: &rustls::pki_types::CertificateDer<'static>) -> rustls::ClientConfig {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
@@ -240,17 +240,25 @@ pub fn client_tls(cert: &rustls::pki_types::CertificateDer<'static>) -> rustls::
         .with_no_client_auth()
 }
 
+/// A QUIC client's TLS side trusting `cert` and offering `alpn` (nothing
+/// if empty); quinn's and quinn-proto's client configs both take it.
+pub fn quic_client_crypto(
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> Arc<quinn::crypto::rustls::QuicClientConfig> {
+    let mut tls = client_tls(cert);
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap())
+}
+
 /// A QUIC connection offering `alpn` (nothing if empty).
 pub async fn quic_connect(
     addr: SocketAddr,
     cert: &rustls::pki_types::CertificateDer<'static>,
     alpn: &[&[u8]],
 ) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
-    let mut tls = client_tls(cert);
-    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint.set_default_client_config(quinn::ClientConfig::new(quic_client_crypto(cert, alpn)));
     let connection = endpoint.connect(addr, "localhost").unwrap().await?;
     Ok((endpoint, connection))
 }
