@@ -4,8 +4,9 @@
 //!
 //! `quic_state [connections]` runs a server and a client quinn-proto
 //! endpoint in this process, passing datagrams in memory (no sockets, no
-//! quinn runtime), with the gateway's QUIC transport settings (one
-//! bidirectional stream, no unidirectional ones, no path MTU probes). Each
+//! quinn runtime), with the gateway's own QUIC server configuration and
+//! development certificate (one bidirectional stream, no unidirectional
+//! ones, no path MTU probes); the client uses the same transport settings. Each
 //! connection does its handshake and one exchange on a stream (40 bytes
 //! each way, as Hello/Authenticate and their answers), then time moves on
 //! so acknowledgements are processed. A counting allocator counts only
@@ -29,8 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use quinn_proto::{
-    ClientConfig, Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig,
-    Event, ServerConfig, TransportConfig,
+    ClientConfig, Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, Event,
 };
 
 /// Counts the bytes allocated inside [`server_side`] calls, and remembers
@@ -97,16 +97,6 @@ fn server_side<T>(work: impl FnOnce() -> T) -> T {
     let result = work();
     SERVER_SIDE.with(|flag| flag.set(false));
     result
-}
-
-/// The gateway's QUIC transport settings (`gateway/src/transport/quic.rs`).
-fn transport() -> Arc<TransportConfig> {
-    let mut transport = TransportConfig::default();
-    transport.max_concurrent_bidi_streams(1u32.into());
-    transport.max_concurrent_uni_streams(0u32.into());
-    transport.mtu_discovery_config(None);
-    transport.max_idle_timeout(Some(Duration::from_secs(600).try_into().unwrap()));
-    Arc::new(transport)
 }
 
 struct Side {
@@ -200,26 +190,24 @@ fn main() -> anyhow::Result<()> {
     rustls::crypto::ring::default_provider()
         .install_default()
         .ok();
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
-    let cert = certified.cert.der().clone();
-    let mut tls = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)?;
-    tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
-    let crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))?;
-    let mut server_config = ServerConfig::with_crypto(Arc::new(crypto));
-    server_config.transport_config(transport());
+    // The gateway's development certificate and QUIC configuration; an idle
+    // timeout far beyond the run.
+    let material = pingme_gateway::transport::tls::TlsMaterial::load_or_generate(None, None, true)?;
+    let server_config = pingme_gateway::transport::quic::server_config(
+        &*material.server_config()?,
+        Duration::from_secs(600),
+    )
+    .map_err(anyhow::Error::msg)?;
 
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert)?;
+    roots.add(material.chain[0].clone())?;
     let mut client_tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
     client_tls.alpn_protocols = vec![pingme_protocol::QUIC_ALPN.to_vec()];
     let client_crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(client_tls)?;
     let mut client_config = ClientConfig::new(Arc::new(client_crypto));
-    client_config.transport_config(transport());
+    client_config.transport_config(server_config.transport.clone());
 
     let mut server = server_side(|| Side {
         endpoint: Endpoint::new(

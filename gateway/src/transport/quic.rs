@@ -43,8 +43,9 @@ use crate::transport::tcp::{auth_deadline, serve_stream};
 /// A quinn server configuration over a rustls one. QUIC's own idle timeout
 /// sits a little above the session's, so the session decides. The TLS
 /// configuration is the TCP+TLS one plus ALPN `pingme/1`: rustls then
-/// refuses a QUIC client that offers no ALPN or only others.
-pub(crate) fn server_config(
+/// refuses a QUIC client that offers no ALPN or only others. Public for
+/// the `quic_state` example, which measures quinn-proto with it.
+pub fn server_config(
     tls: &rustls::ServerConfig,
     idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, String> {
